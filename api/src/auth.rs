@@ -1,0 +1,127 @@
+//! Security schemes: customer API key (with IP allowlist and rate limit), worker and admin
+//! bearer secrets compared in constant time.
+use std::sync::Arc;
+
+use chrono::Utc;
+use poem::Request;
+use poem_openapi::SecurityScheme;
+use poem_openapi::auth::{ApiKey, Bearer};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::service::keys::sha256_hex;
+use crate::service::rate_limit::{self, SCOPE_BATCH, SCOPE_READ};
+use crate::state::{AppState, KeyEntry, Runtime};
+
+/// An authenticated customer: the key and the configuration it was checked against.
+pub struct Caller {
+    /// The key.
+    pub key: KeyEntry,
+    /// The configuration in force for this call.
+    pub runtime: Arc<Runtime>,
+}
+
+/// Customer API key, sent in the `x-api-key` header.
+#[derive(SecurityScheme)]
+#[oai(
+    ty = "api_key",
+    key_name = "x-api-key",
+    key_in = "header",
+    checker = "check_api_key"
+)]
+pub struct CustomerKey(pub Caller);
+
+fn state(req: &Request) -> Result<&Arc<AppState>, ApiError> {
+    req.data::<Arc<AppState>>()
+        .ok_or_else(|| ApiError::internal("application state missing"))
+}
+
+async fn check_api_key(req: &Request, key: ApiKey) -> poem::Result<Caller> {
+    Ok(authorize_customer(req, &key.key).await?)
+}
+
+/// Authenticates the key, checks the client address, then counts the call against the key's
+/// quota for its scope (401 and 403 use no quota).
+async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, ApiError> {
+    let state = state(req)?;
+    let runtime = state.runtime();
+    let hash = sha256_hex(presented);
+    let Some(key) = runtime.by_hash.get(&hash).cloned() else {
+        return Err(ApiError::unauthorized("invalid or disabled API key"));
+    };
+    let ctx = crate::context::current();
+    crate::context::update(|s| s.key_id = Some(key.id));
+    let (scope, limit) =
+        if req.method() == poem::http::Method::POST && req.uri().path().ends_with("/video-batch") {
+            (SCOPE_BATCH, key.policy.limits.rate_limit_per_min)
+        } else {
+            (SCOPE_READ, key.policy.limits.read_rate_limit_per_min)
+        };
+    let now = Utc::now();
+    let ip = ctx.as_ref().and_then(|c| c.client_ip);
+    if !ip.is_some_and(|ip| key.policy.allows_ip(ip)) {
+        let info = rate_limit::peek(&state.db, key.id, scope, limit, now).await?;
+        crate::context::update(|s| s.rate = Some(info));
+        return Err(ApiError::new(
+            ErrorCode::IpNotAllowed,
+            format!(
+                "client address {} is not allowed for this key",
+                ip.map(|i| i.to_string())
+                    .unwrap_or_else(|| "unknown".into())
+            ),
+        ));
+    }
+    let info = rate_limit::hit(&state.db, key.id, scope, limit, now).await?;
+    crate::context::update(|s| s.rate = Some(info.clone()));
+    if info.exceeded {
+        metrics_rate_limited(&key.policy.name, scope);
+        return Err(ApiError::new(
+            ErrorCode::RateLimitExceeded,
+            format!(
+                "rate limit of {limit} {scope} calls per minute exceeded; retry in {}s",
+                info.reset_secs
+            ),
+        )
+        .with_details(json!({ "limit": limit, "scope": scope, "reset_seconds": info.reset_secs }))
+        .with_header("Retry-After", info.reset_secs.to_string()));
+    }
+    Ok(Caller { key, runtime })
+}
+
+fn metrics_rate_limited(key: &str, scope: &str) {
+    tracing::info!(key, scope, "rate limit exceeded");
+}
+
+/// Worker secret, sent as `Authorization: Bearer <secret>`.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", checker = "check_worker")]
+pub struct WorkerAuth(pub Arc<Runtime>);
+
+async fn check_worker(req: &Request, bearer: Bearer) -> poem::Result<Arc<Runtime>> {
+    let runtime = state(req)?.runtime();
+    if constant_eq(&bearer.token, runtime.settings.worker.secret.expose()) {
+        Ok(runtime)
+    } else {
+        Err(ApiError::unauthorized("invalid worker secret").into())
+    }
+}
+
+/// Admin token, sent as `Authorization: Bearer <token>`.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", checker = "check_admin")]
+pub struct AdminAuth(pub Arc<Runtime>);
+
+async fn check_admin(req: &Request, bearer: Bearer) -> poem::Result<Arc<Runtime>> {
+    let runtime = state(req)?.runtime();
+    if constant_eq(&bearer.token, runtime.settings.admin.token.expose()) {
+        Ok(runtime)
+    } else {
+        Err(ApiError::unauthorized("invalid admin token").into())
+    }
+}
+
+/// Compares secrets without leaking where they differ (lengths may leak; they are not secret).
+pub fn constant_eq(a: &str, b: &str) -> bool {
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}

@@ -1,0 +1,215 @@
+//! The command line: `serve` (default), `migrate`, `openapi`, `keys`, `credits`, `config`, `worker`.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::service::credits::{self, LedgerKind};
+use crate::settings::{ConfigSource, Settings};
+
+/// Enterprise API gateway for batch video generation.
+#[derive(Parser, Debug)]
+#[command(name = "video-batch-api", version, about)]
+pub struct Cli {
+    /// Extra TOML file layered over config/base.toml and config/{APP_ENVIRONMENT}.toml (repeatable).
+    #[arg(long = "config", global = true, value_name = "FILE")]
+    pub config: Vec<PathBuf>,
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the HTTP server (migrates the database first).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the customer OpenAPI document, or write all three.
+    Openapi {
+        /// YAML instead of JSON.
+        #[arg(long)]
+        yaml: bool,
+        /// Write openapi.json, openapi-worker.json and openapi-admin.json into DIR.
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
+    /// Manage API keys.
+    Keys {
+        /// Key command.
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Manage credits.
+    Credits {
+        /// Credits command.
+        #[command(subcommand)]
+        command: CreditsCommand,
+    },
+    /// Inspect configuration.
+    Config {
+        /// Config command.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Run the reference worker against a server.
+    Worker(crate::worker_client::WorkerArgs),
+}
+
+/// `keys` commands.
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Generate a new key: prints it once, and the TOML lines with its hash.
+    Generate {
+        /// Stable key name (a-z, 0-9, _ and -).
+        name: String,
+    },
+}
+
+/// `credits` commands.
+#[derive(Subcommand, Debug)]
+pub enum CreditsCommand {
+    /// Grant credits to a key (a ledger grant).
+    Grant {
+        /// Key name.
+        key: String,
+        /// Credits to add.
+        amount: i64,
+        /// Note stored in the ledger.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Show a key's wallet and latest ledger rows.
+    Show {
+        /// Key name.
+        key: String,
+    },
+}
+
+/// `config` commands.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate every layer and print the effective policy per key (secrets redacted).
+    Check,
+}
+
+fn load(files: &[PathBuf]) -> anyhow::Result<(Settings, ConfigSource)> {
+    let source = ConfigSource::from_process(files.to_vec());
+    let settings = source
+        .load()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    Ok((settings, source))
+}
+
+/// Runs the command line.
+pub async fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let (settings, source) = load(&cli.config)?;
+            crate::telemetry::init(settings.log.json);
+            let app = crate::Application::build(settings, Some(source)).await?;
+            let port = app.port();
+            tracing::info!(
+                port,
+                "listening; Swagger UI at http://127.0.0.1:{port}/docs"
+            );
+            println!(
+                "video-batch-api listening on port {port}: docs at http://127.0.0.1:{port}/docs"
+            );
+            app.run_until_stopped().await?;
+        }
+        Command::Migrate => {
+            let (settings, _) = load(&cli.config)?;
+            crate::telemetry::init(settings.log.json);
+            let db = crate::db::connect(&settings.database).await?;
+            crate::db::migrate(&db).await?;
+            println!("migrations applied");
+        }
+        Command::Openapi { yaml, write } => match write {
+            Some(dir) => {
+                std::fs::create_dir_all(&dir)?;
+                for (name, spec) in crate::startup::specs() {
+                    let path = dir.join(name);
+                    std::fs::write(&path, format!("{spec}\n"))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    println!("wrote {}", path.display());
+                }
+            }
+            None if yaml => print!("{}", crate::startup::customer_service().spec_yaml()),
+            None => println!("{}", crate::startup::customer_service().spec()),
+        },
+        Command::Keys {
+            command: KeysCommand::Generate { name },
+        } => {
+            let (key, hash) = crate::service::keys::generate();
+            eprintln!("API key for {name:?} (shown once; store it now):");
+            println!("{key}");
+            eprintln!("\nAdd to your config:\n");
+            eprintln!("[keys.{name}]\nkey_sha256 = \"{hash}\"");
+        }
+        Command::Credits { command } => {
+            let (settings, _) = load(&cli.config)?;
+            let db = crate::db::connect(&settings.database).await?;
+            crate::db::migrate(&db).await?;
+            crate::service::keys::sync(&db, &settings).await?;
+            match command {
+                CreditsCommand::Grant { key, amount, note } => {
+                    anyhow::ensure!(amount > 0, "amount must be positive");
+                    let id = crate::service::keys::id_by_name(&db, &key)
+                        .await?
+                        .with_context(|| format!("no key named {key:?}"))?;
+                    let txn = crate::db::begin_write(&db).await?;
+                    credits::apply(&txn, id, LedgerKind::Grant, amount, note.as_deref(), None)
+                        .await?;
+                    txn.commit().await?;
+                    let w = credits::wallet(&db, id).await?;
+                    println!(
+                        "granted {amount} to {key}: balance {} held {} available {}",
+                        w.balance,
+                        w.held,
+                        w.available()
+                    );
+                }
+                CreditsCommand::Show { key } => {
+                    let id = crate::service::keys::id_by_name(&db, &key)
+                        .await?
+                        .with_context(|| format!("no key named {key:?}"))?;
+                    let w = credits::wallet(&db, id).await?;
+                    println!(
+                        "{key}: balance {} held {} available {}",
+                        w.balance,
+                        w.held,
+                        w.available()
+                    );
+                    for row in credits::ledger(&db, id, 20, None).await? {
+                        println!(
+                            "  #{:<6} {} {:<8} {:>10}  {}{}",
+                            row.id,
+                            row.created_at.format("%Y-%m-%d %H:%M:%S"),
+                            row.kind,
+                            row.amount,
+                            row.batch_id
+                                .map(|b| format!("batch {b} "))
+                                .unwrap_or_default(),
+                            row.note.unwrap_or_default()
+                        );
+                    }
+                }
+            }
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let (settings, _) = load(&cli.config)?;
+            println!("configuration is valid\n");
+            print!("{}", settings.describe());
+        }
+        Command::Worker(args) => {
+            crate::telemetry::init(false);
+            crate::worker_client::run(args).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! Per-request context carried in a task-local: the request id, the client address,
+//! and what handlers learn (key, quota, outcome) for headers and the usage audit.
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use uuid::Uuid;
+
+use crate::error::ErrorCode;
+use crate::service::rate_limit::RateInfo;
+
+tokio::task_local! {
+    static CTX: Arc<RequestCtx>;
+}
+
+/// What the service knows about the call in flight.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// `x-request-id`: echoed from the client or generated.
+    pub x_request_id: String,
+    /// Client address after the trusted-proxy rule.
+    pub client_ip: Option<IpAddr>,
+    state: Mutex<CallState>,
+}
+
+/// Facts gathered while the call runs.
+#[derive(Debug, Default, Clone)]
+pub struct CallState {
+    /// The create's request id (body or Idempotency-Key), when given or assigned.
+    pub call_request_id: Option<String>,
+    /// Authenticated key.
+    pub key_id: Option<i64>,
+    /// Quota consulted for this call.
+    pub rate: Option<RateInfo>,
+    /// Error code of the response.
+    pub error_code: Option<ErrorCode>,
+    /// Batch touched.
+    pub batch_id: Option<Uuid>,
+    /// Items in the batch created.
+    pub items: i32,
+    /// Credits held by the call.
+    pub credits: i64,
+    /// The usage row was already written inside the create transaction.
+    pub audited: bool,
+}
+
+impl RequestCtx {
+    /// A fresh context.
+    pub fn new(x_request_id: String, client_ip: Option<IpAddr>) -> Self {
+        Self {
+            x_request_id,
+            client_ip,
+            state: Mutex::new(CallState::default()),
+        }
+    }
+
+    /// A copy of the gathered facts.
+    pub fn snapshot(&self) -> CallState {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Changes the gathered facts.
+    pub fn update(&self, f: impl FnOnce(&mut CallState)) {
+        if let Ok(mut s) = self.state.lock() {
+            f(&mut s);
+        }
+    }
+}
+
+/// Runs `fut` with `ctx` as the current request context.
+pub async fn scope<F: Future>(ctx: Arc<RequestCtx>, fut: F) -> F::Output {
+    CTX.scope(ctx, fut).await
+}
+
+/// The current context, if inside a request.
+pub fn current() -> Option<Arc<RequestCtx>> {
+    CTX.try_with(Arc::clone).ok()
+}
+
+/// Updates the current context, if any.
+pub fn update(f: impl FnOnce(&mut CallState)) {
+    if let Some(ctx) = current() {
+        ctx.update(f);
+    }
+}
+
+/// The request id errors and audit rows carry: the create's id, else `x-request-id`.
+pub fn call_request_id() -> Option<String> {
+    current().map(|ctx| {
+        ctx.snapshot()
+            .call_request_id
+            .unwrap_or_else(|| ctx.x_request_id.clone())
+    })
+}
+
+/// Records the error code of the response being built.
+pub fn note_error(code: ErrorCode) {
+    update(|s| s.error_code = Some(code));
+}

@@ -1,0 +1,273 @@
+//! Typed values that can only be built valid ("parse, don't validate").
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::schemas::batches::CreateBatchRequest;
+use crate::settings::PolicyLimits;
+
+/// Largest `params` or `metadata` object, as compact JSON.
+pub const MAX_JSON_OBJECT_BYTES: usize = 4096;
+/// Deepest nesting accepted in `params` or `metadata`.
+pub const MAX_JSON_DEPTH: usize = 8;
+
+/// An idempotency key: 1–255 characters of `[A-Za-z0-9._:-]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(String);
+
+impl RequestId {
+    /// Validates a client-supplied id.
+    pub fn parse(field: &str, s: &str) -> Result<Self, ApiError> {
+        if s.is_empty() || s.len() > 255 {
+            return Err(ApiError::validation(field, "must be 1 to 255 characters"));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        {
+            return Err(ApiError::validation(
+                field,
+                "may only contain A-Z, a-z, 0-9, '.', '_', ':' and '-'",
+            ));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    /// A server-assigned id (`req_` + UUIDv7).
+    pub fn generate() -> Self {
+        Self(format!("req_{}", uuid::Uuid::now_v7().simple()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One validated item.
+#[derive(Clone, Debug)]
+pub struct NewItem {
+    /// Prompt within the key's character cap.
+    pub prompt: String,
+    /// Params as compact JSON, if given.
+    pub params: Option<String>,
+}
+
+/// A validated batch request.
+#[derive(Clone, Debug)]
+pub struct NewBatch {
+    /// Items, in order.
+    pub items: Vec<NewItem>,
+    /// Target override.
+    pub webhook_url: Option<String>,
+    /// Metadata as compact JSON.
+    pub metadata: Option<String>,
+    /// SHA-256 of the canonical request.
+    pub fingerprint: String,
+}
+
+impl NewBatch {
+    /// Checks the body against the key's limits (422 `VALIDATION_ERROR` / `BATCH_TOO_LARGE`).
+    pub fn parse(
+        req: &CreateBatchRequest,
+        limits: &PolicyLimits,
+        allow_http_webhooks: bool,
+    ) -> Result<Self, ApiError> {
+        let cap = limits.max_batch_items as usize;
+        if req.items.is_empty() {
+            return Err(ApiError::validation("items", "must hold at least one item"));
+        }
+        if req.items.len() > cap {
+            return Err(ApiError::new(
+                ErrorCode::BatchTooLarge,
+                format!(
+                    "batch has {} items; this key allows at most {cap}",
+                    req.items.len()
+                ),
+            )
+            .with_details(
+                serde_json::json!({ "max_batch_items": cap, "total_count": req.items.len() }),
+            ));
+        }
+        let mut items = Vec::with_capacity(req.items.len());
+        for (i, item) in req.items.iter().enumerate() {
+            let chars = item.prompt.chars().count();
+            if chars == 0 || item.prompt.trim().is_empty() {
+                return Err(ApiError::validation(
+                    &format!("items[{i}].prompt"),
+                    "must not be empty",
+                ));
+            }
+            if chars > limits.max_prompt_chars as usize {
+                return Err(ApiError::validation(
+                    &format!("items[{i}].prompt"),
+                    format!(
+                        "has {chars} characters; at most {} allowed",
+                        limits.max_prompt_chars
+                    ),
+                ));
+            }
+            if item.prompt.chars().any(|c| c == '\0') {
+                return Err(ApiError::validation(
+                    &format!("items[{i}].prompt"),
+                    "must not contain NUL characters",
+                ));
+            }
+            let params = item
+                .params
+                .as_ref()
+                .map(|p| bounded_json(&format!("items[{i}].params"), p))
+                .transpose()?;
+            items.push(NewItem {
+                prompt: item.prompt.clone(),
+                params,
+            });
+        }
+        let webhook_url = match &req.webhook_url {
+            Some(u) => Some(parse_webhook_url(u, allow_http_webhooks)?),
+            None => None,
+        };
+        let metadata = req
+            .metadata
+            .as_ref()
+            .map(|m| bounded_json("metadata", m))
+            .transpose()?;
+        let fingerprint = fingerprint(req);
+        Ok(Self {
+            items,
+            webhook_url,
+            metadata,
+            fingerprint,
+        })
+    }
+}
+
+fn parse_webhook_url(u: &str, allow_http: bool) -> Result<String, ApiError> {
+    let url = url::Url::parse(u)
+        .map_err(|_| ApiError::validation("webhook_url", "must be an absolute URL"))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_http => {}
+        _ => return Err(ApiError::validation("webhook_url", "must be an https URL")),
+    }
+    if url.host().is_none() || u.len() > 2048 {
+        return Err(ApiError::validation(
+            "webhook_url",
+            "must have a host and at most 2048 characters",
+        ));
+    }
+    Ok(url.to_string())
+}
+
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn bounded_json(field: &str, map: &BTreeMap<String, Value>) -> Result<String, ApiError> {
+    if map.values().map(depth).max().unwrap_or(0) + 1 > MAX_JSON_DEPTH {
+        return Err(ApiError::validation(
+            field,
+            format!("is nested deeper than {MAX_JSON_DEPTH} levels"),
+        ));
+    }
+    let text = canonical_json(&Value::Object(map.clone().into_iter().collect()));
+    if text.len() > MAX_JSON_OBJECT_BYTES {
+        return Err(ApiError::validation(
+            field,
+            format!(
+                "is {} bytes as JSON; at most {MAX_JSON_OBJECT_BYTES} allowed",
+                text.len()
+            ),
+        ));
+    }
+    Ok(text)
+}
+
+/// JSON with object keys sorted at every level, so equal values give equal text.
+pub fn canonical_json(v: &Value) -> String {
+    fn write(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(o) => {
+                let mut keys: Vec<&String> = o.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String((*k).clone()).to_string());
+                    out.push(':');
+                    write(&o[k.as_str()], out);
+                }
+                out.push('}');
+            }
+            Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(x, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(v, &mut out);
+    out
+}
+
+/// SHA-256 over the canonical request (items, webhook_url, metadata); the id itself is excluded.
+pub fn fingerprint(req: &CreateBatchRequest) -> String {
+    let items: Vec<Value> = req
+        .items
+        .iter()
+        .map(|i| {
+            serde_json::json!({
+                "prompt": i.prompt,
+                "params": i.params.as_ref().map(|p| Value::Object(p.clone().into_iter().collect())),
+            })
+        })
+        .collect();
+    let canon = canonical_json(&serde_json::json!({
+        "items": items,
+        "webhook_url": req.webhook_url,
+        "metadata": req.metadata.as_ref().map(|m| Value::Object(m.clone().into_iter().collect())),
+    }));
+    hex::encode(Sha256::digest(canon.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_rules() {
+        assert!(RequestId::parse("request_id", "order-42.a_b:c").is_ok());
+        assert!(RequestId::parse("request_id", "").is_err());
+        assert!(RequestId::parse("request_id", &"a".repeat(256)).is_err());
+        assert!(RequestId::parse("request_id", "white space").is_err());
+        assert!(RequestId::parse("request_id", "ünï").is_err());
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_level() {
+        let a: Value =
+            serde_json::from_str(r#"{"b":1,"a":{"y":[1,{"d":2,"c":3}],"x":null}}"#).unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"a":{"x":null,"y":[1,{"c":3,"d":2}]},"b":1}"#).unwrap();
+        assert_eq!(canonical_json(&a), canonical_json(&b));
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":{"x":null,"y":[1,{"c":3,"d":2}]},"b":1}"#
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! video-batch-api as a library: settings, database, services, routes and the application.
+pub mod auth;
+pub mod cli;
+pub mod context;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod middleware;
+pub mod routes;
+pub mod schemas;
+pub mod service;
+pub mod settings;
+pub mod startup;
+pub mod state;
+pub mod telemetry;
+pub mod worker_client;
+
+pub use startup::Application;

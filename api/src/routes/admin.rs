@@ -1,0 +1,286 @@
+//! `/api/admin`: credits, keys, usage and config reload for operators.
+use std::sync::Arc;
+
+use chrono::{Duration, NaiveDate, TimeZone, Utc};
+use poem::web::Data;
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{OpenApi, Tags};
+use sea_orm::SqlErr;
+
+use crate::auth::AdminAuth;
+use crate::error::{ApiError, ErrorCode};
+use crate::schemas::admin::{AdjustRequest, AdminWallet, GrantRequest, KeyInfo, ReloadResult};
+use crate::schemas::credits::{Usage, UsageDay};
+use crate::service::credits::{self, LedgerKind};
+use crate::service::{keys, usage};
+use crate::state::AppState;
+
+/// Groups of the admin API.
+#[derive(Tags)]
+pub enum AdminTags {
+    /// Wallets and ledgers.
+    Credits,
+    /// Keys, usage and configuration.
+    Keys,
+}
+
+/// The admin API.
+pub struct AdminApi;
+
+impl AdminApi {
+    async fn key_id(state: &AppState, name: &str) -> Result<i64, ApiError> {
+        keys::id_by_name(&state.db, name)
+            .await?
+            .ok_or_else(|| ApiError::not_found("key", name))
+    }
+
+    async fn wallet_view(
+        state: &AppState,
+        name: &str,
+        key_id: i64,
+        limit: u64,
+        before: Option<i64>,
+    ) -> Result<AdminWallet, ApiError> {
+        let w = credits::wallet(&state.db, key_id).await?;
+        let ledger = credits::ledger(&state.db, key_id, limit, before).await?;
+        Ok(AdminWallet {
+            key: name.to_string(),
+            balance: w.balance,
+            held: w.held,
+            available: w.available(),
+            ledger: ledger.into_iter().map(Into::into).collect(),
+        })
+    }
+
+    async fn movement(
+        state: &AppState,
+        name: &str,
+        kind: LedgerKind,
+        amount: i64,
+        note: Option<String>,
+        idem: Option<String>,
+    ) -> Result<AdminWallet, ApiError> {
+        if let Some(k) = &idem {
+            crate::domain::RequestId::parse("Idempotency-Key", k)?;
+        }
+        let key_id = Self::key_id(state, name).await?;
+        let txn = crate::db::begin_write(&state.db).await?;
+        match credits::apply(&txn, key_id, kind, amount, note.as_deref(), idem.as_deref()).await {
+            Ok(true) => txn.commit().await?,
+            Ok(false) => {
+                txn.rollback().await?;
+                let w = credits::wallet(&state.db, key_id).await?;
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "adjustment of {amount} would leave the balance below the {} credits held",
+                        w.held
+                    ),
+                )
+                .with_details(serde_json::json!({ "balance": w.balance, "held": w.held })));
+            }
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                // The same Idempotency-Key was applied before: answer with the wallet, change nothing.
+                txn.rollback().await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Self::wallet_view(state, name, key_id, 20, None).await
+    }
+}
+
+#[OpenApi(prefix_path = "/")]
+impl AdminApi {
+    /// Grant credits
+    ///
+    /// Adds credits to a key's balance. Retrying with the same `Idempotency-Key` grants once.
+    #[oai(
+        path = "/keys/:key/credits/grant",
+        method = "post",
+        operation_id = "grant_credits",
+        tag = "AdminTags::Credits"
+    )]
+    async fn grant(
+        &self,
+        state: Data<&Arc<AppState>>,
+        _auth: AdminAuth,
+        key: Path<String>,
+        #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
+        body: Json<GrantRequest>,
+    ) -> Result<Json<AdminWallet>, ApiError> {
+        Ok(Json(
+            Self::movement(
+                &state,
+                &key.0,
+                LedgerKind::Grant,
+                body.0.amount,
+                body.0.note,
+                idempotency_key.0,
+            )
+            .await?,
+        ))
+    }
+
+    /// Adjust credits
+    ///
+    /// Adds or (negative amount) removes credits; the balance never drops below what is held.
+    #[oai(
+        path = "/keys/:key/credits/adjust",
+        method = "post",
+        operation_id = "adjust_credits",
+        tag = "AdminTags::Credits"
+    )]
+    async fn adjust(
+        &self,
+        state: Data<&Arc<AppState>>,
+        _auth: AdminAuth,
+        key: Path<String>,
+        #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
+        body: Json<AdjustRequest>,
+    ) -> Result<Json<AdminWallet>, ApiError> {
+        if body.0.amount == 0 {
+            return Err(ApiError::validation("amount", "must not be 0"));
+        }
+        Ok(Json(
+            Self::movement(
+                &state,
+                &key.0,
+                LedgerKind::Adjust,
+                body.0.amount,
+                body.0.note,
+                idempotency_key.0,
+            )
+            .await?,
+        ))
+    }
+
+    /// Get a key's wallet and ledger
+    ///
+    /// Ledger newest first; page with `before` (a ledger id).
+    #[oai(
+        path = "/keys/:key/credits",
+        method = "get",
+        operation_id = "get_key_credits",
+        tag = "AdminTags::Credits"
+    )]
+    async fn wallet(
+        &self,
+        state: Data<&Arc<AppState>>,
+        _auth: AdminAuth,
+        key: Path<String>,
+        /// Ledger rows, 1–500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<u32>>,
+        /// Only ledger rows with a smaller id.
+        before: Query<Option<i64>>,
+    ) -> Result<Json<AdminWallet>, ApiError> {
+        let id = Self::key_id(&state, &key.0).await?;
+        Ok(Json(
+            Self::wallet_view(
+                &state,
+                &key.0,
+                id,
+                u64::from(limit.0.unwrap_or(50)),
+                before.0,
+            )
+            .await?,
+        ))
+    }
+
+    /// Get a key's usage
+    #[oai(
+        path = "/keys/:key/usage",
+        method = "get",
+        operation_id = "get_key_usage",
+        tag = "AdminTags::Keys"
+    )]
+    async fn key_usage(
+        &self,
+        state: Data<&Arc<AppState>>,
+        _auth: AdminAuth,
+        key: Path<String>,
+        /// First day (UTC).
+        from: Query<Option<NaiveDate>>,
+        /// Last day (UTC), inclusive.
+        to: Query<Option<NaiveDate>>,
+    ) -> Result<Json<Usage>, ApiError> {
+        let id = Self::key_id(&state, &key.0).await?;
+        let today = Utc::now().date_naive();
+        let to_day = to.0.unwrap_or(today);
+        let from_day = from.0.unwrap_or(to_day - Duration::days(29));
+        if from_day > to_day {
+            return Err(ApiError::validation("from", "must not be after `to`"));
+        }
+        let start = Utc.from_utc_datetime(&from_day.and_hms_opt(0, 0, 0).unwrap_or_default());
+        let end = Utc.from_utc_datetime(&to_day.and_hms_opt(0, 0, 0).unwrap_or_default())
+            + Duration::days(1);
+        let days = usage::daily(&state.db, id, start, end).await?;
+        Ok(Json(Usage {
+            from: start,
+            to: end,
+            days: days.into_iter().map(UsageDay::from).collect(),
+        }))
+    }
+
+    /// List keys
+    ///
+    /// Every configured key with its effective policy; secrets are never shown.
+    #[oai(
+        path = "/keys",
+        method = "get",
+        operation_id = "list_keys",
+        tag = "AdminTags::Keys"
+    )]
+    async fn keys(&self, auth: AdminAuth) -> Json<Vec<KeyInfo>> {
+        Json(
+            auth.0
+                .settings
+                .keys
+                .values()
+                .map(|k| KeyInfo {
+                    name: k.name.clone(),
+                    key_sha256_prefix: k.key_sha256[..12].to_string(),
+                    disabled: k.disabled,
+                    cost_per_video: k.limits.cost_per_video,
+                    rate_limit_per_min: k.limits.rate_limit_per_min,
+                    read_rate_limit_per_min: k.limits.read_rate_limit_per_min,
+                    max_batch_items: k.limits.max_batch_items,
+                    max_prompt_chars: k.limits.max_prompt_chars,
+                    ip_allowlist: k
+                        .limits
+                        .ip_allowlist
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect(),
+                    webhook_url: k.webhook_url.clone(),
+                    webhook_secret_set: k.webhook_secret.is_some(),
+                    webhook_events: k.webhook_events.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// Reload configuration
+    ///
+    /// Loads and validates every layer again; if valid, the new policy applies to the next
+    /// request. If not, the running policy stays and the error names file and field.
+    #[oai(
+        path = "/config/reload",
+        method = "post",
+        operation_id = "reload_config",
+        tag = "AdminTags::Keys"
+    )]
+    async fn reload(
+        &self,
+        state: Data<&Arc<AppState>>,
+        _auth: AdminAuth,
+    ) -> Result<Json<ReloadResult>, ApiError> {
+        crate::startup::reload(&state).await.map(Json).map_err(|e| {
+            ApiError::new(
+                ErrorCode::ValidationError,
+                format!("configuration rejected: {e}"),
+            )
+        })
+    }
+}

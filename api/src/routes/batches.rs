@@ -1,0 +1,320 @@
+//! `/api/enterprise`: the customer API (batches, credits, usage).
+use std::sync::Arc;
+
+use chrono::{Duration, NaiveDate, TimeZone, Utc};
+use poem::Request;
+use poem::web::Data;
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi, Tags};
+use uuid::Uuid;
+
+use crate::auth::CustomerKey;
+use crate::error::ApiError;
+use crate::middleware::AuditTemplate;
+use crate::schemas::batches::{
+    Batch, BatchCreated, BatchList, BatchStatusFilter, CreateBatchRequest,
+};
+use crate::schemas::credits::{Credits, Usage, UsageDay};
+use crate::service::batches::{self, AuditInfo, CreateOutcome};
+use crate::service::{credits, usage};
+use crate::state::AppState;
+
+/// Groups of the customer API.
+#[derive(Tags)]
+pub enum CustomerTags {
+    /// Create, read, list and cancel batches.
+    Batches,
+    /// Wallet and usage.
+    Account,
+}
+
+/// The customer API.
+pub struct CustomerApi;
+
+/// Answer of `create_batch`.
+#[derive(ApiResponse)]
+#[oai(
+    header(
+        name = "RateLimit-Policy",
+        ty = "String",
+        description = "Quota policy, e.g. `\"batch\";q=60;w=60`"
+    ),
+    header(
+        name = "RateLimit",
+        ty = "String",
+        description = "Quota left, e.g. `\"batch\";r=12;t=31`"
+    ),
+    header(
+        name = "X-RateLimit-Limit",
+        ty = "u32",
+        description = "Calls allowed per minute"
+    ),
+    header(
+        name = "X-RateLimit-Remaining",
+        ty = "u32",
+        description = "Calls left in this minute"
+    ),
+    header(
+        name = "X-RateLimit-Reset",
+        ty = "u32",
+        description = "Seconds until the minute ends"
+    ),
+    header(
+        name = "x-request-id",
+        ty = "String",
+        description = "The request id (echoed when sent)"
+    )
+)]
+pub enum CreateBatchResponse {
+    /// The batch was created and its credits held.
+    #[oai(status = 201)]
+    Created(Json<BatchCreated>),
+    /// A repeat of an earlier identical request: the stored answer, with credits as of now.
+    #[oai(status = 200)]
+    Replayed(
+        Json<BatchCreated>,
+        /// Always `true`.
+        #[oai(header = "Idempotent-Replayed")]
+        String,
+    ),
+}
+
+/// Answer of the read endpoints.
+#[derive(ApiResponse)]
+#[oai(
+    header(
+        name = "RateLimit-Policy",
+        ty = "String",
+        description = "Quota policy, e.g. `\"read\";q=600;w=60`"
+    ),
+    header(
+        name = "RateLimit",
+        ty = "String",
+        description = "Quota left, e.g. `\"read\";r=599;t=31`"
+    ),
+    header(
+        name = "X-RateLimit-Limit",
+        ty = "u32",
+        description = "Calls allowed per minute"
+    ),
+    header(
+        name = "X-RateLimit-Remaining",
+        ty = "u32",
+        description = "Calls left in this minute"
+    ),
+    header(
+        name = "X-RateLimit-Reset",
+        ty = "u32",
+        description = "Seconds until the minute ends"
+    ),
+    header(
+        name = "x-request-id",
+        ty = "String",
+        description = "The request id (echoed when sent)"
+    )
+)]
+pub enum Read<T: poem_openapi::types::ToJSON + Send + Sync> {
+    /// OK.
+    #[oai(status = 200)]
+    Ok(Json<T>),
+}
+
+#[OpenApi(prefix_path = "/")]
+impl CustomerApi {
+    /// Create a batch
+    ///
+    /// Holds `total_count * cost_per_video` credits and queues the items. Idempotent by
+    /// `request_id` (or the `Idempotency-Key` header): a repeat with the same body returns the
+    /// stored answer with status 200; the same id with another body is 409.
+    #[oai(
+        path = "/video-batch",
+        method = "post",
+        operation_id = "create_batch",
+        tag = "CustomerTags::Batches"
+    )]
+    async fn create_batch(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: CustomerKey,
+        /// Idempotency key; must equal `request_id` when both are sent.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+        body: Json<CreateBatchRequest>,
+        req: &Request,
+    ) -> Result<CreateBatchResponse, ApiError> {
+        let caller = auth.0;
+        let template = req
+            .extensions()
+            .get::<AuditTemplate>()
+            .cloned()
+            .unwrap_or_else(|| AuditTemplate(Default::default(), std::time::Instant::now()));
+        let out = batches::create(
+            &state.db,
+            &caller.runtime,
+            &caller.key,
+            &body.0,
+            idempotency_key.0.as_deref(),
+            AuditInfo {
+                row: template.0,
+                started: template.1,
+            },
+        )
+        .await?;
+        Ok(match out {
+            CreateOutcome::Created(b) => CreateBatchResponse::Created(Json(b)),
+            CreateOutcome::Replayed(b) => CreateBatchResponse::Replayed(Json(b), "true".into()),
+        })
+    }
+
+    /// Get a batch
+    ///
+    /// The batch with its counts and items. Another key's batch is 404.
+    #[oai(
+        path = "/video-batch/:batch_id",
+        method = "get",
+        operation_id = "get_batch",
+        tag = "CustomerTags::Batches"
+    )]
+    async fn get_batch(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: CustomerKey,
+        batch_id: Path<Uuid>,
+    ) -> Result<Read<Batch>, ApiError> {
+        crate::context::update(|s| s.batch_id = Some(batch_id.0));
+        Ok(Read::Ok(Json(
+            batches::get(&state.db, auth.0.key.id, batch_id.0).await?,
+        )))
+    }
+
+    /// List batches
+    ///
+    /// Newest first, without items. Pass `next_cursor` as `cursor` for the next page.
+    #[oai(
+        path = "/video-batch",
+        method = "get",
+        operation_id = "list_batches",
+        tag = "CustomerTags::Batches"
+    )]
+    async fn list_batches(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: CustomerKey,
+        /// Only batches in this status.
+        status: Query<Option<BatchStatusFilter>>,
+        /// Page size, 1–100 (default 20).
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
+        limit: Query<Option<u32>>,
+        /// Cursor from the previous page.
+        cursor: Query<Option<String>>,
+    ) -> Result<Read<BatchList>, ApiError> {
+        let (data, next_cursor) = batches::list(
+            &state.db,
+            auth.0.key.id,
+            status.0.map(Into::into),
+            u64::from(limit.0.unwrap_or(20)),
+            cursor.0.as_deref(),
+        )
+        .await?;
+        Ok(Read::Ok(Json(BatchList {
+            has_more: next_cursor.is_some(),
+            data,
+            next_cursor,
+        })))
+    }
+
+    /// Cancel a batch
+    ///
+    /// Queued items are cancelled and their holds released at once; running items may finish.
+    /// Cancelling a final batch changes nothing.
+    #[oai(
+        path = "/video-batch/:batch_id/cancel",
+        method = "post",
+        operation_id = "cancel_batch",
+        tag = "CustomerTags::Batches"
+    )]
+    async fn cancel_batch(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: CustomerKey,
+        batch_id: Path<Uuid>,
+    ) -> Result<Read<Batch>, ApiError> {
+        crate::context::update(|s| s.batch_id = Some(batch_id.0));
+        let caller = auth.0;
+        Ok(Read::Ok(Json(
+            batches::cancel(&state.db, &caller.runtime, caller.key.id, batch_id.0).await?,
+        )))
+    }
+
+    /// Get credits
+    ///
+    /// Balance, held and available credits, and the latest ledger rows.
+    #[oai(
+        path = "/credits",
+        method = "get",
+        operation_id = "get_credits",
+        tag = "CustomerTags::Account"
+    )]
+    async fn get_credits(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: CustomerKey,
+        /// Ledger rows to return, 1–200 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
+        limit: Query<Option<u32>>,
+    ) -> Result<Read<Credits>, ApiError> {
+        let key_id = auth.0.key.id;
+        let w = credits::wallet(&state.db, key_id).await?;
+        let ledger =
+            credits::ledger(&state.db, key_id, u64::from(limit.0.unwrap_or(50)), None).await?;
+        Ok(Read::Ok(Json(Credits {
+            balance: w.balance,
+            held: w.held,
+            available: w.available(),
+            ledger: ledger.into_iter().map(Into::into).collect(),
+        })))
+    }
+
+    /// Get usage
+    ///
+    /// The key's own calls and credits charged per UTC day, `from` to `to` inclusive
+    /// (default: the last 30 days).
+    #[oai(
+        path = "/usage",
+        method = "get",
+        operation_id = "get_usage",
+        tag = "CustomerTags::Account"
+    )]
+    async fn get_usage(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: CustomerKey,
+        /// First day (UTC), e.g. 2026-11-01.
+        from: Query<Option<NaiveDate>>,
+        /// Last day (UTC), inclusive.
+        to: Query<Option<NaiveDate>>,
+    ) -> Result<Read<Usage>, ApiError> {
+        let today = Utc::now().date_naive();
+        let to_day = to.0.unwrap_or(today);
+        let from_day = from.0.unwrap_or(to_day - Duration::days(29));
+        if from_day > to_day {
+            return Err(ApiError::validation("from", "must not be after `to`"));
+        }
+        if to_day - from_day > Duration::days(366) {
+            return Err(ApiError::validation(
+                "from",
+                "the period may span at most 366 days",
+            ));
+        }
+        let start = Utc.from_utc_datetime(&from_day.and_hms_opt(0, 0, 0).unwrap_or_default());
+        let end = Utc.from_utc_datetime(&to_day.and_hms_opt(0, 0, 0).unwrap_or_default())
+            + Duration::days(1);
+        let days = usage::daily(&state.db, auth.0.key.id, start, end).await?;
+        Ok(Read::Ok(Json(Usage {
+            from: start,
+            to: end,
+            days: days.into_iter().map(UsageDay::from).collect(),
+        })))
+    }
+}

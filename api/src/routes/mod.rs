@@ -1,0 +1,5 @@
+//! HTTP routes, one file per resource; `startup.rs` mounts them.
+pub mod admin;
+pub mod batches;
+pub mod health;
+pub mod worker;

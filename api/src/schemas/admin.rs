@@ -1,0 +1,80 @@
+//! Bodies of the admin API.
+use poem_openapi::Object;
+
+use crate::schemas::credits::LedgerEntry;
+
+/// Grant credits.
+#[derive(Object, Clone, Debug)]
+#[oai(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// Credits to add (positive).
+    #[oai(validator(minimum(value = "1")))]
+    pub amount: i64,
+    /// Why (e.g. an invoice number).
+    pub note: Option<String>,
+}
+
+/// Adjust credits.
+#[derive(Object, Clone, Debug)]
+#[oai(deny_unknown_fields)]
+pub struct AdjustRequest {
+    /// Credits to add or (negative) remove; the balance never drops below held.
+    pub amount: i64,
+    /// Why.
+    pub note: Option<String>,
+}
+
+/// A key's wallet.
+#[derive(Object, Clone, Debug)]
+pub struct AdminWallet {
+    /// Key name.
+    pub key: String,
+    /// Credits owned.
+    pub balance: i64,
+    /// Credits reserved.
+    pub held: i64,
+    /// `balance - held`.
+    pub available: i64,
+    /// Latest ledger rows, newest first.
+    pub ledger: Vec<LedgerEntry>,
+}
+
+/// A configured key and its effective policy (secrets redacted).
+#[derive(Object, Clone, Debug)]
+pub struct KeyInfo {
+    /// Name.
+    pub name: String,
+    /// First 12 hex characters of the key's SHA-256.
+    pub key_sha256_prefix: String,
+    /// Refused when true.
+    pub disabled: bool,
+    /// Credits per item.
+    pub cost_per_video: i64,
+    /// Batch creations per minute.
+    pub rate_limit_per_min: u32,
+    /// Other calls per minute.
+    pub read_rate_limit_per_min: u32,
+    /// Items per batch.
+    pub max_batch_items: u32,
+    /// Characters per prompt.
+    pub max_prompt_chars: u32,
+    /// Allowed networks (empty: any).
+    pub ip_allowlist: Vec<String>,
+    /// Webhook target.
+    pub webhook_url: Option<String>,
+    /// A signing secret is configured.
+    pub webhook_secret_set: bool,
+    /// Subscribed events.
+    pub webhook_events: Vec<String>,
+}
+
+/// Outcome of a reload.
+#[derive(Object, Clone, Debug)]
+pub struct ReloadResult {
+    /// Always true (a failed reload is an error response).
+    pub ok: bool,
+    /// Keys now configured.
+    pub keys: u32,
+    /// Enabled keys.
+    pub enabled_keys: u32,
+}

@@ -1,0 +1,249 @@
+//! Bodies of the batch endpoints.
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use poem_openapi::{Enum, Object};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// One prompt to render.
+#[derive(Object, Clone, Debug)]
+#[oai(deny_unknown_fields)]
+pub struct BatchItemInput {
+    /// The prompt, 1 to the key's `max_prompt_chars` Unicode characters.
+    #[oai(validator(min_length = 1))]
+    pub prompt: String,
+    /// Renderer parameters, passed to the worker as given (e.g. `{"duration_s": 5}`).
+    pub params: Option<BTreeMap<String, Value>>,
+}
+
+/// A batch to create.
+#[derive(Object, Clone, Debug)]
+#[oai(deny_unknown_fields)]
+pub struct CreateBatchRequest {
+    /// Idempotency key, 1–255 of `[A-Za-z0-9._:-]`; also accepted as the `Idempotency-Key`
+    /// header. Without one the server assigns an id and no deduplication applies.
+    #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[A-Za-z0-9._:\-]+$"))]
+    pub request_id: Option<String>,
+    /// The prompts: 1 to the key's `max_batch_items`.
+    #[oai(validator(min_items = 1))]
+    pub items: Vec<BatchItemInput>,
+    /// Where to send this batch's webhooks instead of the key's URL (absolute https URL).
+    pub webhook_url: Option<String>,
+    /// Small object (at most 4 KiB as JSON) returned as given.
+    pub metadata: Option<BTreeMap<String, Value>>,
+}
+
+/// Lifecycle of a batch.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+#[oai(rename_all = "snake_case")]
+pub enum BatchStatus {
+    /// No item claimed yet.
+    Queued,
+    /// Some item claimed; not every item final.
+    Processing,
+    /// Every item final; see the counts.
+    Completed,
+    /// Cancelled by the customer; running items were allowed to finish.
+    Cancelled,
+}
+
+impl BatchStatus {
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "processing" => Self::Processing,
+            "completed" => Self::Completed,
+            "cancelled" => Self::Cancelled,
+            _ => Self::Queued,
+        }
+    }
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Processing => "processing",
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Lifecycle of an item.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+#[oai(rename_all = "snake_case")]
+pub enum ItemStatus {
+    /// Waiting for a worker.
+    Queued,
+    /// Leased by a worker.
+    Running,
+    /// Rendered; its cost is charged.
+    Succeeded,
+    /// Failed for good; its hold is released.
+    Failed,
+    /// Cancelled before it ran; its hold is released.
+    Cancelled,
+}
+
+impl ItemStatus {
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => Self::Queued,
+        }
+    }
+}
+
+/// The result of a create (201) or of its replay (200).
+#[derive(Object, Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct BatchCreated {
+    /// Always `true`.
+    pub ok: bool,
+    /// The idempotency key (given or assigned).
+    pub request_id: String,
+    /// The batch.
+    pub batch_id: Uuid,
+    /// True when this is the stored answer to an earlier identical request.
+    pub idempotent_replay: bool,
+    /// Status at creation.
+    #[serde(with = "status_serde")]
+    pub status: BatchStatus,
+    /// Items in the batch.
+    pub total_count: i64,
+    /// Credits per item for this batch.
+    pub cost_per_video: i64,
+    /// `total_count * cost_per_video`, held until items finish.
+    pub required_credits: i64,
+    /// Credits available before this batch's hold (on replay: available now).
+    pub available_credits: i64,
+    /// Credits available after the hold (on replay: available now).
+    pub remaining_credits: i64,
+    /// Creation time (UTC).
+    pub created_at: DateTime<Utc>,
+}
+
+mod status_serde {
+    use super::BatchStatus;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(s: &BatchStatus, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(s.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BatchStatus, D::Error> {
+        Ok(BatchStatus::parse(&String::deserialize(d)?))
+    }
+}
+
+/// Item counts by status.
+#[derive(Object, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    /// All items.
+    pub total: i64,
+    /// Waiting.
+    pub queued: i64,
+    /// Leased by a worker.
+    pub running: i64,
+    /// Rendered.
+    pub succeeded: i64,
+    /// Failed for good.
+    pub failed: i64,
+    /// Cancelled.
+    pub cancelled: i64,
+}
+
+/// One item of a batch.
+#[derive(Object, Clone, Debug)]
+pub struct BatchItemView {
+    /// Item id.
+    pub item_id: Uuid,
+    /// Position in the request, from 0.
+    pub index: i32,
+    /// The prompt.
+    pub prompt: String,
+    /// Parameters as given.
+    pub params: Option<Value>,
+    /// Status.
+    pub status: ItemStatus,
+    /// Attempts started so far.
+    pub attempts: i32,
+    /// Where the video is, once succeeded.
+    pub result_url: Option<String>,
+    /// Extra result data reported by the worker.
+    pub result: Option<Value>,
+    /// Last error, once failed (or of the last failed attempt).
+    pub error: Option<String>,
+}
+
+/// A batch with counts (and items, when read one at a time).
+#[derive(Object, Clone, Debug)]
+pub struct Batch {
+    /// Batch id.
+    pub batch_id: Uuid,
+    /// Its idempotency key.
+    pub request_id: String,
+    /// Status.
+    pub status: BatchStatus,
+    /// Item counts.
+    pub counts: BatchCounts,
+    /// Credits per item.
+    pub cost_per_video: i64,
+    /// Credits held at creation.
+    pub required_credits: i64,
+    /// Webhook target override, if any.
+    pub webhook_url: Option<String>,
+    /// Metadata as given.
+    pub metadata: Option<Value>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// When a cancel was requested.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// When every item became final.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Items in request order (only when reading one batch).
+    #[oai(skip_serializing_if_is_none)]
+    pub items: Option<Vec<BatchItemView>>,
+}
+
+/// A page of batches, newest first.
+#[derive(Object, Clone, Debug)]
+pub struct BatchList {
+    /// The batches (without items).
+    pub data: Vec<Batch>,
+    /// More batches follow.
+    pub has_more: bool,
+    /// Pass as `cursor` for the next page.
+    pub next_cursor: Option<String>,
+}
+
+/// Filter of the list endpoint.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+#[oai(rename_all = "snake_case")]
+pub enum BatchStatusFilter {
+    /// Queued batches.
+    Queued,
+    /// Processing batches.
+    Processing,
+    /// Completed batches.
+    Completed,
+    /// Cancelled batches.
+    Cancelled,
+}
+
+impl From<BatchStatusFilter> for BatchStatus {
+    fn from(f: BatchStatusFilter) -> Self {
+        match f {
+            BatchStatusFilter::Queued => BatchStatus::Queued,
+            BatchStatusFilter::Processing => BatchStatus::Processing,
+            BatchStatusFilter::Completed => BatchStatus::Completed,
+            BatchStatusFilter::Cancelled => BatchStatus::Cancelled,
+        }
+    }
+}

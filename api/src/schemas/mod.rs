@@ -1,0 +1,5 @@
+//! Request and response bodies (`Object`s), per resource.
+pub mod admin;
+pub mod batches;
+pub mod credits;
+pub mod worker;

@@ -1,0 +1,519 @@
+//! Batches: the create path (idempotency, credit hold, items, audit in one transaction),
+//! reads, listing and cancel.
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use entity::{batch_item, batch_job};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::db::{begin_write, stmt};
+use crate::domain::{NewBatch, RequestId};
+use crate::error::{ApiError, ErrorCode};
+use crate::schemas::batches::{
+    Batch, BatchCounts, BatchCreated, BatchItemView, BatchStatus, CreateBatchRequest, ItemStatus,
+};
+use crate::service::credits::{self, LedgerKind};
+use crate::service::usage::{self, UsageRow};
+use crate::service::webhooks;
+use crate::state::{KeyEntry, Runtime};
+
+/// How a create ended.
+#[derive(Debug)]
+pub enum CreateOutcome {
+    /// A new batch (201).
+    Created(BatchCreated),
+    /// The stored answer to an earlier identical request (200).
+    Replayed(BatchCreated),
+}
+
+/// What the create transaction needs to audit itself.
+pub struct AuditInfo {
+    /// Template of the usage row (method, path, ip, user agent…).
+    pub row: UsageRow,
+    /// When the call started.
+    pub started: std::time::Instant,
+}
+
+/// Creates a batch, or replays / refuses a repeat of an earlier request id.
+/// The order of checks after authentication follows the contract: idempotency, validation
+/// and caps, credit hold.
+pub async fn create(
+    db: &DatabaseConnection,
+    runtime: &Runtime,
+    key: &KeyEntry,
+    req: &CreateBatchRequest,
+    header_request_id: Option<&str>,
+    audit: AuditInfo,
+) -> Result<CreateOutcome, ApiError> {
+    let rid = match (&req.request_id, header_request_id) {
+        (Some(body), Some(header)) if body != header => {
+            return Err(ApiError::validation(
+                "request_id",
+                "differs from the Idempotency-Key header; send one or make them equal",
+            ));
+        }
+        (Some(id), _) => RequestId::parse("request_id", id)?,
+        (None, Some(id)) => RequestId::parse("Idempotency-Key", id)?,
+        (None, None) => RequestId::generate(),
+    };
+    crate::context::update(|s| s.call_request_id = Some(rid.as_str().to_string()));
+    let fingerprint = crate::domain::fingerprint(req);
+
+    if let Some(existing) = find_by_request_id(db, key.id, rid.as_str()).await? {
+        return replay(db, key.id, existing, &fingerprint).await;
+    }
+
+    let limits = &key.policy.limits;
+    let batch = NewBatch::parse(req, limits, runtime.settings.webhooks.allow_private_targets)?;
+    let n = batch.items.len() as i64;
+    let cost = limits.cost_per_video;
+    let need = n * cost;
+    let now = Utc::now();
+    let batch_id = Uuid::now_v7();
+    let backend = db.get_database_backend();
+
+    let txn = begin_write(db).await?;
+    // Fair queuing: the batch starts at the later of the key's own clock and the queue's head.
+    let head: i64 = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT MIN(fair_pos) AS head FROM batch_item WHERE status = 'queued'",
+            [],
+        ))
+        .await?
+        .and_then(|r| r.try_get::<Option<i64>>("", "head").ok().flatten())
+        .unwrap_or(0);
+    let held = txn
+        .query_one_raw(stmt(
+            backend,
+            "UPDATE credit_wallet SET held = held + $2, \
+             fair_clock = (CASE WHEN fair_clock > $3 THEN fair_clock ELSE $3 END) + $4, updated_at = $5 \
+             WHERE api_key_id = $1 AND balance - held >= $2 RETURNING balance, held, fair_clock",
+            [key.id.into(), need.into(), head.into(), n.into(), now.into()],
+        ))
+        .await?;
+    let Some(held) = held else {
+        txn.rollback().await?;
+        let w = credits::wallet(db, key.id).await?;
+        return Err(ApiError::new(
+            ErrorCode::InsufficientCredits,
+            format!("batch needs {need} credits, {} available", w.available()),
+        )
+        .with_details(json!({ "required_credits": need, "available_credits": w.available() })));
+    };
+    let balance: i64 = held.try_get("", "balance")?;
+    let held_now: i64 = held.try_get("", "held")?;
+    let clock: i64 = held.try_get("", "fair_clock")?;
+    let start_pos = clock - n;
+
+    let response = BatchCreated {
+        ok: true,
+        request_id: rid.as_str().to_string(),
+        batch_id,
+        idempotent_replay: false,
+        status: BatchStatus::Queued,
+        total_count: n,
+        cost_per_video: cost,
+        required_credits: need,
+        available_credits: balance - held_now + need,
+        remaining_credits: balance - held_now,
+        created_at: now,
+    };
+    let response_json = serde_json::to_string(&response).map_err(ApiError::internal)?;
+
+    let inserted = batch_job::Entity::insert(batch_job::ActiveModel {
+        id: Set(batch_id),
+        api_key_id: Set(key.id),
+        request_id: Set(rid.as_str().to_string()),
+        fingerprint: Set(batch.fingerprint.clone()),
+        status: Set("queued".into()),
+        total_count: Set(n as i32),
+        succeeded_count: Set(0),
+        failed_count: Set(0),
+        cancelled_count: Set(0),
+        cost_per_video: Set(cost),
+        required_credits: Set(need),
+        webhook_url: Set(batch.webhook_url.clone()),
+        metadata: Set(batch.metadata.clone()),
+        response: Set(response_json),
+        created_at: Set(now),
+        updated_at: Set(now),
+        cancel_requested_at: Set(None),
+        completed_at: Set(None),
+    })
+    .on_conflict_do_nothing_on([batch_job::Column::ApiKeyId, batch_job::Column::RequestId])
+    .exec(&txn)
+    .await?;
+    if !matches!(inserted, sea_orm::TryInsertResult::Inserted(_)) {
+        // A concurrent request with the same id won: undo our hold and answer as a repeat.
+        txn.rollback().await?;
+        let existing = find_by_request_id(db, key.id, rid.as_str())
+            .await?
+            .ok_or_else(|| ApiError::internal("idempotency conflict row vanished"))?;
+        return replay(db, key.id, existing, &fingerprint).await;
+    }
+
+    let items: Vec<batch_item::ActiveModel> = batch
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| batch_item::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            batch_id: Set(batch_id),
+            api_key_id: Set(key.id),
+            idx: Set(i as i32),
+            prompt: Set(item.prompt.clone()),
+            params: Set(item.params.clone()),
+            status: Set("queued".into()),
+            attempts: Set(0),
+            fair_pos: Set(start_pos + i as i64),
+            lease_token: Set(None),
+            worker_id: Set(None),
+            lease_expires_at: Set(None),
+            result_url: Set(None),
+            result: Set(None),
+            error: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .collect();
+    for chunk in items.chunks(500) {
+        batch_item::Entity::insert_many(chunk.to_vec())
+            .exec(&txn)
+            .await?;
+    }
+    credits::record(
+        &txn,
+        key.id,
+        LedgerKind::Hold,
+        need,
+        Some(batch_id),
+        None,
+        None,
+        None,
+    )
+    .await?;
+
+    let mut row = audit.row;
+    row.status = 201;
+    row.api_key_id = Some(key.id);
+    row.request_id = Some(rid.as_str().to_string());
+    row.batch_id = Some(batch_id);
+    row.items = n as i32;
+    row.credits = need;
+    row.latency_us = audit.started.elapsed().as_micros() as i64;
+    usage::record(&txn, &row, now).await?;
+    txn.commit().await?;
+
+    crate::context::update(|s| {
+        s.audited = true;
+        s.batch_id = Some(batch_id);
+        s.items = n as i32;
+        s.credits = need;
+    });
+    tracing::info!(key = %key.policy.name, %batch_id, items = n, credits = need, "batch created");
+    Ok(CreateOutcome::Created(response))
+}
+
+async fn find_by_request_id<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    request_id: &str,
+) -> Result<Option<batch_job::Model>, DbErr> {
+    batch_job::Entity::find()
+        .filter(batch_job::Column::ApiKeyId.eq(key_id))
+        .filter(batch_job::Column::RequestId.eq(request_id))
+        .one(db)
+        .await
+}
+
+async fn replay(
+    db: &DatabaseConnection,
+    key_id: i64,
+    existing: batch_job::Model,
+    fingerprint: &str,
+) -> Result<CreateOutcome, ApiError> {
+    crate::context::update(|s| s.batch_id = Some(existing.id));
+    if existing.fingerprint != fingerprint {
+        return Err(ApiError::new(
+            ErrorCode::IdempotencyConflict,
+            format!(
+                "request_id {:?} was already used with a different request",
+                existing.request_id
+            ),
+        )
+        .with_details(json!({ "batch_id": existing.id })));
+    }
+    let mut stored: BatchCreated =
+        serde_json::from_str(&existing.response).map_err(ApiError::internal)?;
+    let available = credits::wallet(db, key_id).await?.available();
+    stored.idempotent_replay = true;
+    stored.available_credits = available;
+    stored.remaining_credits = available;
+    Ok(CreateOutcome::Replayed(stored))
+}
+
+fn parse_json(text: Option<&str>) -> Option<serde_json::Value> {
+    text.and_then(|t| serde_json::from_str(t).ok())
+}
+
+/// Builds the wire view of a batch.
+pub fn view(job: &batch_job::Model, open: (i64, i64), items: Option<Vec<BatchItemView>>) -> Batch {
+    Batch {
+        batch_id: job.id,
+        request_id: job.request_id.clone(),
+        status: BatchStatus::parse(&job.status),
+        counts: BatchCounts {
+            total: job.total_count.into(),
+            queued: open.0,
+            running: open.1,
+            succeeded: job.succeeded_count.into(),
+            failed: job.failed_count.into(),
+            cancelled: job.cancelled_count.into(),
+        },
+        cost_per_video: job.cost_per_video,
+        required_credits: job.required_credits,
+        webhook_url: job.webhook_url.clone(),
+        metadata: parse_json(job.metadata.as_deref()),
+        created_at: job.created_at,
+        updated_at: job.updated_at,
+        cancel_requested_at: job.cancel_requested_at,
+        completed_at: job.completed_at,
+        items,
+    }
+}
+
+/// Wire view of an item.
+pub fn item_view(m: &batch_item::Model) -> BatchItemView {
+    BatchItemView {
+        item_id: m.id,
+        index: m.idx,
+        prompt: m.prompt.clone(),
+        params: parse_json(m.params.as_deref()),
+        status: ItemStatus::parse(&m.status),
+        attempts: m.attempts,
+        result_url: m.result_url.clone(),
+        result: parse_json(m.result.as_deref()),
+        error: m.error.clone(),
+    }
+}
+
+/// Queued and running counts of some batches.
+async fn open_counts<C: ConnectionTrait>(
+    db: &C,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, (i64, i64)>, DbErr> {
+    let mut out: HashMap<Uuid, (i64, i64)> = HashMap::new();
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let rows = batch_item::Entity::find()
+        .select_only()
+        .column(batch_item::Column::BatchId)
+        .column(batch_item::Column::Status)
+        .column_as(batch_item::Column::Id.count(), "n")
+        .filter(batch_item::Column::BatchId.is_in(ids.to_vec()))
+        .filter(batch_item::Column::Status.is_in(["queued", "running"]))
+        .group_by(batch_item::Column::BatchId)
+        .group_by(batch_item::Column::Status)
+        .into_tuple::<(Uuid, String, i64)>()
+        .all(db)
+        .await?;
+    for (id, status, n) in rows {
+        let e = out.entry(id).or_default();
+        if status == "queued" {
+            e.0 = n;
+        } else {
+            e.1 = n;
+        }
+    }
+    Ok(out)
+}
+
+/// One batch of a key, with its items; another key's batch is not found.
+pub async fn get<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    batch_id: Uuid,
+) -> Result<Batch, ApiError> {
+    let job = batch_job::Entity::find_by_id(batch_id)
+        .filter(batch_job::Column::ApiKeyId.eq(key_id))
+        .one(db)
+        .await?
+        .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
+    let items = batch_item::Entity::find()
+        .filter(batch_item::Column::BatchId.eq(batch_id))
+        .order_by_asc(batch_item::Column::Idx)
+        .all(db)
+        .await?;
+    let queued = items.iter().filter(|i| i.status == "queued").count() as i64;
+    let running = items.iter().filter(|i| i.status == "running").count() as i64;
+    Ok(view(
+        &job,
+        (queued, running),
+        Some(items.iter().map(item_view).collect()),
+    ))
+}
+
+/// A page of a key's batches, newest first. The cursor is opaque to clients.
+pub async fn list<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    status: Option<BatchStatus>,
+    limit: u64,
+    cursor: Option<&str>,
+) -> Result<(Vec<Batch>, Option<String>), ApiError> {
+    let mut q = batch_job::Entity::find().filter(batch_job::Column::ApiKeyId.eq(key_id));
+    if let Some(s) = status {
+        q = q.filter(batch_job::Column::Status.eq(s.as_str()));
+    }
+    if let Some(c) = cursor {
+        q = q.filter(batch_job::Column::Id.lt(decode_cursor(c)?));
+    }
+    let mut jobs = q
+        .order_by_desc(batch_job::Column::Id)
+        .limit(limit + 1)
+        .all(db)
+        .await?;
+    let more = jobs.len() as u64 > limit;
+    jobs.truncate(limit as usize);
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+    let open = open_counts(db, &ids).await?;
+    let next = if more {
+        jobs.last().map(|j| encode_cursor(j.id))
+    } else {
+        None
+    };
+    Ok((
+        jobs.iter()
+            .map(|j| view(j, open.get(&j.id).copied().unwrap_or_default(), None))
+            .collect(),
+        next,
+    ))
+}
+
+fn encode_cursor(id: Uuid) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
+}
+
+fn decode_cursor(c: &str) -> Result<Uuid, ApiError> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()
+        .and_then(|b| Uuid::from_slice(&b).ok())
+        .ok_or_else(|| ApiError::validation("cursor", "is not a cursor returned by this endpoint"))
+}
+
+/// Cancels a batch: queued items become cancelled and their holds are released at once;
+/// running items may finish. Idempotent. The batch becomes `cancelled` when nothing runs.
+pub async fn cancel(
+    db: &DatabaseConnection,
+    runtime: &Runtime,
+    key_id: i64,
+    batch_id: Uuid,
+) -> Result<Batch, ApiError> {
+    let backend = db.get_database_backend();
+    let now = Utc::now();
+    let txn = begin_write(db).await?;
+    // Lock the batch row first: every transition of this batch serialises on it.
+    let locked = txn
+        .execute_raw(stmt(
+            backend,
+            "UPDATE batch_job SET updated_at = $3 WHERE id = $1 AND api_key_id = $2",
+            [batch_id.into(), key_id.into(), now.into()],
+        ))
+        .await?;
+    if locked.rows_affected() == 0 {
+        txn.rollback().await?;
+        return Err(ApiError::not_found("batch", batch_id));
+    }
+    let job = batch_job::Entity::find_by_id(batch_id)
+        .one(&txn)
+        .await?
+        .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
+    if job.status == "completed" || job.status == "cancelled" {
+        txn.rollback().await?;
+        return get(db, key_id, batch_id).await;
+    }
+    let cancelled = txn
+        .query_all_raw(stmt(
+            backend,
+            "UPDATE batch_item SET status = 'cancelled', updated_at = $2 \
+             WHERE batch_id = $1 AND status = 'queued' RETURNING id",
+            [batch_id.into(), now.into()],
+        ))
+        .await?;
+    let n = cancelled.len() as i64;
+    if n > 0 {
+        let amount = n * job.cost_per_video;
+        let ok = credits::apply_for(
+            &txn,
+            key_id,
+            LedgerKind::Release,
+            amount,
+            Some(batch_id),
+            None,
+            Some("cancelled before running"),
+            None,
+        )
+        .await?;
+        if !ok {
+            return Err(ApiError::internal(format!(
+                "release of {amount} failed for batch {batch_id}"
+            )));
+        }
+    }
+    txn.execute_raw(stmt(
+        backend,
+        "UPDATE batch_job SET cancelled_count = cancelled_count + $2, \
+         cancel_requested_at = COALESCE(cancel_requested_at, $3), updated_at = $3 WHERE id = $1",
+        [batch_id.into(), (n as i32).into(), now.into()],
+    ))
+    .await?;
+    finalize_if_done(&txn, runtime, batch_id, now).await?;
+    txn.commit().await?;
+    get(db, key_id, batch_id).await
+}
+
+/// Marks the batch final when no item is open, and records its webhook event in the same
+/// transaction. Call with the batch row locked.
+pub async fn finalize_if_done<C: ConnectionTrait + TransactionTrait>(
+    txn: &C,
+    runtime: &Runtime,
+    batch_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<batch_job::Model>, DbErr> {
+    let backend = txn.get_database_backend();
+    let res = txn
+        .execute_raw(stmt(
+            backend,
+            "UPDATE batch_job SET \
+             status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'completed' END, \
+             completed_at = $2, updated_at = $2 \
+             WHERE id = $1 AND status IN ('queued', 'processing') \
+             AND succeeded_count + failed_count + cancelled_count = total_count",
+            [batch_id.into(), now.into()],
+        ))
+        .await?;
+    if res.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let job = batch_job::Entity::find_by_id(batch_id)
+        .one(txn)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(format!("batch_job {batch_id}")))?;
+    let event = if job.status == "cancelled" {
+        "batch.cancelled"
+    } else {
+        "batch.completed"
+    };
+    webhooks::enqueue_batch_event(txn, runtime, &job, event, now).await?;
+    Ok(Some(job))
+}

@@ -1,0 +1,367 @@
+//! The worker side: fair, exclusive claims under leases; heartbeat, complete and fail reports
+//! that settle each item's credits exactly once.
+use chrono::{DateTime, Duration, Utc};
+use entity::batch_job;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait,
+    QueryFilter,
+};
+use uuid::Uuid;
+
+use crate::db::{begin_write, stmt};
+use crate::error::ApiError;
+use crate::schemas::batches::{BatchStatus, ItemStatus};
+use crate::schemas::worker::{ClaimedItem, ItemState};
+use crate::service::batches::finalize_if_done;
+use crate::service::credits::{self, LedgerKind};
+use crate::state::Runtime;
+
+/// Leases up to `max` queued items to `worker_id`, in fair order: items carry a position from
+/// start-time fair queuing, so a small batch of one key is interleaved with the head of a huge
+/// batch of another instead of waiting behind it. Expired leases are requeued first.
+pub async fn claim(
+    db: &DatabaseConnection,
+    worker_id: &str,
+    max: u32,
+    lease: Duration,
+) -> Result<Vec<ClaimedItem>, ApiError> {
+    let backend = db.get_database_backend();
+    let now = Utc::now();
+    let expires = now + lease;
+    let token = Uuid::new_v4();
+    let lock = if backend == DbBackend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let txn = begin_write(db).await?;
+    txn.execute_raw(stmt(
+        backend,
+        "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
+         lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
+         WHERE status = 'running' AND lease_expires_at < $1",
+        [now.into()],
+    ))
+    .await?;
+    let sql = format!(
+        "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $1, \
+         worker_id = $2, lease_expires_at = $3, updated_at = $4 \
+         WHERE id IN (SELECT id FROM batch_item WHERE status = 'queued' \
+         ORDER BY fair_pos, created_at LIMIT $5{lock}) \
+         RETURNING id, batch_id, prompt, params, attempts, fair_pos"
+    );
+    let rows = txn
+        .query_all_raw(stmt(
+            backend,
+            &sql,
+            [
+                token.into(),
+                worker_id.into(),
+                expires.into(),
+                now.into(),
+                i64::from(max).into(),
+            ],
+        ))
+        .await?;
+    txn.commit().await?;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut batches = Vec::new();
+    for r in rows {
+        let batch_id: Uuid = r.try_get("", "batch_id")?;
+        let params: Option<String> = r.try_get("", "params")?;
+        let pos: i64 = r.try_get("", "fair_pos")?;
+        if !batches.contains(&batch_id) {
+            batches.push(batch_id);
+        }
+        items.push((
+            pos,
+            ClaimedItem {
+                item_id: r.try_get("", "id")?,
+                batch_id,
+                lease_token: token,
+                lease_expires_at: expires,
+                prompt: r.try_get("", "prompt")?,
+                params: params.and_then(|p| serde_json::from_str(&p).ok()),
+                attempt: r.try_get("", "attempts")?,
+            },
+        ));
+    }
+    if !batches.is_empty() {
+        // Outside the claim transaction, so claims never wait on a batch row lock.
+        batch_job::Entity::update_many()
+            .col_expr(
+                batch_job::Column::Status,
+                sea_orm::sea_query::Expr::value("processing"),
+            )
+            .col_expr(
+                batch_job::Column::UpdatedAt,
+                sea_orm::sea_query::Expr::value(now),
+            )
+            .filter(batch_job::Column::Id.is_in(batches))
+            .filter(batch_job::Column::Status.eq("queued"))
+            .exec(db)
+            .await?;
+    }
+    items.sort_by_key(|(pos, i)| (*pos, i.item_id));
+    Ok(items.into_iter().map(|(_, i)| i).collect())
+}
+
+/// The batch of an item, locked for the transition (batch row first, then item: the same
+/// order as cancel, so the two never deadlock).
+struct LockedBatch {
+    id: Uuid,
+    key_id: i64,
+    cost: i64,
+    cancel_requested: bool,
+}
+
+async fn lock_batch_of(
+    txn: &DatabaseTransaction,
+    item_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<LockedBatch, ApiError> {
+    let backend = txn.get_database_backend();
+    let row = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT batch_id FROM batch_item WHERE id = $1",
+            [item_id.into()],
+        ))
+        .await?
+        .ok_or_else(|| ApiError::not_found("item", item_id))?;
+    let batch_id: Uuid = row.try_get("", "batch_id")?;
+    let b = txn
+        .query_one_raw(stmt(
+            backend,
+            "UPDATE batch_job SET updated_at = $2 WHERE id = $1 \
+             RETURNING api_key_id, cost_per_video, cancel_requested_at",
+            [batch_id.into(), now.into()],
+        ))
+        .await?
+        .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
+    let cancel: Option<DateTime<Utc>> = b.try_get("", "cancel_requested_at")?;
+    Ok(LockedBatch {
+        id: batch_id,
+        key_id: b.try_get("", "api_key_id")?,
+        cost: b.try_get("", "cost_per_video")?,
+        cancel_requested: cancel.is_some(),
+    })
+}
+
+async fn batch_status<C: ConnectionTrait>(db: &C, batch_id: Uuid) -> Result<BatchStatus, ApiError> {
+    Ok(batch_job::Entity::find_by_id(batch_id)
+        .one(db)
+        .await?
+        .map(|b| BatchStatus::parse(&b.status))
+        .unwrap_or(BatchStatus::Queued))
+}
+
+/// Extends a live lease.
+pub async fn heartbeat(
+    db: &DatabaseConnection,
+    item_id: Uuid,
+    token: Uuid,
+    lease: Duration,
+) -> Result<ItemState, ApiError> {
+    let now = Utc::now();
+    let expires = now + lease;
+    let row = db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "UPDATE batch_item SET lease_expires_at = $3, updated_at = $4 \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $4 \
+             RETURNING batch_id, attempts",
+            [item_id.into(), token.into(), expires.into(), now.into()],
+        ))
+        .await?;
+    let Some(row) = row else {
+        return Err(lease_error(db, item_id).await);
+    };
+    let batch_id: Uuid = row.try_get("", "batch_id")?;
+    Ok(ItemState {
+        item_id,
+        status: ItemStatus::Running,
+        attempts: row.try_get("", "attempts")?,
+        lease_expires_at: Some(expires),
+        batch_status: batch_status(db, batch_id).await?,
+    })
+}
+
+async fn lease_error(db: &DatabaseConnection, item_id: Uuid) -> ApiError {
+    match db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "SELECT id FROM batch_item WHERE id = $1",
+            [item_id.into()],
+        ))
+        .await
+    {
+        Ok(Some(_)) => ApiError::lease_lost(item_id),
+        Ok(None) => ApiError::not_found("item", item_id),
+        Err(e) => e.into(),
+    }
+}
+
+/// Reports success: the item's cost moves from held to charged, exactly once.
+pub async fn complete(
+    db: &DatabaseConnection,
+    runtime: &Runtime,
+    item_id: Uuid,
+    token: Uuid,
+    result_url: &str,
+    result: Option<String>,
+) -> Result<ItemState, ApiError> {
+    let backend = db.get_database_backend();
+    let now = Utc::now();
+    let txn = begin_write(db).await?;
+    let batch = lock_batch_of(&txn, item_id, now).await?;
+    let updated = txn
+        .query_one_raw(stmt(
+            backend,
+            "UPDATE batch_item SET status = 'succeeded', result_url = $3, result = $4, error = NULL, \
+             lease_token = NULL, lease_expires_at = NULL, updated_at = $5 \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $5 \
+             RETURNING attempts",
+            [item_id.into(), token.into(), result_url.into(), result.into(), now.into()],
+        ))
+        .await?;
+    let Some(updated) = updated else {
+        txn.rollback().await?;
+        return Err(ApiError::lease_lost(item_id));
+    };
+    let attempts: i32 = updated.try_get("", "attempts")?;
+    txn.execute_raw(stmt(
+        backend,
+        "UPDATE batch_job SET succeeded_count = succeeded_count + 1 WHERE id = $1",
+        [batch.id.into()],
+    ))
+    .await?;
+    if !credits::apply_for(
+        &txn,
+        batch.key_id,
+        LedgerKind::Charge,
+        batch.cost,
+        Some(batch.id),
+        Some(item_id),
+        None,
+        None,
+    )
+    .await?
+    {
+        return Err(ApiError::internal(format!(
+            "charge failed for item {item_id}: held too small"
+        )));
+    }
+    crate::service::webhooks::enqueue_item_event(
+        &txn,
+        runtime,
+        batch.id,
+        item_id,
+        "item.succeeded",
+        now,
+    )
+    .await?;
+    finalize_if_done(&txn, runtime, batch.id, now).await?;
+    txn.commit().await?;
+    Ok(ItemState {
+        item_id,
+        status: ItemStatus::Succeeded,
+        attempts,
+        lease_expires_at: None,
+        batch_status: batch_status(db, batch.id).await?,
+    })
+}
+
+/// Reports failure: requeued while attempts remain and the error is retryable (and the batch
+/// is not being cancelled); otherwise final, with the item's hold released.
+pub async fn fail(
+    db: &DatabaseConnection,
+    runtime: &Runtime,
+    item_id: Uuid,
+    token: Uuid,
+    error: &str,
+    retryable: bool,
+) -> Result<ItemState, ApiError> {
+    let backend = db.get_database_backend();
+    let now = Utc::now();
+    let max_attempts = runtime.settings.worker.max_attempts as i32;
+    let txn = begin_write(db).await?;
+    let batch = lock_batch_of(&txn, item_id, now).await?;
+    let row = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT attempts FROM batch_item \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $3",
+            [item_id.into(), token.into(), now.into()],
+        ))
+        .await?;
+    let Some(row) = row else {
+        txn.rollback().await?;
+        return Err(ApiError::lease_lost(item_id));
+    };
+    let attempts: i32 = row.try_get("", "attempts")?;
+    let (status, counter) = if retryable && attempts < max_attempts && !batch.cancel_requested {
+        ("queued", None)
+    } else if batch.cancel_requested && retryable {
+        ("cancelled", Some("cancelled_count"))
+    } else {
+        ("failed", Some("failed_count"))
+    };
+    txn.execute_raw(stmt(
+        backend,
+        "UPDATE batch_item SET status = $2, error = $3, lease_token = NULL, worker_id = NULL, \
+         lease_expires_at = NULL, updated_at = $4 WHERE id = $1",
+        [item_id.into(), status.into(), error.into(), now.into()],
+    ))
+    .await?;
+    if let Some(counter) = counter {
+        txn.execute_raw(stmt(
+            backend,
+            &format!("UPDATE batch_job SET {counter} = {counter} + 1 WHERE id = $1"),
+            [batch.id.into()],
+        ))
+        .await?;
+        if !credits::apply_for(
+            &txn,
+            batch.key_id,
+            LedgerKind::Release,
+            batch.cost,
+            Some(batch.id),
+            Some(item_id),
+            None,
+            None,
+        )
+        .await?
+        {
+            return Err(ApiError::internal(format!(
+                "release failed for item {item_id}: held too small"
+            )));
+        }
+        if status == "failed" {
+            crate::service::webhooks::enqueue_item_event(
+                &txn,
+                runtime,
+                batch.id,
+                item_id,
+                "item.failed",
+                now,
+            )
+            .await?;
+        }
+        finalize_if_done(&txn, runtime, batch.id, now).await?;
+    }
+    txn.commit().await?;
+    Ok(ItemState {
+        item_id,
+        status: ItemStatus::parse(status),
+        attempts,
+        lease_expires_at: None,
+        batch_status: batch_status(db, batch.id).await?,
+    })
+}
+
+/// Unused filter helper kept for symmetry with the entity API.
+#[allow(dead_code)]
+fn _batch_filter(id: Uuid) -> sea_orm::Select<batch_job::Entity> {
+    batch_job::Entity::find().filter(batch_job::Column::Id.eq(id))
+}

@@ -1,0 +1,8 @@
+//! Business logic, callable without HTTP: each function takes a connection or transaction.
+pub mod batches;
+pub mod credits;
+pub mod keys;
+pub mod leases;
+pub mod rate_limit;
+pub mod usage;
+pub mod webhooks;

@@ -1,0 +1,115 @@
+//! Hard per-key rate limits: fixed UTC minute windows counted by an atomic upsert.
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DbErr};
+
+use crate::db::stmt;
+
+/// The quota scope of batch creation.
+pub const SCOPE_BATCH: &str = "batch";
+/// The quota scope of every other customer call.
+pub const SCOPE_READ: &str = "read";
+
+/// The state of a key's quota after a call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateInfo {
+    /// `batch` or `read`.
+    pub scope: &'static str,
+    /// Calls allowed per window.
+    pub limit: u32,
+    /// Calls left in this window.
+    pub remaining: u32,
+    /// Seconds until the window ends.
+    pub reset_secs: u32,
+    /// This call was refused.
+    pub exceeded: bool,
+}
+
+impl RateInfo {
+    /// A view of an untouched quota (calls that consumed none).
+    pub fn untouched(scope: &'static str, limit: u32, now: DateTime<Utc>) -> Self {
+        Self {
+            scope,
+            limit,
+            remaining: limit,
+            reset_secs: reset_secs(now),
+            exceeded: false,
+        }
+    }
+}
+
+fn window_start(now: DateTime<Utc>) -> i64 {
+    now.timestamp() - now.timestamp().rem_euclid(60)
+}
+
+fn reset_secs(now: DateTime<Utc>) -> u32 {
+    (60 - now.timestamp().rem_euclid(60)) as u32
+}
+
+/// Counts one call and tells whether it is admitted. One statement, atomic on both backends:
+/// under any concurrency and on any number of nodes exactly `limit` calls are admitted.
+pub async fn hit<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    scope: &'static str,
+    limit: u32,
+    now: DateTime<Utc>,
+) -> Result<RateInfo, DbErr> {
+    let row = db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "INSERT INTO rate_limit_window (api_key_id, scope, window_start, count) VALUES ($1, $2, $3, 1) \
+             ON CONFLICT (api_key_id, scope, window_start) \
+             DO UPDATE SET count = rate_limit_window.count + 1 RETURNING count",
+            [key_id.into(), scope.into(), window_start(now).into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("rate_limit_window".into()))?;
+    let count: i64 = row.try_get("", "count")?;
+    Ok(RateInfo {
+        scope,
+        limit,
+        remaining: (i64::from(limit) - count).max(0) as u32,
+        reset_secs: reset_secs(now),
+        exceeded: count > i64::from(limit),
+    })
+}
+
+/// The quota state without counting a call (for refused calls that use no quota).
+pub async fn peek<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    scope: &'static str,
+    limit: u32,
+    now: DateTime<Utc>,
+) -> Result<RateInfo, DbErr> {
+    let row = db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "SELECT count FROM rate_limit_window WHERE api_key_id = $1 AND scope = $2 AND window_start = $3",
+            [key_id.into(), scope.into(), window_start(now).into()],
+        ))
+        .await?;
+    let count: i64 = match row {
+        Some(r) => r.try_get("", "count")?,
+        None => 0,
+    };
+    Ok(RateInfo {
+        scope,
+        limit,
+        remaining: (i64::from(limit) - count).max(0) as u32,
+        reset_secs: reset_secs(now),
+        exceeded: false,
+    })
+}
+
+/// Deletes windows that ended more than a minute ago.
+pub async fn prune<C: ConnectionTrait>(db: &C, now: DateTime<Utc>) -> Result<u64, DbErr> {
+    let res = db
+        .execute_raw(stmt(
+            db.get_database_backend(),
+            "DELETE FROM rate_limit_window WHERE window_start < $1",
+            [(window_start(now) - 60).into()],
+        ))
+        .await?;
+    Ok(res.rows_affected())
+}

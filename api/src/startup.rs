@@ -1,0 +1,280 @@
+//! Building and running the application: database, key sync, routes, background tasks,
+//! reload and graceful shutdown.
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use poem::listener::{Acceptor, Listener, TcpListener};
+use poem::{EndpointExt, IntoEndpoint, Route, Server, get};
+use poem_openapi::OpenApiService;
+use sea_orm::DatabaseConnection;
+
+use crate::routes::{admin::AdminApi, batches::CustomerApi, health, worker::WorkerApi};
+use crate::schemas::admin::ReloadResult;
+use crate::settings::{ConfigSource, Settings};
+use crate::state::{AppState, Runtime};
+
+/// Title shown in the documents.
+pub const TITLE: &str = "video-batch-api";
+
+/// The customer document (`/openapi.json`), served under `/api/enterprise`.
+pub fn customer_service() -> OpenApiService<CustomerApi, ()> {
+    OpenApiService::new(
+        CustomerApi,
+        format!("{TITLE} — customer API"),
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Submit batches of video prompts, follow them, and read your credits and usage. \
+             Authenticate with the `x-api-key` header. Every error has the same JSON shape.",
+    )
+    .server("/api/enterprise")
+}
+
+/// The worker document (`/worker/openapi.json`), served under `/api/internal/worker`.
+pub fn worker_service() -> OpenApiService<WorkerApi, ()> {
+    OpenApiService::new(
+        WorkerApi,
+        format!("{TITLE} — worker API"),
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description("Internal API of the GPU workers: claim items under a lease and report outcomes.")
+    .server("/api/internal/worker")
+}
+
+/// The admin document (`/admin/openapi.json`), served under `/api/admin`.
+pub fn admin_service() -> OpenApiService<AdminApi, ()> {
+    OpenApiService::new(
+        AdminApi,
+        format!("{TITLE} — admin API"),
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description("Operators' API: credits, keys, usage and configuration reload.")
+    .server("/api/admin")
+}
+
+/// The three documents as pretty JSON: (customer, worker, admin).
+pub fn specs() -> [(&'static str, String); 3] {
+    [
+        ("openapi.json", customer_service().spec()),
+        ("openapi-worker.json", worker_service().spec()),
+        ("openapi-admin.json", admin_service().spec()),
+    ]
+}
+
+/// Every route, wrapped in the request-context layer.
+pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint<Output = poem::Response> {
+    let customer = customer_service();
+    let worker = worker_service();
+    let admin = admin_service();
+    let customer_ui = customer.swagger_ui();
+    let customer_spec = customer.spec_endpoint();
+    let worker_ui = worker.swagger_ui();
+    let worker_spec = worker.spec_endpoint();
+    let admin_ui = admin.swagger_ui();
+    let admin_spec = admin.spec_endpoint();
+    let audit_state = Arc::clone(&state);
+    let ctx_state = Arc::clone(&state);
+    Route::new()
+        .nest(
+            "/api/enterprise",
+            customer.around(move |ep, req| {
+                crate::middleware::customer_audit(ep, req, Arc::clone(&audit_state))
+            }),
+        )
+        .nest("/api/internal/worker", worker)
+        .nest("/api/admin", admin)
+        .nest("/docs", customer_ui)
+        .at("/openapi.json", customer_spec)
+        .nest("/worker/docs", worker_ui)
+        .at("/worker/openapi.json", worker_spec)
+        .nest("/admin/docs", admin_ui)
+        .at("/admin/openapi.json", admin_spec)
+        .at("/healthz", get(health::healthz))
+        .at("/readyz", get(health::readyz))
+        .data(state)
+        .around(move |ep, req| crate::middleware::request_context(ep, req, Arc::clone(&ctx_state)))
+        .into_endpoint()
+}
+
+/// Connects, migrates, syncs keys and indexes the policy.
+pub async fn prepare(
+    settings: Settings,
+    source: Option<ConfigSource>,
+) -> anyhow::Result<Arc<AppState>> {
+    let db = crate::db::connect(&settings.database).await?;
+    crate::db::migrate(&db).await?;
+    prepare_with_db(settings, source, db).await
+}
+
+/// Like [`prepare`] with an already migrated connection (tests use this).
+pub async fn prepare_with_db(
+    settings: Settings,
+    source: Option<ConfigSource>,
+    db: DatabaseConnection,
+) -> anyhow::Result<Arc<AppState>> {
+    let ids = crate::service::keys::sync(&db, &settings)
+        .await
+        .context("syncing keys")?;
+    let runtime = Runtime::new(settings, &ids);
+    Ok(Arc::new(AppState {
+        db,
+        runtime: ArcSwap::from_pointee(runtime),
+        source,
+        reload_lock: tokio::sync::Mutex::new(()),
+    }))
+}
+
+/// Loads the configuration again; if it is valid, syncs keys and swaps the policy whole.
+pub async fn reload(state: &AppState) -> Result<ReloadResult, String> {
+    let _guard = state.reload_lock.lock().await;
+    let source = state.source.as_ref().ok_or_else(|| {
+        "this server was started with fixed settings; nothing to reload".to_string()
+    })?;
+    let mut source = source.clone();
+    if source.refresh_env {
+        // Secrets written as env: are read from the environment as it is now.
+        source.env = std::env::vars().collect();
+    }
+    let settings = source.load().map_err(|e| {
+        tracing::error!(error = %e, "configuration reload rejected; the running configuration stays");
+        e.to_string()
+    })?;
+    let ids = crate::service::keys::sync(&state.db, &settings)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "key sync failed during reload");
+            "key sync failed; the running configuration stays".to_string()
+        })?;
+    let runtime = Runtime::new(settings, &ids);
+    let result = ReloadResult {
+        ok: true,
+        keys: runtime.by_name.len() as u32,
+        enabled_keys: runtime.by_hash.len() as u32,
+    };
+    state.runtime.store(Arc::new(runtime));
+    tracing::info!(
+        keys = result.keys,
+        enabled = result.enabled_keys,
+        "configuration reloaded"
+    );
+    Ok(result)
+}
+
+/// A bound, ready server.
+pub struct Application {
+    port: u16,
+    acceptor: poem::listener::TcpAcceptor,
+    state: Arc<AppState>,
+}
+
+impl Application {
+    /// Prepares the state and binds `server.bind` (port 0 picks a free port).
+    pub async fn build(settings: Settings, source: Option<ConfigSource>) -> anyhow::Result<Self> {
+        let bind = settings.server.bind.clone();
+        let state = prepare(settings, source).await?;
+        Self::bind(state, &bind).await
+    }
+
+    /// Binds an already prepared state.
+    pub async fn bind(state: Arc<AppState>, bind: &str) -> anyhow::Result<Self> {
+        let acceptor = TcpListener::bind(bind.to_string())
+            .into_acceptor()
+            .await
+            .with_context(|| format!("binding {bind}"))?;
+        let port = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().map(|s| s.port()))
+            .unwrap_or(0);
+        Ok(Self {
+            port,
+            acceptor,
+            state,
+        })
+    }
+
+    /// The port listened on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> Arc<AppState> {
+        Arc::clone(&self.state)
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight calls (bounded by the grace period).
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let grace = self.state.runtime().settings.server.shutdown_grace;
+        let background = spawn_background(Arc::clone(&self.state));
+        let app = routes(Arc::clone(&self.state));
+        let result = Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(app, shutdown, Some(grace))
+            .await;
+        background.abort();
+        result
+    }
+
+    /// Serves until SIGINT or SIGTERM; SIGHUP reloads the configuration.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        spawn_sighup(Arc::clone(&self.state));
+        self.run_until(shutdown_signal()).await
+    }
+}
+
+fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(e) = crate::service::rate_limit::prune(&state.db, chrono::Utc::now()).await {
+                tracing::warn!(error = %e, "pruning rate-limit windows failed");
+            }
+        }
+    })
+}
+
+#[cfg(unix)]
+fn spawn_sighup(state: Arc<AppState>) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; reload with the admin API instead");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading configuration");
+            let _ = reload(&state).await;
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn spawn_sighup(_state: Arc<AppState>) {}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested: draining in-flight requests");
+}

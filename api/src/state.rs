@@ -1,0 +1,81 @@
+//! Shared application state: the database and the live, swappable policy.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use sea_orm::{DatabaseConnection, DbBackend};
+
+use crate::settings::{ConfigSource, KeyPolicy, Settings};
+
+/// A configured key and its database id.
+#[derive(Clone, Debug)]
+pub struct KeyEntry {
+    /// `api_key.id`.
+    pub id: i64,
+    /// Effective policy.
+    pub policy: Arc<KeyPolicy>,
+}
+
+/// One consistent view of the configuration: requests load it once and use it throughout.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The validated settings.
+    pub settings: Settings,
+    /// Enabled keys by lower-case hex SHA-256.
+    pub by_hash: HashMap<String, KeyEntry>,
+    /// Configured keys (enabled or not) by database id.
+    pub by_id: HashMap<i64, KeyEntry>,
+    /// Configured keys by name.
+    pub by_name: HashMap<String, KeyEntry>,
+}
+
+impl Runtime {
+    /// Indexes `settings` with the ids the key sync returned.
+    pub fn new(settings: Settings, ids: &HashMap<String, i64>) -> Self {
+        let mut by_hash = HashMap::new();
+        let mut by_id = HashMap::new();
+        let mut by_name = HashMap::new();
+        for (name, policy) in &settings.keys {
+            let Some(&id) = ids.get(name) else { continue };
+            let entry = KeyEntry {
+                id,
+                policy: Arc::clone(policy),
+            };
+            if !policy.disabled {
+                by_hash.insert(policy.key_sha256.clone(), entry.clone());
+            }
+            by_id.insert(id, entry.clone());
+            by_name.insert(name.clone(), entry);
+        }
+        Self {
+            settings,
+            by_hash,
+            by_id,
+            by_name,
+        }
+    }
+}
+
+/// Everything a handler needs.
+pub struct AppState {
+    /// Connection pool.
+    pub db: DatabaseConnection,
+    /// The live configuration, swapped whole on reload.
+    pub runtime: ArcSwap<Runtime>,
+    /// Where the configuration came from, for reloads (None: fixed settings).
+    pub source: Option<ConfigSource>,
+    /// Serialises reloads.
+    pub reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl AppState {
+    /// The database backend.
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    /// The current configuration.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+}

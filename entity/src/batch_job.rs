@@ -1,0 +1,32 @@
+//! A customer's batch; terminal item counts are kept here, under the batch row's lock.
+use sea_orm::entity::prelude::*;
+
+#[sea_orm::model]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "batch_job")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub api_key_id: i64,
+    pub request_id: String,
+    /// SHA-256 of the canonical request, for idempotency.
+    pub fingerprint: String,
+    pub status: String,
+    pub total_count: i32,
+    pub succeeded_count: i32,
+    pub failed_count: i32,
+    pub cancelled_count: i32,
+    pub cost_per_video: i64,
+    pub required_credits: i64,
+    pub webhook_url: Option<String>,
+    /// JSON object, as given.
+    pub metadata: Option<String>,
+    /// The first response, as JSON, replayed for repeats.
+    pub response: String,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+    pub cancel_requested_at: Option<DateTimeUtc>,
+    pub completed_at: Option<DateTimeUtc>,
+}
+
+impl ActiveModelBehavior for ActiveModel {}

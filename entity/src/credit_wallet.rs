@@ -1,0 +1,17 @@
+//! A key's prepaid wallet: `available = balance - held`.
+use sea_orm::entity::prelude::*;
+
+#[sea_orm::model]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "credit_wallet")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub api_key_id: i64,
+    pub balance: i64,
+    pub held: i64,
+    /// Virtual start time of the key's next queued item (fair queuing).
+    pub fair_clock: i64,
+    pub updated_at: DateTimeUtc,
+}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,11 @@
+//! sea-orm entities, one module per table. No logic lives here.
+pub mod api_key;
+pub mod batch_item;
+pub mod batch_job;
+pub mod credit_ledger;
+pub mod credit_wallet;
+pub mod prelude;
+pub mod rate_limit_window;
+pub mod usage_event;
+pub mod webhook_attempt;
+pub mod webhook_delivery;

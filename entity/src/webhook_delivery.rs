@@ -1,0 +1,28 @@
+//! One webhook event to one target: an outbox row retried until success or exhaustion.
+use sea_orm::entity::prelude::*;
+
+#[sea_orm::model]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "webhook_delivery")]
+pub struct Model {
+    /// Also the `webhook-id` (as `msg_<simple uuid>`), stable across attempts.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub api_key_id: i64,
+    pub batch_id: Option<Uuid>,
+    pub event_type: String,
+    pub payload: String,
+    pub target_url: String,
+    /// pending, succeeded or failed.
+    pub status: String,
+    pub attempt_count: i32,
+    pub next_attempt_at: DateTimeUtc,
+    pub locked_until: Option<DateTimeUtc>,
+    pub last_status_code: Option<i32>,
+    pub last_error: Option<String>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+    pub delivered_at: Option<DateTimeUtc>,
+}
+
+impl ActiveModelBehavior for ActiveModel {}
