@@ -24,13 +24,12 @@ pub async fn connect_url(
     max_connections: u32,
     schema: Option<&str>,
 ) -> anyhow::Result<DatabaseConnection> {
-    if let Some(path) = sqlite_file(url) {
-        if let Some(parent) = std::path::Path::new(&path).parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating database folder {}", parent.display()))?;
-            }
-        }
+    if let Some(path) = sqlite_file(url)
+        && let Some(parent) = std::path::Path::new(&path).parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating database folder {}", parent.display()))?;
     }
     let mut opts = ConnectOptions::new(url.to_string());
     opts.max_connections(max_connections.max(2))

@@ -106,8 +106,8 @@ pub struct ApiError {
     pub status: StatusCode,
     /// Text for the client.
     pub message: String,
-    /// Optional details object.
-    pub details: Option<Value>,
+    /// Optional details object (boxed: errors travel in `Result`s).
+    pub details: Option<Box<Value>>,
     /// Extra response headers (e.g. `Retry-After`).
     pub headers: Vec<(&'static str, String)>,
 }
@@ -134,7 +134,7 @@ impl ApiError {
 
     /// Adds a details object.
     pub fn with_details(mut self, details: Value) -> Self {
-        self.details = Some(details);
+        self.details = Some(Box::new(details));
         self
     }
 
@@ -191,7 +191,7 @@ impl ApiError {
             error: self.code,
             message: self.message.clone(),
             request_id: context::call_request_id(),
-            details: self.details.clone(),
+            details: self.details.as_deref().cloned(),
         }
     }
 }

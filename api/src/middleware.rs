@@ -137,7 +137,7 @@ pub async fn customer_audit<E: Endpoint>(
 ) -> poem::Result<Response> {
     let started = Instant::now();
     let method = req.method().to_string();
-    let path = req.uri().path().to_string();
+    let path = req.original_uri().path().to_string();
     let user_agent = req
         .headers()
         .get(poem::http::header::USER_AGENT)

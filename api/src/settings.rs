@@ -691,10 +691,11 @@ impl RawSettings {
             "server.shutdown_grace_seconds",
             self.server.shutdown_grace_seconds,
         )?;
-        let url = self.database.url.clone();
-        if !(url.starts_with("sqlite:")
-            || url.starts_with("postgres://")
-            || url.starts_with("postgresql://"))
+        let url = c.secret("database.url", &self.database.url)?;
+        let u = url.expose();
+        if !(u.starts_with("sqlite:")
+            || u.starts_with("postgres://")
+            || u.starts_with("postgresql://"))
         {
             return Err(c.err(
                 "database.url",
@@ -702,7 +703,7 @@ impl RawSettings {
             ));
         }
         let database = DatabaseSettings {
-            url: c.secret("database.url", &url)?,
+            url,
             max_connections: c
                 .positive("database.max_connections", self.database.max_connections)?,
         };

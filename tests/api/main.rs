@@ -1,1 +1,9 @@
+//! HTTP-level integration tests; each runs on SQLite and, with `TEST_DATABASE_URL`, PostgreSQL.
+mod helpers;
 
+mod admin;
+mod config;
+mod create;
+mod errors;
+mod keys;
+mod lifecycle;

@@ -34,38 +34,6 @@ pub struct CustomerApi;
 
 /// Answer of `create_batch`.
 #[derive(ApiResponse)]
-#[oai(
-    header(
-        name = "RateLimit-Policy",
-        ty = "String",
-        description = "Quota policy, e.g. `\"batch\";q=60;w=60`"
-    ),
-    header(
-        name = "RateLimit",
-        ty = "String",
-        description = "Quota left, e.g. `\"batch\";r=12;t=31`"
-    ),
-    header(
-        name = "X-RateLimit-Limit",
-        ty = "u32",
-        description = "Calls allowed per minute"
-    ),
-    header(
-        name = "X-RateLimit-Remaining",
-        ty = "u32",
-        description = "Calls left in this minute"
-    ),
-    header(
-        name = "X-RateLimit-Reset",
-        ty = "u32",
-        description = "Seconds until the minute ends"
-    ),
-    header(
-        name = "x-request-id",
-        ty = "String",
-        description = "The request id (echoed when sent)"
-    )
-)]
 pub enum CreateBatchResponse {
     /// The batch was created and its credits held.
     #[oai(status = 201)]
@@ -82,45 +50,46 @@ pub enum CreateBatchResponse {
 
 /// Answer of the read endpoints.
 #[derive(ApiResponse)]
-#[oai(
-    header(
-        name = "RateLimit-Policy",
-        ty = "String",
-        description = "Quota policy, e.g. `\"read\";q=600;w=60`"
-    ),
-    header(
-        name = "RateLimit",
-        ty = "String",
-        description = "Quota left, e.g. `\"read\";r=599;t=31`"
-    ),
-    header(
-        name = "X-RateLimit-Limit",
-        ty = "u32",
-        description = "Calls allowed per minute"
-    ),
-    header(
-        name = "X-RateLimit-Remaining",
-        ty = "u32",
-        description = "Calls left in this minute"
-    ),
-    header(
-        name = "X-RateLimit-Reset",
-        ty = "u32",
-        description = "Seconds until the minute ends"
-    ),
-    header(
-        name = "x-request-id",
-        ty = "String",
-        description = "The request id (echoed when sent)"
-    )
-)]
 pub enum Read<T: poem_openapi::types::ToJSON + Send + Sync> {
     /// OK.
     #[oai(status = 200)]
     Ok(Json<T>),
 }
 
-#[OpenApi(prefix_path = "/")]
+#[OpenApi(
+    prefix_path = "/",
+    response_header(
+        name = "RateLimit-Policy",
+        ty = "String",
+        description = "Quota policy of this call's scope, e.g. `\"batch\";q=60;w=60`"
+    ),
+    response_header(
+        name = "RateLimit",
+        ty = "String",
+        description = "Quota left and seconds to reset, e.g. `\"batch\";r=12;t=31`"
+    ),
+    response_header(
+        name = "X-RateLimit-Limit",
+        ty = "u32",
+        description = "Calls allowed per minute"
+    ),
+    response_header(
+        name = "X-RateLimit-Remaining",
+        ty = "u32",
+        description = "Calls left in this minute"
+    ),
+    response_header(
+        name = "X-RateLimit-Reset",
+        ty = "u32",
+        description = "Seconds until the minute ends"
+    ),
+    response_header(
+        name = "x-request-id",
+        ty = "String",
+        description = "Request id (echoed when sent)"
+    )
+)]
+#[allow(clippy::duplicated_attributes)]
 impl CustomerApi {
     /// Create a batch
     ///

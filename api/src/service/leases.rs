@@ -359,9 +359,3 @@ pub async fn fail(
         batch_status: batch_status(db, batch.id).await?,
     })
 }
-
-/// Unused filter helper kept for symmetry with the entity API.
-#[allow(dead_code)]
-fn _batch_filter(id: Uuid) -> sea_orm::Select<batch_job::Entity> {
-    batch_job::Entity::find().filter(batch_job::Column::Id.eq(id))
-}

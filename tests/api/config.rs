@@ -1,0 +1,252 @@
+//! Layered configuration and every refusal.
+use std::collections::HashMap;
+use std::path::Path;
+
+use api::settings::{ConfigSource, DEMO_KEY_SHA256};
+
+const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+fn base() -> String {
+    "[server]\nbind = \"127.0.0.1:8080\"\n[database]\nurl = \"sqlite::memory:\"\n\
+     [worker]\nsecret = \"env:WORKER_SECRET\"\n[admin]\ntoken = \"admin-token\"\n"
+        .to_string()
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+fn source(dir: &Path, env: &str, vars: &[(&str, &str)]) -> ConfigSource {
+    ConfigSource {
+        dir: dir.to_path_buf(),
+        environment: env.to_string(),
+        extra_files: vec![],
+        env: vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+        refresh_env: false,
+    }
+}
+
+fn refused(extra: &str, vars: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.toml", &base());
+    write(dir.path(), "local.toml", extra);
+    let mut all = vec![("WORKER_SECRET", "s3cret")];
+    all.extend_from_slice(vars);
+    source(dir.path(), "local", &all)
+        .load()
+        .expect_err("configuration should be refused")
+        .to_string()
+}
+
+#[test]
+fn layers_apply_in_order_and_keys_merge_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.toml",
+        &format!(
+            "{}[defaults]\ncost_per_video = 10\nmax_batch_items = 100\n[keys.acme]\nkey_sha256 = \"{HASH}\"\n",
+            base()
+        ),
+    );
+    write(
+        dir.path(),
+        "local.toml",
+        "[defaults]\ncost_per_video = 7\n[keys.acme]\nrate_limit_per_min = 5\n",
+    );
+    let extra = dir.path().join("extra.toml");
+    write(
+        dir.path(),
+        "extra.toml",
+        "[keys.acme]\nmax_batch_items = 3\nip_allowlist = [\"10.0.0.0/8\"]\n",
+    );
+    let mut src = source(
+        dir.path(),
+        "local",
+        &[
+            ("WORKER_SECRET", "w"),
+            ("APP__KEYS__ACME__RATE_LIMIT_PER_MIN", "9"),
+            ("APP__DEFAULTS__MAX_PROMPT_CHARS", "50"),
+        ],
+    );
+    src.extra_files = vec![extra];
+    let s = src.load().expect("valid");
+    let acme = s.key("acme").unwrap();
+    assert_eq!(
+        acme.limits.cost_per_video, 7,
+        "environment file overrides base"
+    );
+    assert_eq!(
+        acme.limits.max_batch_items, 3,
+        "--config file overrides environment file"
+    );
+    assert_eq!(
+        acme.limits.rate_limit_per_min, 9,
+        "APP__ variables override files"
+    );
+    assert_eq!(acme.limits.max_prompt_chars, 50, "defaults flow into keys");
+    assert_eq!(acme.limits.read_rate_limit_per_min, 600, "built-in default");
+    assert_eq!(acme.limits.ip_allowlist.len(), 1);
+    assert_eq!(s.worker.secret.expose(), "w", "env: secrets are resolved");
+    assert!(
+        !format!("{s:?}").contains("admin-token"),
+        "Debug never prints secrets"
+    );
+}
+
+#[test]
+fn ip_allowlist_accepts_a_comma_separated_string() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.toml",
+        &format!("{}[keys.acme]\nkey_sha256 = \"{HASH}\"\n", base()),
+    );
+    write(dir.path(), "local.toml", "");
+    let s = source(
+        dir.path(),
+        "local",
+        &[
+            ("WORKER_SECRET", "w"),
+            (
+                "APP__KEYS__ACME__IP_ALLOWLIST",
+                "203.0.113.0/24, 2001:db8::/32",
+            ),
+        ],
+    )
+    .load()
+    .expect("valid");
+    assert_eq!(s.key("acme").unwrap().limits.ip_allowlist.len(), 2);
+}
+
+#[test]
+fn unknown_field_is_refused_naming_file_and_field() {
+    let msg = refused("[defaults]\ncost_per_vidoe = 3\n", &[]);
+    assert!(msg.contains("local.toml"), "{msg}");
+    assert!(msg.contains("cost_per_vidoe"), "{msg}");
+}
+
+#[test]
+fn bad_hash_is_refused() {
+    let msg = refused("[keys.acme]\nkey_sha256 = \"abc\"\n", &[]);
+    assert!(
+        msg.contains("local.toml") && msg.contains("keys.acme.key_sha256") && msg.contains("64"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_cidr_is_refused() {
+    let msg = refused(
+        &format!("[keys.acme]\nkey_sha256 = \"{HASH}\"\nip_allowlist = [\"10.0.0.0/33\"]\n"),
+        &[],
+    );
+    assert!(
+        msg.contains("keys.acme.ip_allowlist") && msg.contains("10.0.0.0/33"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn zero_and_negative_limits_are_refused() {
+    let msg = refused(
+        &format!("[keys.acme]\nkey_sha256 = \"{HASH}\"\nrate_limit_per_min = 0\n"),
+        &[],
+    );
+    assert!(
+        msg.contains("keys.acme.rate_limit_per_min") && msg.contains("positive"),
+        "{msg}"
+    );
+    let msg = refused("[defaults]\ncost_per_video = -1\n", &[]);
+    assert!(msg.contains("defaults.cost_per_video"), "{msg}");
+}
+
+#[test]
+fn missing_env_secret_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.toml", &base());
+    write(dir.path(), "local.toml", "");
+    let msg = source(dir.path(), "local", &[])
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("worker.secret") && msg.contains("WORKER_SECRET") && msg.contains("base.toml"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_environment_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.toml", &base());
+    let msg = source(dir.path(), "staging", &[("WORKER_SECRET", "w")])
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("unknown environment") && msg.contains("staging"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn production_refuses_demo_key_short_secrets_and_private_targets() {
+    let long = "x".repeat(40);
+    let check = |extra: &str, worker: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "base.toml",
+            &base().replace("admin-token", &long),
+        );
+        write(dir.path(), "production.toml", extra);
+        source(dir.path(), "production", &[("WORKER_SECRET", worker)]).load()
+    };
+    assert!(check("", &long).is_ok());
+    let demo = check(
+        &format!("[keys.demo]\nkey_sha256 = \"{DEMO_KEY_SHA256}\"\n"),
+        &long,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(demo.contains("demo key"), "{demo}");
+    let short = check("", "short").unwrap_err().to_string();
+    assert!(
+        short.contains("worker.secret") && short.contains("32"),
+        "{short}"
+    );
+    let private = check("[webhooks]\nallow_private_targets = true\n", &long)
+        .unwrap_err()
+        .to_string();
+    assert!(private.contains("allow_private_targets"), "{private}");
+}
+
+#[test]
+fn committed_config_files_load() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let vars = [("INTERNAL_WORKER_SECRET", "w"), ("ADMIN_TOKEN", "a")];
+    let local = source(&dir, "local", &vars)
+        .load()
+        .expect("local.toml is valid");
+    assert!(local.key("demo").is_some(), "local ships the demo key");
+    source(&dir, "test", &vars)
+        .load()
+        .expect("test.toml is valid");
+    let long = "y".repeat(40);
+    let prod = source(
+        &dir,
+        "production",
+        &[
+            ("INTERNAL_WORKER_SECRET", long.as_str()),
+            ("ADMIN_TOKEN", long.as_str()),
+            ("DATABASE_URL", "postgres://db/app"),
+        ],
+    )
+    .load()
+    .expect("production.toml is valid with its secrets set");
+    assert!(prod.keys.is_empty());
+}

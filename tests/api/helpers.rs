@@ -1,0 +1,487 @@
+//! Test harness: `TestApp` runs the real application on a random port against its own
+//! database (a temporary SQLite file, or a fresh PostgreSQL schema when `TEST_DATABASE_URL`
+//! is set), with one helper per endpoint.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use api::settings::ConfigSource;
+use api::state::AppState;
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// Where a test's data lives.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// A temporary SQLite file in WAL mode.
+    Sqlite,
+    /// A fresh schema in the database of `TEST_DATABASE_URL`.
+    Postgres(String),
+}
+
+impl Backend {
+    /// PostgreSQL when `TEST_DATABASE_URL` is set.
+    pub fn postgres() -> Option<Backend> {
+        match std::env::var("TEST_DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Some(Backend::Postgres(url)),
+            _ => {
+                eprintln!("TEST_DATABASE_URL not set: PostgreSQL variant skipped");
+                None
+            }
+        }
+    }
+
+    /// True for PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Backend::Postgres(_))
+    }
+}
+
+/// Runs a test body on SQLite and, when configured, on PostgreSQL.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sqlite() {
+                    super::$name($crate::helpers::Backend::Sqlite).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn postgres() {
+                    if let Some(b) = $crate::helpers::Backend::postgres() {
+                        super::$name(b).await;
+                    }
+                }
+            }
+        )*
+    };
+}
+
+/// The plaintext of a test key.
+pub fn key_plaintext(name: &str) -> String {
+    format!("vb_test_{name}_secret_value")
+}
+
+/// SHA-256 hex.
+pub fn sha256(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Where the database of a test lives, shared by every node of the test.
+struct Store {
+    backend: Backend,
+    url: String,
+    schema: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let (Backend::Postgres(url), Some(schema)) = (&self.backend, &self.schema) {
+            let (url, schema) = (url.clone(), schema.clone());
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    if let Ok(db) = sea_orm::Database::connect(url).await {
+                        let _ = db
+                            .execute_unprepared(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Builds a `TestApp`.
+pub struct TestAppBuilder {
+    backend: Backend,
+    keys: Vec<(String, String)>,
+    extra: String,
+}
+
+impl TestAppBuilder {
+    /// Adds a key `[keys.NAME]` with extra TOML lines (e.g. `initial_credits = 100`).
+    pub fn key(mut self, name: &str, lines: &str) -> Self {
+        self.keys.push((name.to_string(), lines.to_string()));
+        self
+    }
+
+    /// Appends TOML (replacing sections is not supported: use distinct sections).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    /// Starts the application.
+    pub async fn build(self) -> TestApp {
+        let (url, schema, dir) = match &self.backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let url = format!("sqlite://{}/test.db?mode=rwc", dir.path().display());
+                (url, None, Some(dir))
+            }
+            Backend::Postgres(url) => {
+                let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+                let admin = sea_orm::Database::connect(url.clone())
+                    .await
+                    .expect("connect postgres");
+                admin
+                    .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
+                    .await
+                    .expect("create schema");
+                (url.clone(), Some(schema), None)
+            }
+        };
+        let config_dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store {
+            backend: self.backend.clone(),
+            url,
+            schema,
+            _dir: dir,
+        });
+        let mut app = TestApp {
+            store,
+            config_dir: Arc::new(config_dir),
+            keys: HashMap::new(),
+            base: String::new(),
+            port: 0,
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .expect("client"),
+            state: None,
+            shutdown: None,
+            handle: None,
+        };
+        app.write_config(&self.keys, &self.extra);
+        for (name, _) in &self.keys {
+            app.keys.insert(name.clone(), key_plaintext(name));
+        }
+        app.start().await;
+        app
+    }
+}
+
+/// A running application and what a test needs to talk to it.
+pub struct TestApp {
+    store: Arc<Store>,
+    /// Folder holding base.toml and test.toml of this app.
+    pub config_dir: Arc<tempfile::TempDir>,
+    /// Key name → plaintext.
+    pub keys: HashMap<String, String>,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The port.
+    pub port: u16,
+    /// HTTP client.
+    pub client: reqwest::Client,
+    state: Option<Arc<AppState>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// The worker secret of every test app.
+pub const WORKER_SECRET: &str = "test-worker-secret";
+/// The admin token of every test app.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+impl TestApp {
+    /// A builder on `backend`.
+    pub fn builder(backend: Backend) -> TestAppBuilder {
+        TestAppBuilder {
+            backend,
+            keys: Vec::new(),
+            extra: String::new(),
+        }
+    }
+
+    /// Writes the config folder (base.toml with everything, empty test.toml).
+    pub fn write_config(&self, keys: &[(String, String)], extra: &str) {
+        let mut toml = format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n\n[database]\nurl = \"{}\"\nmax_connections = 16\n\n\
+             [worker]\nsecret = \"{WORKER_SECRET}\"\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n\
+             [webhooks]\nallow_private_targets = true\nretry_schedule = [\"1s\", \"1s\"]\n\n",
+            self.store.url
+        );
+        for (name, lines) in keys {
+            toml.push_str(&format!(
+                "[keys.{name}]\nkey_sha256 = \"{}\"\n{lines}\n\n",
+                sha256(&key_plaintext(name))
+            ));
+        }
+        toml.push_str(extra);
+        std::fs::write(self.config_dir.path().join("base.toml"), toml).expect("write base.toml");
+        std::fs::write(self.config_dir.path().join("test.toml"), "").expect("write test.toml");
+    }
+
+    /// The config source of this app.
+    pub fn source(&self) -> ConfigSource {
+        ConfigSource {
+            dir: self.config_dir.path().to_path_buf(),
+            environment: "test".into(),
+            extra_files: Vec::<PathBuf>::new(),
+            env: HashMap::new(),
+            refresh_env: false,
+        }
+    }
+
+    async fn connect(&self) -> DatabaseConnection {
+        let db = api::db::connect_url(&self.store.url, 16, self.store.schema.as_deref())
+            .await
+            .expect("connect");
+        api::db::migrate(&db).await.expect("migrate");
+        db
+    }
+
+    async fn start(&mut self) {
+        let settings = self.source().load().expect("valid test config");
+        let db = self.connect().await;
+        let state = api::startup::prepare_with_db(settings, Some(self.source()), db)
+            .await
+            .expect("prepare");
+        let app = api::Application::bind(Arc::clone(&state), "127.0.0.1:0")
+            .await
+            .expect("bind");
+        self.port = app.port();
+        self.base = format!("http://127.0.0.1:{}", self.port);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.handle = Some(tokio::spawn(app.run_until(async move {
+            let _ = rx.await;
+        })));
+        self.shutdown = Some(tx);
+        self.state = Some(state);
+    }
+
+    /// A second node: another application on the same database and config.
+    pub async fn peer(&self) -> TestApp {
+        let mut peer = TestApp {
+            store: Arc::clone(&self.store),
+            config_dir: Arc::clone(&self.config_dir),
+            keys: self.keys.clone(),
+            base: String::new(),
+            port: 0,
+            client: self.client.clone(),
+            state: None,
+            shutdown: None,
+            handle: None,
+        };
+        peer.start().await;
+        peer
+    }
+
+    /// Stops the server and starts it again on the same database (a restart).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start().await;
+    }
+
+    /// Stops the server gracefully.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
+    }
+
+    /// Application state.
+    pub fn state(&self) -> Arc<AppState> {
+        Arc::clone(self.state.as_ref().expect("started"))
+    }
+
+    /// The database.
+    pub fn db(&self) -> DatabaseConnection {
+        self.state().db.clone()
+    }
+
+    /// Runs a query returning one i64 (`SELECT ... AS v`).
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let db = self.db();
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                sql.to_string(),
+            ))
+            .await
+            .expect("query")
+            .expect("row");
+        row.try_get::<Option<i64>>("", "v").expect("v").unwrap_or(0)
+    }
+
+    /// The plaintext of a key.
+    pub fn key(&self, name: &str) -> &str {
+        self.keys.get(name).expect("known key")
+    }
+
+    /// A body with `n` items.
+    pub fn batch_body(request_id: Option<&str>, n: usize) -> Value {
+        let items: Vec<Value> = (0..n)
+            .map(|i| json!({ "prompt": format!("prompt number {i}"), "params": { "duration_s": 5 } }))
+            .collect();
+        match request_id {
+            Some(id) => json!({ "request_id": id, "items": items }),
+            None => json!({ "items": items }),
+        }
+    }
+
+    /// POST /api/enterprise/video-batch.
+    pub async fn create_batch(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/api/enterprise/video-batch", self.base))
+            .header("x-api-key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// GET /api/enterprise/video-batch/{id}.
+    pub async fn get_batch(&self, key: &str, id: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}/api/enterprise/video-batch/{id}", self.base))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// GET /api/enterprise/video-batch?query.
+    pub async fn list_batches(&self, key: &str, query: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}/api/enterprise/video-batch?{query}", self.base))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// POST /api/enterprise/video-batch/{id}/cancel.
+    pub async fn cancel_batch(&self, key: &str, id: &str) -> reqwest::Response {
+        self.client
+            .post(format!(
+                "{}/api/enterprise/video-batch/{id}/cancel",
+                self.base
+            ))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// GET /api/enterprise/credits as JSON.
+    pub async fn credits(&self, key: &str) -> Value {
+        self.client
+            .get(format!("{}/api/enterprise/credits?limit=200", self.base))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// POST to the worker API.
+    pub async fn worker_post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/api/internal/worker{path}", self.base))
+            .bearer_auth(WORKER_SECRET)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Claims items; returns the items array.
+    pub async fn claim(&self, worker: &str, max: u32) -> Vec<Value> {
+        let r = self
+            .worker_post("/claim", &json!({ "worker_id": worker, "max_items": max }))
+            .await;
+        assert_eq!(r.status(), 200, "claim failed");
+        let v: Value = r.json().await.expect("json");
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Completes a claimed item.
+    pub async fn complete(&self, item: &Value) -> reqwest::Response {
+        self.worker_post(
+            &format!("/items/{}/complete", item["item_id"].as_str().unwrap()),
+            &json!({ "lease_token": item["lease_token"], "result_url": "https://cdn.example/v.mp4" }),
+        )
+        .await
+    }
+
+    /// Fails a claimed item.
+    pub async fn fail(&self, item: &Value, retryable: bool) -> reqwest::Response {
+        self.worker_post(
+            &format!("/items/{}/fail", item["item_id"].as_str().unwrap()),
+            &json!({ "lease_token": item["lease_token"], "error": "renderer crashed", "retryable": retryable }),
+        )
+        .await
+    }
+
+    /// POST to the admin API.
+    pub async fn admin_post(
+        &self,
+        path: &str,
+        body: &Value,
+        idem: Option<&str>,
+    ) -> reqwest::Response {
+        let mut r = self
+            .client
+            .post(format!("{}/api/admin{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body);
+        if let Some(k) = idem {
+            r = r.header("Idempotency-Key", k);
+        }
+        r.send().await.expect("request")
+    }
+
+    /// Checks the ledger invariant of every key: balance = grants + adjusts - charges and
+    /// held = holds - charges - releases. Returns (balance, held) of `key`.
+    pub async fn assert_ledger_invariant(&self) {
+        let rows = self
+            .db()
+            .query_all_raw(Statement::from_string(
+                self.db().get_database_backend(),
+                "SELECT w.api_key_id AS k, w.balance AS balance, w.held AS held, \
+                 CAST(COALESCE(SUM(CASE WHEN l.kind IN ('grant','adjust') THEN l.amount WHEN l.kind = 'charge' THEN -l.amount ELSE 0 END), 0) AS BIGINT) AS exp_balance, \
+                 CAST(COALESCE(SUM(CASE WHEN l.kind = 'hold' THEN l.amount WHEN l.kind IN ('charge','release') THEN -l.amount ELSE 0 END), 0) AS BIGINT) AS exp_held \
+                 FROM credit_wallet w LEFT JOIN credit_ledger l ON l.api_key_id = w.api_key_id \
+                 GROUP BY w.api_key_id, w.balance, w.held"
+                    .to_string(),
+            ))
+            .await
+            .expect("ledger query");
+        for r in rows {
+            let k: i64 = r.try_get("", "k").unwrap();
+            let balance: i64 = r.try_get("", "balance").unwrap();
+            let held: i64 = r.try_get("", "held").unwrap();
+            let eb: i64 = r.try_get("", "exp_balance").unwrap();
+            let eh: i64 = r.try_get("", "exp_held").unwrap();
+            assert_eq!(balance, eb, "key {k}: balance disagrees with the ledger");
+            assert_eq!(held, eh, "key {k}: held disagrees with the ledger");
+            assert!(held >= 0 && balance >= held, "key {k}: wallet rule broken");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Worker leases, charge and release, batch state, cancel, list, and the reference worker.
+use std::collections::HashSet;
+
+use futures::future::join_all;
+use serde_json::{Value, json};
+
+use crate::both_backends;
+use crate::helpers::{Backend, TestApp};
+
+both_backends!(
+    concurrent_workers_claim_each_item_once,
+    stale_reports_change_nothing,
+    random_mix_keeps_the_ledger_exact,
+    small_batch_is_not_starved_by_a_huge_one,
+    cancel_releases_queued_items_and_is_idempotent,
+    list_pages_every_batch_once,
+    reference_worker_runs_a_batch_end_to_end,
+    another_keys_batch_is_not_found,
+);
+
+async fn create(app: &TestApp, key: &str, rid: &str, n: usize) -> String {
+    let r = app
+        .create_batch(key, &TestApp::batch_body(Some(rid), n))
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    v["batch_id"].as_str().unwrap().to_string()
+}
+
+async fn concurrent_workers_claim_each_item_once(backend: Backend) {
+    let app = TestApp::builder(backend.clone())
+        .key(
+            "acme",
+            "initial_credits = 100000\nrate_limit_per_min = 1000\nmax_batch_items = 500",
+        )
+        .build()
+        .await;
+    let peer = if backend.is_postgres() {
+        Some(app.peer().await)
+    } else {
+        None
+    };
+    let key = app.key("acme").to_string();
+    let mut batches = Vec::new();
+    for i in 0..5 {
+        batches.push(create(&app, &key, &format!("w-{i}"), 100).await);
+    }
+    let workers = (0..8).map(|w| {
+        let node = match (&peer, w % 2) {
+            (Some(p), 1) => p,
+            _ => &app,
+        };
+        async move {
+            let mut mine = Vec::new();
+            loop {
+                let items = node.claim(&format!("worker-{w}"), 10).await;
+                if items.is_empty() {
+                    break;
+                }
+                for item in items {
+                    assert_eq!(node.complete(&item).await.status(), 200);
+                    mine.push(item["item_id"].as_str().unwrap().to_string());
+                }
+            }
+            mine
+        }
+    });
+    let all: Vec<String> = join_all(workers).await.into_iter().flatten().collect();
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), 500, "every item claimed");
+    assert_eq!(unique.len(), 500, "no item claimed twice");
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM credit_ledger WHERE kind = 'charge'")
+            .await,
+        500
+    );
+    let c = app.credits(&key).await;
+    assert_eq!(c["held"], 0);
+    assert_eq!(c["balance"], 100000 - 500 * 10);
+    for b in batches {
+        let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();
+        assert_eq!(v["status"], "completed");
+        assert_eq!(v["counts"]["succeeded"], 100);
+        assert!(v["completed_at"].is_string());
+    }
+    app.assert_ledger_invariant().await;
+}
+
+async fn stale_reports_change_nothing(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 1000")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    create(&app, &key, "s-1", 3).await;
+
+    // Complete twice: the second report is stale.
+    let a = app.claim("w1", 1).await.remove(0);
+    assert_eq!(app.complete(&a).await.status(), 200);
+    let r = app.complete(&a).await;
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "LEASE_LOST");
+
+    // Expired lease re-claimed by another worker: the first worker's late report is stale.
+    let r = app
+        .worker_post(
+            "/claim",
+            &json!({ "worker_id": "slow", "max_items": 1, "lease_seconds": 1 }),
+        )
+        .await;
+    let b = r.json::<Value>().await.unwrap()["items"][0].clone();
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let b2 = app.claim("fast", 1).await.remove(0);
+    assert_eq!(
+        b2["item_id"], b["item_id"],
+        "expired lease is claimable again"
+    );
+    assert_eq!(b2["attempt"], 2);
+    assert_eq!(
+        app.complete(&b).await.status(),
+        409,
+        "late report with the old token"
+    );
+    assert_eq!(app.complete(&b2).await.status(), 200);
+
+    // Fail (final) then complete: the complete is stale.
+    let c = app.claim("w1", 1).await.remove(0);
+    assert_eq!(app.fail(&c, false).await.status(), 200);
+    assert_eq!(app.complete(&c).await.status(), 409);
+    let r = app
+        .worker_post(
+            &format!("/items/{}/heartbeat", c["item_id"].as_str().unwrap()),
+            &json!({"lease_token": c["lease_token"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 409);
+
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM credit_ledger WHERE kind = 'charge'")
+            .await,
+        2
+    );
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM credit_ledger WHERE kind = 'release'")
+            .await,
+        1
+    );
+    let cr = app.credits(&key).await;
+    assert_eq!(cr["balance"], 980);
+    assert_eq!(cr["held"], 0);
+    app.assert_ledger_invariant().await;
+
+    // Wrong worker secret and a customer key are refused by the worker API.
+    let r = app
+        .client
+        .post(format!("{}/api/internal/worker/claim", app.base))
+        .bearer_auth(&key)
+        .json(&json!({"worker_id":"x","max_items":1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "UNAUTHORIZED");
+}
+
+async fn random_mix_keeps_the_ledger_exact(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key(
+            "acme",
+            "initial_credits = 100000\nrate_limit_per_min = 1000",
+        )
+        .key(
+            "beta",
+            "initial_credits = 100000\nrate_limit_per_min = 1000",
+        )
+        .config("")
+        .build()
+        .await;
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let keys = [app.key("acme").to_string(), app.key("beta").to_string()];
+    let mut batches = Vec::new();
+    for i in 0..12 {
+        let k = &keys[i % 2];
+        batches.push((
+            k.clone(),
+            create(&app, k, &format!("mix-{i}"), 1 + rnd(6) as usize).await,
+        ));
+    }
+    for (k, b) in batches.iter().step_by(4) {
+        assert_eq!(app.cancel_batch(k, b).await.status(), 200);
+    }
+    let mut rounds = 0;
+    loop {
+        let items = app.claim("mixer", 7).await;
+        if items.is_empty() {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds < 200, "queue does not drain");
+        for item in items {
+            match rnd(4) {
+                0 => assert_eq!(app.fail(&item, true).await.status(), 200),
+                1 => assert_eq!(app.fail(&item, false).await.status(), 200),
+                _ => assert_eq!(app.complete(&item).await.status(), 200),
+            }
+        }
+        if rounds == 3 {
+            for (k, b) in batches.iter().skip(1).step_by(5) {
+                assert_eq!(app.cancel_batch(k, b).await.status(), 200);
+            }
+        }
+    }
+    app.assert_ledger_invariant().await;
+    for k in &keys {
+        assert_eq!(
+            app.credits(k).await["held"],
+            0,
+            "nothing held once every batch is final"
+        );
+    }
+    for (k, b) in &batches {
+        let v: Value = app.get_batch(k, b).await.json().await.unwrap();
+        assert!(
+            v["status"] == "completed" || v["status"] == "cancelled",
+            "{v}"
+        );
+        let c = &v["counts"];
+        assert_eq!(
+            c["succeeded"].as_i64().unwrap()
+                + c["failed"].as_i64().unwrap()
+                + c["cancelled"].as_i64().unwrap(),
+            c["total"].as_i64().unwrap()
+        );
+    }
+}
+
+async fn small_batch_is_not_starved_by_a_huge_one(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("big", "initial_credits = 1000000\nmax_batch_items = 1000")
+        .key("small", "initial_credits = 100")
+        .build()
+        .await;
+    for i in 0..3 {
+        create(&app, app.key("big"), &format!("huge-{i}"), 1000).await;
+    }
+    let small = create(&app, app.key("small"), "tiny", 2).await;
+    let mut seen = 0;
+    for _ in 0..2 {
+        for item in app.claim("gpu", 2).await {
+            if item["batch_id"] == small.as_str() {
+                seen += 1;
+            }
+        }
+    }
+    assert_eq!(
+        seen, 2,
+        "the small batch's items come within the first claims"
+    );
+}
+
+async fn cancel_releases_queued_items_and_is_idempotent(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 1000")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    let b = create(&app, &key, "c-1", 5).await;
+    let running = app.claim("w", 2).await;
+    assert_eq!(running.len(), 2);
+    let v: Value = app.cancel_batch(&key, &b).await.json().await.unwrap();
+    assert_eq!(v["counts"]["cancelled"], 3);
+    assert_eq!(v["counts"]["running"], 2);
+    assert_eq!(v["status"], "processing", "running items may finish");
+    let c = app.credits(&key).await;
+    assert_eq!(c["held"], 20, "3 queued items released at once");
+    let again: Value = app.cancel_batch(&key, &b).await.json().await.unwrap();
+    assert_eq!(again["counts"]["cancelled"], 3, "idempotent");
+    assert_eq!(app.credits(&key).await["held"], 20);
+    assert_eq!(app.complete(&running[0]).await.status(), 200);
+    assert_eq!(app.fail(&running[1], true).await.status(), 200);
+    let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();
+    assert_eq!(v["status"], "cancelled");
+    assert_eq!(v["counts"]["succeeded"], 1);
+    assert_eq!(v["counts"]["cancelled"], 4);
+    let c = app.credits(&key).await;
+    assert_eq!(c["held"], 0);
+    assert_eq!(c["balance"], 990);
+    app.assert_ledger_invariant().await;
+    // The final transition recorded nothing to send: this key has no webhook URL.
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM webhook_delivery")
+            .await,
+        0
+    );
+}
+
+async fn list_pages_every_batch_once(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key(
+            "acme",
+            "initial_credits = 100000\nrate_limit_per_min = 1000\nread_rate_limit_per_min = 1000",
+        )
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    let mut made = Vec::new();
+    for i in 0..23 {
+        made.push(create(&app, &key, &format!("l-{i}"), 1).await);
+    }
+    app.cancel_batch(&key, &made[0]).await;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("limit=5&cursor={c}"),
+            None => "limit=5".into(),
+        };
+        let v: Value = app.list_batches(&key, &q).await.json().await.unwrap();
+        for b in v["data"].as_array().unwrap() {
+            assert!(b.get("items").is_none());
+            seen.push(b["batch_id"].as_str().unwrap().to_string());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    let mut expected = made.clone();
+    expected.reverse();
+    assert_eq!(seen, expected, "newest first, each exactly once");
+    let v: Value = app
+        .list_batches(&key, "status=cancelled")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 1);
+    let r = app.list_batches(&key, "cursor=garbage").await;
+    assert_eq!(r.status(), 422);
+}
+
+async fn another_keys_batch_is_not_found(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 100")
+        .key("beta", "initial_credits = 100")
+        .build()
+        .await;
+    let b = create(&app, app.key("acme"), "mine", 1).await;
+    let r = app.get_batch(app.key("beta"), &b).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "NOT_FOUND");
+    assert_eq!(app.cancel_batch(app.key("beta"), &b).await.status(), 404);
+    let v: Value = app
+        .get_batch(app.key("acme"), &b)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["items"][0]["prompt"], "prompt number 0");
+    assert_eq!(v["items"][0]["params"]["duration_s"], 5);
+}
+
+async fn reference_worker_runs_a_batch_end_to_end(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 1000")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    let b = create(&app, &key, "ref-1", 3).await;
+    let args = api::worker_client::WorkerArgs {
+        base_url: app.base.clone(),
+        secret: crate::helpers::WORKER_SECRET.into(),
+        concurrency: 2,
+        renderer_cmd: "cat > /dev/null; echo rendering \"$PROMPT\" >&2; echo \"https://cdn.example/$ITEM_ID.mp4\"".into(),
+        worker_id: "ref".into(),
+        lease_seconds: 30,
+        timeout_seconds: 30,
+        exit_when_idle: true,
+        poll_seconds: 1,
+    };
+    api::worker_client::run(args).await.expect("worker runs");
+    let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["counts"]["succeeded"], 3);
+    for item in v["items"].as_array().unwrap() {
+        let id = item["item_id"].as_str().unwrap();
+        assert_eq!(item["result_url"], format!("https://cdn.example/{id}.mp4"));
+    }
+    assert_eq!(app.credits(&key).await["balance"], 970);
+}
