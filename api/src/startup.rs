@@ -212,11 +212,24 @@ impl Application {
     ) -> std::io::Result<()> {
         let grace = self.state.runtime().settings.server.shutdown_grace;
         let background = spawn_background(Arc::clone(&self.state));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let dispatcher = self.state.runtime().settings.webhooks.dispatch.then(|| {
+            tokio::spawn(crate::service::webhooks::run_dispatcher(
+                Arc::clone(&self.state),
+                Arc::clone(&stop),
+            ))
+        });
         let app = routes(Arc::clone(&self.state));
         let result = Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(app, shutdown, Some(grace))
             .await;
         background.abort();
+        if let Some(d) = dispatcher {
+            // Let the attempts in flight finish and be recorded, then stop.
+            stop.notify_waiters();
+            stop.notify_one();
+            let _ = tokio::time::timeout(grace, d).await;
+        }
         result
     }
 

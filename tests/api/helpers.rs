@@ -106,6 +106,7 @@ pub struct TestAppBuilder {
     backend: Backend,
     keys: Vec<(String, String)>,
     extra: String,
+    webhooks: String,
 }
 
 impl TestAppBuilder {
@@ -119,6 +120,12 @@ impl TestAppBuilder {
     pub fn config(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
         self.extra.push('\n');
+        self
+    }
+
+    /// Lines of the `[webhooks]` section (default: a 1 s, 1 s retry schedule).
+    pub fn webhooks(mut self, lines: &str) -> Self {
+        self.webhooks = lines.to_string();
         self
     }
 
@@ -162,6 +169,7 @@ impl TestAppBuilder {
             state: None,
             shutdown: None,
             handle: None,
+            webhooks: self.webhooks.clone(),
         };
         app.write_config(&self.keys, &self.extra);
         for (name, _) in &self.keys {
@@ -188,6 +196,7 @@ pub struct TestApp {
     state: Option<Arc<AppState>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    webhooks: String,
 }
 
 /// The worker secret of every test app.
@@ -202,6 +211,7 @@ impl TestApp {
             backend,
             keys: Vec::new(),
             extra: String::new(),
+            webhooks: "retry_schedule = [\"1s\", \"1s\"]".into(),
         }
     }
 
@@ -210,8 +220,8 @@ impl TestApp {
         let mut toml = format!(
             "[server]\nbind = \"127.0.0.1:0\"\n\n[database]\nurl = \"{}\"\nmax_connections = 16\n\n\
              [worker]\nsecret = \"{WORKER_SECRET}\"\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n\
-             [webhooks]\nallow_private_targets = true\nretry_schedule = [\"1s\", \"1s\"]\n\n",
-            self.store.url
+             [webhooks]\nallow_private_targets = true\n{}\n\n",
+            self.store.url, self.webhooks
         );
         for (name, lines) in keys {
             toml.push_str(&format!(
@@ -274,6 +284,7 @@ impl TestApp {
             state: None,
             shutdown: None,
             handle: None,
+            webhooks: self.webhooks.clone(),
         };
         peer.start().await;
         peer

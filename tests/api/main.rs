@@ -7,3 +7,4 @@ mod create;
 mod errors;
 mod keys;
 mod lifecycle;
+mod webhooks;

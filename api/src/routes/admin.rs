@@ -10,7 +10,10 @@ use sea_orm::SqlErr;
 
 use crate::auth::AdminAuth;
 use crate::error::{ApiError, ErrorCode};
-use crate::schemas::admin::{AdjustRequest, AdminWallet, GrantRequest, KeyInfo, ReloadResult};
+use crate::schemas::admin::{
+    AdjustRequest, AdminWallet, DeliveryStatus, GrantRequest, KeyInfo, ReloadResult,
+    WebhookDeliveryView,
+};
 use crate::schemas::credits::{Usage, UsageDay};
 use crate::service::credits::{self, LedgerKind};
 use crate::service::{keys, usage};
@@ -23,6 +26,8 @@ pub enum AdminTags {
     Credits,
     /// Keys, usage and configuration.
     Keys,
+    /// Webhook deliveries.
+    Webhooks,
 }
 
 /// The admin API.
@@ -282,5 +287,97 @@ impl AdminApi {
                 format!("configuration rejected: {e}"),
             )
         })
+    }
+
+    /// List webhook deliveries
+    ///
+    /// Newest first; filter by status and key name.
+    #[oai(
+        path = "/webhooks",
+        method = "get",
+        operation_id = "list_webhooks",
+        tag = "AdminTags::Webhooks"
+    )]
+    async fn list_webhooks(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AdminAuth,
+        /// Only deliveries in this status.
+        status: Query<Option<DeliveryStatus>>,
+        /// Only deliveries of this key (name).
+        key: Query<Option<String>>,
+        /// At most this many, 1–500 (default 100).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<u32>>,
+    ) -> Result<Json<Vec<WebhookDeliveryView>>, ApiError> {
+        use entity::webhook_delivery::{Column, Entity};
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+        let mut q = Entity::find();
+        if let Some(s) = status.0 {
+            q = q.filter(Column::Status.eq(s.as_str()));
+        }
+        if let Some(name) = &key.0 {
+            q = q.filter(Column::ApiKeyId.eq(Self::key_id(&state, name).await?));
+        }
+        let rows = q
+            .order_by_desc(Column::CreatedAt)
+            .limit(u64::from(limit.0.unwrap_or(100)))
+            .all(&state.db)
+            .await?;
+        Ok(Json(
+            rows.into_iter()
+                .map(|d| delivery_view(&auth.0, d))
+                .collect(),
+        ))
+    }
+
+    /// Redeliver a webhook
+    ///
+    /// Starts a new series of attempts with the same `webhook-id`.
+    #[oai(
+        path = "/webhooks/:id/redeliver",
+        method = "post",
+        operation_id = "redeliver_webhook",
+        tag = "AdminTags::Webhooks"
+    )]
+    async fn redeliver(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AdminAuth,
+        id: Path<uuid::Uuid>,
+    ) -> Result<Json<WebhookDeliveryView>, ApiError> {
+        use sea_orm::EntityTrait;
+        if !crate::service::webhooks::redeliver(&state.db, id.0).await? {
+            return Err(ApiError::not_found("webhook delivery", id.0));
+        }
+        let d = entity::webhook_delivery::Entity::find_by_id(id.0)
+            .one(&state.db)
+            .await?
+            .ok_or_else(|| ApiError::not_found("webhook delivery", id.0))?;
+        Ok(Json(delivery_view(&auth.0, d)))
+    }
+}
+
+fn delivery_view(
+    runtime: &crate::state::Runtime,
+    d: entity::webhook_delivery::Model,
+) -> WebhookDeliveryView {
+    WebhookDeliveryView {
+        id: d.id,
+        webhook_id: crate::service::webhooks::webhook_id(d.id),
+        key: runtime
+            .by_id
+            .get(&d.api_key_id)
+            .map(|k| k.policy.name.clone()),
+        batch_id: d.batch_id,
+        event_type: d.event_type,
+        target_url: d.target_url,
+        status: d.status,
+        attempt_count: d.attempt_count,
+        next_attempt_at: d.next_attempt_at,
+        last_status_code: d.last_status_code,
+        last_error: d.last_error,
+        created_at: d.created_at,
+        delivered_at: d.delivered_at,
     }
 }

@@ -78,3 +78,57 @@ pub struct ReloadResult {
     /// Enabled keys.
     pub enabled_keys: u32,
 }
+
+/// A webhook delivery and its state.
+#[derive(Object, Clone, Debug)]
+pub struct WebhookDeliveryView {
+    /// Delivery id (use it to redeliver).
+    pub id: uuid::Uuid,
+    /// The `webhook-id` header, stable across attempts.
+    pub webhook_id: String,
+    /// Key name.
+    pub key: Option<String>,
+    /// Batch concerned.
+    pub batch_id: Option<uuid::Uuid>,
+    /// Event type.
+    pub event_type: String,
+    /// Target URL.
+    pub target_url: String,
+    /// pending, succeeded or failed.
+    pub status: String,
+    /// Attempts made in the current series.
+    pub attempt_count: i32,
+    /// When the next attempt is due (pending only).
+    pub next_attempt_at: chrono::DateTime<chrono::Utc>,
+    /// HTTP status of the last attempt.
+    pub last_status_code: Option<i32>,
+    /// Error of the last attempt.
+    pub last_error: Option<String>,
+    /// Created.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Delivered (succeeded).
+    pub delivered_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Filter of the webhook list.
+#[derive(poem_openapi::Enum, Clone, Copy, Debug, PartialEq, Eq)]
+#[oai(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    /// Waiting for an attempt.
+    Pending,
+    /// Delivered.
+    Succeeded,
+    /// Exhausted or refused.
+    Failed,
+}
+
+impl DeliveryStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+}

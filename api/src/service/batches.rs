@@ -70,6 +70,12 @@ pub async fn create(
 
     let limits = &key.policy.limits;
     let batch = NewBatch::parse(req, limits, runtime.settings.webhooks.allow_private_targets)?;
+    if batch.webhook_url.is_some() && key.policy.webhook_secret.is_none() {
+        return Err(ApiError::validation(
+            "webhook_url",
+            "this key has no webhook signing secret configured; ask your administrator to set one",
+        ));
+    }
     let n = batch.items.len() as i64;
     let cost = limits.cost_per_video;
     let need = n * cost;

@@ -10,8 +10,13 @@ use serde_json::json;
 use sha2::Sha256;
 use uuid::Uuid;
 
+use std::net::{IpAddr, SocketAddr};
+
+use entity::webhook_delivery;
+use sea_orm::{ColumnTrait, DatabaseConnection, DbBackend, QueryFilter};
+
 use crate::db::stmt;
-use crate::state::Runtime;
+use crate::state::{AppState, Runtime};
 
 /// Decodes a `whsec_<base64>` secret to its key bytes (24–64 bytes).
 pub fn decode_whsec(secret: &str) -> Result<Vec<u8>, String> {
@@ -125,6 +130,367 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
     enqueue(txn, job.api_key_id, job.id, &url, event, data, now).await
 }
 
+/// Why a target is refused (never sent to).
+pub fn refuse_reason(ip: IpAddr) -> Option<&'static str> {
+    let ip = match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ip,
+        },
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_private() {
+                Some("private")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if v4.is_unspecified() || o[0] == 0 {
+                Some("unspecified")
+            } else if v4.is_multicast() || v4.is_broadcast() || o[0] >= 240 {
+                Some("multicast or reserved")
+            } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+                Some("shared address space")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else if (seg[0] & 0xfe00) == 0xfc00 {
+                Some("unique-local")
+            } else if (seg[0] & 0xffc0) == 0xfe80 {
+                Some("link-local")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Resolves the target now and checks every address (SSRF guard). Returns the host and the
+/// addresses to connect to, so the request goes exactly where the check looked.
+pub async fn check_target(
+    url: &str,
+    allow_private: bool,
+) -> Result<(String, Vec<SocketAddr>), String> {
+    let parsed = url::Url::parse(url).map_err(|_| format!("invalid URL {url:?}"))?;
+    if parsed.scheme() != "https" && parsed.scheme() != "http" {
+        return Err(format!(
+            "scheme {:?} is not allowed; use https",
+            parsed.scheme()
+        ));
+    }
+    let host = parsed.host_str().ok_or("URL has no host")?.to_string();
+    let port = parsed.port_or_known_default().ok_or("URL has no port")?;
+    let bare = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((bare.as_str(), port))
+            .await
+            .map_err(|e| format!("cannot resolve {bare}: {e}"))?
+            .collect(),
+    };
+    if addrs.is_empty() {
+        return Err(format!("{bare} resolves to no address"));
+    }
+    if !allow_private {
+        for a in &addrs {
+            if let Some(why) = refuse_reason(a.ip()) {
+                return Err(format!(
+                    "target {bare} resolves to {} ({why}); refused",
+                    a.ip()
+                ));
+            }
+        }
+    }
+    Ok((bare, addrs))
+}
+
+/// The outcome of one HTTP attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// HTTP status, when a response came.
+    pub status: Option<u16>,
+    /// Transport or policy error.
+    pub error: Option<String>,
+    /// Seconds asked by `Retry-After`.
+    pub retry_after: Option<u64>,
+    /// Whether retrying can help (false for refused targets and 410).
+    pub retryable: bool,
+    /// Time spent.
+    pub duration_ms: i64,
+}
+
+/// Signs and sends one attempt of a delivery.
+pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
+    let started = std::time::Instant::now();
+    let settings = &runtime.settings.webhooks;
+    let done = |status: Option<u16>,
+                error: Option<String>,
+                retry_after: Option<u64>,
+                retryable: bool| Attempt {
+        status,
+        error,
+        retry_after,
+        retryable,
+        duration_ms: started.elapsed().as_millis() as i64,
+    };
+    let Some(key) = runtime.by_id.get(&d.api_key_id) else {
+        return done(
+            None,
+            Some("the key is no longer configured".into()),
+            None,
+            false,
+        );
+    };
+    let Some(secret) = &key.policy.webhook_secret else {
+        return done(
+            None,
+            Some("the key has no webhook_secret".into()),
+            None,
+            false,
+        );
+    };
+    let (host, addrs) = match check_target(&d.target_url, settings.allow_private_targets).await {
+        Ok(t) => t,
+        Err(e) => return done(None, Some(e), None, false),
+    };
+    let msg_id = webhook_id(d.id);
+    let ts = Utc::now().timestamp();
+    let mut signatures = Vec::new();
+    for s in std::iter::once(secret).chain(key.policy.webhook_previous_secret.as_ref()) {
+        match decode_whsec(s.expose()) {
+            Ok(k) => signatures.push(sign(&k, &msg_id, ts, &d.payload)),
+            Err(e) => return done(None, Some(format!("webhook secret: {e}")), None, false),
+        }
+    }
+    let client = match reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(settings.timeout)
+        .resolve_to_addrs(&host, &addrs)
+        .user_agent(concat!(
+            "video-batch-api-webhooks/",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return done(None, Some(format!("client: {e}")), None, true),
+    };
+    let resp = client
+        .post(&d.target_url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &msg_id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", signatures.join(" "))
+        .body(d.payload.clone())
+        .send()
+        .await;
+    match resp {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if r.status().is_success() {
+                done(Some(status), None, None, true)
+            } else {
+                done(
+                    Some(status),
+                    Some(format!("HTTP {status}")),
+                    retry_after,
+                    status != 410,
+                )
+            }
+        }
+        Err(e) => done(None, Some(format!("request failed: {e}")), None, true),
+    }
+}
+
+/// Leases due deliveries to this dispatcher: one statement marks the attempt, so two
+/// dispatchers (on any nodes) never send the same attempt.
+pub async fn claim_due(
+    db: &DatabaseConnection,
+    limit: u32,
+    lock_for: std::time::Duration,
+) -> Result<Vec<webhook_delivery::Model>, DbErr> {
+    let backend = db.get_database_backend();
+    let now = Utc::now();
+    let until = now + chrono::Duration::from_std(lock_for).unwrap_or(chrono::Duration::seconds(60));
+    let lock = if backend == DbBackend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "UPDATE webhook_delivery SET attempt_count = attempt_count + 1, locked_until = $2, updated_at = $1 \
+         WHERE id IN (SELECT id FROM webhook_delivery WHERE status = 'pending' AND next_attempt_at <= $1 \
+         AND (locked_until IS NULL OR locked_until < $1) ORDER BY next_attempt_at LIMIT $3{lock}) \
+         RETURNING id"
+    );
+    let txn = crate::db::begin_write(db).await?;
+    let rows = txn
+        .query_all_raw(stmt(
+            backend,
+            &sql,
+            [now.into(), until.into(), i64::from(limit).into()],
+        ))
+        .await?;
+    txn.commit().await?;
+    let ids: Vec<Uuid> = rows
+        .iter()
+        .filter_map(|r| r.try_get("", "id").ok())
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    webhook_delivery::Entity::find()
+        .filter(webhook_delivery::Column::Id.is_in(ids))
+        .all(db)
+        .await
+}
+
+fn jittered(d: std::time::Duration) -> chrono::Duration {
+    use rand::Rng;
+    let ms = d.as_millis() as i64;
+    let spread = ms / 10;
+    let j = if spread > 0 {
+        rand::rng().random_range(-spread..=spread)
+    } else {
+        0
+    };
+    chrono::Duration::milliseconds(ms + j)
+}
+
+/// Records an attempt and schedules the next one (or ends the delivery).
+pub async fn record_attempt(
+    db: &DatabaseConnection,
+    runtime: &Runtime,
+    d: &webhook_delivery::Model,
+    a: &Attempt,
+) -> Result<&'static str, DbErr> {
+    let backend = db.get_database_backend();
+    let now = Utc::now();
+    let schedule = &runtime.settings.webhooks.retry_schedule;
+    let success = a.status.is_some_and(|s| (200..300).contains(&s));
+    let retries_used = (d.attempt_count - 1).max(0) as usize;
+    let (status, next) = if success {
+        ("succeeded", now)
+    } else if !a.retryable || retries_used >= schedule.len() {
+        ("failed", now)
+    } else {
+        let mut delay = jittered(schedule[retries_used]);
+        if let Some(ra) = a.retry_after {
+            delay = delay.max(chrono::Duration::seconds(ra.min(86_400) as i64));
+        }
+        ("pending", now + delay)
+    };
+    let txn = crate::db::begin_write(db).await?;
+    txn.execute_raw(stmt(
+        backend,
+        "INSERT INTO webhook_attempt (delivery_id, attempt, status_code, error, duration_ms, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        [
+            d.id.into(),
+            d.attempt_count.into(),
+            a.status.map(i32::from).into(),
+            a.error.clone().into(),
+            a.duration_ms.into(),
+            now.into(),
+        ],
+    ))
+    .await?;
+    txn.execute_raw(stmt(
+        backend,
+        "UPDATE webhook_delivery SET status = $2, next_attempt_at = $3, locked_until = NULL, \
+         last_status_code = $4, last_error = $5, updated_at = $6, \
+         delivered_at = CASE WHEN $2 = 'succeeded' THEN $6 ELSE delivered_at END \
+         WHERE id = $1 AND attempt_count = $7",
+        [
+            d.id.into(),
+            status.into(),
+            next.into(),
+            a.status.map(i32::from).into(),
+            a.error.clone().into(),
+            now.into(),
+            d.attempt_count.into(),
+        ],
+    ))
+    .await?;
+    txn.commit().await?;
+    Ok(status)
+}
+
+/// Starts a new attempt series of a delivery (same `webhook-id`).
+pub async fn redeliver(db: &DatabaseConnection, id: Uuid) -> Result<bool, DbErr> {
+    let now = Utc::now();
+    let res = db
+        .execute_raw(stmt(
+            db.get_database_backend(),
+            "UPDATE webhook_delivery SET status = 'pending', attempt_count = 0, next_attempt_at = $2, \
+             locked_until = NULL, updated_at = $2 WHERE id = $1",
+            [id.into(), now.into()],
+        ))
+        .await?;
+    Ok(res.rows_affected() == 1)
+}
+
+/// Sends due deliveries until `stop` is notified.
+pub async fn run_dispatcher(
+    state: std::sync::Arc<AppState>,
+    stop: std::sync::Arc<tokio::sync::Notify>,
+) {
+    tracing::info!("webhook dispatcher started");
+    loop {
+        let runtime = state.runtime();
+        let settings = &runtime.settings.webhooks;
+        let lock_for = settings.timeout + std::time::Duration::from_secs(30);
+        let batch = match claim_due(&state.db, settings.concurrency, lock_for).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming webhook deliveries failed");
+                Vec::new()
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => continue,
+                _ = stop.notified() => break,
+            }
+        }
+        let sends = batch.into_iter().map(|d| {
+            let (state, runtime) = (std::sync::Arc::clone(&state), std::sync::Arc::clone(&runtime));
+            async move {
+                let attempt = send(&runtime, &d).await;
+                match record_attempt(&state.db, &runtime, &d, &attempt).await {
+                    Ok(outcome) => tracing::info!(
+                        webhook_id = %webhook_id(d.id), event = %d.event_type, attempt = d.attempt_count,
+                        status = ?attempt.status, error = ?attempt.error, outcome, "webhook attempt"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "recording webhook attempt failed"),
+                }
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+    tracing::info!("webhook dispatcher stopped");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +503,35 @@ mod tests {
         assert_eq!(
             sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[tokio::test]
+    async fn private_and_odd_targets_are_refused() {
+        for url in [
+            "http://127.0.0.1/hook",
+            "http://[::1]/hook",
+            "http://10.0.0.1/hook",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::ffff:127.0.0.1]/hook",
+            "http://localhost:9/hook",
+            "http://192.168.1.10/",
+            "http://[fd00::1]/",
+            "http://0.0.0.0/",
+            "file:///etc/passwd",
+            "ftp://example.com/",
+        ] {
+            let err = check_target(url, false).await.expect_err(url);
+            assert!(
+                err.contains("refused") || err.contains("scheme"),
+                "{url}: {err}"
+            );
+        }
+        assert!(check_target("http://127.0.0.1:9/hook", true).await.is_ok());
+        assert!(
+            check_target("https://93.184.216.34/hook", false)
+                .await
+                .is_ok()
         );
     }
 

@@ -1,0 +1,372 @@
+//! Webhook delivery: signatures as a customer verifies them, retries, restarts, two
+//! dispatchers, 410, Retry-After, exhaustion and redelivery.
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use poem::http::StatusCode;
+use poem::listener::{Acceptor, Listener, TcpListener};
+use poem::{EndpointExt, IntoResponse, Request, Response, Route, Server, handler, post};
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::both_backends;
+use crate::helpers::{Backend, TestApp};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+struct Received {
+    id: String,
+    timestamp: i64,
+    signature: String,
+    body: String,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    got: Mutex<Vec<Received>>,
+    script: Mutex<VecDeque<(u16, Option<&'static str>)>>,
+}
+
+/// A local webhook endpoint that answers from a script (then 200) and records every call.
+struct Receiver {
+    port: u16,
+    state: Arc<ReceiverState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+#[handler]
+async fn receive(
+    req: &Request,
+    body: String,
+    state: poem::web::Data<&Arc<ReceiverState>>,
+) -> Response {
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    state.got.lock().unwrap().push(Received {
+        id: h("webhook-id"),
+        timestamp: h("webhook-timestamp").parse().unwrap_or(0),
+        signature: h("webhook-signature"),
+        body,
+        at: Instant::now(),
+    });
+    let (status, retry_after) = state
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or((200, None));
+    let mut resp = StatusCode::from_u16(status).unwrap().into_response();
+    if let Some(ra) = retry_after {
+        resp.headers_mut()
+            .insert("retry-after", ra.parse().unwrap());
+    }
+    resp
+}
+
+impl Receiver {
+    async fn start(port: u16, script: &[(u16, Option<&'static str>)]) -> Receiver {
+        let state = Arc::new(ReceiverState::default());
+        state.script.lock().unwrap().extend(script.iter().cloned());
+        let acceptor = TcpListener::bind(format!("127.0.0.1:{port}"))
+            .into_acceptor()
+            .await
+            .unwrap();
+        let port = acceptor.local_addr()[0].as_socket_addr().unwrap().port();
+        let app = Route::new()
+            .at("/hook", post(receive))
+            .data(Arc::clone(&state));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(
+            Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
+                app,
+                async move {
+                    let _ = rx.await;
+                },
+                Some(Duration::from_secs(1)),
+            ),
+        );
+        Receiver {
+            port,
+            state,
+            stop: Some(tx),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn got(&self) -> Vec<Received> {
+        self.state.got.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, n: usize, within: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.got().len() >= n {
+                return self.got();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("receiver got {} of {n} webhooks", self.got().len());
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Verifies a webhook exactly as a customer would, with the Standard Webhooks rules.
+fn verify(secret: &str, r: &Received) -> bool {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{}.{}.{}", r.id, r.timestamp, r.body).as_bytes());
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let fresh = (chrono::Utc::now().timestamp() - r.timestamp).abs() < 300;
+    fresh
+        && r.signature
+            .split(' ')
+            .any(|s| s.strip_prefix("v1,") == Some(expected.as_str()))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn app_for(backend: Backend, url: &str, schedule: &str) -> TestApp {
+    TestApp::builder(backend)
+        .key(
+            "acme",
+            &format!("initial_credits = 10000\nrate_limit_per_min = 1000\nwebhook_url = \"{url}\"\nwebhook_secret = \"{SECRET}\""),
+        )
+        .webhooks(&format!("retry_schedule = {schedule}\ntimeout_seconds = 5"))
+        .build()
+        .await
+}
+
+async fn complete_batch(app: &TestApp, rid: &str, n: usize) -> String {
+    let r = app
+        .create_batch(app.key("acme"), &TestApp::batch_body(Some(rid), n))
+        .await;
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut done = 0;
+    while done < n {
+        for item in app.claim("w", 10).await {
+            assert_eq!(app.complete(&item).await.status(), 200);
+            done += 1;
+        }
+    }
+    id
+}
+
+async fn deliveries(app: &TestApp) -> Vec<Value> {
+    app.client
+        .get(format!("{}/api/admin/webhooks", app.base))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn wait_status(app: &TestApp, status: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let d = deliveries(app).await;
+        if let Some(x) = d.iter().find(|x| x["status"] == status) {
+            return x.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no delivery reached {status}: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+both_backends!(
+    reference_worker_batch_is_signed_and_retried_until_success,
+    pending_delivery_survives_a_restart,
+    two_dispatchers_send_each_attempt_once,
+    gone_stops_retry_after_delays_exhaustion_fails_and_redelivery_succeeds,
+);
+
+async fn reference_worker_batch_is_signed_and_retried_until_success(backend: Backend) {
+    let receiver = Receiver::start(0, &[(500, None), (500, None)]).await;
+    let app = app_for(backend, &receiver.url(), "[\"1s\", \"1s\", \"1s\"]").await;
+    let r = app
+        .create_batch(app.key("acme"), &TestApp::batch_body(Some("wh-1"), 2))
+        .await;
+    let batch_id = r.json::<Value>().await.unwrap()["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api::worker_client::run(api::worker_client::WorkerArgs {
+        base_url: app.base.clone(),
+        secret: crate::helpers::WORKER_SECRET.into(),
+        concurrency: 2,
+        renderer_cmd: "cat >/dev/null; echo https://cdn.example/$ITEM_ID.mp4".into(),
+        worker_id: "ref".into(),
+        lease_seconds: 30,
+        timeout_seconds: 30,
+        exit_when_idle: true,
+        poll_seconds: 1,
+    })
+    .await
+    .unwrap();
+    let got = receiver.wait_for(3, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got_after = receiver.got();
+    assert_eq!(got_after.len(), 3, "exactly three attempts");
+    assert!(
+        got.iter().all(|r| r.id == got[0].id),
+        "webhook-id stable across attempts"
+    );
+    assert!(got[0].id.starts_with("msg_"));
+    assert!(
+        got.iter().all(|r| verify(SECRET, r)),
+        "every signature verifies"
+    );
+    assert!(
+        got.windows(2)
+            .all(|w| w[1].at.duration_since(w[0].at) >= Duration::from_millis(800))
+    );
+    assert!(got.windows(2).all(|w| w[1].timestamp >= w[0].timestamp));
+    let body: Value = serde_json::from_str(&got[2].body).unwrap();
+    assert_eq!(body["type"], "batch.completed");
+    assert_eq!(body["data"]["batch_id"], batch_id.as_str());
+    assert_eq!(body["data"]["counts"]["succeeded"], 2);
+    assert!(body["data"].get("items").is_none());
+    let d = wait_status(&app, "succeeded", Duration::from_secs(5)).await;
+    assert_eq!(d["attempt_count"], 3);
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM webhook_attempt")
+            .await,
+        3
+    );
+}
+
+async fn pending_delivery_survives_a_restart(backend: Backend) {
+    let port = free_port();
+    let mut app = app_for(
+        backend,
+        &format!("http://127.0.0.1:{port}/hook"),
+        "[\"1s\", \"1s\", \"1s\", \"1s\", \"1s\"]",
+    )
+    .await;
+    complete_batch(&app, "restart-1", 1).await;
+    // The receiver is down: attempts fail and the delivery stays pending.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app
+        .scalar("SELECT COUNT(*) AS v FROM webhook_attempt")
+        .await
+        < 1
+    {
+        assert!(Instant::now() < deadline, "no attempt made");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+    let receiver = Receiver::start(port, &[]).await;
+    app.restart().await;
+    let got = receiver.wait_for(1, Duration::from_secs(15)).await;
+    assert!(verify(SECRET, &got[0]));
+    wait_status(&app, "succeeded", Duration::from_secs(5)).await;
+}
+
+async fn two_dispatchers_send_each_attempt_once(backend: Backend) {
+    let receiver = Receiver::start(0, &[]).await;
+    let app = app_for(backend, &receiver.url(), "[\"1s\"]").await;
+    let peer = app.peer().await;
+    for i in 0..20 {
+        complete_batch(
+            if i % 2 == 0 { &app } else { &peer },
+            &format!("two-{i}"),
+            1,
+        )
+        .await;
+    }
+    receiver.wait_for(20, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let got = receiver.got();
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for r in &got {
+        *per_id.entry(r.id.clone()).or_default() += 1;
+    }
+    assert_eq!(per_id.len(), 20);
+    assert!(
+        per_id.values().all(|n| *n == 1),
+        "an attempt was sent twice: {per_id:?}"
+    );
+}
+
+async fn gone_stops_retry_after_delays_exhaustion_fails_and_redelivery_succeeds(backend: Backend) {
+    // 410 stops at once.
+    let gone = Receiver::start(0, &[(410, None)]).await;
+    let app = app_for(backend.clone(), &gone.url(), "[\"1s\", \"1s\"]").await;
+    complete_batch(&app, "gone", 1).await;
+    let d = wait_status(&app, "failed", Duration::from_secs(10)).await;
+    assert_eq!(d["attempt_count"], 1);
+    assert_eq!(d["last_status_code"], 410);
+    drop(app);
+
+    // Retry-After later than the schedule is honoured.
+    let slow = Receiver::start(0, &[(503, Some("3"))]).await;
+    let app = app_for(backend.clone(), &slow.url(), "[\"1s\"]").await;
+    complete_batch(&app, "slow", 1).await;
+    let got = slow.wait_for(2, Duration::from_secs(15)).await;
+    assert!(
+        got[1].at.duration_since(got[0].at) >= Duration::from_millis(2900),
+        "Retry-After honoured"
+    );
+    drop(app);
+
+    // Exhaustion, then redelivery with the same webhook-id.
+    let mut flaky = Receiver::start(0, &[(500, None), (500, None)]).await;
+    let app = app_for(backend, &flaky.url(), "[\"1s\"]").await;
+    complete_batch(&app, "flaky", 1).await;
+    let d = wait_status(&app, "failed", Duration::from_secs(10)).await;
+    assert_eq!(d["attempt_count"], 2);
+    assert_eq!(flaky.got().len(), 2);
+    let r = app
+        .admin_post(
+            &format!("/webhooks/{}/redeliver", d["id"].as_str().unwrap()),
+            &serde_json::json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let got = flaky.wait_for(3, Duration::from_secs(10)).await;
+    assert_eq!(got[2].id, got[0].id, "redelivery keeps the webhook-id");
+    assert!(verify(SECRET, &got[2]));
+    wait_status(&app, "succeeded", Duration::from_secs(5)).await;
+    flaky.stop();
+    let mut gone = gone;
+    gone.stop();
+    let mut slow = slow;
+    slow.stop();
+}
