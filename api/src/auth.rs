@@ -89,7 +89,9 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
     Ok(Caller { key, runtime })
 }
 
-fn metrics_rate_limited(key: &str, scope: &str) {
+fn metrics_rate_limited(key: &str, scope: &'static str) {
+    metrics::counter!("rate_limit_rejections_total", "key" => key.to_string(), "scope" => scope)
+        .increment(1);
     tracing::info!(key, scope, "rate limit exceeded");
 }
 

@@ -115,7 +115,7 @@ pub async fn run() -> anyhow::Result<()> {
                 port,
                 "listening; Swagger UI at http://127.0.0.1:{port}/docs"
             );
-            println!(
+            eprintln!(
                 "video-batch-api listening on port {port}: docs at http://127.0.0.1:{port}/docs"
             );
             app.run_until_stopped().await?;

@@ -100,15 +100,29 @@ pub async fn request_context<E: Endpoint>(
             }
         }
         let started = Instant::now();
-        let resp = match ep.call(req).await {
-            Ok(r) => r.into_response(),
-            Err(e) => catch_all(e),
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let (resp, op) = match ep.call(req).await {
+            Ok(r) => {
+                let r = r.into_response();
+                let op = r.data::<poem_openapi::OperationId>().map(|o| o.0);
+                (r, op)
+            }
+            Err(e) => {
+                let op = e.data::<poem_openapi::OperationId>().map(|o| o.0);
+                (catch_all(e), op)
+            }
         };
-        tracing::debug!(
-            status = resp.status().as_u16(),
-            latency_us = started.elapsed().as_micros() as u64,
-            "done"
-        );
+        let status = resp.status().as_u16();
+        let route = match op {
+            Some(op) => op.to_string(),
+            None if status == 404 => "unmatched".to_string(),
+            None => path.split('/').take(3).collect::<Vec<_>>().join("/"),
+        };
+        let elapsed = started.elapsed();
+        metrics::counter!("http_requests_total", "route" => route.clone(), "method" => method.to_string(), "status" => status.to_string()).increment(1);
+        metrics::histogram!("http_request_duration_seconds", "route" => route, "method" => method.to_string()).record(elapsed.as_secs_f64());
+        tracing::debug!(status, latency_us = elapsed.as_micros() as u64, "request finished");
         resp
     })
     .instrument(span)
@@ -193,7 +207,15 @@ async fn finish(
 ) -> poem::Result<Response> {
     let mut resp = match result {
         Ok(r) => r.into_response(),
-        Err(e) => catch_all(e),
+        Err(e) => {
+            // Keep the operation id for the metrics of the outer layer.
+            let op = e.data::<poem_openapi::OperationId>().map(|o| o.0);
+            let mut r = catch_all(e);
+            if let Some(op) = op {
+                r.set_data(poem_openapi::OperationId(op));
+            }
+            r
+        }
     };
     let Some(ctx) = context::current() else {
         return Ok(resp);

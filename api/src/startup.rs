@@ -92,6 +92,7 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint<Output = poem::Respon
         .nest("/admin/docs", admin_ui)
         .at("/admin/openapi.json", admin_spec)
         .at("/healthz", get(health::healthz))
+        .at("/metrics", get(health::metrics))
         .at("/readyz", get(health::readyz))
         .data(state)
         .around(move |ep, req| crate::middleware::request_context(ep, req, Arc::clone(&ctx_state)))
@@ -114,6 +115,8 @@ pub async fn prepare_with_db(
     source: Option<ConfigSource>,
     db: DatabaseConnection,
 ) -> anyhow::Result<Arc<AppState>> {
+    crate::telemetry::metrics();
+    crate::telemetry::describe();
     let ids = crate::service::keys::sync(&db, &settings)
         .await
         .context("syncing keys")?;
@@ -138,6 +141,7 @@ pub async fn reload(state: &AppState) -> Result<ReloadResult, String> {
         source.env = std::env::vars().collect();
     }
     let settings = source.load().map_err(|e| {
+        metrics::counter!("config_reloads_total", "outcome" => "rejected").increment(1);
         tracing::error!(error = %e, "configuration reload rejected; the running configuration stays");
         e.to_string()
     })?;
@@ -154,6 +158,7 @@ pub async fn reload(state: &AppState) -> Result<ReloadResult, String> {
         enabled_keys: runtime.by_hash.len() as u32,
     };
     state.runtime.store(Arc::new(runtime));
+    metrics::counter!("config_reloads_total", "outcome" => "applied").increment(1);
     tracing::info!(
         keys = result.keys,
         enabled = result.enabled_keys,
@@ -242,14 +247,59 @@ impl Application {
 
 fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut n: u64 = 0;
         loop {
             tick.tick().await;
-            if let Err(e) = crate::service::rate_limit::prune(&state.db, chrono::Utc::now()).await {
+            n += 1;
+            if n % 6 == 1
+                && let Err(e) =
+                    crate::service::rate_limit::prune(&state.db, chrono::Utc::now()).await
+            {
                 tracing::warn!(error = %e, "pruning rate-limit windows failed");
+            }
+            if let Err(e) = sample_gauges(&state).await {
+                tracing::warn!(error = %e, "sampling queue gauges failed");
             }
         }
     })
+}
+
+/// Queue depth gauges, read through the partial indexes.
+pub async fn sample_gauges(state: &AppState) -> Result<(), sea_orm::DbErr> {
+    use sea_orm::ConnectionTrait;
+    let backend = state.db.get_database_backend();
+    for (name, sql, label) in [
+        (
+            "queue_items",
+            "SELECT COUNT(*) AS n FROM batch_item WHERE status = 'queued'",
+            Some("queued"),
+        ),
+        (
+            "queue_items",
+            "SELECT COUNT(*) AS n FROM batch_item WHERE status = 'running'",
+            Some("running"),
+        ),
+        (
+            "webhook_deliveries_pending",
+            "SELECT COUNT(*) AS n FROM webhook_delivery WHERE status = 'pending'",
+            None,
+        ),
+    ] {
+        let n: i64 = match state
+            .db
+            .query_one_raw(crate::db::stmt(backend, sql, []))
+            .await?
+        {
+            Some(r) => r.try_get("", "n")?,
+            None => 0,
+        };
+        match label {
+            Some(l) => metrics::gauge!(name, "status" => l).set(n as f64),
+            None => metrics::gauge!(name).set(n as f64),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(unix)]

@@ -250,3 +250,18 @@ fn committed_config_files_load() {
     .expect("production.toml is valid with its secrets set");
     assert!(prod.keys.is_empty());
 }
+
+#[test]
+fn empty_env_secret_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.toml", &base());
+    write(dir.path(), "local.toml", "");
+    let msg = source(dir.path(), "local", &[("WORKER_SECRET", "")])
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("worker.secret") && msg.contains("empty"),
+        "{msg}"
+    );
+}

@@ -7,4 +7,5 @@ mod create;
 mod errors;
 mod keys;
 mod lifecycle;
+mod ops;
 mod webhooks;

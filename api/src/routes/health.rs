@@ -36,3 +36,14 @@ pub async fn readyz(state: Data<&Arc<AppState>>) -> impl IntoResponse {
         }
     }
 }
+
+/// Prometheus text exposition of the process's metrics.
+#[handler]
+pub async fn metrics(state: Data<&Arc<AppState>>) -> impl IntoResponse {
+    if let Err(e) = crate::startup::sample_gauges(&state).await {
+        tracing::warn!(error = %e, "sampling queue gauges failed");
+    }
+    crate::telemetry::metrics()
+        .render()
+        .with_content_type("text/plain; version=0.0.4")
+}

@@ -222,6 +222,7 @@ pub async fn create(
         s.items = n as i32;
         s.credits = need;
     });
+    metrics::counter!("batches_created_total").increment(1);
     tracing::info!(key = %key.policy.name, %batch_id, items = n, credits = need, "batch created");
     Ok(CreateOutcome::Created(response))
 }

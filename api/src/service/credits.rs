@@ -150,6 +150,7 @@ pub async fn record<C: ConnectionTrait>(
         ],
     ))
     .await?;
+    metrics::counter!("credits_total", "kind" => kind.as_str()).increment(amount.unsigned_abs());
     Ok(())
 }
 

@@ -64,6 +64,8 @@ pub async fn claim(
         ))
         .await?;
     txn.commit().await?;
+    metrics::counter!("worker_claims_total").increment(1);
+    metrics::counter!("worker_claimed_items_total").increment(rows.len() as u64);
     let mut items = Vec::with_capacity(rows.len());
     let mut batches = Vec::new();
     for r in rows {

@@ -477,6 +477,13 @@ pub async fn run_dispatcher(
             let (state, runtime) = (std::sync::Arc::clone(&state), std::sync::Arc::clone(&runtime));
             async move {
                 let attempt = send(&runtime, &d).await;
+                let result = match attempt.status {
+                    Some(s) if (200..300).contains(&s) => "success",
+                    Some(_) => "http_error",
+                    None if attempt.retryable => "transport_error",
+                    None => "refused",
+                };
+                metrics::counter!("webhook_attempts_total", "result" => result).increment(1);
                 match record_attempt(&state.db, &runtime, &d, &attempt).await {
                     Ok(outcome) => tracing::info!(
                         webhook_id = %webhook_id(d.id), event = %d.event_type, attempt = d.attempt_count,

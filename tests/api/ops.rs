@@ -1,0 +1,287 @@
+//! Operations: metrics, graceful shutdown, and the real binary (SIGHUP reload, JSON logs with
+//! request ids, no secrets at debug level, SIGTERM).
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sea_orm::ConnectionTrait;
+use serde_json::Value;
+
+use crate::both_backends;
+use crate::helpers::{Backend, TestApp, key_plaintext, sha256};
+
+both_backends!(
+    metrics_parse_and_move_with_traffic,
+    in_flight_request_completes_during_shutdown
+);
+
+/// Parses Prometheus text exposition; panics on a malformed line. Returns (series, value).
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment: {line}");
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "bad labels in {line}");
+        }
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        out.push((series.to_string(), v));
+    }
+    out
+}
+
+fn sum(series: &[(String, f64)], name: &str, must_contain: &[&str]) -> f64 {
+    series
+        .iter()
+        .filter(|(s, _)| s.starts_with(name) && must_contain.iter().all(|m| s.contains(m)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+async fn metrics_parse_and_move_with_traffic(backend: Backend) {
+    let tag = format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let app = TestApp::builder(backend)
+        .key(&tag, "initial_credits = 1000\nrate_limit_per_min = 2")
+        .build()
+        .await;
+    let scrape = || async {
+        let r = app
+            .client
+            .get(format!("{}/metrics", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        parse_prometheus(&r.text().await.unwrap())
+    };
+    let before = scrape().await;
+    let key = app.key(&tag).to_string();
+    for i in 0..3 {
+        app.create_batch(&key, &TestApp::batch_body(Some(&format!("m-{i}")), 1))
+            .await;
+    }
+    let after = scrape().await;
+    let label = format!("key=\"{tag}\"");
+    assert_eq!(
+        sum(&after, "rate_limit_rejections_total", &[&label]),
+        1.0,
+        "who is rate limited, and in which scope"
+    );
+    let created = |s: &[(String, f64)]| {
+        sum(
+            s,
+            "http_requests_total",
+            &["route=\"create_batch\"", "status=\"201\""],
+        )
+    };
+    assert!(created(&after) - created(&before) >= 2.0);
+    assert!(
+        sum(
+            &after,
+            "http_request_duration_seconds_count",
+            &["route=\"create_batch\""]
+        ) >= 3.0
+    );
+    assert!(
+        sum(
+            &after,
+            "http_requests_total",
+            &["route=\"create_batch\"", "status=\"429\""]
+        ) >= 1.0
+    );
+    assert!(sum(&after, "credits_total", &["kind=\"hold\""]) >= 20.0);
+    assert!(
+        after.iter().any(|(s, _)| s.starts_with("queue_items")),
+        "queue depth is exported"
+    );
+}
+
+async fn in_flight_request_completes_during_shutdown(backend: Backend) {
+    let mut app = TestApp::builder(backend.clone())
+        .key("acme", "initial_credits = 100")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    // Hold the database's write lock so that a create is still in flight when shutdown starts.
+    let locker = app.db();
+    let pg = backend.is_postgres();
+    let txn = api::db::begin_write(&locker).await.unwrap();
+    if pg {
+        txn.execute_unprepared("LOCK TABLE credit_wallet IN EXCLUSIVE MODE")
+            .await
+            .unwrap();
+    } else {
+        txn.execute_unprepared("UPDATE credit_wallet SET updated_at = updated_at")
+            .await
+            .unwrap();
+    }
+    let client = app.client.clone();
+    let url = format!("{}/api/enterprise/video-batch", app.base);
+    let body = TestApp::batch_body(Some("inflight"), 1);
+    let request = tokio::spawn(async move {
+        client
+            .post(url)
+            .header("x-api-key", key)
+            .json(&body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!request.is_finished(), "the create waits for the lock");
+    let stopping = tokio::spawn(async move {
+        app.stop().await;
+        app
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    txn.commit().await.unwrap();
+    let status = request
+        .await
+        .unwrap()
+        .expect("the in-flight request gets its response");
+    assert!(
+        status == 201,
+        "in-flight create completed during shutdown, got {status}"
+    );
+    let app = stopping.await.unwrap();
+    assert_eq!(app.scalar("SELECT COUNT(*) AS v FROM batch_job").await, 1);
+}
+
+/// Starts the real binary with a config folder; SIGHUP reloads, logs are JSON with request ids
+/// and never contain a secret, SIGTERM stops it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reloads_on_sighup_and_logs_no_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let key = key_plaintext("bin");
+    let write = |cap: u32| {
+        std::fs::write(
+            dir.path().join("base.toml"),
+            format!(
+                "[server]\nbind = \"127.0.0.1:{port}\"\n[database]\nurl = \"sqlite://{}/bin.db?mode=rwc\"\n\
+                 [worker]\nsecret = \"env:VB_TEST_WORKER_SECRET\"\n[admin]\ntoken = \"bin-admin-token-value\"\n\
+                 [log]\nformat = \"json\"\n[keys.bin]\nkey_sha256 = \"{}\"\ninitial_credits = 100\nmax_batch_items = {cap}\n",
+                dir.path().display(),
+                sha256(&key)
+            ),
+        )
+        .unwrap();
+    };
+    write(5);
+    std::fs::write(dir.path().join("test.toml"), "").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_video-batch-api"))
+        .env("APP_CONFIG_DIR", dir.path())
+        .env("APP_ENVIRONMENT", "test")
+        .env("VB_TEST_WORKER_SECRET", "bin-worker-secret-value")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/readyz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "binary did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let create = |n: usize, rid: &str| {
+        client
+            .post(format!("{base}/api/enterprise/video-batch"))
+            .header("x-api-key", &key)
+            .header("x-request-id", format!("trace-{rid}"))
+            .json(&TestApp::batch_body(Some(rid), n))
+            .send()
+    };
+    assert_eq!(create(3, "before").await.unwrap().status(), 201);
+    write(2);
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 0;
+    loop {
+        i += 1;
+        let s = create(3, &format!("after-{i}")).await.unwrap().status();
+        if s == 422 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not apply the new cap"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Worker and admin calls too, so their secrets pass through the server.
+    client
+        .post(format!("{base}/api/internal/worker/claim"))
+        .bearer_auth("bin-worker-secret-value")
+        .json(&serde_json::json!({"worker_id": "w", "max_items": 1}))
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(format!("{base}/api/admin/keys"))
+        .bearer_auth("bin-admin-token-value")
+        .send()
+        .await
+        .unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "SIGTERM stops cleanly: {exit:?}");
+    let lines = lines.join().unwrap();
+    assert!(!lines.is_empty());
+    let all = lines.join("\n");
+    for secret in [
+        key.as_str(),
+        "bin-worker-secret-value",
+        "bin-admin-token-value",
+    ] {
+        assert!(!all.contains(secret), "a secret reached the logs");
+    }
+    let mut with_request_id = 0;
+    for l in &lines {
+        let v: Value =
+            serde_json::from_str(l).unwrap_or_else(|_| panic!("not a JSON log line: {l}"));
+        if v.to_string().contains("trace-before") {
+            with_request_id += 1;
+        }
+    }
+    assert!(
+        with_request_id >= 2,
+        "request log lines carry the request id"
+    );
+    assert!(all.contains("configuration reloaded"));
+}
