@@ -1,7 +1,9 @@
 //! HTTP-level integration tests; each runs on SQLite and, with `TEST_DATABASE_URL`, PostgreSQL.
 mod helpers;
 
+mod account;
 mod admin;
+mod cli;
 mod config;
 mod create;
 mod errors;

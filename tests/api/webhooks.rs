@@ -214,7 +214,46 @@ both_backends!(
     pending_delivery_survives_a_restart,
     two_dispatchers_send_each_attempt_once,
     gone_stops_retry_after_delays_exhaustion_fails_and_redelivery_succeeds,
+    item_events_for_subscribed_keys_and_rotation_signatures,
 );
+
+async fn item_events_for_subscribed_keys_and_rotation_signatures(backend: Backend) {
+    let receiver = Receiver::start(0, &[]).await;
+    const OLD: &str = "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let app = TestApp::builder(backend)
+        .key(
+            "acme",
+            &format!(
+                "initial_credits = 100\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"\n\
+                 webhook_previous_secret = \"{OLD}\"\n\
+                 webhook_events = [\"batch.completed\", \"item.succeeded\", \"item.failed\"]",
+                receiver.url()
+            ),
+        )
+        .build()
+        .await;
+    let r = app.create_batch(app.key("acme"), &TestApp::batch_body(Some("ev"), 2)).await;
+    assert_eq!(r.status(), 201);
+    let items = app.claim("w", 2).await;
+    assert_eq!(app.complete(&items[0]).await.status(), 200);
+    assert_eq!(app.fail(&items[1], false).await.status(), 200);
+    let got = receiver.wait_for(3, Duration::from_secs(10)).await;
+    let mut types: Vec<String> = got
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(&r.body).unwrap()["type"].as_str().unwrap().to_string())
+        .collect();
+    types.sort();
+    assert_eq!(types, ["batch.completed", "item.failed", "item.succeeded"]);
+    for r in &got {
+        assert!(verify(SECRET, r), "new secret verifies");
+        assert!(verify(OLD, r), "previous secret verifies during rotation");
+        assert_eq!(r.signature.split(' ').count(), 2);
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        if body["type"] != "batch.completed" {
+            assert!(body["data"]["item"]["item_id"].is_string(), "{body}");
+        }
+    }
+}
 
 async fn reference_worker_batch_is_signed_and_retried_until_success(backend: Backend) {
     let receiver = Receiver::start(0, &[(500, None), (500, None)]).await;
