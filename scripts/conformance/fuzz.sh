@@ -44,7 +44,6 @@ key_sha256 = \"$(conf_sha256 "$FUZZ_KEY")\"
 initial_credits = 100000000
 rate_limit_per_min = 100000
 read_rate_limit_per_min = 100000
-max_batch_items = 100
 "
 conf_start_server
 
@@ -109,6 +108,7 @@ PY
 
 failed=()
 summary=()
+digest=()
 for doc in $DOCS; do
     location="$BASE_URL$(doc_path "$doc")"
     if [ "${FUZZ_PATCH_NULLABLE:-0}" = 1 ]; then
@@ -163,6 +163,13 @@ json.dump(doc, sys.stdout)
     summary+=("$(printf '%-9s rc=%-3s operations tested=%-3s %-60s %4ss' \
         "$doc" "$rc" "${ops:-?}" "${cases:-?}" "$((t1 - t0))")")
     [ "$rc" -eq 0 ] || failed+=("$doc")
+    # Digest of the failures: operation, check, and the schema location or status at fault.
+    digest+=("$(awk -v doc="$doc" '
+        /^_{5,} .* _{5,}$/ { op = $0; gsub(/^_+ | _+$/, "", op) }
+        /^- ST[0-9]+/      { chk = $0; sub(/^- /, "", chk); sub(/ \([0-9]+ violations\)/, "", chk) }
+        /Schema at |Received: |returned [0-9]+ without/ { d = $0; sub(/^ +/, "", d); print "  " doc " | " op " | " chk " | " d }
+        /^- ST(201|202)/   { print "  " doc " | " op " | " chk }
+    ' "$out" | sort -u)")
 done
 
 # A 5xx is also logged by the server with its cause: show those lines to help diagnosis.
@@ -175,6 +182,10 @@ fi
 echo
 echo "================ conformance fuzz summary (max-examples $MAX_EXAMPLES) ================"
 printf '%s\n' "${summary[@]}"
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "failures (document | operation | check | where):"
+    printf '%s\n' "${digest[@]}" | grep -v '^$' || true
+fi
 echo "reports: $REPORT_DIR/fuzz-*.txt, fuzz-*.junit.xml; total $(($(date +%s) - started))s"
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "FAILED: ${failed[*]}"

@@ -4,7 +4,11 @@ use serde_json::{Value, json};
 use crate::both_backends;
 use crate::helpers::{Backend, TestApp};
 
-both_backends!(usage_counts_calls_batches_items_and_charges, read_calls_use_the_read_quota, old_rate_windows_are_pruned);
+both_backends!(
+    usage_counts_calls_batches_items_and_charges,
+    read_calls_use_the_read_quota,
+    old_rate_windows_are_pruned
+);
 
 async fn usage_counts_calls_batches_items_and_charges(backend: Backend) {
     let app = TestApp::builder(backend)
@@ -13,17 +17,40 @@ async fn usage_counts_calls_batches_items_and_charges(backend: Backend) {
         .build()
         .await;
     let key = app.key("acme").to_string();
-    assert_eq!(app.create_batch(&key, &TestApp::batch_body(Some("u1"), 2)).await.status(), 201);
-    assert_eq!(app.create_batch(&key, &TestApp::batch_body(Some("u2"), 2)).await.status(), 201);
-    assert_eq!(app.create_batch(&key, &TestApp::batch_body(Some("u3"), 2)).await.status(), 402);
+    assert_eq!(
+        app.create_batch(&key, &TestApp::batch_body(Some("u1"), 2))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        app.create_batch(&key, &TestApp::batch_body(Some("u2"), 2))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        app.create_batch(&key, &TestApp::batch_body(Some("u3"), 2))
+            .await
+            .status(),
+        402
+    );
     let item = app.claim("w", 1).await.remove(0);
     assert_eq!(app.complete(&item).await.status(), 200);
     // Another key's activity does not show.
-    assert_eq!(app.create_batch(app.key("beta"), &TestApp::batch_body(Some("b1"), 1)).await.status(), 201);
+    assert_eq!(
+        app.create_batch(app.key("beta"), &TestApp::batch_body(Some("b1"), 1))
+            .await
+            .status(),
+        201
+    );
     let today = chrono::Utc::now().date_naive();
     let r = app
         .client
-        .get(format!("{}/api/enterprise/usage?from={today}&to={today}", app.base))
+        .get(format!(
+            "{}/api/enterprise/usage?from={today}&to={today}",
+            app.base
+        ))
         .header("x-api-key", &key)
         .send()
         .await
@@ -42,7 +69,10 @@ async fn usage_counts_calls_batches_items_and_charges(backend: Backend) {
     assert_eq!(d["credits_charged"], 10);
     let r = app
         .client
-        .get(format!("{}/api/enterprise/usage?from=2026-12-01&to=2026-11-01", app.base))
+        .get(format!(
+            "{}/api/enterprise/usage?from=2026-12-01&to=2026-11-01",
+            app.base
+        ))
         .header("x-api-key", &key)
         .send()
         .await
@@ -51,7 +81,10 @@ async fn usage_counts_calls_batches_items_and_charges(backend: Backend) {
     // The admin sees the same numbers for the key.
     let r = app
         .client
-        .get(format!("{}/api/admin/keys/acme/usage?from={today}&to={today}", app.base))
+        .get(format!(
+            "{}/api/admin/keys/acme/usage?from={today}&to={today}",
+            app.base
+        ))
         .bearer_auth(crate::helpers::ADMIN_TOKEN)
         .send()
         .await
@@ -62,35 +95,73 @@ async fn usage_counts_calls_batches_items_and_charges(backend: Backend) {
 
 async fn read_calls_use_the_read_quota(backend: Backend) {
     let app = TestApp::builder(backend)
-        .key("acme", "initial_credits = 100\nread_rate_limit_per_min = 3\nrate_limit_per_min = 50")
+        .key(
+            "acme",
+            "initial_credits = 100\nread_rate_limit_per_min = 3\nrate_limit_per_min = 50",
+        )
         .build()
         .await;
     let key = app.key("acme").to_string();
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        let r = app.client.get(format!("{}/api/enterprise/credits", app.base)).header("x-api-key", &key).send().await.unwrap();
+        let r = app
+            .client
+            .get(format!("{}/api/enterprise/credits", app.base))
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.headers()["ratelimit-policy"], "\"read\";q=3;w=60");
         statuses.push(r.status().as_u16());
     }
     assert_eq!(statuses, [200, 200, 200, 429]);
     // Batch creation has its own quota.
-    assert_eq!(app.create_batch(&key, &TestApp::batch_body(None, 1)).await.status(), 201);
+    assert_eq!(
+        app.create_batch(&key, &TestApp::batch_body(None, 1))
+            .await
+            .status(),
+        201
+    );
     // Oversized params are refused clearly.
     let big = "x".repeat(5000);
-    let r = app.create_batch(&key, &json!({"items": [{"prompt": "p", "params": {"blob": big}}]})).await;
+    let r = app
+        .create_batch(
+            &key,
+            &json!({"items": [{"prompt": "p", "params": {"blob": big}}]}),
+        )
+        .await;
     assert_eq!(r.status(), 422);
     let v: Value = r.json().await.unwrap();
-    assert!(v["message"].as_str().unwrap().contains("items[0].params"), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("items[0].params"),
+        "{v}"
+    );
 }
 
 async fn old_rate_windows_are_pruned(backend: Backend) {
-    let app = TestApp::builder(backend).key("acme", "initial_credits = 100").build().await;
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 100")
+        .build()
+        .await;
     let key = app.key("acme").to_string();
-    app.client.get(format!("{}/api/enterprise/credits", app.base)).header("x-api-key", &key).send().await.unwrap();
-    assert_eq!(app.scalar("SELECT COUNT(*) AS v FROM rate_limit_window").await, 1);
+    app.client
+        .get(format!("{}/api/enterprise/credits", app.base))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM rate_limit_window")
+            .await,
+        1
+    );
     let now = chrono::Utc::now();
-    let pruned = api::service::rate_limit::prune(&app.db(), now).await.unwrap();
+    let pruned = api::service::rate_limit::prune(&app.db(), now)
+        .await
+        .unwrap();
     assert_eq!(pruned, 0, "the current window stays");
-    let pruned = api::service::rate_limit::prune(&app.db(), now + chrono::Duration::minutes(3)).await.unwrap();
+    let pruned = api::service::rate_limit::prune(&app.db(), now + chrono::Duration::minutes(3))
+        .await
+        .unwrap();
     assert_eq!(pruned, 1, "ended windows go");
 }

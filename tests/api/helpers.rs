@@ -460,32 +460,9 @@ impl TestApp {
         r.send().await.expect("request")
     }
 
-    /// Checks the ledger invariant of every key: balance = grants + adjusts - charges and
-    /// held = holds - charges - releases. Returns (balance, held) of `key`.
+    /// Checks the ledger invariant of every key (see [`assert_ledger_invariant`]).
     pub async fn assert_ledger_invariant(&self) {
-        let rows = self
-            .db()
-            .query_all_raw(Statement::from_string(
-                self.db().get_database_backend(),
-                "SELECT w.api_key_id AS k, w.balance AS balance, w.held AS held, \
-                 CAST(COALESCE(SUM(CASE WHEN l.kind IN ('grant','adjust') THEN l.amount WHEN l.kind = 'charge' THEN -l.amount ELSE 0 END), 0) AS BIGINT) AS exp_balance, \
-                 CAST(COALESCE(SUM(CASE WHEN l.kind = 'hold' THEN l.amount WHEN l.kind IN ('charge','release') THEN -l.amount ELSE 0 END), 0) AS BIGINT) AS exp_held \
-                 FROM credit_wallet w LEFT JOIN credit_ledger l ON l.api_key_id = w.api_key_id \
-                 GROUP BY w.api_key_id, w.balance, w.held"
-                    .to_string(),
-            ))
-            .await
-            .expect("ledger query");
-        for r in rows {
-            let k: i64 = r.try_get("", "k").unwrap();
-            let balance: i64 = r.try_get("", "balance").unwrap();
-            let held: i64 = r.try_get("", "held").unwrap();
-            let eb: i64 = r.try_get("", "exp_balance").unwrap();
-            let eh: i64 = r.try_get("", "exp_held").unwrap();
-            assert_eq!(balance, eb, "key {k}: balance disagrees with the ledger");
-            assert_eq!(held, eh, "key {k}: held disagrees with the ledger");
-            assert!(held >= 0 && balance >= held, "key {k}: wallet rule broken");
-        }
+        assert_ledger_invariant(&self.db()).await;
     }
 }
 
@@ -494,5 +471,32 @@ impl Drop for TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// Checks the ledger invariant of every key: balance = grants + adjusts - charges and
+/// held = holds - charges - releases, and the wallet rule `balance >= held >= 0`.
+pub async fn assert_ledger_invariant(db: &DatabaseConnection) {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT w.api_key_id AS k, w.balance AS balance, w.held AS held, \
+             CAST(COALESCE(SUM(CASE WHEN l.kind IN ('grant','adjust') THEN l.amount WHEN l.kind = 'charge' THEN -l.amount ELSE 0 END), 0) AS BIGINT) AS exp_balance, \
+             CAST(COALESCE(SUM(CASE WHEN l.kind = 'hold' THEN l.amount WHEN l.kind IN ('charge','release') THEN -l.amount ELSE 0 END), 0) AS BIGINT) AS exp_held \
+             FROM credit_wallet w LEFT JOIN credit_ledger l ON l.api_key_id = w.api_key_id \
+             GROUP BY w.api_key_id, w.balance, w.held"
+                .to_string(),
+        ))
+        .await
+        .expect("ledger query");
+    for r in rows {
+        let k: i64 = r.try_get("", "k").unwrap();
+        let balance: i64 = r.try_get("", "balance").unwrap();
+        let held: i64 = r.try_get("", "held").unwrap();
+        let eb: i64 = r.try_get("", "exp_balance").unwrap();
+        let eh: i64 = r.try_get("", "exp_held").unwrap();
+        assert_eq!(balance, eb, "key {k}: balance disagrees with the ledger");
+        assert_eq!(held, eh, "key {k}: held disagrees with the ledger");
+        assert!(held >= 0 && balance >= held, "key {k}: wallet rule broken");
     }
 }

@@ -5,6 +5,7 @@ mod account;
 mod admin;
 mod cli;
 mod config;
+mod crash;
 mod create;
 mod errors;
 mod keys;

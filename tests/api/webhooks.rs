@@ -232,7 +232,9 @@ async fn item_events_for_subscribed_keys_and_rotation_signatures(backend: Backen
         )
         .build()
         .await;
-    let r = app.create_batch(app.key("acme"), &TestApp::batch_body(Some("ev"), 2)).await;
+    let r = app
+        .create_batch(app.key("acme"), &TestApp::batch_body(Some("ev"), 2))
+        .await;
     assert_eq!(r.status(), 201);
     let items = app.claim("w", 2).await;
     assert_eq!(app.complete(&items[0]).await.status(), 200);
@@ -240,7 +242,12 @@ async fn item_events_for_subscribed_keys_and_rotation_signatures(backend: Backen
     let got = receiver.wait_for(3, Duration::from_secs(10)).await;
     let mut types: Vec<String> = got
         .iter()
-        .map(|r| serde_json::from_str::<Value>(&r.body).unwrap()["type"].as_str().unwrap().to_string())
+        .map(|r| {
+            serde_json::from_str::<Value>(&r.body).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     types.sort();
     assert_eq!(types, ["batch.completed", "item.failed", "item.succeeded"]);
