@@ -911,31 +911,6 @@ impl Settings {
         Ok(())
     }
 
-    /// Loads settings for tests and tools from one TOML text, with no layering.
-    pub fn from_toml_str(
-        text: &str,
-        env: HashMap<String, String>,
-    ) -> Result<Settings, ConfigError> {
-        let dir = tempfile_dir();
-        let base = dir.join("base.toml");
-        std::fs::write(&base, text).map_err(|e| ConfigError {
-            origin: base.display().to_string(),
-            field: "-".into(),
-            message: e.to_string(),
-        })?;
-        std::fs::write(dir.join("inline.toml"), "").ok();
-        let result = ConfigSource {
-            dir: dir.clone(),
-            environment: "inline".into(),
-            extra_files: vec![],
-            env,
-            refresh_env: false,
-        }
-        .load();
-        std::fs::remove_dir_all(&dir).ok();
-        result
-    }
-
     /// A key's policy by name.
     pub fn key(&self, name: &str) -> Option<&Arc<KeyPolicy>> {
         self.keys.get(name)
@@ -1013,10 +988,4 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_string(),
     }
-}
-
-fn tempfile_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vb-config-{}", uuid::Uuid::new_v4().simple()));
-    let _ = std::fs::create_dir_all(&dir);
-    dir
 }

@@ -1,7 +1,7 @@
 //! `/api/admin`: credits, keys, usage and config reload for operators.
 use std::sync::Arc;
 
-use chrono::{Duration, NaiveDate, TimeZone, Utc};
+use chrono::NaiveDate;
 use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
@@ -14,7 +14,7 @@ use crate::schemas::admin::{
     AdjustRequest, AdminWallet, DeliveryStatus, GrantRequest, KeyInfo, ReloadResult,
     WebhookDeliveryView,
 };
-use crate::schemas::credits::{Usage, UsageDay};
+use crate::schemas::credits::Usage;
 use crate::service::credits::{self, LedgerKind};
 use crate::service::{keys, usage};
 use crate::state::AppState;
@@ -211,21 +211,7 @@ impl AdminApi {
         to: Query<Option<NaiveDate>>,
     ) -> Result<Json<Usage>, ApiError> {
         let id = Self::key_id(&state, &key.0).await?;
-        let today = Utc::now().date_naive();
-        let to_day = to.0.unwrap_or(today);
-        let from_day = from.0.unwrap_or(to_day - Duration::days(29));
-        if from_day > to_day {
-            return Err(ApiError::validation("from", "must not be after `to`"));
-        }
-        let start = Utc.from_utc_datetime(&from_day.and_hms_opt(0, 0, 0).unwrap_or_default());
-        let end = Utc.from_utc_datetime(&to_day.and_hms_opt(0, 0, 0).unwrap_or_default())
-            + Duration::days(1);
-        let days = usage::daily(&state.db, id, start, end).await?;
-        Ok(Json(Usage {
-            from: start,
-            to: end,
-            days: days.into_iter().map(UsageDay::from).collect(),
-        }))
+        Ok(Json(usage::report(&state.db, id, from.0, to.0).await?))
     }
 
     /// List keys
@@ -310,20 +296,17 @@ impl AdminApi {
         #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<Vec<WebhookDeliveryView>>, ApiError> {
-        use entity::webhook_delivery::{Column, Entity};
-        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
-        let mut q = Entity::find();
-        if let Some(s) = status.0 {
-            q = q.filter(Column::Status.eq(s.as_str()));
-        }
-        if let Some(name) = &key.0 {
-            q = q.filter(Column::ApiKeyId.eq(Self::key_id(&state, name).await?));
-        }
-        let rows = q
-            .order_by_desc(Column::CreatedAt)
-            .limit(u64::from(limit.0.unwrap_or(100)))
-            .all(&state.db)
-            .await?;
+        let key_id = match &key.0 {
+            Some(name) => Some(Self::key_id(&state, name).await?),
+            None => None,
+        };
+        let rows = crate::service::webhooks::list(
+            &state.db,
+            status.0.map(DeliveryStatus::as_str),
+            key_id,
+            u64::from(limit.0.unwrap_or(100)),
+        )
+        .await?;
         Ok(Json(
             rows.into_iter()
                 .map(|d| delivery_view(&auth.0, d))

@@ -1,7 +1,7 @@
 //! `/api/enterprise`: the customer API (batches, credits, usage).
 use std::sync::Arc;
 
-use chrono::{Duration, NaiveDate, TimeZone, Utc};
+use chrono::NaiveDate;
 use poem::Request;
 use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
@@ -15,9 +15,9 @@ use crate::middleware::AuditTemplate;
 use crate::schemas::batches::{
     Batch, BatchCreated, BatchList, BatchStatusFilter, CreateBatchRequest,
 };
-use crate::schemas::credits::{Credits, Usage, UsageDay};
+use crate::schemas::credits::{Credits, Usage};
 use crate::service::batches::{self, AuditInfo, CreateOutcome};
-use crate::service::{credits, usage};
+use crate::service::credits;
 use crate::state::AppState;
 
 /// Groups of the customer API.
@@ -264,26 +264,8 @@ impl CustomerApi {
         /// Last day (UTC), inclusive.
         to: Query<Option<NaiveDate>>,
     ) -> Result<Read<Usage>, ApiError> {
-        let today = Utc::now().date_naive();
-        let to_day = to.0.unwrap_or(today);
-        let from_day = from.0.unwrap_or(to_day - Duration::days(29));
-        if from_day > to_day {
-            return Err(ApiError::validation("from", "must not be after `to`"));
-        }
-        if to_day - from_day > Duration::days(366) {
-            return Err(ApiError::validation(
-                "from",
-                "the period may span at most 366 days",
-            ));
-        }
-        let start = Utc.from_utc_datetime(&from_day.and_hms_opt(0, 0, 0).unwrap_or_default());
-        let end = Utc.from_utc_datetime(&to_day.and_hms_opt(0, 0, 0).unwrap_or_default())
-            + Duration::days(1);
-        let days = usage::daily(&state.db, auth.0.key.id, start, end).await?;
-        Ok(Read::Ok(Json(Usage {
-            from: start,
-            to: end,
-            days: days.into_iter().map(UsageDay::from).collect(),
-        })))
+        Ok(Read::Ok(Json(
+            crate::service::usage::report(&state.db, auth.0.key.id, from.0, to.0).await?,
+        )))
     }
 }

@@ -25,6 +25,17 @@ pub struct RateInfo {
 }
 
 impl RateInfo {
+    /// The quota once `count` calls were counted in the window of `now`.
+    fn after(scope: &'static str, limit: u32, count: i64, now: DateTime<Utc>) -> Self {
+        Self {
+            scope,
+            limit,
+            remaining: (i64::from(limit) - count).max(0) as u32,
+            reset_secs: reset_secs(now),
+            exceeded: count > i64::from(limit),
+        }
+    }
+
     /// A view of an untouched quota (calls that consumed none).
     pub fn untouched(scope: &'static str, limit: u32, now: DateTime<Utc>) -> Self {
         Self {
@@ -65,13 +76,7 @@ pub async fn hit<C: ConnectionTrait>(
         .await?
         .ok_or_else(|| DbErr::RecordNotFound("rate_limit_window".into()))?;
     let count: i64 = row.try_get("", "count")?;
-    Ok(RateInfo {
-        scope,
-        limit,
-        remaining: (i64::from(limit) - count).max(0) as u32,
-        reset_secs: reset_secs(now),
-        exceeded: count > i64::from(limit),
-    })
+    Ok(RateInfo::after(scope, limit, count, now))
 }
 
 /// The quota state without counting a call (for refused calls that use no quota).
@@ -93,12 +98,10 @@ pub async fn peek<C: ConnectionTrait>(
         Some(r) => r.try_get("", "count")?,
         None => 0,
     };
+    // Peeking counts nothing, so nothing is refused.
     Ok(RateInfo {
-        scope,
-        limit,
-        remaining: (i64::from(limit) - count).max(0) as u32,
-        reset_secs: reset_secs(now),
         exceeded: false,
+        ..RateInfo::after(scope, limit, count, now)
     })
 }
 

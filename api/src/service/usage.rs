@@ -168,3 +168,32 @@ pub async fn daily<C: ConnectionTrait>(
     }
     Ok(days.into_values().collect())
 }
+
+/// A key's usage for the UTC days `from..=to` (default: the 30 days up to today), as served.
+pub async fn report<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    from: Option<NaiveDate>,
+    to: Option<NaiveDate>,
+) -> Result<crate::schemas::credits::Usage, crate::error::ApiError> {
+    use crate::error::ApiError;
+    let to_day = to.unwrap_or_else(|| Utc::now().date_naive());
+    let from_day = from.unwrap_or(to_day - TimeDelta::days(29));
+    if from_day > to_day {
+        return Err(ApiError::validation("from", "must not be after `to`"));
+    }
+    if to_day - from_day > TimeDelta::days(366) {
+        return Err(ApiError::validation(
+            "from",
+            "the period may span at most 366 days",
+        ));
+    }
+    let start = from_day.and_time(chrono::NaiveTime::MIN).and_utc();
+    let end = to_day.and_time(chrono::NaiveTime::MIN).and_utc() + TimeDelta::days(1);
+    let days = daily(db, key_id, start, end).await?;
+    Ok(crate::schemas::credits::Usage {
+        from: start,
+        to: end,
+        days: days.into_iter().map(Into::into).collect(),
+    })
+}

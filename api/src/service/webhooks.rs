@@ -436,6 +436,27 @@ pub async fn record_attempt(
     Ok(status)
 }
 
+/// Deliveries newest first, optionally by status and key.
+pub async fn list(
+    db: &DatabaseConnection,
+    status: Option<&str>,
+    key_id: Option<i64>,
+    limit: u64,
+) -> Result<Vec<webhook_delivery::Model>, DbErr> {
+    use sea_orm::{QueryOrder, QuerySelect};
+    let mut q = webhook_delivery::Entity::find();
+    if let Some(s) = status {
+        q = q.filter(webhook_delivery::Column::Status.eq(s));
+    }
+    if let Some(k) = key_id {
+        q = q.filter(webhook_delivery::Column::ApiKeyId.eq(k));
+    }
+    q.order_by_desc(webhook_delivery::Column::CreatedAt)
+        .limit(limit)
+        .all(db)
+        .await
+}
+
 /// Starts a new attempt series of a delivery (same `webhook-id`).
 pub async fn redeliver(db: &DatabaseConnection, id: Uuid) -> Result<bool, DbErr> {
     let now = Utc::now();
