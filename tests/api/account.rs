@@ -102,6 +102,7 @@ async fn read_calls_use_the_read_quota(backend: Backend) {
         .build()
         .await;
     let key = app.key("acme").to_string();
+    crate::helpers::fresh_window(10).await;
     let mut statuses = Vec::new();
     for _ in 0..4 {
         let r = app

@@ -38,11 +38,7 @@ async fn rate_limit_is_exact_under_concurrency(backend: Backend) {
         .await;
     let peers = nodes(&app, &backend).await;
     let key = app.key("acme").to_string();
-    // Stay inside one window: start right after a minute boundary if the current one is ending.
-    let secs = chrono::Utc::now().timestamp() % 60;
-    if secs > 30 {
-        tokio::time::sleep(std::time::Duration::from_secs((61 - secs) as u64)).await;
-    }
+    crate::helpers::fresh_window(30).await;
     let calls = (0..200).map(|i| {
         let target = pick(&app, &peers, i);
         let key = key.clone();
@@ -359,6 +355,7 @@ async fn audit_rows_for_every_outcome(backend: Backend) {
         .build()
         .await;
     let key = app.key("acme").to_string();
+    crate::helpers::fresh_window(10).await;
     let ua = |r: reqwest::RequestBuilder| r.header("user-agent", "audit-test/1.0");
     let post = |key: String, body: Value| {
         let r = ua(app

@@ -70,6 +70,7 @@ async fn metrics_parse_and_move_with_traffic(backend: Backend) {
         assert_eq!(r.status(), 200);
         parse_prometheus(&r.text().await.unwrap())
     };
+    crate::helpers::fresh_window(10).await;
     let before = scrape().await;
     let key = app.key(&tag).to_string();
     for i in 0..3 {
