@@ -83,7 +83,7 @@ impl ErrorCode {
 pub struct ErrorBody {
     /// Always `false`.
     pub ok: bool,
-    /// Machine-readable code.
+    // Machine-readable code.
     pub error: ErrorCode,
     /// Human-readable explanation.
     pub message: String,

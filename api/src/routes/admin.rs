@@ -1,7 +1,6 @@
 //! `/api/admin`: credits, keys, usage and config reload for operators.
 use std::sync::Arc;
 
-use chrono::NaiveDate;
 use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
@@ -111,7 +110,11 @@ impl AdminApi {
         state: Data<&Arc<AppState>>,
         _auth: AdminAuth,
         key: Path<String>,
-        #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
+        #[oai(
+            name = "Idempotency-Key",
+            validator(min_length = 1, max_length = 255, pattern = r"^[A-Za-z0-9._:\-]+$")
+        )]
+        idempotency_key: Header<Option<String>>,
         body: Json<GrantRequest>,
     ) -> Result<Json<AdminWallet>, ApiError> {
         Ok(Json(
@@ -141,7 +144,11 @@ impl AdminApi {
         state: Data<&Arc<AppState>>,
         _auth: AdminAuth,
         key: Path<String>,
-        #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
+        #[oai(
+            name = "Idempotency-Key",
+            validator(min_length = 1, max_length = 255, pattern = r"^[A-Za-z0-9._:\-]+$")
+        )]
+        idempotency_key: Header<Option<String>>,
         body: Json<AdjustRequest>,
     ) -> Result<Json<AdminWallet>, ApiError> {
         if body.0.amount == 0 {
@@ -206,12 +213,16 @@ impl AdminApi {
         _auth: AdminAuth,
         key: Path<String>,
         /// First day (UTC).
-        from: Query<Option<NaiveDate>>,
+        #[oai(validator(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"))]
+        from: Query<Option<String>>,
         /// Last day (UTC), inclusive.
-        to: Query<Option<NaiveDate>>,
+        #[oai(validator(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"))]
+        to: Query<Option<String>>,
     ) -> Result<Json<Usage>, ApiError> {
         let id = Self::key_id(&state, &key.0).await?;
-        Ok(Json(usage::report(&state.db, id, from.0, to.0).await?))
+        Ok(Json(
+            usage::report(&state.db, id, from.0.as_deref(), to.0.as_deref()).await?,
+        ))
     }
 
     /// List keys
@@ -223,8 +234,8 @@ impl AdminApi {
         operation_id = "list_keys",
         tag = "AdminTags::Keys"
     )]
-    async fn keys(&self, auth: AdminAuth) -> Json<Vec<KeyInfo>> {
-        Json(
+    async fn keys(&self, auth: AdminAuth) -> Result<Json<Vec<KeyInfo>>, ApiError> {
+        Ok(Json(
             auth.0
                 .settings
                 .keys
@@ -249,7 +260,7 @@ impl AdminApi {
                     webhook_events: k.webhook_events.clone(),
                 })
                 .collect(),
-        )
+        ))
     }
 
     /// Reload configuration

@@ -1,7 +1,6 @@
 //! `/api/enterprise`: the customer API (batches, credits, usage).
 use std::sync::Arc;
 
-use chrono::NaiveDate;
 use poem::Request;
 use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
@@ -107,7 +106,10 @@ impl CustomerApi {
         state: Data<&Arc<AppState>>,
         auth: CustomerKey,
         /// Idempotency key; must equal `request_id` when both are sent.
-        #[oai(name = "Idempotency-Key")]
+        #[oai(
+            name = "Idempotency-Key",
+            validator(min_length = 1, max_length = 255, pattern = r"^[A-Za-z0-9._:\-]+$")
+        )]
         idempotency_key: Header<Option<String>>,
         body: Json<CreateBatchRequest>,
         req: &Request,
@@ -260,12 +262,20 @@ impl CustomerApi {
         state: Data<&Arc<AppState>>,
         auth: CustomerKey,
         /// First day (UTC), e.g. 2026-11-01.
-        from: Query<Option<NaiveDate>>,
+        #[oai(validator(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"))]
+        from: Query<Option<String>>,
         /// Last day (UTC), inclusive.
-        to: Query<Option<NaiveDate>>,
+        #[oai(validator(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"))]
+        to: Query<Option<String>>,
     ) -> Result<Read<Usage>, ApiError> {
         Ok(Read::Ok(Json(
-            crate::service::usage::report(&state.db, auth.0.key.id, from.0, to.0).await?,
+            crate::service::usage::report(
+                &state.db,
+                auth.0.key.id,
+                from.0.as_deref(),
+                to.0.as_deref(),
+            )
+            .await?,
         )))
     }
 }

@@ -61,6 +61,7 @@ pub struct KeyInfo {
     /// Allowed networks (empty: any).
     pub ip_allowlist: Vec<String>,
     /// Webhook target.
+    #[oai(nullable)]
     pub webhook_url: Option<String>,
     /// A signing secret is configured.
     pub webhook_secret_set: bool,
@@ -87,8 +88,10 @@ pub struct WebhookDeliveryView {
     /// The `webhook-id` header, stable across attempts.
     pub webhook_id: String,
     /// Key name.
+    #[oai(nullable)]
     pub key: Option<String>,
     /// Batch concerned.
+    #[oai(nullable)]
     pub batch_id: Option<uuid::Uuid>,
     /// Event type.
     pub event_type: String,
@@ -101,12 +104,15 @@ pub struct WebhookDeliveryView {
     /// When the next attempt is due (pending only).
     pub next_attempt_at: chrono::DateTime<chrono::Utc>,
     /// HTTP status of the last attempt.
+    #[oai(nullable)]
     pub last_status_code: Option<i32>,
     /// Error of the last attempt.
+    #[oai(nullable)]
     pub last_error: Option<String>,
     /// Created.
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// Delivered (succeeded).
+    #[oai(nullable)]
     pub delivered_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 

@@ -110,7 +110,7 @@ pub struct BatchCreated {
     pub batch_id: Uuid,
     /// True when this is the stored answer to an earlier identical request.
     pub idempotent_replay: bool,
-    /// Status at creation.
+    // Status at creation.
     #[serde(with = "status_serde")]
     pub status: BatchStatus,
     /// Items in the batch.
@@ -168,15 +168,17 @@ pub struct BatchItemView {
     pub prompt: String,
     /// Parameters as given.
     pub params: Option<Value>,
-    /// Status.
+    // Status.
     pub status: ItemStatus,
     /// Attempts started so far.
     pub attempts: i32,
     /// Where the video is, once succeeded.
+    #[oai(nullable)]
     pub result_url: Option<String>,
     /// Extra result data reported by the worker.
     pub result: Option<Value>,
     /// Last error, once failed (or of the last failed attempt).
+    #[oai(nullable)]
     pub error: Option<String>,
 }
 
@@ -187,15 +189,16 @@ pub struct Batch {
     pub batch_id: Uuid,
     /// Its idempotency key.
     pub request_id: String,
-    /// Status.
+    // Status.
     pub status: BatchStatus,
-    /// Item counts.
+    // Item counts.
     pub counts: BatchCounts,
     /// Credits per item.
     pub cost_per_video: i64,
     /// Credits held at creation.
     pub required_credits: i64,
     /// Webhook target override, if any.
+    #[oai(nullable)]
     pub webhook_url: Option<String>,
     /// Metadata as given.
     pub metadata: Option<Value>,
@@ -204,8 +207,10 @@ pub struct Batch {
     /// Last change.
     pub updated_at: DateTime<Utc>,
     /// When a cancel was requested.
+    #[oai(nullable)]
     pub cancel_requested_at: Option<DateTime<Utc>>,
     /// When every item became final.
+    #[oai(nullable)]
     pub completed_at: Option<DateTime<Utc>>,
     /// Items in request order (only when reading one batch).
     #[oai(skip_serializing_if_is_none)]
@@ -220,6 +225,7 @@ pub struct BatchList {
     /// More batches follow.
     pub has_more: bool,
     /// Pass as `cursor` for the next page.
+    #[oai(nullable)]
     pub next_cursor: Option<String>,
 }
 

@@ -1,5 +1,5 @@
 //! Bodies of the credits and usage endpoints.
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use poem_openapi::Object;
 use uuid::Uuid;
 
@@ -13,10 +13,13 @@ pub struct LedgerEntry {
     /// Credits moved (adjust may be negative).
     pub amount: i64,
     /// Batch concerned.
+    #[oai(nullable)]
     pub batch_id: Option<Uuid>,
     /// Item concerned.
+    #[oai(nullable)]
     pub item_id: Option<Uuid>,
     /// Free text.
+    #[oai(nullable)]
     pub note: Option<String>,
     /// When.
     pub created_at: DateTime<Utc>,
@@ -52,8 +55,8 @@ pub struct Credits {
 /// One day of usage.
 #[derive(Object, Clone, Debug)]
 pub struct UsageDay {
-    /// UTC date.
-    pub date: NaiveDate,
+    /// UTC date, `YYYY-MM-DD`.
+    pub date: String,
     /// All calls.
     pub calls: i64,
     /// Calls answered 2xx.
@@ -75,7 +78,7 @@ pub struct UsageDay {
 impl From<crate::service::usage::DayUsage> for UsageDay {
     fn from(d: crate::service::usage::DayUsage) -> Self {
         Self {
-            date: d.date,
+            date: d.date.format("%Y-%m-%d").to_string(),
             calls: d.calls,
             calls_2xx: d.calls_2xx,
             calls_4xx: d.calls_4xx,

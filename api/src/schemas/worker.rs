@@ -91,12 +91,13 @@ pub struct FailRequest {
 pub struct ItemState {
     /// Item id.
     pub item_id: Uuid,
-    /// Item status now.
+    // Item status now.
     pub status: ItemStatus,
     /// Attempts so far.
     pub attempts: i32,
     /// Lease end, while running.
+    #[oai(nullable)]
     pub lease_expires_at: Option<DateTime<Utc>>,
-    /// The batch's status now.
+    // The batch's status now.
     pub batch_status: BatchStatus,
 }

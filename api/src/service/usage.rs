@@ -173,12 +173,22 @@ pub async fn daily<C: ConnectionTrait>(
 pub async fn report<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
-    from: Option<NaiveDate>,
-    to: Option<NaiveDate>,
+    from: Option<&str>,
+    to: Option<&str>,
 ) -> Result<crate::schemas::credits::Usage, crate::error::ApiError> {
     use crate::error::ApiError;
-    let to_day = to.unwrap_or_else(|| Utc::now().date_naive());
-    let from_day = from.unwrap_or(to_day - TimeDelta::days(29));
+    let parse = |field: &str, v: &str| {
+        NaiveDate::parse_from_str(v, "%Y-%m-%d")
+            .map_err(|_| ApiError::validation(field, format!("{v:?} is not a date (YYYY-MM-DD)")))
+    };
+    let to_day = match to {
+        Some(v) => parse("to", v)?,
+        None => Utc::now().date_naive(),
+    };
+    let from_day = match from {
+        Some(v) => parse("from", v)?,
+        None => to_day - TimeDelta::days(29),
+    };
     if from_day > to_day {
         return Err(ApiError::validation("from", "must not be after `to`"));
     }
