@@ -156,7 +156,10 @@ pub async fn run() -> anyhow::Result<()> {
             crate::service::keys::sync(&db, &settings).await?;
             match command {
                 CreditsCommand::Grant { key, amount, note } => {
-                    anyhow::ensure!(amount > 0, "amount must be positive");
+                    anyhow::ensure!(
+                        (1..=1_000_000_000_000).contains(&amount),
+                        "amount must be between 1 and 10^12"
+                    );
                     let id = crate::service::keys::id_by_name(&db, &key)
                         .await?
                         .with_context(|| format!("no key named {key:?}"))?;

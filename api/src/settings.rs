@@ -801,8 +801,14 @@ impl RawSettings {
                     ));
                 }
             }
-            if k.initial_credits < 0 {
-                return Err(c.err(&f("initial_credits"), "must not be negative"));
+            if !(0..=crate::service::credits::MAX_BALANCE).contains(&k.initial_credits) {
+                return Err(c.err(
+                    &f("initial_credits"),
+                    format!(
+                        "must be between 0 and {}",
+                        crate::service::credits::MAX_BALANCE
+                    ),
+                ));
             }
             keys.insert(
                 name.clone(),

@@ -29,6 +29,10 @@ pub fn customer_service() -> OpenApiService<CustomerApi, ()> {
         "Submit batches of video prompts, follow them, and read your credits and usage. \
              Authenticate with the `x-api-key` header. Every error has the same JSON shape.",
     )
+    .license(
+        poem_openapi::LicenseObject::new("Apache-2.0")
+            .url("https://www.apache.org/licenses/LICENSE-2.0"),
+    )
     .server("/api/enterprise")
 }
 
@@ -40,6 +44,10 @@ pub fn worker_service() -> OpenApiService<WorkerApi, ()> {
         env!("CARGO_PKG_VERSION"),
     )
     .description("Internal API of the GPU workers: claim items under a lease and report outcomes.")
+    .license(
+        poem_openapi::LicenseObject::new("Apache-2.0")
+            .url("https://www.apache.org/licenses/LICENSE-2.0"),
+    )
     .server("/api/internal/worker")
 }
 
@@ -51,6 +59,10 @@ pub fn admin_service() -> OpenApiService<AdminApi, ()> {
         env!("CARGO_PKG_VERSION"),
     )
     .description("Operators' API: credits, keys, usage and configuration reload.")
+    .license(
+        poem_openapi::LicenseObject::new("Apache-2.0")
+            .url("https://www.apache.org/licenses/LICENSE-2.0"),
+    )
     .server("/api/admin")
 }
 

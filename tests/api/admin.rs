@@ -153,3 +153,39 @@ async fn reload_applies_new_policy_or_keeps_the_old(backend: Backend) {
         "old (reloaded) policy still serving"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_grants_are_refused_not_overflowed() {
+    let start = api::service::credits::MAX_BALANCE - 2_000_000_000_000;
+    let app = TestApp::builder(Backend::Sqlite)
+        .key("acme", &format!("initial_credits = {start}"))
+        .build()
+        .await;
+    let r = app
+        .admin_post(
+            "/keys/acme/credits/grant",
+            &json!({"amount": i64::MAX}),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 400, "above the per-call cap");
+    for _ in 0..3 {
+        let r = app
+            .admin_post(
+                "/keys/acme/credits/grant",
+                &json!({"amount": 1_000_000_000_000i64}),
+                None,
+            )
+            .await;
+        if r.status() == 409 {
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"], "CONFLICT");
+            let c = app.credits(app.key("acme")).await;
+            assert!(c["balance"].as_i64().unwrap() <= api::service::credits::MAX_BALANCE);
+            app.assert_ledger_invariant().await;
+            return;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    panic!("the maximum balance was never reached");
+}

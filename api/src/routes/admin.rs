@@ -78,8 +78,10 @@ impl AdminApi {
                 return Err(ApiError::new(
                     ErrorCode::Conflict,
                     format!(
-                        "adjustment of {amount} would leave the balance below the {} credits held",
-                        w.held
+                        "{amount} credits would leave the balance below the {} credits held \
+                         or above the maximum of {}",
+                        w.held,
+                        credits::MAX_BALANCE
                     ),
                 )
                 .with_details(serde_json::json!({ "balance": w.balance, "held": w.held })));

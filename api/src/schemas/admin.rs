@@ -7,8 +7,8 @@ use crate::schemas::credits::LedgerEntry;
 #[derive(Object, Clone, Debug)]
 #[oai(deny_unknown_fields)]
 pub struct GrantRequest {
-    /// Credits to add (positive).
-    #[oai(validator(minimum(value = "1")))]
+    /// Credits to add (positive, at most 10^12 at once).
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000000000")))]
     pub amount: i64,
     /// Why (e.g. an invoice number).
     pub note: Option<String>,
@@ -18,7 +18,9 @@ pub struct GrantRequest {
 #[derive(Object, Clone, Debug)]
 #[oai(deny_unknown_fields)]
 pub struct AdjustRequest {
-    /// Credits to add or (negative) remove; the balance never drops below held.
+    /// Credits to add or (negative) remove, at most 10^12 either way; the balance never drops
+    /// below what is held.
+    #[oai(validator(minimum(value = "-1000000000000"), maximum(value = "1000000000000")))]
     pub amount: i64,
     /// Why.
     pub note: Option<String>,

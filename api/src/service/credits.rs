@@ -6,6 +6,10 @@ use uuid::Uuid;
 
 use crate::db::stmt;
 
+/// The largest balance a wallet may hold (far below `i64::MAX`, so sums never overflow; SQLite
+/// would silently turn an overflowing integer into a float).
+pub const MAX_BALANCE: i64 = 1 << 53;
+
 /// Kinds of ledger rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LedgerKind {
@@ -37,7 +41,7 @@ impl LedgerKind {
         match self {
             LedgerKind::Grant | LedgerKind::Adjust => {
                 "UPDATE credit_wallet SET balance = balance + $2, updated_at = $3 \
-                 WHERE api_key_id = $1 AND balance + $2 >= held"
+                 WHERE api_key_id = $1 AND balance + $2 >= held AND balance <= $4 - $2"
             }
             LedgerKind::Hold => {
                 "UPDATE credit_wallet SET held = held + $2, updated_at = $3 \
@@ -102,7 +106,12 @@ pub async fn apply_for<C: ConnectionTrait>(
         .execute_raw(stmt(
             backend,
             kind.wallet_sql(),
-            [key_id.into(), amount.into(), now.into()],
+            match kind {
+                LedgerKind::Grant | LedgerKind::Adjust => {
+                    vec![key_id.into(), amount.into(), now.into(), MAX_BALANCE.into()]
+                }
+                _ => vec![key_id.into(), amount.into(), now.into()],
+            },
         ))
         .await?;
     if res.rows_affected() != 1 {
