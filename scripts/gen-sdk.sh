@@ -9,6 +9,7 @@
 #
 # Environment (optional): SDK_DOC (default api/openapi.json), CONFORMANCE_VENV.
 set -euo pipefail
+# shellcheck source=conformance/lib.sh source-path=SCRIPTDIR
 source "$(dirname "$0")/conformance/lib.sh"
 cd "$ROOT"
 
@@ -55,9 +56,11 @@ print("python SDK: operations", sorted(found & set(os.environ["OPERATIONS"].spli
       "models", len(models.__all__))
 if missing:
     print("FAIL: python SDK lacks operations", missing); sys.exit(1)
-for model in ("ErrorBody", "BatchCreated", "Batch", "BatchList"):
-    if model not in models.__all__:
-        print(f"FAIL: python SDK lacks model {model}"); sys.exit(1)
+# The typed bodies a customer needs: without them `Response.parsed` is None.
+lacking = [m for m in ("BatchCreated", "Batch", "BatchList", "BatchItemView", "ErrorBody")
+           if m not in models.__all__]
+if lacking:
+    print("FAIL: python SDK lacks models", lacking); sys.exit(1)
 PY
 else
     echo "FAIL: no python package generated"; status=1

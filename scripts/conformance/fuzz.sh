@@ -23,6 +23,7 @@
 #   CONFORMANCE_REPORT_DIR  where the JUnit and full text reports go (default target/conformance)
 #   CONFORMANCE_KEEP        1: keep the temporary work dir (config, database, server log)
 set -euo pipefail
+# shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
@@ -113,6 +114,7 @@ for doc in $DOCS; do
     location="$BASE_URL$(doc_path "$doc")"
     if [ "${FUZZ_PATCH_NULLABLE:-0}" = 1 ]; then
         location="$CONF_WORK/$doc.nullable.json"
+        # shellcheck disable=SC2016 # a Python program, not a shell string
         curl -fsS "$BASE_URL$(doc_path "$doc")" | python3 -c '
 import json, sys
 doc = json.load(sys.stdin)

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # the variables set here are used by the scripts that source it
 # Shared helpers of the conformance scripts; sourced, never run.
 #
 #   conf_venv            creates/updates the Python venv with the pinned tools (requirements.txt)

@@ -11,6 +11,7 @@
 # Environment (optional): SDK_DOC (document to generate from; default api/openapi.json),
 # CONFORMANCE_SKIP_BUILD=1, CONFORMANCE_KEEP=1 (keep the work dir with the server log and the SDK).
 set -euo pipefail
+# shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 

@@ -1,0 +1,415 @@
+#!/usr/bin/env bash
+# scripts/bench.sh — throughput, latency and resource figures of the server, next to the
+# ceilings of its two halves (HTTP layer, database statements), in one run.
+#
+#   scripts/bench.sh [--quick] [--out FILE] [--no-pg] [--no-build]
+#
+#   --quick     short windows and fewer levels: the whole run takes under 2 minutes once built
+#   --out FILE  where the JSON report goes (default target/bench/bench-{quick,full}.json);
+#               the table printed at the end is also written next to it as .md
+#   --no-pg     SQLite only, even when PostgreSQL is reachable
+#   --no-build  use the binaries already in target/release
+#   --report F  only print the table of an earlier JSON report F
+#
+# Environment: BENCH_PG_URL (default postgres://postgres@127.0.0.1:5432/postgres) is the
+# maintenance database used to CREATE and DROP the fresh benchmark databases.
+#
+# What it does, per backend (SQLite on a fresh temp file; PostgreSQL on fresh databases when
+# reachable), with the server pinned to CPU 0 and the load generator to CPU 1 (taskset):
+#   1. starts the release server with a temp config (--config) that adds one key with
+#      effectively unlimited rate limits and credits; local.toml underneath gives the worker
+#      secret `local-worker-secret`;
+#   2. worker phase: preloads items (100-item batches over HTTP), then CONC workers claim 10 and
+#      complete each one over HTTP (examples/bench.rs `worker`) -> items/s;
+#   3. create-batch peak: oha closed loop (-c C -z D) at several concurrency levels, POST
+#      /api/enterprise/video-batch with 2 items. The body has no request_id, so the server
+#      assigns a fresh one per request (DESIGN.md: no deduplication) and every call is a
+#      distinct create that runs the idempotency lookup, as one with a new id would;
+#   4. open loop (oha -q RATE --latency-correction) at 50% and 80% of that peak: p50/p99/p99.9;
+#   5. the server's peak RSS (VmHWM) and CPU time (utime+stime) per request of each phase;
+#   6. ceilings: L_http (examples/bench.rs `http-ceiling`: poem alone, same headers and JSON
+#      body, measured like the create); L_db and L_claim (examples/bench.rs `db-ceiling`,
+#      `claim-ceiling`: the create's / claim+complete's exact statements in a raw loop on the
+#      same driver, pool size and durability, on a fresh migrated database, pinned like the
+#      server). combined = 1 / (1/L_http + 1/L_db). Ceilings are the best of their levels.
+# Every process it starts is stopped on exit (trap), every wait is bounded by `timeout`.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+QUICK=0 NO_PG=0 NO_BUILD=0 OUT="" REPORT=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --no-pg) NO_PG=1 ;;
+        --no-build) NO_BUILD=1 ;;
+        --out) OUT="$2"; shift ;;
+        --report) REPORT="$2"; shift ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# ---- parameters ------------------------------------------------------------------------------
+if [[ $QUICK == 1 ]]; then
+    MODE=quick
+    LEVELS=(8 32)        # closed-loop concurrency levels (create, L_http, L_db)
+    DUR=3                # seconds per closed-loop level
+    OPEN_DUR=4           # seconds per open-loop rate
+    WLEVELS=(8)          # concurrent HTTP workers (and L_claim tasks)
+    WDUR=3               # seconds per worker level
+    PRELOAD=15000        # items queued before each worker level
+else
+    MODE=full
+    LEVELS=(4 16 64)
+    DUR=10
+    OPEN_DUR=15
+    WLEVELS=(2 8)
+    WDUR=10
+    PRELOAD=60000
+fi
+OPEN_CONC=64             # connections oha keeps for the open-loop runs
+MAX_CONN=16              # the server's pool size (config/base.toml); the raw loops use the same
+OUT="${OUT:-target/bench/bench-$MODE.json}"
+PG_URL="${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+CLK_TCK="$(getconf CLK_TCK)"
+BIN="$ROOT/target/release/video-batch-api"
+BENCH="$ROOT/target/release/examples/bench"
+
+# Pin the server (and the in-process raw loops) to CPU 0 and the load generators to CPU 1.
+if [[ "$(nproc)" -ge 2 ]] && command -v taskset >/dev/null; then
+    SRV=(taskset -c 0) GEN=(taskset -c 1) PINNED="server CPU 0, load generator CPU 1"
+else
+    SRV=() GEN=() PINNED="not pinned"
+fi
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# ---- the table -------------------------------------------------------------------------------
+print_report() { # JSON_FILE: prints the header line and the Markdown table
+    local table header
+    table="$(jq -r '
+  def r0: if . == null then "–" else (. | round | tostring) end;
+  def r2: if . == null then "–" else ((. * 100 | round) / 100 | tostring) end;
+  def r3: if . == null then "–" else ((. * 1000 | round) / 1000 | tostring) end;
+  def ok(c): if c then "yes" else "**NO**" end;
+  . as $root | .backends as $b | [ $b | keys_unsorted[] ] as $ks
+  | def row($title; f): "| " + $title + " | " + ($ks | map(. as $k | $b[$k] | f) | join(" | ")) + " |";
+    def lat: "\(.p50_ms | r2) / \(.p99_ms | r2) / \(.p999_ms | r2)";
+  ( "| figure | " + ($ks | join(" | ")) + " |",
+    "| --- |" + ($ks | map(" ---: |") | join("")),
+    row("**create-batch peak**, req/s (best level)"; .create.peak | "\(.rps | r0) (c=\(.conc))"),
+    ( range(0; $b[$ks[0]].create.levels | length) as $i
+      | row("  closed loop c=\($b[$ks[0]].create.levels[$i].conc): req/s; p50 / p99 / p99.9 ms; errors";
+            .create.levels[$i] | "\(.rps | r0); \(lat); \(.errors)") ),
+    row("L_http (poem alone, same headers + JSON), req/s"; $root.l_http.peak | "\(.rps | r0) (c=\(.conc))"),
+    row("L_db (raw create statements, same driver), /s"; .l_db.peak | "\(.ops_per_s | r0) (c=\(.conc))"),
+    ( range(0; $b[$ks[0]].l_db.levels | length) as $i
+      | row("  L_db c=\($b[$ks[0]].l_db.levels[$i].conc): /s; p50 / p99 / p99.9 ms"; .l_db.levels[$i] | "\(.ops_per_s | r0); \(lat)") ),
+    row("combined ceiling 1/(1/L_http + 1/L_db), /s"; .combined_ceiling | r0),
+    row("**create / combined ceiling** (target ≥ 0.70)"; .create_ratio | "\(r2) \(ok(. >= 0.7))"),
+    ( range(0; $b[$ks[0]].open_loop | length) as $j
+      | row("open loop at \($b[$ks[0]].open_loop[$j].pct_of_peak)% of peak: rate; p50 / p99 / p99.9 ms; errors";
+            .open_loop[$j] | "\(.target_rps)/s; \(lat); \(.errors)") ),
+    ( $ks | map(. as $k | $b[$k].open_loop[0] | if $k == "sqlite" then ok(.p99_ms <= 10 and .errors == 0) else "(no target)" end)
+      | "| **p99 ≤ 10 ms at 50% of peak, 0 errors** (SQLite) | " + join(" | ") + " |" ),
+    row("**worker claim(10) + complete**, items/s (best level)"; .worker.peak | "\(.units_per_s | r0) (c=\(.conc))"),
+    ( range(0; $b[$ks[0]].worker.levels | length) as $i
+      | row("  \($b[$ks[0]].worker.levels[$i].conc) workers: items/s; per-request p50 / p99 / p99.9 ms; errors";
+            .worker.levels[$i] | "\(.units_per_s | r0); \(lat); \(.errors)") ),
+    row("L_claim (raw claim + complete statements), items/s"; .l_claim.peak | "\(.units_per_s | r0) (c=\(.conc))"),
+    ( range(0; $b[$ks[0]].l_claim.levels | length) as $i
+      | row("  L_claim c=\($b[$ks[0]].l_claim.levels[$i].conc): items/s"; .l_claim.levels[$i] | "\(.units_per_s | r0)") ),
+    row("**claim / L_claim** (target ≥ 0.70)"; .claim_ratio | "\(r2) \(ok(. >= 0.7))"),
+    row("server CPU per create at peak level, ms"; .create.peak.cpu_ms_per_req | r3),
+    row("server CPU per create at 50% of peak, ms"; .open_loop[0].cpu_ms_per_req | r3),
+    row("server CPU per worker item (claim/10 + complete), ms"; .worker.peak.cpu_ms_per_item | r3),
+    row("**server peak RSS (VmHWM), MB** (target ≤ 150)"; .peak_rss_mb | "\(r0) \(ok(. <= 150))")
+  )' "$1")"
+    header="$(jq -r '"Mode \(.mode), \(.date), commit \(.commit); \(.machine.cores) × \(.machine.cpu), \(.machine.memory); \(.machine.pinning); closed loop \(.params.levels) × \(.params.seconds_per_level) s, open loop \(.params.open_loop_seconds) s, workers \(.params.worker_levels) × \(.params.worker_seconds) s; load average before \(.machine.loadavg_before // "?"), after (1/5/15 min) \(.machine.loadavg_after_1_5_15 // "?"); run took \(.run_seconds) s."' "$1")"
+    printf '%s\n\n%s\n' "$header" "$table"
+}
+
+if [[ -n $REPORT ]]; then
+    print_report "$REPORT"
+    exit 0
+fi
+
+# ---- tools -----------------------------------------------------------------------------------
+if ! command -v oha >/dev/null; then
+    log "oha not found: cargo install oha --locked (a few minutes, once)"
+    cargo install oha --locked
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v jq >/dev/null; then
+    log "jq not found: installing from apt"
+    (apt-get update -qq && apt-get install -y -qq jq) >/dev/null
+fi
+if [[ $NO_BUILD == 0 ]]; then
+    # Two commands on purpose: the example pulls dev-dependency features (poem "test"), and
+    # building it with the binary would change the binary's feature set and force rebuilds.
+    log "building release binaries"
+    cargo build --release --quiet --bin video-batch-api
+    cargo build --release --quiet --example bench
+fi
+
+# ---- process and resource bookkeeping --------------------------------------------------------
+TMP="$(mktemp -d /tmp/vb-bench.XXXXXX)"
+PIDS=()
+PG_DBS=()
+cleanup() {
+    local pid db
+    for pid in "${PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    for db in "${PG_DBS[@]}"; do
+        psql "$PG_URL" -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+stop_pid() { # PID: SIGTERM, wait up to 15 s, then SIGKILL; forgets it
+    kill "$1" 2>/dev/null || true
+    timeout 15 tail --pid="$1" -f /dev/null 2>/dev/null || kill -9 "$1" 2>/dev/null || true
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+free_port() {
+    local p
+    for p in $(shuf -i 20000-60000 -n 50); do
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+    done
+    echo "no free port found" >&2; return 1
+}
+
+wait_http() { # URL: until it answers 200, at most 30 s
+    local i
+    for i in $(seq 1 300); do
+        curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "timed out waiting for $1" >&2; return 1
+}
+
+cpu_ticks() { # PID -> utime+stime in clock ticks (fields 14 and 15 of /proc/PID/stat)
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+
+peak_rss_mb() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+
+pg_fresh_db() { # NAME -> creates it (dropped on exit); its URL is left in PG_DB_URL
+    psql "$PG_URL" -qAtc "CREATE DATABASE $1" >/dev/null
+    PG_DBS+=("$1")
+    PG_DB_URL="${PG_URL%/*}/$1"
+}
+
+# ---- oha -------------------------------------------------------------------------------------
+KEY="vb_bench_$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+KEY_SHA="$(printf '%s' "$KEY" | sha256sum | cut -d' ' -f1)"
+BODY='{"items":[{"prompt":"a red fox at dawn","params":{"duration_s":5}},{"prompt":"a city at night in the rain"}],"metadata":{"campaign":"bench"}}'
+
+# oha_create URL OUTFILE ARGS... : one oha run of the create call, JSON report in OUTFILE.
+oha_create() {
+    local url="$1" out="$2"; shift 2
+    timeout 300 "${GEN[@]}" oha --no-tui --output-format json -o "$out" \
+        -m POST -H "x-api-key: $KEY" -T application/json -d "$BODY" "$@" \
+        "$url/api/enterprise/video-batch" >/dev/null
+}
+
+# oha_summary FILE -> {"rps", "p50_ms", "p99_ms", "p999_ms", "requests", "errors"}; rps counts 2xx
+# answers only; errors are non-2xx answers plus transport errors.
+oha_summary() {
+    jq -c '
+      (.statusCodeDistribution // {}) as $s | (.errorDistribution // {}) as $e
+      | ([$s | to_entries[] | select(.key | startswith("2")) | .value] | add // 0) as $ok
+      | ([$s | to_entries[] | select(.key | startswith("2") | not) | .value] | add // 0) as $bad
+      | ([$e[]] | add // 0) as $err
+      | { rps: ($ok / .summary.total), requests: ($ok + $bad + $err), errors: ($bad + $err),
+          p50_ms: ((.latencyPercentiles.p50 // 0) * 1000),
+          p99_ms: ((.latencyPercentiles.p99 // 0) * 1000),
+          p999_ms: ((.latencyPercentiles["p99.9"] // 0) * 1000),
+          error_kinds: ($e + ($s | with_entries(select(.key | startswith("2") | not)))) }' "$1"
+}
+
+# closed_levels URL PID -> JSON array, one entry per level in LEVELS (with server CPU/request)
+closed_levels() {
+    local url="$1" pid="$2" c t0 t1 s out="[]"
+    for c in "${LEVELS[@]}"; do
+        t0="$(cpu_ticks "$pid")"
+        oha_create "$url" "$TMP/oha.json" -c "$c" -z "${DUR}s" -w
+        t1="$(cpu_ticks "$pid")"
+        s="$(oha_summary "$TMP/oha.json")"
+        s="$(jq -c --argjson c "$c" --argjson dt "$((t1 - t0))" --argjson hz "$CLK_TCK" \
+            '. + {conc: $c, cpu_ms_per_req: (if .requests > 0 then $dt * 1000 / $hz / .requests else null end)}' <<<"$s")"
+        log "  conc $c: $(jq -r '"\(.rps | floor) req/s, p50 \(.p50_ms*100|round/100) ms, p99 \(.p99_ms*100|round/100) ms, errors \(.errors)"' <<<"$s")"
+        out="$(jq -c --argjson s "$s" '. + [$s]' <<<"$out")"
+    done
+    echo "$out"
+}
+
+peak_of() { jq -c 'max_by(.rps)' <<<"$1"; }
+
+# ---- L_http: the HTTP layer alone (backend-independent, measured once) ------------------------
+# Runs in the main shell (not in $(...)) so that the cleanup trap knows its process; sets L_HTTP.
+measure_l_http() {
+    local port pid levels
+    port="$(free_port)"
+    "${SRV[@]}" "$BENCH" http-ceiling --bind "127.0.0.1:$port" >"$TMP/http-ceiling.log" 2>&1 &
+    pid=$!; PIDS+=("$pid")
+    wait_http_post "http://127.0.0.1:$port"
+    oha_create "http://127.0.0.1:$port" "$TMP/warm.json" -c 32 -z 1s -w # warm-up
+    levels="$(closed_levels "http://127.0.0.1:$port" "$pid")"
+    stop_pid "$pid"
+    L_HTTP="$(jq -c '{levels: ., peak: (max_by(.rps))}' <<<"$levels")"
+}
+
+wait_http_post() { # BASE: until the create route answers (any status), at most 30 s
+    local i
+    for i in $(seq 1 300); do
+        curl -sS -o /dev/null -X POST -H "x-api-key: $KEY" -H 'content-type: application/json' \
+            -d "$BODY" "$1/api/enterprise/video-batch" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "timed out waiting for $1" >&2; return 1
+}
+
+# ---- one backend: server run + raw ceilings --------------------------------------------------
+# run_backend NAME SERVER_DB_URL LDB_URL LCLAIM_URL: adds .NAME to BACKENDS. Runs in the main
+# shell (not in $(...)) so that the cleanup trap knows the server's process.
+run_backend() {
+    local name="$1" db_url="$2" ldb_url="$3" lclaim_url="$4"
+    local port base cfg pid worker="[]" levels open="[]" w t0 t1 s peak rate pct rss conc_csv
+    port="$(free_port)"; base="http://127.0.0.1:$port"; cfg="$TMP/bench-$name.toml"
+    cat >"$cfg" <<EOF
+# Written by scripts/bench.sh: one key with effectively unlimited quota and credits.
+[server]
+bind = "127.0.0.1:$port"
+shutdown_grace_seconds = 5
+
+[database]
+max_connections = $MAX_CONN
+
+[keys.bench]
+key_sha256 = "$KEY_SHA"
+initial_credits = 1_000_000_000_000_000
+rate_limit_per_min = 1_000_000_000
+read_rate_limit_per_min = 1_000_000_000
+max_batch_items = 100
+EOF
+    log "$name: starting the server ($PINNED)"
+    APP__DATABASE__URL="$db_url" "${SRV[@]}" "$BIN" --config "$cfg" serve >"$TMP/server-$name.log" 2>&1 &
+    pid=$!; PIDS+=("$pid")
+    wait_http "$base/readyz"
+
+    # Worker phase first, on an empty queue, so that it claims only its own 100-item batches.
+    for c in "${WLEVELS[@]}"; do
+        timeout 300 "${GEN[@]}" "$BENCH" preload --base "$base" --key "$KEY" --items "$PRELOAD" --batch-items 100
+        t0="$(cpu_ticks "$pid")"
+        w="$(timeout 300 "${GEN[@]}" "$BENCH" worker --base "$base" --secret local-worker-secret \
+            --conc "$c" --seconds "$WDUR")"
+        t1="$(cpu_ticks "$pid")"
+        # Server CPU over the worker process's whole run (warm-up included) / everything it did.
+        w="$(jq -c --argjson dt "$((t1 - t0))" --argjson hz "$CLK_TCK" \
+            '. + {cpu_ms_per_item: (if .all_units > 0 then $dt * 1000 / $hz / .all_units else null end),
+                  cpu_ms_per_req: (if .all_ops > 0 then $dt * 1000 / $hz / .all_ops else null end)}' <<<"$w")"
+        log "  workers $c: $(jq -r '"\(.units_per_s | floor) items/s, \(.errors) errors, ran dry: \(.ran_dry)"' <<<"$w")"
+        worker="$(jq -c --argjson w "$w" '. + [$w]' <<<"$worker")"
+    done
+
+    log "$name: create-batch closed loop at concurrency ${LEVELS[*]}"
+    oha_create "$base" "$TMP/warm.json" -c 32 -z 1s -w # warm-up (connections, caches)
+    levels="$(closed_levels "$base" "$pid")"
+    peak="$(peak_of "$levels")"
+
+    for pct in 50 80; do
+        rate="$(jq -r --argjson p "$pct" '.rps * $p / 100 | floor' <<<"$peak")"
+        log "$name: open loop at $pct% of peak = $rate req/s"
+        t0="$(cpu_ticks "$pid")"
+        oha_create "$base" "$TMP/oha.json" -c "$OPEN_CONC" -q "$rate" -z "${OPEN_DUR}s" --latency-correction -w
+        t1="$(cpu_ticks "$pid")"
+        s="$(jq -c --argjson p "$pct" --argjson r "$rate" --argjson dt "$((t1 - t0))" --argjson hz "$CLK_TCK" \
+            '. + {pct_of_peak: $p, target_rps: $r, cpu_ms_per_req: (if .requests > 0 then $dt * 1000 / $hz / .requests else null end)}' \
+            <<<"$(oha_summary "$TMP/oha.json")")"
+        log "  p50 $(jq -r '.p50_ms*100|round/100' <<<"$s") ms, p99 $(jq -r '.p99_ms*100|round/100' <<<"$s") ms, p99.9 $(jq -r '.p999_ms*100|round/100' <<<"$s") ms, errors $(jq -r .errors <<<"$s")"
+        open="$(jq -c --argjson s "$s" '. + [$s]' <<<"$open")"
+    done
+
+    rss="$(peak_rss_mb "$pid")"
+    if grep -qE 'ERROR|WARN' "$TMP/server-$name.log"; then
+        log "$name: the server logged warnings or errors:"; grep -E 'ERROR|WARN' "$TMP/server-$name.log" | head -5 >&2
+    fi
+    stop_pid "$pid"
+
+    conc_csv="$(IFS=,; echo "${LEVELS[*]}")"
+    log "$name: L_db (raw create statements) at concurrency $conc_csv"
+    local ldb lclaim
+    ldb="$(timeout 600 "${SRV[@]}" "$BENCH" db-ceiling --url "$ldb_url" --conc "$conc_csv" \
+        --seconds "$DUR" --items 2 --max-connections "$MAX_CONN" | jq -sc .)"
+    log "  $(jq -r 'map("conc \(.conc): \(.ops_per_s|floor)/s") | join(", ")' <<<"$ldb")"
+    conc_csv="$(IFS=,; echo "${WLEVELS[*]}")"
+    log "$name: L_claim (raw claim+complete statements) at concurrency $conc_csv"
+    lclaim="$(timeout 600 "${SRV[@]}" "$BENCH" claim-ceiling --url "$lclaim_url" --conc "$conc_csv" \
+        --seconds "$WDUR" --preload "$PRELOAD" --batch-items 100 --max-connections "$MAX_CONN" | jq -sc .)"
+    log "  $(jq -r 'map("conc \(.conc): \(.units_per_s|floor) items/s") | join(", ")' <<<"$lclaim")"
+
+    BACKENDS="$(jq -c --arg name "$name" --argjson v "$(jq -nc --argjson create "$levels" --argjson open "$open" --argjson worker "$worker" \
+        --argjson ldb "$ldb" --argjson lclaim "$lclaim" --argjson rss "$rss" --argjson http "$L_HTTP" '
+        ($create | max_by(.rps)) as $peak | ($ldb | max_by(.ops_per_s)) as $db
+        | ($worker | max_by(.units_per_s)) as $w | ($lclaim | max_by(.units_per_s)) as $lc
+        | (1 / (1 / $http.peak.rps + 1 / $db.ops_per_s)) as $comb
+        | { create: {levels: $create, peak: $peak}, open_loop: $open,
+            worker: {levels: $worker, peak: $w},
+            l_db: {levels: $ldb, peak: $db}, l_claim: {levels: $lclaim, peak: $lc},
+            combined_ceiling: $comb, create_ratio: ($peak.rps / $comb),
+            claim_ratio: ($w.units_per_s / $lc.units_per_s), peak_rss_mb: $rss }')" \
+        '. + {($name): $v}' <<<"$BACKENDS")"
+}
+
+# ---- the run ---------------------------------------------------------------------------------
+START=$(date +%s)
+LOAD_BEFORE="$(cut -d' ' -f1 /proc/loadavg)"
+if awk -v l="$LOAD_BEFORE" 'BEGIN { exit !(l > 0.5) }'; then
+    log "warning: load average is $LOAD_BEFORE before the run: other work on this machine skews the figures"
+fi
+log "mode $MODE; levels ${LEVELS[*]} x ${DUR}s; open loop ${OPEN_DUR}s; workers ${WLEVELS[*]} x ${WDUR}s"
+log "L_http: trivial poem endpoint"
+L_HTTP="" BACKENDS="{}"
+measure_l_http
+
+run_backend sqlite "sqlite://$TMP/server.db?mode=rwc" \
+    "sqlite://$TMP/l_db.db?mode=rwc" "sqlite://$TMP/l_claim.db?mode=rwc"
+
+if [[ $NO_PG == 0 ]] && psql "$PG_URL" -qAtc 'SELECT 1' >/dev/null 2>&1; then
+    SUFFIX="$(date +%s)_$$"
+    pg_fresh_db "vb_bench_srv_$SUFFIX"; PG_SRV="$PG_DB_URL"
+    pg_fresh_db "vb_bench_ldb_$SUFFIX"; PG_LDB="$PG_DB_URL"
+    pg_fresh_db "vb_bench_lclaim_$SUFFIX"; PG_LCLAIM="$PG_DB_URL"
+    run_backend postgres "$PG_SRV" "$PG_LDB" "$PG_LCLAIM"
+else
+    log "PostgreSQL: skipped (--no-pg, or $PG_URL not reachable)"
+fi
+
+mkdir -p "$(dirname "$OUT")"
+jq -n --argjson http "$L_HTTP" --argjson b "$BACKENDS" \
+    --arg mode "$MODE" --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    --arg commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- api src 2>/dev/null || echo '+dirty')" \
+    --arg cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
+    --arg cores "$(nproc)" --arg mem "$(awk '/^MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)" \
+    --arg pinned "$PINNED" --arg levels "${LEVELS[*]}" --arg wlevels "${WLEVELS[*]}" \
+    --arg load "$LOAD_BEFORE" --arg load_after "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    --argjson dur "$DUR" --argjson odur "$OPEN_DUR" --argjson wdur "$WDUR" --argjson seconds "$(( $(date +%s) - START ))" \
+    '{mode: $mode, date: $date, commit: $commit,
+      machine: {cpu: $cpu, cores: ($cores|tonumber), memory: $mem, pinning: $pinned,
+                loadavg_before: $load, loadavg_after_1_5_15: $load_after},
+      params: {levels: $levels, seconds_per_level: $dur, open_loop_seconds: $odur,
+               worker_levels: $wlevels, worker_seconds: $wdur},
+      l_http: $http, backends: $b, run_seconds: $seconds}' >"$OUT"
+
+print_report "$OUT" | tee "${OUT%.json}.md"
+log "JSON report: $OUT; table: ${OUT%.json}.md"
