@@ -11,4 +11,5 @@ mod errors;
 mod keys;
 mod lifecycle;
 mod ops;
+mod two_nodes;
 mod webhooks;

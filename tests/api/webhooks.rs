@@ -15,12 +15,12 @@ use sha2::Sha256;
 use crate::both_backends;
 use crate::helpers::{Backend, TestApp};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// One request the receiver got.
 #[derive(Clone, Debug)]
-struct Received {
-    id: String,
+pub(crate) struct Received {
+    pub(crate) id: String,
     timestamp: i64,
     signature: String,
     body: String,
@@ -34,7 +34,7 @@ struct ReceiverState {
 }
 
 /// A local webhook endpoint that answers from a script (then 200) and records every call.
-struct Receiver {
+pub(crate) struct Receiver {
     port: u16,
     state: Arc<ReceiverState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -75,7 +75,7 @@ async fn receive(
 }
 
 impl Receiver {
-    async fn start(port: u16, script: &[(u16, Option<&'static str>)]) -> Receiver {
+    pub(crate) async fn start(port: u16, script: &[(u16, Option<&'static str>)]) -> Receiver {
         let state = Arc::new(ReceiverState::default());
         state.script.lock().unwrap().extend(script.iter().cloned());
         let acceptor = TcpListener::bind(format!("127.0.0.1:{port}"))
@@ -103,15 +103,15 @@ impl Receiver {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hook", self.port)
     }
 
-    fn got(&self) -> Vec<Received> {
+    pub(crate) fn got(&self) -> Vec<Received> {
         self.state.got.lock().unwrap().clone()
     }
 
-    async fn wait_for(&self, n: usize, within: Duration) -> Vec<Received> {
+    pub(crate) async fn wait_for(&self, n: usize, within: Duration) -> Vec<Received> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if self.got().len() >= n {
@@ -130,7 +130,7 @@ impl Receiver {
 }
 
 /// Verifies a webhook exactly as a customer would, with the Standard Webhooks rules.
-fn verify(secret: &str, r: &Received) -> bool {
+pub(crate) fn verify(secret: &str, r: &Received) -> bool {
     let key = base64::engine::general_purpose::STANDARD
         .decode(secret.trim_start_matches("whsec_"))
         .unwrap();
