@@ -394,3 +394,47 @@ async fn reference_worker_runs_a_batch_end_to_end(backend: Backend) {
     }
     assert_eq!(app.credits(&key).await["balance"], 970);
 }
+
+/// An item whose worker never reports (crash, hang) is failed and released after its last
+/// allowed attempt instead of circling the queue for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_last_attempt_fails_the_item_and_releases_it() {
+    for backend in std::iter::once(Backend::Sqlite).chain(Backend::postgres()) {
+        let app = TestApp::builder(backend)
+            .key("acme", "initial_credits = 100")
+            .config("")
+            .build()
+            .await;
+        let key = app.key("acme").to_string();
+        let b = create(&app, &key, "poison", 1).await;
+        let mut last = Value::Null;
+        for attempt in 1..=3 {
+            let r = app
+                .worker_post(
+                    "/claim",
+                    &json!({"worker_id": "crashy", "max_items": 1, "lease_seconds": 1}),
+                )
+                .await;
+            let items = r.json::<Value>().await.unwrap()["items"]
+                .as_array()
+                .cloned()
+                .unwrap();
+            assert_eq!(items.len(), 1, "attempt {attempt} gets the item");
+            assert_eq!(items[0]["attempt"], attempt);
+            last = items[0].clone();
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        }
+        // max_attempts = 3 (default): the next claim reaps it instead of handing it out again.
+        assert!(app.claim("crashy", 1).await.is_empty());
+        let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();
+        assert_eq!(v["status"], "completed", "{v}");
+        assert_eq!(v["counts"]["failed"], 1);
+        assert_eq!(app.credits(&key).await["held"], 0);
+        assert_eq!(
+            app.complete(&last).await.status(),
+            409,
+            "the late report is stale"
+        );
+        app.assert_ledger_invariant().await;
+    }
+}

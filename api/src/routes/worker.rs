@@ -47,11 +47,13 @@ impl WorkerApi {
             .0
             .lease_seconds
             .unwrap_or(auth.0.settings.worker.lease_seconds);
+        leases::reap_exhausted(&state.db, &auth.0).await?;
         let items = leases::claim(
             &state.db,
             &body.0.worker_id,
             body.0.max_items,
             Duration::seconds(secs.into()),
+            auth.0.settings.worker.max_attempts,
         )
         .await?;
         Ok(Json(ClaimResponse { items }))

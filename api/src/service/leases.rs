@@ -24,6 +24,7 @@ pub async fn claim(
     worker_id: &str,
     max: u32,
     lease: Duration,
+    max_attempts: u32,
 ) -> Result<Vec<ClaimedItem>, ApiError> {
     let backend = db.get_database_backend();
     let now = Utc::now();
@@ -39,8 +40,8 @@ pub async fn claim(
         backend,
         "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
          lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
-         WHERE status = 'running' AND lease_expires_at < $1",
-        [now.into()],
+         WHERE status = 'running' AND lease_expires_at < $1 AND attempts < $2",
+        [now.into(), (max_attempts as i32).into()],
     ))
     .await?;
     let sql = format!(
@@ -284,6 +285,56 @@ pub async fn fail(
     error: &str,
     retryable: bool,
 ) -> Result<ItemState, ApiError> {
+    fail_item(db, runtime, item_id, token, error, retryable, Utc::now()).await
+}
+
+/// Fails items whose lease expired after their last allowed attempt (their worker died or hung
+/// every time), so that a poison item cannot circle the queue for ever. Returns how many.
+pub async fn reap_exhausted(db: &DatabaseConnection, runtime: &Runtime) -> Result<usize, ApiError> {
+    let now = Utc::now();
+    let rows = db
+        .query_all_raw(stmt(
+            db.get_database_backend(),
+            "SELECT id, lease_token FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
+             AND attempts >= $2 LIMIT 100",
+            [now.into(), (runtime.settings.worker.max_attempts as i32).into()],
+        ))
+        .await?;
+    let mut reaped = 0;
+    for r in rows {
+        let (id, token): (Uuid, Option<Uuid>) =
+            (r.try_get("", "id")?, r.try_get("", "lease_token")?);
+        let Some(token) = token else { continue };
+        // As of the lease's end: a late report with the same token is already stale.
+        let at = now - Duration::days(36500);
+        match fail_item(
+            db,
+            runtime,
+            id,
+            token,
+            "lease expired on the last attempt",
+            false,
+            at,
+        )
+        .await
+        {
+            Ok(_) => reaped += 1,
+            Err(e) if e.code == crate::error::ErrorCode::LeaseLost => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(reaped)
+}
+
+async fn fail_item(
+    db: &DatabaseConnection,
+    runtime: &Runtime,
+    item_id: Uuid,
+    token: Uuid,
+    error: &str,
+    retryable: bool,
+    live_at: DateTime<Utc>,
+) -> Result<ItemState, ApiError> {
     let backend = db.get_database_backend();
     let now = Utc::now();
     let max_attempts = runtime.settings.worker.max_attempts as i32;
@@ -294,7 +345,7 @@ pub async fn fail(
             backend,
             "SELECT attempts FROM batch_item \
              WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $3",
-            [item_id.into(), token.into(), now.into()],
+            [item_id.into(), token.into(), live_at.into()],
         ))
         .await?;
     let Some(row) = row else {
