@@ -9,8 +9,6 @@ pub struct Model {
     pub api_key_id: i64,
     pub balance: i64,
     pub held: i64,
-    /// Virtual start time of the key's next queued item (fair queuing).
-    pub fair_clock: i64,
     pub updated_at: DateTimeUtc,
 }
 

@@ -22,7 +22,6 @@ enum CreditWallet {
     ApiKeyId,
     Balance,
     Held,
-    FairClock,
     UpdatedAt,
 }
 
@@ -180,7 +179,6 @@ impl MigrationTrait for Migration {
                     .col(big_integer(CreditWallet::ApiKeyId).primary_key())
                     .col(big_integer(CreditWallet::Balance).default(0))
                     .col(big_integer(CreditWallet::Held).default(0))
-                    .col(big_integer(CreditWallet::FairClock).default(0))
                     .col(timestamp_with_time_zone(CreditWallet::UpdatedAt))
                     .check(Expr::cust("held >= 0 AND balance >= held"))
                     .foreign_key(&mut fk_key(CreditWallet::ApiKeyId, CreditWallet::Table))
@@ -446,6 +444,8 @@ impl MigrationTrait for Migration {
         for sql in [
             // Claim: next queued item in fair order.
             "CREATE INDEX ix_batch_item_queued_fair ON batch_item (fair_pos, created_at) WHERE status = 'queued'",
+            // Fair queuing: the tail of a key's queued items.
+            "CREATE INDEX ix_batch_item_key_queued ON batch_item (api_key_id, fair_pos) WHERE status = 'queued'",
             // Lease reaper: running items by lease expiry.
             "CREATE INDEX ix_batch_item_running_lease ON batch_item (lease_expires_at) WHERE status = 'running'",
             // Dispatcher: due pending deliveries.

@@ -84,40 +84,27 @@ pub async fn create(
     let backend = db.get_database_backend();
 
     let txn = begin_write(db).await?;
-    // Fair queuing: the batch starts at the later of the key's own clock and the queue's head.
-    let head: i64 = txn
+    // Fair queuing: the batch starts right after the key's own queued items, but never before
+    // the queue's head, so a key's backlog cannot delay another key's new batch.
+    let positions = txn
         .query_one_raw(stmt(
             backend,
-            "SELECT MIN(fair_pos) AS head FROM batch_item WHERE status = 'queued'",
-            [],
-        ))
-        .await?
-        .and_then(|r| r.try_get::<Option<i64>>("", "head").ok().flatten())
-        .unwrap_or(0);
-    let held = txn
-        .query_one_raw(stmt(
-            backend,
-            "UPDATE credit_wallet SET held = held + $2, \
-             fair_clock = (CASE WHEN fair_clock > $3 THEN fair_clock ELSE $3 END) + $4, updated_at = $5 \
-             WHERE api_key_id = $1 AND balance - held >= $2 RETURNING balance, held, fair_clock",
-            [key.id.into(), need.into(), head.into(), n.into(), now.into()],
+            "SELECT (SELECT MIN(fair_pos) FROM batch_item WHERE status = 'queued') AS head, \
+             (SELECT MAX(fair_pos) FROM batch_item WHERE status = 'queued' AND api_key_id = $1) AS tail",
+            [key.id.into()],
         ))
         .await?;
-    let Some(held) = held else {
-        txn.rollback().await?;
-        let w = credits::wallet(db, key.id).await?;
-        return Err(ApiError::new(
-            ErrorCode::InsufficientCredits,
-            format!("batch needs {need} credits, {} available", w.available()),
-        )
-        .with_details(json!({ "required_credits": need, "available_credits": w.available() })));
+    let (head, tail) = match positions {
+        Some(r) => (
+            r.try_get::<Option<i64>>("", "head")?.unwrap_or(0),
+            r.try_get::<Option<i64>>("", "tail")?,
+        ),
+        None => (0, None),
     };
-    let balance: i64 = held.try_get("", "balance")?;
-    let held_now: i64 = held.try_get("", "held")?;
-    let clock: i64 = held.try_get("", "fair_clock")?;
-    let start_pos = clock - n;
+    let start_pos = tail.map_or(head, |t| (t + 1).max(head));
 
-    let response = BatchCreated {
+    // Stored for replays, which report the credits available at replay time instead.
+    let mut response = BatchCreated {
         ok: true,
         request_id: rid.as_str().to_string(),
         batch_id,
@@ -126,8 +113,8 @@ pub async fn create(
         total_count: n,
         cost_per_video: cost,
         required_credits: need,
-        available_credits: balance - held_now + need,
-        remaining_credits: balance - held_now,
+        available_credits: 0,
+        remaining_credits: 0,
         created_at: now,
     };
     let response_json = serde_json::to_string(&response).map_err(ApiError::internal)?;
@@ -214,6 +201,28 @@ pub async fn create(
     row.credits = need;
     row.latency_us = audit.started.elapsed().as_micros() as i64;
     usage::record(&txn, &row, now).await?;
+    // The hold comes last, so the wallet row stays locked only until the commit.
+    let held = txn
+        .query_one_raw(stmt(
+            backend,
+            "UPDATE credit_wallet SET held = held + $2, updated_at = $3 \
+             WHERE api_key_id = $1 AND balance - held >= $2 RETURNING balance, held",
+            [key.id.into(), need.into(), now.into()],
+        ))
+        .await?;
+    let Some(held) = held else {
+        txn.rollback().await?;
+        let w = credits::wallet(db, key.id).await?;
+        return Err(ApiError::new(
+            ErrorCode::InsufficientCredits,
+            format!("batch needs {need} credits, {} available", w.available()),
+        )
+        .with_details(json!({ "required_credits": need, "available_credits": w.available() })));
+    };
+    let balance: i64 = held.try_get("", "balance")?;
+    let held_now: i64 = held.try_get("", "held")?;
+    response.available_credits = balance - held_now + need;
+    response.remaining_credits = balance - held_now;
     txn.commit().await?;
 
     crate::context::update(|s| {
@@ -223,6 +232,7 @@ pub async fn create(
         s.credits = need;
     });
     metrics::counter!("batches_created_total").increment(1);
+    metrics::counter!("credits_total", "kind" => LedgerKind::Hold.as_str()).increment(need as u64);
     tracing::info!(key = %key.policy.name, %batch_id, items = n, credits = need, "batch created");
     Ok(CreateOutcome::Created(response))
 }

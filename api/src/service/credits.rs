@@ -117,6 +117,7 @@ pub async fn apply_for<C: ConnectionTrait>(
     if res.rows_affected() != 1 {
         return Ok(false);
     }
+    metrics::counter!("credits_total", "kind" => kind.as_str()).increment(amount.unsigned_abs());
     record(
         txn,
         key_id,
@@ -159,7 +160,6 @@ pub async fn record<C: ConnectionTrait>(
         ],
     ))
     .await?;
-    metrics::counter!("credits_total", "kind" => kind.as_str()).increment(amount.unsigned_abs());
     Ok(())
 }
 

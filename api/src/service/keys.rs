@@ -42,7 +42,6 @@ pub async fn sync(
                     api_key_id: Set(id),
                     balance: Set(0),
                     held: Set(0),
-                    fair_clock: Set(0),
                     updated_at: Set(now),
                 })
                 .exec(&txn)
