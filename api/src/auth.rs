@@ -72,7 +72,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
             ),
         ));
     }
-    let info = rate_limit::hit(&state.db, key.id, scope, limit, now).await?;
+    let info = rate_limit::hit(&state.writer, key.id, scope, limit, now).await?;
     crate::context::update(|s| s.rate = Some(info.clone()));
     if info.exceeded {
         metrics_rate_limited(&key.policy.name, scope);

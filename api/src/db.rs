@@ -15,7 +15,23 @@ const MIGRATION_LOCK_ID: i64 = 0x7669_6465_6f62; // "videob"
 
 /// Opens a pool for `settings.url` (SQLite: WAL, NORMAL sync, busy timeout, foreign keys).
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<DatabaseConnection> {
-    connect_url(settings.url.expose(), settings.max_connections, None).await
+    connect_url(settings.url.expose(), settings.max_connections.max(2), None).await
+}
+
+/// The connection writes go through. SQLite has one writer at a time: a dedicated pool of one
+/// connection queues writers in the application (first come, first served) instead of letting
+/// them sleep in SQLite's busy handler. PostgreSQL writes concurrently: the main pool is used.
+pub async fn writer_for(
+    db: &DatabaseConnection,
+    settings: &DatabaseSettings,
+) -> anyhow::Result<DatabaseConnection> {
+    if db.get_database_backend() == DbBackend::Sqlite
+        && sqlite_file(settings.url.expose()).is_some()
+    {
+        connect_url(settings.url.expose(), 1, None).await
+    } else {
+        Ok(db.clone())
+    }
 }
 
 /// Opens a pool with an optional PostgreSQL schema search path (used by tests).
@@ -32,7 +48,7 @@ pub async fn connect_url(
             .with_context(|| format!("creating database folder {}", parent.display()))?;
     }
     let mut opts = ConnectOptions::new(url.to_string());
-    opts.max_connections(max_connections.max(2))
+    opts.max_connections(max_connections.max(1))
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(30))
         .sqlx_logging(false);

@@ -255,7 +255,7 @@ async fn finish(
             items: 0,
             credits: 0,
         };
-        if let Err(e) = usage::record(&state.db, &row, Utc::now()).await {
+        if let Err(e) = usage::record(&state.writer, &row, Utc::now()).await {
             tracing::error!(error = %e, "writing usage row failed");
         }
     }

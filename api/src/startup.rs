@@ -129,12 +129,14 @@ pub async fn prepare_with_db(
 ) -> anyhow::Result<Arc<AppState>> {
     crate::telemetry::metrics();
     crate::telemetry::describe();
-    let ids = crate::service::keys::sync(&db, &settings)
+    let writer = crate::db::writer_for(&db, &settings.database).await?;
+    let ids = crate::service::keys::sync(&writer, &settings)
         .await
         .context("syncing keys")?;
     let runtime = Runtime::new(settings, &ids);
     Ok(Arc::new(AppState {
         db,
+        writer,
         runtime: ArcSwap::from_pointee(runtime),
         source,
         reload_lock: tokio::sync::Mutex::new(()),
@@ -157,7 +159,7 @@ pub async fn reload(state: &AppState) -> Result<ReloadResult, String> {
         tracing::error!(error = %e, "configuration reload rejected; the running configuration stays");
         e.to_string()
     })?;
-    let ids = crate::service::keys::sync(&state.db, &settings)
+    let ids = crate::service::keys::sync(&state.writer, &settings)
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "key sync failed during reload");
@@ -266,7 +268,7 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             n += 1;
             if n % 6 == 1
                 && let Err(e) =
-                    crate::service::rate_limit::prune(&state.db, chrono::Utc::now()).await
+                    crate::service::rate_limit::prune(&state.writer, chrono::Utc::now()).await
             {
                 tracing::warn!(error = %e, "pruning rate-limit windows failed");
             }

@@ -58,8 +58,10 @@ impl Runtime {
 
 /// Everything a handler needs.
 pub struct AppState {
-    /// Connection pool.
+    /// Connection pool for reads (and everything on PostgreSQL).
     pub db: DatabaseConnection,
+    /// Where writes go (see [`crate::db::writer_for`]).
+    pub writer: DatabaseConnection,
     /// The live configuration, swapped whole on reload.
     pub runtime: ArcSwap<Runtime>,
     /// Where the configuration came from, for reloads (None: fixed settings).

@@ -69,7 +69,7 @@ impl AdminApi {
             crate::domain::RequestId::parse("Idempotency-Key", k)?;
         }
         let key_id = Self::key_id(state, name).await?;
-        let txn = crate::db::begin_write(&state.db).await?;
+        let txn = crate::db::begin_write(&state.writer).await?;
         match credits::apply(&txn, key_id, kind, amount, note.as_deref(), idem.as_deref()).await {
             Ok(true) => txn.commit().await?,
             Ok(false) => {
@@ -343,7 +343,7 @@ impl AdminApi {
         id: Path<uuid::Uuid>,
     ) -> Result<Json<WebhookDeliveryView>, ApiError> {
         use sea_orm::EntityTrait;
-        if !crate::service::webhooks::redeliver(&state.db, id.0).await? {
+        if !crate::service::webhooks::redeliver(&state.writer, id.0).await? {
             return Err(ApiError::not_found("webhook delivery", id.0));
         }
         let d = entity::webhook_delivery::Entity::find_by_id(id.0)

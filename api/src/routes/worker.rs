@@ -47,9 +47,9 @@ impl WorkerApi {
             .0
             .lease_seconds
             .unwrap_or(auth.0.settings.worker.lease_seconds);
-        leases::reap_exhausted(&state.db, &auth.0).await?;
+        leases::reap_exhausted(&state.writer, &auth.0).await?;
         let items = leases::claim(
-            &state.db,
+            &state.writer,
             &body.0.worker_id,
             body.0.max_items,
             Duration::seconds(secs.into()),
@@ -79,7 +79,7 @@ impl WorkerApi {
             .unwrap_or(auth.0.settings.worker.lease_seconds);
         Ok(Json(
             leases::heartbeat(
-                &state.db,
+                &state.writer,
                 item_id.0,
                 body.0.lease_token,
                 Duration::seconds(secs.into()),
@@ -111,7 +111,7 @@ impl WorkerApi {
             .map(|r| serde_json::to_string(r).unwrap_or_default());
         Ok(Json(
             leases::complete(
-                &state.db,
+                &state.writer,
                 &auth.0,
                 item_id.0,
                 body.0.lease_token,
@@ -141,7 +141,7 @@ impl WorkerApi {
     ) -> Result<Json<ItemState>, ApiError> {
         Ok(Json(
             leases::fail(
-                &state.db,
+                &state.writer,
                 &auth.0,
                 item_id.0,
                 body.0.lease_token,

@@ -481,7 +481,7 @@ pub async fn run_dispatcher(
         let runtime = state.runtime();
         let settings = &runtime.settings.webhooks;
         let lock_for = settings.timeout + std::time::Duration::from_secs(30);
-        let batch = match claim_due(&state.db, settings.concurrency, lock_for).await {
+        let batch = match claim_due(&state.writer, settings.concurrency, lock_for).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "claiming webhook deliveries failed");
@@ -505,7 +505,7 @@ pub async fn run_dispatcher(
                     None => "refused",
                 };
                 metrics::counter!("webhook_attempts_total", "result" => result).increment(1);
-                match record_attempt(&state.db, &runtime, &d, &attempt).await {
+                match record_attempt(&state.writer, &runtime, &d, &attempt).await {
                     Ok(outcome) => tracing::info!(
                         webhook_id = %webhook_id(d.id), event = %d.event_type, attempt = d.attempt_count,
                         status = ?attempt.status, error = ?attempt.error, outcome, "webhook attempt"
