@@ -9,7 +9,10 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::{Value, json};
 
 use crate::both_backends;
-use crate::helpers::{Backend, WORKER_SECRET, assert_ledger_invariant, key_plaintext, sha256};
+use crate::helpers::{
+    Backend, PgDatabase, WORKER_SECRET, assert_ledger_invariant, claim_at, complete_at,
+    key_plaintext, sha256,
+};
 
 both_backends!(sigkill_mid_load_loses_nothing);
 
@@ -66,14 +69,8 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
             None,
         ),
         Backend::Postgres(url) => {
-            let name = format!("vb_crash_{}", uuid::Uuid::new_v4().simple());
-            let admin = sea_orm::Database::connect(url.clone()).await.unwrap();
-            admin
-                .execute_unprepared(&format!("CREATE DATABASE {name}"))
-                .await
-                .unwrap();
-            let base = url.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap();
-            (format!("{base}/{name}"), Some((admin, name)))
+            let pg = PgDatabase::create(url, "vb_crash").await;
+            (pg.url.clone(), Some(pg))
         }
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -258,17 +255,7 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let v: Value = client
-            .post(format!("{}/api/internal/worker/claim", server.base))
-            .bearer_auth(WORKER_SECRET)
-            .json(&json!({"worker_id": "drain", "max_items": 100, "lease_seconds": 30}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let items = v["items"].as_array().cloned().unwrap_or_default();
+        let items = claim_at(&client, &server.base, "drain", 100, Some(30)).await;
         if items.is_empty()
             && count(
                 &db,
@@ -281,18 +268,7 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
         }
         assert!(Instant::now() < deadline, "queue did not drain");
         for item in items {
-            let r = client
-                .post(format!(
-                    "{}/api/internal/worker/items/{}/complete",
-                    server.base,
-                    item["item_id"].as_str().unwrap()
-                ))
-                .bearer_auth(WORKER_SECRET)
-                .json(&json!({"lease_token": item["lease_token"], "result_url": "https://x/y"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
+            assert_eq!(complete_at(&client, &server.base, &item).await, 200);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -310,9 +286,7 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
     let _ = server.child.kill();
     let _ = server.child.wait();
     drop(db);
-    if let Some((admin, name)) = pg_db {
-        let _ = admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await;
+    if let Some(pg) = pg_db {
+        pg.drop_now().await;
     }
 }

@@ -512,3 +512,80 @@ pub async fn fresh_window(need_secs: i64) {
         .await;
     }
 }
+
+/// Claims items from the server at `base` (tests that run the real binary).
+pub async fn claim_at(
+    client: &reqwest::Client,
+    base: &str,
+    worker: &str,
+    max: u32,
+    lease: Option<u32>,
+) -> Vec<Value> {
+    let mut body = json!({ "worker_id": worker, "max_items": max });
+    if let Some(l) = lease {
+        body["lease_seconds"] = json!(l);
+    }
+    let v: Value = client
+        .post(format!("{base}/api/internal/worker/claim"))
+        .bearer_auth(WORKER_SECRET)
+        .json(&body)
+        .send()
+        .await
+        .expect("claim")
+        .json()
+        .await
+        .expect("claim body");
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// Completes a claimed item at `base`; returns the status code.
+pub async fn complete_at(client: &reqwest::Client, base: &str, item: &Value) -> u16 {
+    client
+        .post(format!("{base}/api/internal/worker/items/{}/complete", item["item_id"].as_str().unwrap()))
+        .bearer_auth(WORKER_SECRET)
+        .json(&json!({ "lease_token": item["lease_token"], "result_url": "https://cdn.example/v.mp4" }))
+        .send()
+        .await
+        .expect("complete")
+        .status()
+        .as_u16()
+}
+
+/// A fresh PostgreSQL database beside the one of `TEST_DATABASE_URL`, for tests that run the
+/// real binary (which takes a database URL, not a schema).
+pub struct PgDatabase {
+    admin: DatabaseConnection,
+    name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+impl PgDatabase {
+    /// Creates it.
+    pub async fn create(base_url: &str, prefix: &str) -> PgDatabase {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        let admin = sea_orm::Database::connect(base_url.to_string())
+            .await
+            .expect("connect postgres");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let url = format!(
+            "{}/{name}",
+            base_url.rsplit_once('/').expect("database URL").0
+        );
+        PgDatabase { admin, name, url }
+    }
+
+    /// Drops it (disconnecting whoever is still connected).
+    pub async fn drop_now(self) {
+        let _ = self
+            .admin
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+}

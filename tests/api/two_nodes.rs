@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use sea_orm::ConnectionTrait;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::helpers::{
-    Backend, TestApp, WORKER_SECRET, assert_ledger_invariant, key_plaintext, sha256,
+    Backend, PgDatabase, TestApp, WORKER_SECRET, assert_ledger_invariant, claim_at, complete_at,
+    key_plaintext, sha256,
 };
 use crate::webhooks::{Receiver, SECRET};
 
@@ -36,13 +37,8 @@ async fn two_processes_on_one_postgres_keep_every_invariant() {
     let Some(Backend::Postgres(url)) = Backend::postgres() else {
         return;
     };
-    let name = format!("vb_two_{}", uuid::Uuid::new_v4().simple());
-    let admin = sea_orm::Database::connect(url.clone()).await.unwrap();
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let db_url = format!("{}/{name}", url.rsplit_once('/').unwrap().0);
+    let pg = PgDatabase::create(&url, "vb_two").await;
+    let db_url = pg.url.clone();
     let receiver = Receiver::start(0, &[]).await;
     let hook = format!(
         "webhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"",
@@ -152,30 +148,13 @@ async fn two_processes_on_one_postgres_keep_every_invariant() {
         async move {
             let mut mine = Vec::new();
             loop {
-                let v: Value = client
-                    .post(format!("{base}/api/internal/worker/claim"))
-                    .bearer_auth(WORKER_SECRET)
-                    .json(&json!({"worker_id": format!("w{w}"), "max_items": 3}))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                let items = v["items"].as_array().cloned().unwrap_or_default();
+                let items = claim_at(&client, &base, &format!("w{w}"), 3, None).await;
                 if items.is_empty() {
                     return mine;
                 }
                 for item in items {
                     let id = item["item_id"].as_str().unwrap().to_string();
-                    let r = client
-                        .post(format!("{base}/api/internal/worker/items/{id}/complete"))
-                        .bearer_auth(WORKER_SECRET)
-                        .json(&json!({"lease_token": item["lease_token"], "result_url": "https://x/y"}))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 200);
+                    assert_eq!(complete_at(&client, &base, &item).await, 200);
                     mine.push(id);
                 }
             }
@@ -222,7 +201,5 @@ async fn two_processes_on_one_postgres_keep_every_invariant() {
     assert_eq!(charges, 61, "each item charged once");
     drop(db);
     drop(_nodes);
-    let _ = admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await;
+    pg.drop_now().await;
 }
