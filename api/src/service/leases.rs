@@ -116,6 +116,9 @@ struct LockedBatch {
     key_id: i64,
     cost: i64,
     cancel_requested: bool,
+    status: BatchStatus,
+    /// Items still open (queued or running) before this transition.
+    open: i64,
 }
 
 async fn lock_batch_of(
@@ -123,32 +126,51 @@ async fn lock_batch_of(
     item_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<LockedBatch, ApiError> {
-    let backend = txn.get_database_backend();
-    let row = txn
+    let b = txn
         .query_one_raw(stmt(
-            backend,
-            "SELECT batch_id FROM batch_item WHERE id = $1",
-            [item_id.into()],
+            txn.get_database_backend(),
+            "UPDATE batch_job SET updated_at = $2 WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1) \
+             RETURNING id, api_key_id, cost_per_video, cancel_requested_at, status, \
+             total_count - succeeded_count - failed_count - cancelled_count AS open",
+            [item_id.into(), now.into()],
         ))
         .await?
         .ok_or_else(|| ApiError::not_found("item", item_id))?;
-    let batch_id: Uuid = row.try_get("", "batch_id")?;
-    let b = txn
-        .query_one_raw(stmt(
-            backend,
-            "UPDATE batch_job SET updated_at = $2 WHERE id = $1 \
-             RETURNING api_key_id, cost_per_video, cancel_requested_at",
-            [batch_id.into(), now.into()],
-        ))
-        .await?
-        .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
     let cancel: Option<DateTime<Utc>> = b.try_get("", "cancel_requested_at")?;
+    let status: String = b.try_get("", "status")?;
     Ok(LockedBatch {
-        id: batch_id,
+        id: b.try_get("", "id")?,
         key_id: b.try_get("", "api_key_id")?,
         cost: b.try_get("", "cost_per_video")?,
         cancel_requested: cancel.is_some(),
+        status: BatchStatus::parse(&status),
+        open: i64::from(b.try_get::<i32>("", "open")?),
     })
+}
+
+impl LockedBatch {
+    /// Finalizes the batch when this transition closed its last open item; returns its status.
+    async fn settle(
+        &self,
+        txn: &DatabaseTransaction,
+        runtime: &Runtime,
+        now: DateTime<Utc>,
+    ) -> Result<BatchStatus, ApiError> {
+        if self.open <= 1
+            && let Some(job) = finalize_if_done(txn, runtime, self.id, now).await?
+        {
+            return Ok(BatchStatus::parse(&job.status));
+        }
+        Ok(self.current())
+    }
+
+    /// The status while an item of it was running (claims mark batches processing just after).
+    fn current(&self) -> BatchStatus {
+        match self.status {
+            BatchStatus::Queued => BatchStatus::Processing,
+            other => other,
+        }
+    }
 }
 
 async fn batch_status<C: ConnectionTrait>(db: &C, batch_id: Uuid) -> Result<BatchStatus, ApiError> {
@@ -258,20 +280,21 @@ pub async fn complete(
     crate::service::webhooks::enqueue_item_event(
         &txn,
         runtime,
+        batch.key_id,
         batch.id,
         item_id,
         "item.succeeded",
         now,
     )
     .await?;
-    finalize_if_done(&txn, runtime, batch.id, now).await?;
+    let batch_status = batch.settle(&txn, runtime, now).await?;
     txn.commit().await?;
     Ok(ItemState {
         item_id,
         status: ItemStatus::Succeeded,
         attempts,
         lease_expires_at: None,
-        batch_status: batch_status(db, batch.id).await?,
+        batch_status,
     })
 }
 
@@ -367,7 +390,7 @@ async fn fail_item(
         [item_id.into(), status.into(), error.into(), now.into()],
     ))
     .await?;
-    if let Some(counter) = counter {
+    let batch_status = if let Some(counter) = counter {
         txn.execute_raw(stmt(
             backend,
             &format!("UPDATE batch_job SET {counter} = {counter} + 1 WHERE id = $1"),
@@ -394,6 +417,7 @@ async fn fail_item(
             crate::service::webhooks::enqueue_item_event(
                 &txn,
                 runtime,
+                batch.key_id,
                 batch.id,
                 item_id,
                 "item.failed",
@@ -401,14 +425,16 @@ async fn fail_item(
             )
             .await?;
         }
-        finalize_if_done(&txn, runtime, batch.id, now).await?;
-    }
+        batch.settle(&txn, runtime, now).await?
+    } else {
+        batch.current()
+    };
     txn.commit().await?;
     Ok(ItemState {
         item_id,
         status: ItemStatus::parse(status),
         attempts,
         lease_expires_at: None,
-        batch_status: batch_status(db, batch.id).await?,
+        batch_status,
     })
 }

@@ -104,14 +104,24 @@ pub async fn enqueue_batch_event<C: ConnectionTrait>(
 }
 
 /// Records `item.succeeded` / `item.failed` for keys that subscribe to them.
+#[allow(clippy::too_many_arguments)]
 pub async fn enqueue_item_event<C: ConnectionTrait>(
     txn: &C,
     runtime: &Runtime,
+    key_id: i64,
     batch_id: Uuid,
     item_id: Uuid,
     event: &str,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
+    // Most keys do not subscribe to item events: decide before reading anything.
+    let subscribed = runtime
+        .by_id
+        .get(&key_id)
+        .is_some_and(|k| k.policy.webhook_events.iter().any(|e| e == event));
+    if !subscribed {
+        return Ok(());
+    }
     let Some(job) = batch_job::Entity::find_by_id(batch_id).one(txn).await? else {
         return Ok(());
     };
