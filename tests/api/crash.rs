@@ -285,6 +285,30 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
     assert_eq!(count(&db, missing_events).await, 0);
     let _ = server.child.kill();
     let _ = server.child.wait();
+    // The plaintext key never reaches the database: not in the SQLite files, not in a dump.
+    let stored: Vec<u8> = match &backend {
+        Backend::Sqlite => ["crash.db", "crash.db-wal"]
+            .iter()
+            .flat_map(|f| std::fs::read(dir.path().join(f)).unwrap_or_default())
+            .collect(),
+        Backend::Postgres(_) => {
+            Command::new("pg_dump")
+                .arg(&url)
+                .output()
+                .expect("pg_dump")
+                .stdout
+        }
+    };
+    assert!(stored.len() > 10_000, "the database holds the load's data");
+    assert!(
+        !stored.windows(key.len()).any(|w| w == key.as_bytes()),
+        "the plaintext key is stored somewhere"
+    );
+    assert!(
+        stored.windows(64).any(|w| w == sha256(&key).as_bytes()),
+        "its hash is what is stored"
+    );
+    let _ = server.child.wait();
     drop(db);
     if let Some(pg) = pg_db {
         pg.drop_now().await;

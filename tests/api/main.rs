@@ -11,5 +11,6 @@ mod errors;
 mod keys;
 mod lifecycle;
 mod ops;
+mod security;
 mod two_nodes;
 mod webhooks;
