@@ -242,9 +242,14 @@ async fn find_by_request_id<C: ConnectionTrait>(
     key_id: i64,
     request_id: &str,
 ) -> Result<Option<batch_job::Model>, DbErr> {
+    // The pair is unique, so no LIMIT: SQLite re-prepares a statement whose LIMIT is bound as
+    // a parameter (as `.one()` does) every time it runs, on the hottest lookup of the create.
     batch_job::Entity::find()
-        .filter(batch_job::Column::ApiKeyId.eq(key_id))
-        .filter(batch_job::Column::RequestId.eq(request_id))
+        .from_raw_sql(stmt(
+            db.get_database_backend(),
+            "SELECT * FROM batch_job WHERE api_key_id = $1 AND request_id = $2",
+            [key_id.into(), request_id.into()],
+        ))
         .one(db)
         .await
 }
