@@ -2,12 +2,13 @@
 # scripts/bench.sh — throughput, latency and resource figures of the server, next to the
 # ceilings of its two halves (HTTP layer, database statements), in one run.
 #
-#   scripts/bench.sh [--quick] [--out FILE] [--no-pg] [--no-build]
+#   scripts/bench.sh [--quick] [--out FILE] [--no-pg | --no-sqlite] [--no-build] [--report FILE]
 #
 #   --quick     short windows and fewer levels: the whole run takes under 2 minutes once built
 #   --out FILE  where the JSON report goes (default target/bench/bench-{quick,full}.json);
 #               the table printed at the end is also written next to it as .md
 #   --no-pg     SQLite only, even when PostgreSQL is reachable
+#   --no-sqlite PostgreSQL only (L_http is still measured)
 #   --no-build  use the binaries already in target/release
 #   --report F  only print the table of an earlier JSON report F
 #
@@ -31,22 +32,29 @@
 #      body, measured like the create); L_db and L_claim (examples/bench.rs `db-ceiling`,
 #      `claim-ceiling`: the create's / claim+complete's exact statements in a raw loop on the
 #      same driver, pool size and durability, on a fresh migrated database, pinned like the
-#      server). combined = 1 / (1/L_http + 1/L_db). Ceilings are the best of their levels.
+#      server; on SQLite writes go through a one-connection writer pool as in api::db). combined
+#      = 1 / (1/L_http + 1/L_db). Ceilings are the best of their levels; so is each peak.
+#   7. CPU efficiency: ceiling CPU per operation / server CPU per operation, a ratio that is far
+#      less sensitive than throughput to other load on this 2-core machine.
+# On PostgreSQL it runs ANALYZE after each preload and warm-up (what autovacuum would have done;
+# this machine's PostgreSQL has autovacuum off, and a young database otherwise keeps the plans
+# it cached while empty). See docs/benchmarks.md for the method and the latest figures.
 # Every process it starts is stopped on exit (trap), every wait is bounded by `timeout`.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-QUICK=0 NO_PG=0 NO_BUILD=0 OUT="" REPORT=""
+QUICK=0 NO_PG=0 NO_SQLITE=0 NO_BUILD=0 OUT="" REPORT=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --no-pg) NO_PG=1 ;;
+        --no-sqlite) NO_SQLITE=1 ;;
         --no-build) NO_BUILD=1 ;;
         --out) OUT="$2"; shift ;;
         --report) REPORT="$2"; shift ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -60,7 +68,7 @@ if [[ $QUICK == 1 ]]; then
     OPEN_DUR=4           # seconds per open-loop rate
     WLEVELS=(8)          # concurrent HTTP workers (and L_claim tasks)
     WDUR=3               # seconds per worker level
-    PRELOAD=15000        # items queued before each worker level
+    PRELOAD=25000        # items queued before each worker level
 else
     MODE=full
     LEVELS=(4 16 64)
@@ -124,8 +132,13 @@ print_report() { # JSON_FILE: prints the header line and the Markdown table
       | row("  L_claim c=\($b[$ks[0]].l_claim.levels[$i].conc): items/s"; .l_claim.levels[$i] | "\(.units_per_s | r0)") ),
     row("**claim / L_claim** (target ≥ 0.70)"; .claim_ratio | "\(r2) \(ok(. >= 0.7))"),
     row("server CPU per create at peak level, ms"; .create.peak.cpu_ms_per_req | r3),
+    row("  L_http CPU per request, ms"; $root.l_http.peak.cpu_ms_per_req | r3),
     row("server CPU per create at 50% of peak, ms"; .open_loop[0].cpu_ms_per_req | r3),
+    row("  raw loop (L_db) CPU per create at its best level, ms"; .l_db.peak.cpu_ms_per_op | r3),
     row("server CPU per worker item (claim/10 + complete), ms"; .worker.peak.cpu_ms_per_item | r3),
+    row("  raw loop (L_claim) CPU per item at its best level, ms"; .l_claim.peak.cpu_ms_per_unit | r3),
+    row("CPU efficiency, create: (L_http + L_db CPU) / server CPU"; ((.l_db.peak.cpu_ms_per_op + $root.l_http.peak.cpu_ms_per_req) / .create.peak.cpu_ms_per_req) | r2),
+    row("CPU efficiency, worker: L_claim CPU / server CPU per item"; (.l_claim.peak.cpu_ms_per_unit / .worker.peak.cpu_ms_per_item) | r2),
     row("**server peak RSS (VmHWM), MB** (target ≤ 150)"; .peak_rss_mb | "\(r0) \(ok(. <= 150))")
   )' "$1")"
     header="$(jq -r '"Mode \(.mode), \(.date), commit \(.commit); \(.machine.cores) × \(.machine.cpu), \(.machine.memory); \(.machine.pinning); closed loop \(.params.levels) × \(.params.seconds_per_level) s, open loop \(.params.open_loop_seconds) s, workers \(.params.worker_levels) × \(.params.worker_seconds) s; load average before \(.machine.loadavg_before // "?"), after (1/5/15 min) \(.machine.loadavg_after_1_5_15 // "?"); run took \(.run_seconds) s."' "$1")"
@@ -202,6 +215,15 @@ cpu_ticks() { # PID -> utime+stime in clock ticks (fields 14 and 15 of /proc/PID
 }
 
 peak_rss_mb() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+
+# pg_analyze URL: on PostgreSQL, fresh planner statistics (what autovacuum's autoanalyze would
+# have done by then). Without them a young database keeps the plans it cached while empty
+# (sqlx prepares every statement) and creates slow down as the tables grow; this machine's
+# PostgreSQL runs with autovacuum off. No-op for SQLite.
+pg_analyze() {
+    [[ $1 == postgres* ]] || return 0
+    psql "$1" -qAtc 'ANALYZE' >/dev/null
+}
 
 pg_fresh_db() { # NAME -> creates it (dropped on exit); its URL is left in PG_DB_URL
     psql "$PG_URL" -qAtc "CREATE DATABASE $1" >/dev/null
@@ -310,6 +332,7 @@ EOF
     # Worker phase first, on an empty queue, so that it claims only its own 100-item batches.
     for c in "${WLEVELS[@]}"; do
         timeout 300 "${GEN[@]}" "$BENCH" preload --base "$base" --key "$KEY" --items "$PRELOAD" --batch-items 100
+        pg_analyze "$db_url"
         t0="$(cpu_ticks "$pid")"
         w="$(timeout 300 "${GEN[@]}" "$BENCH" worker --base "$base" --secret local-worker-secret \
             --conc "$c" --seconds "$WDUR")"
@@ -324,6 +347,7 @@ EOF
 
     log "$name: create-batch closed loop at concurrency ${LEVELS[*]}"
     oha_create "$base" "$TMP/warm.json" -c 32 -z 1s -w # warm-up (connections, caches)
+    pg_analyze "$db_url"
     levels="$(closed_levels "$base" "$pid")"
     peak="$(peak_of "$levels")"
 
@@ -350,12 +374,12 @@ EOF
     log "$name: L_db (raw create statements) at concurrency $conc_csv"
     local ldb lclaim
     ldb="$(timeout 600 "${SRV[@]}" "$BENCH" db-ceiling --url "$ldb_url" --conc "$conc_csv" \
-        --seconds "$DUR" --items 2 --max-connections "$MAX_CONN" | jq -sc .)"
+        --seconds "$DUR" --items 2 --max-connections "$MAX_CONN" --clk-tck "$CLK_TCK" | jq -sc .)"
     log "  $(jq -r 'map("conc \(.conc): \(.ops_per_s|floor)/s") | join(", ")' <<<"$ldb")"
     conc_csv="$(IFS=,; echo "${WLEVELS[*]}")"
     log "$name: L_claim (raw claim+complete statements) at concurrency $conc_csv"
     lclaim="$(timeout 600 "${SRV[@]}" "$BENCH" claim-ceiling --url "$lclaim_url" --conc "$conc_csv" \
-        --seconds "$WDUR" --preload "$PRELOAD" --batch-items 100 --max-connections "$MAX_CONN" | jq -sc .)"
+        --seconds "$WDUR" --preload "$PRELOAD" --batch-items 100 --max-connections "$MAX_CONN" --clk-tck "$CLK_TCK" | jq -sc .)"
     log "  $(jq -r 'map("conc \(.conc): \(.units_per_s|floor) items/s") | join(", ")' <<<"$lclaim")"
 
     BACKENDS="$(jq -c --arg name "$name" --argjson v "$(jq -nc --argjson create "$levels" --argjson open "$open" --argjson worker "$worker" \
@@ -373,6 +397,8 @@ EOF
 
 # ---- the run ---------------------------------------------------------------------------------
 START=$(date +%s)
+# The code measured: HEAD when the binaries were built (+dirty when api/ or src/ had changes).
+COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- api src entity migration 2>/dev/null || echo '+dirty')"
 LOAD_BEFORE="$(cut -d' ' -f1 /proc/loadavg)"
 if awk -v l="$LOAD_BEFORE" 'BEGIN { exit !(l > 0.5) }'; then
     log "warning: load average is $LOAD_BEFORE before the run: other work on this machine skews the figures"
@@ -382,8 +408,10 @@ log "L_http: trivial poem endpoint"
 L_HTTP="" BACKENDS="{}"
 measure_l_http
 
-run_backend sqlite "sqlite://$TMP/server.db?mode=rwc" \
-    "sqlite://$TMP/l_db.db?mode=rwc" "sqlite://$TMP/l_claim.db?mode=rwc"
+if [[ $NO_SQLITE == 0 ]]; then
+    run_backend sqlite "sqlite://$TMP/server.db?mode=rwc" \
+        "sqlite://$TMP/l_db.db?mode=rwc" "sqlite://$TMP/l_claim.db?mode=rwc"
+fi
 
 if [[ $NO_PG == 0 ]] && psql "$PG_URL" -qAtc 'SELECT 1' >/dev/null 2>&1; then
     SUFFIX="$(date +%s)_$$"
@@ -398,7 +426,7 @@ fi
 mkdir -p "$(dirname "$OUT")"
 jq -n --argjson http "$L_HTTP" --argjson b "$BACKENDS" \
     --arg mode "$MODE" --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-    --arg commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- api src 2>/dev/null || echo '+dirty')" \
+    --arg commit "$COMMIT" \
     --arg cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
     --arg cores "$(nproc)" --arg mem "$(awk '/^MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)" \
     --arg pinned "$PINNED" --arg levels "${LEVELS[*]}" --arg wlevels "${WLEVELS[*]}" \

@@ -1,0 +1,1059 @@
+//! Helpers for `scripts/bench.sh` (one binary, several subcommands, so one link step).
+//!
+//! ```text
+//! bench http-ceiling  --bind 127.0.0.1:PORT
+//!     L_http: a trivial poem server answering POST /api/enterprise/video-batch with the same
+//!     request headers, JSON body extraction, response headers and body shape as the real
+//!     create, and no database. Runs until killed.
+//! bench db-ceiling    --url URL --conc 4,16 --seconds 5 [--items 2] [--max-connections 16]
+//!     L_db: migrates URL (a fresh database) with api::db, then runs the exact statements of one
+//!     create (rate-limit upsert, idempotency select, BEGIN [IMMEDIATE], SELECT MIN(fair_pos),
+//!     wallet UPDATE .. RETURNING, INSERT batch_job .. ON CONFLICT DO NOTHING, multi-row INSERT
+//!     batch_item, INSERT credit_ledger, INSERT usage_event, COMMIT) in a closed loop with CONC
+//!     tasks on the same driver and pool settings as the server. One JSON line per level.
+//! bench claim-ceiling --url URL --conc 2,8 --seconds 5 [--preload 50000] [--batch-items 100]
+//!     L_claim: the raw statements of claim (10 items) + complete, per item, in a closed loop
+//!     with CONC workers, on a fresh migrated database preloaded before each level.
+//! bench preload       --base http://127.0.0.1:PORT --key KEY --items 50000 [--batch-items 100]
+//!     Creates batches over HTTP so that the worker phase has items to claim.
+//! bench worker        --base http://127.0.0.1:PORT --secret S --conc 8 --seconds 5
+//!     The worker phase over HTTP: CONC workers each claim 10 items then complete them one by
+//!     one. One JSON line.
+//! ```
+//! `db-ceiling` and `claim-ceiling` also take `--clk-tck N` (default 100) to report their own
+//! CPU time per operation, and `--orm-limits 1` to bind single-row LIMITs as sea-orm does. They mirror the SQL of api/src/service as of this file's last edit:
+//! when the service's statements change, change them here too.
+//! Every loop is bounded by `--seconds` (plus a short warm-up); every level prints one JSON
+//! object on stdout; progress goes to stderr.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Value};
+use serde_json::json;
+use uuid::Uuid;
+
+use api::db::{begin_write, stmt};
+
+/// The body every create of the benchmark sends (two items, like the issue asks).
+const PROMPTS: [(&str, Option<&str>); 2] = [
+    ("a red fox at dawn", Some(r#"{"duration_s":5}"#)),
+    ("a city at night in the rain", None),
+];
+const COST: i64 = 10;
+/// `worker.max_attempts` of config/base.toml.
+const MAX_ATTEMPTS: i32 = 3;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next().unwrap_or_default();
+    let opts = Opts::parse(args)?;
+    if opts.0.get("orm-limits").is_some_and(|v| v == "1") {
+        ORM_LIMITS.store(true, Ordering::Relaxed);
+    }
+    match cmd.as_str() {
+        "http-ceiling" => http_ceiling(&opts.str("bind")?).await,
+        "db-ceiling" => db_ceiling(&opts).await,
+        "claim-ceiling" => claim_ceiling(&opts).await,
+        "preload" => preload_http(&opts).await,
+        "worker" => worker_http(&opts).await,
+        _ => bail!(
+            "usage: bench <http-ceiling|db-ceiling|claim-ceiling|preload|worker> --flag value ... \
+             (see the comment at the top of examples/bench.rs)"
+        ),
+    }
+}
+
+/// `--name value` pairs.
+struct Opts(HashMap<String, String>);
+
+impl Opts {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Self> {
+        let mut m = HashMap::new();
+        while let Some(a) = args.next() {
+            let name = a
+                .strip_prefix("--")
+                .ok_or_else(|| anyhow!("expected --flag, got {a:?}"))?;
+            let v = args
+                .next()
+                .ok_or_else(|| anyhow!("--{name} needs a value"))?;
+            m.insert(name.to_string(), v);
+        }
+        Ok(Self(m))
+    }
+    fn str(&self, k: &str) -> Result<String> {
+        self.0
+            .get(k)
+            .cloned()
+            .ok_or_else(|| anyhow!("--{k} is required"))
+    }
+    fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> Result<T> {
+        match self.0.get(k) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| anyhow!("--{k}: not a number: {v}")),
+        }
+    }
+    fn levels(&self) -> Result<Vec<usize>> {
+        self.str("conc")?
+            .split(',')
+            .map(|s| s.trim().parse().map_err(|_| anyhow!("--conc: {s}")))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement helpers
+
+/// Counts completed operations (and their latencies) inside the measurement window only.
+struct Window {
+    start: Instant,
+    end: Instant,
+    ok: AtomicU64,
+    units: AtomicU64,
+    /// Every successful operation and unit of the run, warm-up and tail included (for CPU time
+    /// per request, which the script measures over the whole process run).
+    all_ops: AtomicU64,
+    all_units: AtomicU64,
+    errors: AtomicU64,
+    lat_us: std::sync::Mutex<Vec<u32>>,
+    first_error: std::sync::Mutex<Option<String>>,
+    /// When the queue first ran dry (worker loops): the window ends there.
+    dry_at: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Window {
+    fn new(warmup: Duration, seconds: f64) -> Arc<Self> {
+        let start = Instant::now() + warmup;
+        Arc::new(Self {
+            start,
+            end: start + Duration::from_secs_f64(seconds),
+            ok: AtomicU64::new(0),
+            units: AtomicU64::new(0),
+            all_ops: AtomicU64::new(0),
+            all_units: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            lat_us: Default::default(),
+            first_error: Default::default(),
+            dry_at: Default::default(),
+        })
+    }
+    fn over(&self) -> bool {
+        Instant::now() >= self.end
+    }
+    /// Records one operation that began at `began`; `units` is what it produced (items).
+    fn record(&self, began: Instant, units: u64, err: Option<String>) {
+        let now = Instant::now();
+        if err.is_none() {
+            self.all_ops.fetch_add(1, Ordering::Relaxed);
+            self.all_units.fetch_add(units, Ordering::Relaxed);
+        }
+        if began < self.start || now > self.end {
+            return;
+        }
+        match err {
+            None => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                self.units.fetch_add(units, Ordering::Relaxed);
+                let us = now.duration_since(began).as_micros().min(u32::MAX as u128) as u32;
+                self.lat_us.lock().unwrap().push(us);
+            }
+            Some(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.first_error.lock().unwrap().get_or_insert(e);
+            }
+        }
+    }
+    /// Notes that there was no more work; the rate is then taken over the span until now.
+    fn mark_dry(&self) {
+        self.dry_at.lock().unwrap().get_or_insert_with(Instant::now);
+    }
+    /// The level's JSON summary over the window (cut short where the work ran dry).
+    fn summary(&self, seconds: f64) -> serde_json::Value {
+        let dry = *self.dry_at.lock().unwrap();
+        let seconds = match dry {
+            Some(t) if t < self.end => t
+                .saturating_duration_since(self.start)
+                .as_secs_f64()
+                .max(1e-3),
+            _ => seconds,
+        };
+        let mut lat = std::mem::take(&mut *self.lat_us.lock().unwrap());
+        lat.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((p / 100.0) * (lat.len() as f64 - 1.0)).round() as usize;
+            lat[i.min(lat.len() - 1)] as f64 / 1000.0
+        };
+        let ok = self.ok.load(Ordering::Relaxed);
+        let units = self.units.load(Ordering::Relaxed);
+        json!({
+            "ok": ok,
+            "errors": self.errors.load(Ordering::Relaxed),
+            "first_error": *self.first_error.lock().unwrap(),
+            "seconds": seconds,
+            "ran_dry": dry.is_some(),
+            "ops_per_s": ok as f64 / seconds,
+            "units_per_s": units as f64 / seconds,
+            "p50_ms": pct(50.0),
+            "p99_ms": pct(99.0),
+            "p999_ms": pct(99.9),
+            "all_ops": self.all_ops.load(Ordering::Relaxed),
+            "all_units": self.all_units.load(Ordering::Relaxed),
+        })
+    }
+}
+
+fn warmup(seconds: f64) -> Duration {
+    Duration::from_secs_f64((seconds / 5.0).clamp(0.3, 1.0))
+}
+
+// ---------------------------------------------------------------------------------------------
+// L_http: the HTTP layer alone
+
+async fn http_ceiling(bind: &str) -> Result<()> {
+    use poem::http::{HeaderMap, StatusCode};
+    use poem::listener::TcpListener;
+    use poem::web::Json;
+    use poem::{Response, Route, Server, handler, post};
+
+    /// Same inputs as `create_batch` (the key header, an optional Idempotency-Key, a JSON body)
+    /// and the same outputs (201, the created body, quota headers, x-request-id).
+    #[handler]
+    fn create(headers: &HeaderMap, body: Json<serde_json::Value>) -> Response {
+        let Some(_key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) else {
+            return Response::builder()
+                .status(StatusCode::UNAUTHORIZED)
+                .finish();
+        };
+        let _idem = headers.get("idempotency-key");
+        let n = body.0["items"].as_array().map(|a| a.len()).unwrap_or(0) as i64;
+        let rid = format!("req_{}", Uuid::now_v7().simple());
+        let out = json!({
+            "ok": true, "request_id": rid, "batch_id": Uuid::now_v7(), "idempotent_replay": false,
+            "status": "queued", "total_count": n, "cost_per_video": COST,
+            "required_credits": n * COST, "available_credits": 1_000_000_000_000i64,
+            "remaining_credits": 1_000_000_000_000i64 - n * COST, "created_at": Utc::now(),
+        });
+        let x_request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        Response::builder()
+            .status(StatusCode::CREATED)
+            .content_type("application/json; charset=utf-8")
+            .header("ratelimit-policy", "\"batch\";q=1000000000;w=60")
+            .header("ratelimit", "\"batch\";r=999999999;t=31")
+            .header("x-ratelimit-limit", "1000000000")
+            .header("x-ratelimit-remaining", "999999999")
+            .header("x-ratelimit-reset", "31")
+            .header("x-request-id", x_request_id)
+            .body(out.to_string())
+    }
+
+    let app = Route::new().at("/api/enterprise/video-batch", post(create));
+    eprintln!("http-ceiling listening on {bind}");
+    Server::new(TcpListener::bind(bind.to_string()))
+        .run(app)
+        .await
+        .context("serving")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw statements on the server's driver (sea-orm over sqlx), the same SQL as api/src/service
+
+/// Migrates URL (a fresh database) and adds one key with a large wallet; returns the server's
+/// pool layout on it.
+async fn fresh_db(url: &str, max_connections: u32) -> Result<(Pools, i64)> {
+    let db = api::db::connect_url(url, max_connections, None).await?;
+    api::db::migrate(&db).await?;
+    let writer = if db.get_database_backend() == DbBackend::Sqlite {
+        api::db::connect_url(url, 1, None).await?
+    } else {
+        db.clone()
+    };
+    let b = db.get_database_backend();
+    let now = Utc::now();
+    let row = db
+        .query_one_raw(stmt(
+            b,
+            "INSERT INTO api_key (name, key_sha256, disabled, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $4) RETURNING id",
+            [
+                "bench".into(),
+                "0".repeat(64).into(),
+                false.into(),
+                now.into(),
+            ],
+        ))
+        .await?
+        .ok_or_else(|| anyhow!("no key id"))?;
+    let key_id: i64 = row.try_get("", "id")?;
+    db.execute_raw(stmt(
+        b,
+        "INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) VALUES ($1, $2, 0, $3)",
+        [key_id.into(), 1_000_000_000_000_000i64.into(), now.into()],
+    ))
+    .await?;
+    Ok((Pools { db, writer }, key_id))
+}
+
+/// PostgreSQL only: fresh planner statistics. The PostgreSQL this was written on runs with
+/// autovacuum off; without statistics, plans cached on a young database go stale as it grows
+/// (see docs/benchmarks.md). The script does the same for the server's database.
+async fn analyze(db: &DatabaseConnection) -> Result<()> {
+    if db.get_database_backend() == DbBackend::Postgres {
+        db.execute_unprepared("ANALYZE").await?;
+    }
+    Ok(())
+}
+
+fn window_start(now: DateTime<Utc>) -> i64 {
+    now.timestamp() - now.timestamp().rem_euclid(60)
+}
+
+const BATCH_JOB_COLS: &str = "id, api_key_id, request_id, fingerprint, status, total_count, \
+    succeeded_count, failed_count, cancelled_count, cost_per_video, required_credits, webhook_url, \
+    metadata, response, created_at, updated_at, cancel_requested_at, completed_at";
+
+/// `--orm-limits`: write single-row lookups as sea-orm's `.one()` does (`LIMIT $n`, bound)
+/// instead of `LIMIT 1`. For diagnosis: SQLite (3.51) reads a bound LIMIT while planning and
+/// then re-prepares the statement whenever the parameter is bound again, i.e. on every run.
+static ORM_LIMITS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn limit_clause(param: usize) -> String {
+    if ORM_LIMITS.load(Ordering::Relaxed) {
+        format!("LIMIT ${param}")
+    } else {
+        "LIMIT 1".to_string()
+    }
+}
+
+fn limit_values<const N: usize>(vals: [Value; N]) -> Vec<Value> {
+    let mut v = vals.to_vec();
+    if ORM_LIMITS.load(Ordering::Relaxed) {
+        v.push(1i64.into());
+    }
+    v
+}
+
+/// What one create writes.
+struct NewCreate {
+    key_id: i64,
+    rid: String,
+    batch_id: Uuid,
+    n_items: usize,
+    need: i64,
+    now: DateTime<Utc>,
+}
+
+async fn insert_job<C: ConnectionTrait>(c: &C, x: &NewCreate, response: String) -> Result<()> {
+    let inserted = c
+        .query_one_raw(stmt(
+            c.get_database_backend(),
+            &format!(
+                "INSERT INTO batch_job ({BATCH_JOB_COLS}) VALUES \
+                 ($1, $2, $3, $4, 'queued', $5, 0, 0, 0, $6, $7, $8, $9, $10, $11, $11, $12, $13) \
+                 ON CONFLICT (api_key_id, request_id) DO NOTHING RETURNING id"
+            ),
+            [
+                x.batch_id.into(),
+                x.key_id.into(),
+                x.rid.clone().into(),
+                "f".repeat(64).into(),
+                (x.n_items as i32).into(),
+                COST.into(),
+                x.need.into(),
+                Option::<String>::None.into(),
+                Some(r#"{"campaign":"bench"}"#.to_string()).into(),
+                response.into(),
+                x.now.into(),
+                Option::<DateTime<Utc>>::None.into(),
+                Option::<DateTime<Utc>>::None.into(),
+            ],
+        ))
+        .await?;
+    if inserted.is_none() {
+        bail!("batch conflict");
+    }
+    Ok(())
+}
+
+/// The hold, last in the transaction: UPDATE credit_wallet .. RETURNING (balance, held).
+async fn hold_wallet<C: ConnectionTrait>(c: &C, x: &NewCreate) -> Result<(i64, i64)> {
+    let row = c
+        .query_one_raw(stmt(
+            c.get_database_backend(),
+            "UPDATE credit_wallet SET held = held + $2, updated_at = $3 \
+             WHERE api_key_id = $1 AND balance - held >= $2 RETURNING balance, held",
+            [x.key_id.into(), x.need.into(), x.now.into()],
+        ))
+        .await?
+        .ok_or_else(|| anyhow!("wallet empty"))?;
+    Ok((row.try_get("", "balance")?, row.try_get("", "held")?))
+}
+
+/// batch_item: one multi-row insert per 500 items.
+async fn insert_items<C: ConnectionTrait>(c: &C, x: &NewCreate, start_pos: i64) -> Result<()> {
+    for chunk_start in (0..x.n_items).step_by(500) {
+        let chunk = chunk_start..(chunk_start + 500).min(x.n_items);
+        let mut sql = String::from(
+            "INSERT INTO batch_item (id, batch_id, api_key_id, idx, prompt, params, status, attempts, \
+             fair_pos, lease_token, worker_id, lease_expires_at, result_url, result, error, \
+             created_at, updated_at) VALUES ",
+        );
+        let mut vals: Vec<Value> = Vec::new();
+        for (k, i) in chunk.enumerate() {
+            let p = vals.len();
+            if k > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, 'queued', 0, ${}, NULL, NULL, NULL, NULL, NULL, NULL, ${}, ${})",
+                p + 1, p + 2, p + 3, p + 4, p + 5, p + 6, p + 7, p + 8, p + 9
+            ));
+            let (prompt, params) = PROMPTS[i % PROMPTS.len()];
+            vals.extend([
+                Uuid::now_v7().into(),
+                x.batch_id.into(),
+                x.key_id.into(),
+                (i as i32).into(),
+                prompt.into(),
+                params.map(str::to_string).into(),
+                (start_pos + i as i64).into(),
+                x.now.into(),
+                x.now.into(),
+            ]);
+        }
+        c.execute_raw(stmt(c.get_database_backend(), &sql, vals))
+            .await?;
+    }
+    Ok(())
+}
+
+/// credits::record (hold).
+async fn insert_ledger<C: ConnectionTrait>(c: &C, x: &NewCreate) -> Result<()> {
+    c.execute_raw(stmt(
+        c.get_database_backend(),
+        "INSERT INTO credit_ledger (api_key_id, kind, amount, batch_id, item_id, note, idempotency_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        [
+            x.key_id.into(),
+            "hold".into(),
+            x.need.into(),
+            Some(x.batch_id).into(),
+            Option::<Uuid>::None.into(),
+            Option::<String>::None.into(),
+            Option::<String>::None.into(),
+            Utc::now().into(),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// usage::record.
+async fn insert_usage<C: ConnectionTrait>(c: &C, x: &NewCreate) -> Result<()> {
+    c.execute_raw(stmt(
+        c.get_database_backend(),
+        "INSERT INTO usage_event (api_key_id, request_id, method, path, status, error_code, client_ip, \
+         user_agent, minute_bucket, latency_us, batch_id, items, credits, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        [
+            Some(x.key_id).into(),
+            Some(x.rid.clone()).into(),
+            "POST".to_string().into(),
+            "/api/enterprise/video-batch".to_string().into(),
+            201i32.into(),
+            Option::<String>::None.into(),
+            Some("127.0.0.1".to_string()).into(),
+            Some("oha/1".to_string()).into(),
+            api::service::usage::minute_bucket(x.now).into(),
+            250i64.into(),
+            Some(x.batch_id).into(),
+            (x.n_items as i32).into(),
+            x.need.into(),
+            x.now.into(),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
+fn response_json(x: &NewCreate, balance: i64, held_now: i64) -> String {
+    json!({
+        "ok": true, "request_id": x.rid, "batch_id": x.batch_id, "idempotent_replay": false,
+        "status": "queued", "total_count": x.n_items, "cost_per_video": COST,
+        "required_credits": x.need, "available_credits": balance - held_now + x.need,
+        "remaining_credits": balance - held_now, "created_at": x.now,
+    })
+    .to_string()
+}
+
+/// The server's two pools: reads, and the writes' (SQLite: a pool of one connection, so
+/// writers queue in the application; PostgreSQL: the same pool), as `api::db::writer_for`.
+#[derive(Clone)]
+struct Pools {
+    db: DatabaseConnection,
+    writer: DatabaseConnection,
+}
+
+/// One create, statement for statement as `auth::authorize_customer` (rate_limit::hit) and
+/// `service::batches::create` (with `usage::record` and `credits::record`) run it, on the
+/// same pools. One deliberate difference: the idempotency lookup says `LIMIT 1` where sea-orm's
+/// `.one()` binds the limit as a parameter (see docs/benchmarks.md: on SQLite that makes the
+/// statement re-prepare on every run).
+async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
+    let w = &p.writer;
+    let b = w.get_database_backend();
+    let now = Utc::now();
+    // rate_limit::hit (autocommit, on the writer)
+    w.query_one_raw(stmt(
+        b,
+        "INSERT INTO rate_limit_window (api_key_id, scope, window_start, count) VALUES ($1, $2, $3, 1) \
+         ON CONFLICT (api_key_id, scope, window_start) \
+         DO UPDATE SET count = rate_limit_window.count + 1 RETURNING count",
+        [key_id.into(), "batch".into(), window_start(now).into()],
+    ))
+    .await?
+    .ok_or_else(|| anyhow!("rate limit row"))?;
+    // find_by_request_id (autocommit; the create runs on the writer)
+    let rid = format!("req_{}", Uuid::now_v7().simple());
+    let found = w
+        .query_one_raw(stmt(
+            b,
+            &format!(
+                "SELECT {BATCH_JOB_COLS} FROM batch_job WHERE api_key_id = $1 AND request_id = $2 {}",
+                limit_clause(3)
+            ),
+            limit_values([key_id.into(), rid.clone().into()]),
+        ))
+        .await?;
+    if found.is_some() {
+        bail!("request id reused");
+    }
+    let x = NewCreate {
+        key_id,
+        rid,
+        batch_id: Uuid::now_v7(),
+        n_items,
+        need: n_items as i64 * COST,
+        now,
+    };
+    let txn = begin_write(w).await?;
+    let pos = txn
+        .query_one_raw(stmt(
+            b,
+            "SELECT (SELECT MIN(fair_pos) FROM batch_item WHERE status = 'queued') AS head, \
+             (SELECT MAX(fair_pos) FROM batch_item WHERE status = 'queued' AND api_key_id = $1) AS tail",
+            [key_id.into()],
+        ))
+        .await?
+        .ok_or_else(|| anyhow!("positions"))?;
+    let head = pos.try_get::<Option<i64>>("", "head")?.unwrap_or(0);
+    let tail = pos.try_get::<Option<i64>>("", "tail")?;
+    let start_pos = tail.map_or(head, |t| (t + 1).max(head));
+    insert_job(&txn, &x, response_json(&x, 0, 0)).await?;
+    insert_items(&txn, &x, start_pos).await?;
+    insert_ledger(&txn, &x).await?;
+    insert_usage(&txn, &x).await?;
+    let (balance, held) = hold_wallet(&txn, &x).await?;
+    let _response = response_json(&x, balance, held);
+    txn.commit().await?;
+    Ok(())
+}
+
+/// utime + stime of this process, in clock ticks (for CPU time per operation).
+fn self_cpu_ticks() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// Adds `cpu_ms_per_op` / `cpu_ms_per_unit` (whole level, warm-up included) to a summary.
+fn add_cpu(s: &mut serde_json::Value, ticks: u64, hz: f64) {
+    let ms = ticks as f64 * 1000.0 / hz;
+    let ops = s["all_ops"].as_f64().unwrap_or(0.0);
+    let units = s["all_units"].as_f64().unwrap_or(0.0);
+    s["cpu_ms_per_op"] = if ops > 0.0 {
+        json!(ms / ops)
+    } else {
+        json!(null)
+    };
+    s["cpu_ms_per_unit"] = if units > 0.0 {
+        json!(ms / units)
+    } else {
+        json!(null)
+    };
+}
+
+async fn db_ceiling(o: &Opts) -> Result<()> {
+    let url = o.str("url")?;
+    let seconds: f64 = o.num("seconds", 5.0)?;
+    let items: usize = o.num("items", 2)?;
+    let hz: f64 = o.num("clk-tck", 100.0)?;
+    let (pools, key_id) = fresh_db(&url, o.num("max-connections", 16)?).await?;
+    // Some rows first, then fresh planner statistics, as autovacuum would give the server.
+    for _ in 0..500 {
+        raw_create(&pools, key_id, items).await?;
+    }
+    analyze(&pools.db).await?;
+    for conc in o.levels()? {
+        let w = Window::new(warmup(seconds), seconds);
+        let cpu0 = self_cpu_ticks();
+        let tasks: Vec<_> = (0..conc)
+            .map(|_| {
+                let (pools, w) = (pools.clone(), Arc::clone(&w));
+                tokio::spawn(async move {
+                    while !w.over() {
+                        let t = Instant::now();
+                        let r = raw_create(&pools, key_id, items).await;
+                        w.record(t, items as u64, r.err().map(|e| format!("{e:#}")));
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await?;
+        }
+        let mut s = w.summary(seconds);
+        add_cpu(&mut s, self_cpu_ticks() - cpu0, hz);
+        s["what"] = json!("L_db");
+        s["conc"] = json!(conc);
+        println!("{s}");
+    }
+    pools.db.close().await?;
+    pools.writer.close().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// L_claim: claim 10 + complete each, as service::leases runs them
+
+struct Claimed {
+    item_id: Uuid,
+    token: Uuid,
+}
+
+/// `reap_exhausted` + `claim` as the claim route runs them (on the writer).
+async fn raw_claim(db: &DatabaseConnection, worker: &str, max: i64) -> Result<Vec<Claimed>> {
+    let b = db.get_database_backend();
+    let now = Utc::now();
+    let expires = now + chrono::Duration::seconds(300);
+    let token = Uuid::new_v4();
+    let lock = if b == DbBackend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    // leases::reap_exhausted: items whose lease ran out on their last attempt (none here).
+    let exhausted = db
+        .query_all_raw(stmt(
+            b,
+            "SELECT id, lease_token FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
+             AND attempts >= $2 LIMIT 100",
+            [now.into(), MAX_ATTEMPTS.into()],
+        ))
+        .await?;
+    if !exhausted.is_empty() {
+        bail!("unexpected exhausted leases");
+    }
+    let txn = begin_write(db).await?;
+    txn.execute_raw(stmt(
+        b,
+        "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
+         lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
+         WHERE status = 'running' AND lease_expires_at < $1 AND attempts < $2",
+        [now.into(), MAX_ATTEMPTS.into()],
+    ))
+    .await?;
+    let rows = txn
+        .query_all_raw(stmt(
+            b,
+            &format!(
+                "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $1, \
+                 worker_id = $2, lease_expires_at = $3, updated_at = $4 \
+                 WHERE id IN (SELECT id FROM batch_item WHERE status = 'queued' \
+                 ORDER BY fair_pos, created_at LIMIT $5{lock}) \
+                 RETURNING id, batch_id, prompt, params, attempts, fair_pos"
+            ),
+            [
+                token.into(),
+                worker.into(),
+                expires.into(),
+                now.into(),
+                max.into(),
+            ],
+        ))
+        .await?;
+    txn.commit().await?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut batches: Vec<Uuid> = Vec::new();
+    for r in rows {
+        let batch_id: Uuid = r.try_get("", "batch_id")?;
+        let _prompt: String = r.try_get("", "prompt")?;
+        let _params: Option<String> = r.try_get("", "params")?;
+        let _attempts: i32 = r.try_get("", "attempts")?;
+        let _pos: i64 = r.try_get("", "fair_pos")?;
+        if !batches.contains(&batch_id) {
+            batches.push(batch_id);
+        }
+        out.push(Claimed {
+            item_id: r.try_get("", "id")?,
+            token,
+        });
+    }
+    if !batches.is_empty() {
+        // batch_job::Entity::update_many() .. is_in(batches) .. status = 'queued'
+        let marks: Vec<String> = (0..batches.len()).map(|i| format!("${}", i + 3)).collect();
+        let mut vals: Vec<Value> = vec!["processing".into(), now.into()];
+        vals.extend(batches.into_iter().map(Value::from));
+        db.execute_raw(stmt(
+            b,
+            &format!(
+                "UPDATE batch_job SET status = $1, updated_at = $2 WHERE id IN ({}) AND status = 'queued'",
+                marks.join(", ")
+            ),
+            vals,
+        ))
+        .await?;
+    }
+    Ok(out)
+}
+
+/// `leases::complete` (on the writer): lock the batch and learn its open count in one
+/// statement, settle the item and its credits, finalize only on the batch's last item. The
+/// keys here subscribe to no item events, so nothing else is read.
+async fn raw_complete(db: &DatabaseConnection, item_id: Uuid, token: Uuid) -> Result<()> {
+    let b = db.get_database_backend();
+    let now = Utc::now();
+    let txn = begin_write(db).await?;
+    // lock_batch_of
+    let row = txn
+        .query_one_raw(stmt(
+            b,
+            "UPDATE batch_job SET updated_at = $2 WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1) \
+             RETURNING id, api_key_id, cost_per_video, cancel_requested_at, status, \
+             total_count - succeeded_count - failed_count - cancelled_count AS open",
+            [item_id.into(), now.into()],
+        ))
+        .await?
+        .ok_or_else(|| anyhow!("item"))?;
+    let batch_id: Uuid = row.try_get("", "id")?;
+    let key_id: i64 = row.try_get("", "api_key_id")?;
+    let cost: i64 = row.try_get("", "cost_per_video")?;
+    let _cancel: Option<DateTime<Utc>> = row.try_get("", "cancel_requested_at")?;
+    let _status: String = row.try_get("", "status")?;
+    let open: i32 = row.try_get("", "open")?;
+    let updated = txn
+        .query_one_raw(stmt(
+            b,
+            "UPDATE batch_item SET status = 'succeeded', result_url = $3, result = $4, error = NULL, \
+             lease_token = NULL, lease_expires_at = NULL, updated_at = $5 \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $5 \
+             RETURNING attempts",
+            [
+                item_id.into(),
+                token.into(),
+                "https://cdn.example/v.mp4".into(),
+                Option::<String>::None.into(),
+                now.into(),
+            ],
+        ))
+        .await?;
+    if updated.is_none() {
+        bail!("lease lost");
+    }
+    txn.execute_raw(stmt(
+        b,
+        "UPDATE batch_job SET succeeded_count = succeeded_count + 1 WHERE id = $1",
+        [batch_id.into()],
+    ))
+    .await?;
+    // credits::apply_for(Charge)
+    let res = txn
+        .execute_raw(stmt(
+            b,
+            "UPDATE credit_wallet SET balance = balance - $2, held = held - $2, updated_at = $3 \
+             WHERE api_key_id = $1 AND held >= $2",
+            [key_id.into(), cost.into(), Utc::now().into()],
+        ))
+        .await?;
+    if res.rows_affected() != 1 {
+        bail!("charge failed");
+    }
+    txn.execute_raw(stmt(
+        b,
+        "INSERT INTO credit_ledger (api_key_id, kind, amount, batch_id, item_id, note, idempotency_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        [
+            key_id.into(),
+            "charge".into(),
+            cost.into(),
+            Some(batch_id).into(),
+            Some(item_id).into(),
+            Option::<String>::None.into(),
+            Option::<String>::None.into(),
+            Utc::now().into(),
+        ],
+    ))
+    .await?;
+    // LockedBatch::settle: finalize_if_done on the last open item only.
+    if open <= 1 {
+        let fin = txn
+            .execute_raw(stmt(
+                b,
+                "UPDATE batch_job SET \
+                 status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'completed' END, \
+                 completed_at = $2, updated_at = $2 \
+                 WHERE id = $1 AND status IN ('queued', 'processing') \
+                 AND succeeded_count + failed_count + cancelled_count = total_count",
+                [batch_id.into(), now.into()],
+            ))
+            .await?;
+        if fin.rows_affected() > 0 {
+            let select_job = format!(
+                "SELECT {BATCH_JOB_COLS} FROM batch_job WHERE id = $1 {}",
+                limit_clause(2)
+            );
+            txn.query_one_raw(stmt(b, &select_job, limit_values([batch_id.into()])))
+                .await?;
+        }
+    }
+    txn.commit().await?;
+    Ok(())
+}
+
+async fn claim_ceiling(o: &Opts) -> Result<()> {
+    let url = o.str("url")?;
+    let seconds: f64 = o.num("seconds", 5.0)?;
+    let preload: usize = o.num("preload", 50_000)?;
+    let per_batch: usize = o.num("batch-items", 100)?;
+    let hz: f64 = o.num("clk-tck", 100.0)?;
+    let (pools, key_id) = fresh_db(&url, o.num("max-connections", 16)?).await?;
+    let db = pools.writer.clone();
+    for conc in o.levels()? {
+        let t = Instant::now();
+        for _ in 0..preload.div_ceil(per_batch) {
+            raw_create(&pools, key_id, per_batch).await?;
+        }
+        analyze(&db).await?;
+        eprintln!(
+            "claim-ceiling: preloaded {preload} items in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+        let w = Window::new(warmup(seconds), seconds);
+        let cpu0 = self_cpu_ticks();
+        let tasks: Vec<_> = (0..conc)
+            .map(|i| {
+                let (db, w) = (db.clone(), Arc::clone(&w));
+                tokio::spawn(async move {
+                    let worker = format!("bench-{i}");
+                    while !w.over() {
+                        let t = Instant::now();
+                        match raw_claim(&db, &worker, 10).await {
+                            Err(e) => w.record(t, 0, Some(format!("claim: {e:#}"))),
+                            Ok(items) if items.is_empty() => {
+                                w.mark_dry();
+                                break;
+                            }
+                            Ok(items) => {
+                                w.record(t, 0, None);
+                                for it in items {
+                                    let t = Instant::now();
+                                    let r = raw_complete(&db, it.item_id, it.token).await;
+                                    w.record(t, 1, r.err().map(|e| format!("complete: {e:#}")));
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await?;
+        }
+        let cpu = self_cpu_ticks() - cpu0;
+        // Leave nothing running for the next level.
+        db.execute_raw(stmt(
+            db.get_database_backend(),
+            "UPDATE batch_item SET status = 'cancelled', lease_token = NULL WHERE status IN ('queued', 'running')",
+            [],
+        ))
+        .await?;
+        let mut s = w.summary(seconds);
+        add_cpu(&mut s, cpu, hz);
+        s["what"] = json!("L_claim");
+        s["conc"] = json!(conc);
+        println!("{s}");
+    }
+    drop(db);
+    pools.writer.close().await?;
+    pools.db.close().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The worker phase over HTTP
+
+fn client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+async fn preload_http(o: &Opts) -> Result<()> {
+    let base = o.str("base")?;
+    let key = o.str("key")?;
+    let items: usize = o.num("items", 50_000)?;
+    let per_batch: usize = o.num("batch-items", 100)?;
+    let http = client()?;
+    let body = json!({
+        "items": (0..per_batch).map(|i| {
+            let (prompt, params) = PROMPTS[i % PROMPTS.len()];
+            json!({ "prompt": prompt, "params": params.map(|p| serde_json::from_str::<serde_json::Value>(p).unwrap()) })
+        }).collect::<Vec<_>>()
+    })
+    .to_string();
+    let batches = items.div_ceil(per_batch);
+    let next = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, base, key, body, next) = (
+                http.clone(),
+                base.clone(),
+                key.clone(),
+                body.clone(),
+                Arc::clone(&next),
+            );
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < batches as u64 {
+                    let r = http
+                        .post(format!("{base}/api/enterprise/video-batch"))
+                        .header("x-api-key", &key)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    if r.status() != 201 {
+                        let s = r.status();
+                        bail!(
+                            "preload create: {s}: {}",
+                            r.text().await.unwrap_or_default()
+                        );
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    eprintln!(
+        "preload: {batches} batches of {per_batch} items in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn worker_http(o: &Opts) -> Result<()> {
+    let base = o.str("base")?;
+    let secret = o.str("secret")?;
+    let seconds: f64 = o.num("seconds", 5.0)?;
+    let conc: usize = o.num("conc", 8)?;
+    let http = client()?;
+    let w = Window::new(warmup(seconds), seconds);
+    let claims = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..conc)
+        .map(|i| {
+            let (http, base, secret) = (http.clone(), base.clone(), secret.clone());
+            let (w, claims) = (Arc::clone(&w), Arc::clone(&claims));
+            tokio::spawn(async move {
+                let auth = format!("Bearer {secret}");
+                let claim_body = json!({ "worker_id": format!("bench-{i}"), "max_items": 10 }).to_string();
+                while !w.over() {
+                    let t = Instant::now();
+                    let r = async {
+                        let r = http
+                            .post(format!("{base}/api/internal/worker/claim"))
+                            .header("authorization", &auth)
+                            .header("content-type", "application/json")
+                            .body(claim_body.clone())
+                            .send()
+                            .await?;
+                        let status = r.status();
+                        let v: serde_json::Value = r.json().await?;
+                        if status != 200 {
+                            bail!("claim: {status}: {v}");
+                        }
+                        Ok::<_, anyhow::Error>(v)
+                    }
+                    .await;
+                    let items = match r {
+                        Err(e) => {
+                            w.record(t, 0, Some(format!("{e:#}")));
+                            continue;
+                        }
+                        Ok(v) => v["items"].as_array().cloned().unwrap_or_default(),
+                    };
+                    if items.is_empty() {
+                        w.mark_dry();
+                        break;
+                    }
+                    w.record(t, 0, None);
+                    if t >= w.start {
+                        claims.fetch_add(1, Ordering::Relaxed);
+                    }
+                    for it in items {
+                        let t = Instant::now();
+                        let id = it["item_id"].as_str().unwrap_or_default();
+                        let body = json!({ "lease_token": it["lease_token"], "result_url": "https://cdn.example/v.mp4" });
+                        let r = http
+                            .post(format!("{base}/api/internal/worker/items/{id}/complete"))
+                            .header("authorization", &auth)
+                            .header("content-type", "application/json")
+                            .body(body.to_string())
+                            .send()
+                            .await;
+                        let err = match r {
+                            Err(e) => Some(format!("complete: {e}")),
+                            Ok(r) if r.status() != 200 => Some(format!(
+                                "complete: {}: {}",
+                                r.status(),
+                                r.text().await.unwrap_or_default()
+                            )),
+                            Ok(r) => {
+                                let _ = r.bytes().await;
+                                None
+                            }
+                        };
+                        w.record(t, 1, err);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    let mut s = w.summary(seconds);
+    s["what"] = json!("worker_http");
+    s["conc"] = json!(conc);
+    s["claims"] = json!(claims.load(Ordering::Relaxed));
+    println!("{s}");
+    Ok(())
+}
