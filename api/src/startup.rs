@@ -272,6 +272,8 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             {
                 tracing::warn!(error = %e, "pruning rate-limit windows failed");
             }
+            // Histograms keep their samples until drained: drain them even when nobody scrapes.
+            crate::telemetry::metrics().run_upkeep();
             if let Err(e) = sample_gauges(&state).await {
                 tracing::warn!(error = %e, "sampling queue gauges failed");
             }

@@ -44,24 +44,21 @@ pub async fn claim(
         [now.into(), (max_attempts as i32).into()],
     ))
     .await?;
+    // Written into the SQL (an integer, so safe): SQLite re-prepares a statement whose LIMIT is
+    // a bound parameter every time it runs.
+    let max = max.clamp(1, 1000);
     let sql = format!(
         "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $1, \
          worker_id = $2, lease_expires_at = $3, updated_at = $4 \
          WHERE id IN (SELECT id FROM batch_item WHERE status = 'queued' \
-         ORDER BY fair_pos, created_at LIMIT $5{lock}) \
+         ORDER BY fair_pos, created_at LIMIT {max}{lock}) \
          RETURNING id, batch_id, prompt, params, attempts, fair_pos"
     );
     let rows = txn
         .query_all_raw(stmt(
             backend,
             &sql,
-            [
-                token.into(),
-                worker_id.into(),
-                expires.into(),
-                now.into(),
-                i64::from(max).into(),
-            ],
+            [token.into(), worker_id.into(), expires.into(), now.into()],
         ))
         .await?;
     txn.commit().await?;
