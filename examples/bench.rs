@@ -322,9 +322,10 @@ const BATCH_JOB_COLS: &str = "id, api_key_id, request_id, fingerprint, status, t
     succeeded_count, failed_count, cancelled_count, cost_per_video, required_credits, webhook_url, \
     metadata, response, created_at, updated_at, cancel_requested_at, completed_at";
 
-/// `--orm-limits`: write single-row lookups as sea-orm's `.one()` does (`LIMIT $n`, bound)
-/// instead of `LIMIT 1`. For diagnosis: SQLite (3.51) reads a bound LIMIT while planning and
-/// then re-prepares the statement whenever the parameter is bound again, i.e. on every run.
+/// `--orm-limits 1`: bind LIMITs as parameters, as sea-orm's `.one()` does, instead of writing
+/// them into the SQL as the service now does on its hot paths. For diagnosis: SQLite (3.51) reads
+/// a bound LIMIT while planning and re-prepares the statement whenever that parameter is bound
+/// again, i.e. on every run (docs/benchmarks.md).
 static ORM_LIMITS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn limit_clause(param: usize) -> String {
@@ -336,9 +337,13 @@ fn limit_clause(param: usize) -> String {
 }
 
 fn limit_values<const N: usize>(vals: [Value; N]) -> Vec<Value> {
+    limit_values_n(vals, 1)
+}
+
+fn limit_values_n<const N: usize>(vals: [Value; N], limit: i64) -> Vec<Value> {
     let mut v = vals.to_vec();
     if ORM_LIMITS.load(Ordering::Relaxed) {
-        v.push(1i64.into());
+        v.push(limit.into());
     }
     v
 }
@@ -506,9 +511,7 @@ struct Pools {
 
 /// One create, statement for statement as `auth::authorize_customer` (rate_limit::hit) and
 /// `service::batches::create` (with `usage::record` and `credits::record`) run it, on the
-/// same pools. One deliberate difference: the idempotency lookup says `LIMIT 1` where sea-orm's
-/// `.one()` binds the limit as a parameter (see docs/benchmarks.md: on SQLite that makes the
-/// statement re-prepare on every run).
+/// same pools.
 async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
     let w = &p.writer;
     let b = w.get_database_backend();
@@ -529,8 +532,12 @@ async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
         .query_one_raw(stmt(
             b,
             &format!(
-                "SELECT {BATCH_JOB_COLS} FROM batch_job WHERE api_key_id = $1 AND request_id = $2 {}",
-                limit_clause(3)
+                "SELECT * FROM batch_job WHERE api_key_id = $1 AND request_id = $2{}",
+                if ORM_LIMITS.load(Ordering::Relaxed) {
+                    " LIMIT $3"
+                } else {
+                    ""
+                }
             ),
             limit_values([key_id.into(), rid.clone().into()]),
         ))
@@ -669,6 +676,12 @@ async fn raw_claim(db: &DatabaseConnection, worker: &str, max: i64) -> Result<Ve
     if !exhausted.is_empty() {
         bail!("unexpected exhausted leases");
     }
+    // The server writes the validated max into the SQL; `--orm-limits 1` binds it instead.
+    let limit = if ORM_LIMITS.load(Ordering::Relaxed) {
+        "$5".to_string()
+    } else {
+        max.to_string()
+    };
     let txn = begin_write(db).await?;
     txn.execute_raw(stmt(
         b,
@@ -685,16 +698,10 @@ async fn raw_claim(db: &DatabaseConnection, worker: &str, max: i64) -> Result<Ve
                 "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $1, \
                  worker_id = $2, lease_expires_at = $3, updated_at = $4 \
                  WHERE id IN (SELECT id FROM batch_item WHERE status = 'queued' \
-                 ORDER BY fair_pos, created_at LIMIT $5{lock}) \
+                 ORDER BY fair_pos, created_at LIMIT {limit}{lock}) \
                  RETURNING id, batch_id, prompt, params, attempts, fair_pos"
             ),
-            [
-                token.into(),
-                worker.into(),
-                expires.into(),
-                now.into(),
-                max.into(),
-            ],
+            limit_values_n([token.into(), worker.into(), expires.into(), now.into()], max),
         ))
         .await?;
     txn.commit().await?;
