@@ -399,6 +399,7 @@ EOF
 START=$(date +%s)
 # The code measured: HEAD when the binaries were built (+dirty when api/ or src/ had changes).
 COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- api src entity migration 2>/dev/null || echo '+dirty')"
+[[ $NO_BUILD == 0 ]] || COMMIT="$COMMIT (--no-build: binaries may be older)"
 LOAD_BEFORE="$(cut -d' ' -f1 /proc/loadavg)"
 if awk -v l="$LOAD_BEFORE" 'BEGIN { exit !(l > 0.5) }'; then
     log "warning: load average is $LOAD_BEFORE before the run: other work on this machine skews the figures"
