@@ -64,8 +64,6 @@ pub struct NewBatch {
     pub webhook_url: Option<String>,
     /// Metadata as compact JSON.
     pub metadata: Option<String>,
-    /// SHA-256 of the canonical request.
-    pub fingerprint: String,
 }
 
 impl NewBatch {
@@ -134,12 +132,10 @@ impl NewBatch {
             .as_ref()
             .map(|m| bounded_json("metadata", m))
             .transpose()?;
-        let fingerprint = fingerprint(req);
         Ok(Self {
             items,
             webhook_url,
             metadata,
-            fingerprint,
         })
     }
 }

@@ -123,7 +123,7 @@ pub async fn create(
         id: Set(batch_id),
         api_key_id: Set(key.id),
         request_id: Set(rid.as_str().to_string()),
-        fingerprint: Set(batch.fingerprint.clone()),
+        fingerprint: Set(fingerprint.clone()),
         status: Set("queued".into()),
         total_count: Set(n as i32),
         succeeded_count: Set(0),
