@@ -68,6 +68,8 @@ pub struct AppState {
     pub source: Option<ConfigSource>,
     /// Serialises reloads.
     pub reload_lock: tokio::sync::Mutex<()>,
+    /// This node's budget and aggregated audit of calls without a valid key.
+    pub strangers: crate::service::strangers::Strangers,
 }
 
 impl AppState {

@@ -20,6 +20,8 @@ pub struct Model {
     pub batch_id: Option<Uuid>,
     pub items: i32,
     pub credits: i64,
+    /// Calls this row stands for (1, or more for an aggregated row of refused calls).
+    pub count: i64,
     pub created_at: DateTimeUtc,
 }
 

@@ -4,5 +4,6 @@ pub mod credits;
 pub mod keys;
 pub mod leases;
 pub mod rate_limit;
+pub mod strangers;
 pub mod usage;
 pub mod webhooks;

@@ -32,6 +32,8 @@ pub struct UsageRow {
     pub items: i32,
     /// Credits held.
     pub credits: i64,
+    /// Calls the row stands for; 0 is read as 1 (aggregated rows carry more).
+    pub count: i64,
 }
 
 /// The UTC minute containing `t`.
@@ -52,12 +54,12 @@ pub async fn record<C: ConnectionTrait>(
     db.execute_raw(stmt(
         db.get_database_backend(),
         "INSERT INTO usage_event (api_key_id, request_id, method, path, status, error_code, client_ip, \
-         user_agent, minute_bucket, latency_us, batch_id, items, credits, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+         user_agent, minute_bucket, latency_us, batch_id, items, credits, count, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         [
             row.api_key_id.into(),
             row.request_id.clone().into(),
-            row.method.clone().into(),
+            row.method.chars().take(16).collect::<String>().into(),
             row.path.chars().take(1024).collect::<String>().into(),
             i32::from(row.status).into(),
             row.error_code.clone().into(),
@@ -68,6 +70,7 @@ pub async fn record<C: ConnectionTrait>(
             row.batch_id.into(),
             row.items.into(),
             row.credits.into(),
+            row.count.max(1).into(),
             now.into(),
         ],
     ))
@@ -115,11 +118,11 @@ pub async fn daily<C: ConnectionTrait>(
     let backend = db.get_database_backend();
     let day = day_expr(backend, "minute_bucket");
     let sql = format!(
-        "SELECT {day} AS day, COUNT(*) AS calls, \
-         SUM(CASE WHEN status BETWEEN 200 AND 299 THEN 1 ELSE 0 END) AS c2, \
-         SUM(CASE WHEN status BETWEEN 400 AND 499 THEN 1 ELSE 0 END) AS c4, \
-         SUM(CASE WHEN status >= 500 THEN 1 ELSE 0 END) AS c5, \
-         SUM(CASE WHEN status = 429 THEN 1 ELSE 0 END) AS rl, \
+        "SELECT {day} AS day, CAST(SUM(count) AS BIGINT) AS calls, \
+         CAST(SUM(CASE WHEN status BETWEEN 200 AND 299 THEN count ELSE 0 END) AS BIGINT) AS c2, \
+         CAST(SUM(CASE WHEN status BETWEEN 400 AND 499 THEN count ELSE 0 END) AS BIGINT) AS c4, \
+         CAST(SUM(CASE WHEN status >= 500 THEN count ELSE 0 END) AS BIGINT) AS c5, \
+         CAST(SUM(CASE WHEN status = 429 THEN count ELSE 0 END) AS BIGINT) AS rl, \
          SUM(CASE WHEN status = 201 AND batch_id IS NOT NULL THEN 1 ELSE 0 END) AS batches, \
          SUM(CASE WHEN status = 201 THEN items ELSE 0 END) AS items \
          FROM usage_event WHERE api_key_id = $1 AND minute_bucket >= $2 AND minute_bucket < $3 \
