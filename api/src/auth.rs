@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::service::keys::sha256_hex;
-use crate::service::rate_limit::{self, SCOPE_BATCH, SCOPE_READ};
+use crate::service::rate_limit::{self, SCOPE_BATCH};
 use crate::state::{AppState, KeyEntry, Runtime};
 
 /// An authenticated customer: the key and the configuration it was checked against.
@@ -52,15 +52,15 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
     };
     let ctx = crate::context::current();
     crate::context::update(|s| s.key_id = Some(key.id));
-    let (scope, limit) =
-        if req.method() == poem::http::Method::POST && req.uri().path().ends_with("/video-batch") {
-            (SCOPE_BATCH, key.policy.limits.rate_limit_per_min)
-        } else {
-            (SCOPE_READ, key.policy.limits.read_rate_limit_per_min)
-        };
+    let scope = rate_limit::scope_of(req.method(), req.original_uri().path());
+    let limit = if scope == SCOPE_BATCH {
+        key.policy.limits.rate_limit_per_min
+    } else {
+        key.policy.limits.read_rate_limit_per_min
+    };
     let now = Utc::now();
     let ip = ctx.as_ref().and_then(|c| c.client_ip);
-    if !ip.is_some_and(|ip| key.policy.allows_ip(ip)) {
+    if !key.policy.allows_client(ip) {
         let info = rate_limit::peek(&state.db, key.id, scope, limit, now).await?;
         crate::context::update(|s| s.rate = Some(info));
         return Err(ApiError::new(

@@ -8,6 +8,7 @@ pub mod error;
 pub mod middleware;
 pub mod routes;
 pub mod schemas;
+pub mod server;
 pub mod service;
 pub mod settings;
 pub mod startup;

@@ -2,16 +2,18 @@
 //! for every route, and the customer layer (quota headers, usage audit).
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use poem::http::{HeaderValue, StatusCode};
+use poem::http::{HeaderValue, Method, StatusCode};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
+use serde_json::json;
 use tracing::Instrument;
 
 use crate::context::{self, RequestCtx};
 use crate::error::{ApiError, ErrorCode, catch_all};
-use crate::service::rate_limit::{RateInfo, SCOPE_BATCH, SCOPE_READ};
+use crate::service::rate_limit::{self, RateInfo, SCOPE_BATCH, SCOPE_READ, SCOPE_UNAUTHENTICATED};
+use crate::service::strangers::Verdict;
 use crate::service::usage::{self, UsageRow};
 use crate::settings::ServerSettings;
 use crate::state::AppState;
@@ -24,37 +26,97 @@ fn valid_request_id(s: &str) -> bool {
 }
 
 /// The client address: the socket peer, unless the peer is a trusted proxy; then the
-/// right-most `X-Forwarded-For` address that is not a trusted proxy.
+/// right-most `X-Forwarded-For` address that is not a trusted proxy. Fails closed: when the
+/// header is missing, holds only trusted proxies, or has an unparsable hop before the first
+/// untrusted one, the address is unknown (`None`), never the proxy's own.
 pub fn client_ip(req: &Request, server: &ServerSettings) -> Option<IpAddr> {
-    let peer = req.remote_addr().as_socket_addr().map(|a| a.ip())?;
-    let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
-        v4 => v4,
-    };
+    let peer = unmap(req.remote_addr().as_socket_addr().map(|a| a.ip())?);
     if !server.is_trusted_proxy(peer) {
         return Some(peer);
     }
-    let mut hops: Vec<IpAddr> = Vec::new();
-    for value in req.headers().get_all("x-forwarded-for") {
-        let Ok(text) = value.to_str() else {
-            return Some(peer);
-        };
-        for part in text.split(',') {
-            match part.trim().parse::<IpAddr>() {
-                Ok(ip) => hops.push(ip),
-                // An unparsable hop: trust nothing to its left.
-                Err(_) => hops.clear(),
-            }
-        }
-    }
-    let mut client = peer;
+    // Several headers count as one list, in order; bytes that are not UTF-8 are replaced, so a
+    // mangled hop is unparsable rather than a reason to fall back to the peer.
+    let values: Vec<String> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    let hops: Vec<&str> = values.iter().flat_map(|v| v.split(',')).collect();
     for hop in hops.iter().rev() {
-        client = *hop;
-        if !server.is_trusted_proxy(*hop) {
-            break;
+        let ip = parse_hop(hop)?;
+        if !server.is_trusted_proxy(ip) {
+            return Some(ip);
         }
     }
-    Some(client)
+    None
+}
+
+fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// One `X-Forwarded-For` hop: `203.0.113.7`, `203.0.113.7:5123`, `2001:db8::1` or
+/// `[2001:db8::1]:443`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(unmap(ip));
+    }
+    hop.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| unmap(a.ip()))
+}
+
+/// Method label of the request metrics: a fixed set, anything else is `OTHER`.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// Route label of the request metrics: the operation id, one of the fixed documentation and
+/// health routes, or `unmatched`; never text taken from the request.
+fn route_label(op: Option<&'static str>, path: &str) -> &'static str {
+    if let Some(op) = op {
+        return op;
+    }
+    const FIXED: [(&str, &str); 9] = [
+        ("/healthz", "healthz"),
+        ("/readyz", "readyz"),
+        ("/metrics", "metrics"),
+        ("/openapi.json", "openapi"),
+        ("/worker/openapi.json", "worker_openapi"),
+        ("/admin/openapi.json", "admin_openapi"),
+        ("/docs", "docs"),
+        ("/worker/docs", "worker_docs"),
+        ("/admin/docs", "admin_docs"),
+    ];
+    for (prefix, label) in FIXED {
+        if path == prefix
+            || path
+                .strip_prefix(prefix)
+                .is_some_and(|r| r.starts_with('/'))
+        {
+            return label;
+        }
+    }
+    "unmatched"
+}
+
+/// True for the customer API, whose every call is audited.
+fn is_customer_path(path: &str) -> bool {
+    path == "/api/enterprise" || path.starts_with("/api/enterprise/")
 }
 
 /// Outermost layer of every route.
@@ -74,54 +136,35 @@ pub async fn request_context<E: Endpoint>(
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let ip = client_ip(&req, server);
     let ctx = Arc::new(RequestCtx::new(x_request_id.clone(), ip));
-    let span = tracing::info_span!("request", request_id = %x_request_id, method = %req.method(), path = %req.uri().path());
+    let method = method_label(req.method());
+    let span = tracing::info_span!("request", request_id = %x_request_id, method, path = %req.uri().path());
     let max = server.max_body_bytes;
+    let body_timeout = server.body_timeout;
     let resp = context::scope(ctx, async move {
-        if let Some(len) = req.headers().get(poem::http::header::CONTENT_LENGTH) {
-            let len: Option<usize> = len.to_str().ok().and_then(|s| s.parse().ok());
-            match len {
-                Some(n) if n > max => return too_large(max),
-                Some(_) => {}
-                None => {
-                    return ApiError::new(ErrorCode::ValidationError, "invalid Content-Length")
-                        .with_status(StatusCode::BAD_REQUEST)
-                        .into_response();
-                }
-            }
-        }
-        let body = req.take_body();
-        match body.into_bytes_limit(max).await {
-            Ok(bytes) => req.set_body(Body::from(bytes)),
-            Err(poem::error::ReadBodyError::PayloadTooLarge) => return too_large(max),
-            Err(e) => {
-                return ApiError::new(ErrorCode::ValidationError, format!("cannot read body: {e}"))
-                    .with_status(StatusCode::BAD_REQUEST)
-                    .into_response();
-            }
-        }
         let started = Instant::now();
-        let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let (resp, op) = match ep.call(req).await {
-            Ok(r) => {
-                let r = r.into_response();
-                let op = r.data::<poem_openapi::OperationId>().map(|o| o.0);
-                (r, op)
+        let (resp, op) = match read_body(&mut req, max, body_timeout).await {
+            Err(refusal) if is_customer_path(&path) => {
+                (audit_refusal(&state, &req, refusal, started).await, None)
             }
-            Err(e) => {
-                let op = e.data::<poem_openapi::OperationId>().map(|o| o.0);
-                (catch_all(e), op)
-            }
+            Err(refusal) => (refusal.into_response(), None),
+            Ok(()) => match ep.call(req).await {
+                Ok(r) => {
+                    let r = r.into_response();
+                    let op = r.data::<poem_openapi::OperationId>().map(|o| o.0);
+                    (r, op)
+                }
+                Err(e) => {
+                    let op = e.data::<poem_openapi::OperationId>().map(|o| o.0);
+                    (catch_all(e), op)
+                }
+            },
         };
         let status = resp.status().as_u16();
-        let route = match op {
-            Some(op) => op.to_string(),
-            None if status == 404 => "unmatched".to_string(),
-            None => path.split('/').take(3).collect::<Vec<_>>().join("/"),
-        };
+        let route = route_label(op, &path);
         let elapsed = started.elapsed();
-        metrics::counter!("http_requests_total", "route" => route.clone(), "method" => method.to_string(), "status" => status.to_string()).increment(1);
-        metrics::histogram!("http_request_duration_seconds", "route" => route, "method" => method.to_string()).record(elapsed.as_secs_f64());
+        metrics::counter!("http_requests_total", "route" => route, "method" => method, "status" => status.to_string()).increment(1);
+        metrics::histogram!("http_request_duration_seconds", "route" => route, "method" => method).record(elapsed.as_secs_f64());
         tracing::debug!(status, latency_us = elapsed.as_micros() as u64, "request finished");
         resp
     })
@@ -134,13 +177,142 @@ pub async fn request_context<E: Endpoint>(
     Ok(resp)
 }
 
-fn too_large(max: usize) -> Response {
+/// Reads the whole body within the size and time limits, before any handler runs.
+async fn read_body(req: &mut Request, max: usize, timeout: Duration) -> Result<(), ApiError> {
+    if let Some(len) = req.headers().get(poem::http::header::CONTENT_LENGTH) {
+        match len.to_str().ok().and_then(|s| s.parse::<usize>().ok()) {
+            Some(n) if n > max => return Err(too_large(max)),
+            Some(_) => {}
+            None => {
+                return Err(
+                    ApiError::new(ErrorCode::ValidationError, "invalid Content-Length")
+                        .with_status(StatusCode::BAD_REQUEST),
+                );
+            }
+        }
+    }
+    let body = req.take_body();
+    match tokio::time::timeout(timeout, body.into_bytes_limit(max)).await {
+        Ok(Ok(bytes)) => {
+            req.set_body(Body::from(bytes));
+            Ok(())
+        }
+        Ok(Err(poem::error::ReadBodyError::PayloadTooLarge)) => Err(too_large(max)),
+        Ok(Err(e)) => Err(ApiError::new(
+            ErrorCode::ValidationError,
+            format!("cannot read body: {e}"),
+        )
+        .with_status(StatusCode::BAD_REQUEST)),
+        Err(_) => Err(ApiError::new(
+            ErrorCode::ValidationError,
+            format!(
+                "the request body did not arrive within {} seconds",
+                timeout.as_secs()
+            ),
+        )
+        .with_status(StatusCode::REQUEST_TIMEOUT)
+        .with_header("connection", "close".into())),
+    }
+}
+
+fn too_large(max: usize) -> ApiError {
     ApiError::new(
         ErrorCode::PayloadTooLarge,
         format!("request body exceeds {max} bytes"),
     )
     .with_details(serde_json::json!({ "max_body_bytes": max }))
-    .into_response()
+}
+
+/// Audits a customer call refused before routing (body too large or unreadable): one usage
+/// row when the key is valid or the address is within its budget, otherwise a 429 counted in
+/// the address's aggregated row.
+async fn audit_refusal(
+    state: &AppState,
+    req: &Request,
+    refusal: ApiError,
+    started: Instant,
+) -> Response {
+    let Some(ctx) = context::current() else {
+        return refusal.into_response();
+    };
+    let runtime = state.runtime();
+    let key_id = req
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|k| runtime.by_hash.get(&crate::service::keys::sha256_hex(k)))
+        .map(|k| k.id);
+    let path = req.original_uri().path().to_string();
+    let scope = rate_limit::scope_of(req.method(), &path);
+    let mut resp = if key_id.is_none()
+        && let Verdict::Throttled { retry_after } = state.strangers.check(ctx.client_ip)
+    {
+        return throttle_stranger(state, ctx.client_ip, retry_after);
+    } else {
+        refusal.clone().into_response()
+    };
+    let d = &runtime.settings.defaults;
+    let limit = if scope == SCOPE_BATCH {
+        d.rate_limit_per_min
+    } else {
+        d.read_rate_limit_per_min
+    };
+    set_rate_headers(&mut resp, &RateInfo::untouched(scope, limit, Utc::now()));
+    let row = UsageRow {
+        api_key_id: key_id,
+        request_id: Some(ctx.x_request_id.clone()),
+        method: req.method().to_string(),
+        path,
+        status: resp.status().as_u16(),
+        error_code: Some(refusal.code.as_str().to_string()),
+        client_ip: ctx.client_ip.map(|i| i.to_string()),
+        user_agent: user_agent(req),
+        latency_us: started.elapsed().as_micros() as i64,
+        ..Default::default()
+    };
+    if let Err(e) = usage::record(&state.writer, &row, Utc::now()).await {
+        tracing::error!(error = %e, "writing usage row failed");
+    }
+    resp
+}
+
+/// The 429 of an address over its budget of calls without a valid key; the call is counted in
+/// the address's aggregated audit row, with no database work now.
+fn throttle_stranger(state: &AppState, ip: Option<IpAddr>, retry_after: u32) -> Response {
+    let per_min = state.strangers.per_min();
+    state.strangers.aggregate(
+        ip,
+        429,
+        Some(ErrorCode::RateLimitExceeded.as_str()),
+        Utc::now(),
+    );
+    context::note_error(ErrorCode::RateLimitExceeded);
+    let mut resp = ApiError::new(
+        ErrorCode::RateLimitExceeded,
+        format!(
+            "too many calls without a valid API key from this address \
+             (limit {per_min} per minute); retry in {retry_after}s"
+        ),
+    )
+    .with_details(json!({
+        "limit": per_min,
+        "scope": SCOPE_UNAUTHENTICATED,
+        "reset_seconds": retry_after,
+    }))
+    .with_header("Retry-After", retry_after.to_string())
+    .into_response();
+    set_rate_headers(
+        &mut resp,
+        &RateInfo::strangers_exhausted(per_min, retry_after),
+    );
+    resp
+}
+
+fn user_agent(req: &Request) -> Option<String> {
+    req.headers()
+        .get(poem::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Customer layer: quota headers on every response and a usage row for every call.
@@ -152,12 +324,8 @@ pub async fn customer_audit<E: Endpoint>(
     let started = Instant::now();
     let method = req.method().to_string();
     let path = req.original_uri().path().to_string();
-    let user_agent = req
-        .headers()
-        .get(poem::http::header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let is_create = method == "POST" && path.ends_with("/video-batch");
+    let user_agent = user_agent(&req);
+    let is_create = rate_limit::scope_of(req.method(), &path) == SCOPE_BATCH;
     if is_create {
         // The create transaction writes its own usage row; give it the template.
         let template = UsageRow {
@@ -221,12 +389,17 @@ async fn finish(
         return Ok(resp);
     };
     let call = ctx.snapshot();
+    if call.key_id.is_none()
+        && !call.audited
+        && let Verdict::Throttled { retry_after } = state.strangers.check(ctx.client_ip)
+    {
+        return Ok(throttle_stranger(state, ctx.client_ip, retry_after));
+    }
     let runtime = state.runtime();
     let rate = call.rate.clone().unwrap_or_else(|| {
-        let scope = if method == "POST" && path.ends_with("/video-batch") {
-            SCOPE_BATCH
-        } else {
-            SCOPE_READ
+        let scope = match method.parse::<Method>() {
+            Ok(m) => rate_limit::scope_of(&m, &path),
+            Err(_) => SCOPE_READ,
         };
         let d = &runtime.settings.defaults;
         let limit = if scope == SCOPE_BATCH {
@@ -252,8 +425,8 @@ async fn finish(
             user_agent,
             latency_us: started.elapsed().as_micros() as i64,
             batch_id: call.batch_id,
-            items: 0,
-            credits: 0,
+            count: 1,
+            ..Default::default()
         };
         if let Err(e) = usage::record(&state.writer, &row, Utc::now()).await {
             tracing::error!(error = %e, "writing usage row failed");

@@ -243,6 +243,37 @@ struct RawServer {
     max_body_bytes: i64,
     #[serde(default = "default_grace")]
     shutdown_grace_seconds: i64,
+    #[serde(default = "default_ops_bind")]
+    ops_bind: String,
+    #[serde(default = "default_header_timeout")]
+    header_timeout_seconds: i64,
+    #[serde(default = "default_body_timeout")]
+    body_timeout_seconds: i64,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout_seconds: i64,
+    #[serde(default = "default_server_connections")]
+    max_connections: i64,
+    #[serde(default = "default_unauthenticated")]
+    unauthenticated_per_min: i64,
+}
+
+fn default_ops_bind() -> String {
+    "127.0.0.1:9100".into()
+}
+fn default_header_timeout() -> i64 {
+    10
+}
+fn default_body_timeout() -> i64 {
+    30
+}
+fn default_idle_timeout() -> i64 {
+    60
+}
+fn default_server_connections() -> i64 {
+    10_000
+}
+fn default_unauthenticated() -> i64 {
+    30
 }
 
 fn default_max_body() -> i64 {
@@ -487,9 +518,27 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// How long in-flight requests may take to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// Address of the operations listener (`/metrics`); equal to `bind` to share it.
+    pub ops_bind: String,
+    /// Request line and headers must arrive within this time.
+    pub header_timeout: Duration,
+    /// The whole request body must arrive within this time.
+    pub body_timeout: Duration,
+    /// Connections with nothing in flight are closed after this time.
+    pub idle_timeout: Duration,
+    /// Open connections at most per listener.
+    pub max_connections: u32,
+    /// Calls without a valid key per client address and minute before 429.
+    pub unauthenticated_per_min: u32,
 }
 
 impl ServerSettings {
+    /// True when `/metrics` is served on the public listener: `ops_bind` equals `bind` (and is
+    /// not port 0, which picks a free port for each listener).
+    pub fn ops_shared(&self) -> bool {
+        self.ops_bind == self.bind && !self.bind.ends_with(":0")
+    }
+
     /// True when `ip` is one of the trusted proxies.
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|n| n.contains(&ip))
@@ -546,6 +595,13 @@ pub struct KeyPolicy {
 }
 
 impl KeyPolicy {
+    /// True when a call from `ip` may use the key: any call when the allowlist is empty,
+    /// otherwise only calls whose client address is known and allowed (an address that could
+    /// not be determined never passes an allowlist).
+    pub fn allows_client(&self, ip: Option<IpAddr>) -> bool {
+        self.limits.ip_allowlist.is_empty() || ip.is_some_and(|ip| self.allows_ip(ip))
+    }
+
     /// True when the address is allowed by the key's allowlist.
     pub fn allows_ip(&self, ip: IpAddr) -> bool {
         let ip = match ip {
@@ -685,7 +741,36 @@ impl RawSettings {
                 format!("{:?} is not host:port", self.server.bind),
             ));
         }
+        if self
+            .server
+            .ops_bind
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
+            return Err(c.err(
+                "server.ops_bind",
+                format!("{:?} is not host:port", self.server.ops_bind),
+            ));
+        }
         let trusted_proxies = c.cidrs("server.trusted_proxies", &self.server.trusted_proxies)?;
+        let header_timeout = c.positive(
+            "server.header_timeout_seconds",
+            self.server.header_timeout_seconds,
+        )?;
+        let body_timeout = c.positive(
+            "server.body_timeout_seconds",
+            self.server.body_timeout_seconds,
+        )?;
+        let idle_timeout = c.positive(
+            "server.idle_timeout_seconds",
+            self.server.idle_timeout_seconds,
+        )?;
+        let server_connections =
+            c.positive("server.max_connections", self.server.max_connections)?;
+        let unauthenticated_per_min = c.positive(
+            "server.unauthenticated_per_min",
+            self.server.unauthenticated_per_min,
+        )?;
         let max_body = c.positive("server.max_body_bytes", self.server.max_body_bytes)?;
         let grace = c.positive(
             "server.shutdown_grace_seconds",
@@ -870,6 +955,12 @@ impl RawSettings {
                 trusted_proxies,
                 max_body_bytes: max_body as usize,
                 shutdown_grace: Duration::from_secs(grace.into()),
+                ops_bind: self.server.ops_bind,
+                header_timeout: Duration::from_secs(header_timeout.into()),
+                body_timeout: Duration::from_secs(body_timeout.into()),
+                idle_timeout: Duration::from_secs(idle_timeout.into()),
+                max_connections: server_connections,
+                unauthenticated_per_min,
             },
             database,
             keys,
@@ -881,6 +972,9 @@ impl RawSettings {
         };
         if environment == "production" {
             settings.check_production(&c)?;
+        }
+        if environment == "local" {
+            settings.check_local(&c)?;
         }
         Ok(settings)
     }
@@ -917,6 +1011,30 @@ impl Settings {
         Ok(())
     }
 
+    /// The demo key is public: `local` serves it on loopback addresses only.
+    fn check_local(&self, c: &Check<'_>) -> Result<(), ConfigError> {
+        let has_demo = self
+            .keys
+            .values()
+            .any(|k| !k.disabled && (k.name == DEMO_KEY_NAME || k.key_sha256 == DEMO_KEY_SHA256));
+        let loopback = self
+            .server
+            .bind
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if has_demo && !loopback {
+            return Err(c.err(
+                "server.bind",
+                format!(
+                    "{:?} is reachable from other machines while the public demo key is configured; \
+                     bind 127.0.0.1 or remove keys.{DEMO_KEY_NAME}",
+                    self.server.bind
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// A key's policy by name.
     pub fn key(&self, name: &str) -> Option<&Arc<KeyPolicy>> {
         self.keys.get(name)
@@ -928,6 +1046,7 @@ impl Settings {
         let mut out = String::new();
         let _ = writeln!(out, "environment = {:?}", self.environment);
         let _ = writeln!(out, "server.bind = {:?}", self.server.bind);
+        let _ = writeln!(out, "server.ops_bind = {:?}", self.server.ops_bind);
         let _ = writeln!(
             out,
             "server.trusted_proxies = {:?}",

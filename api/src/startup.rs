@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use poem::listener::{Acceptor, Listener, TcpListener};
-use poem::{EndpointExt, IntoEndpoint, Route, Server, get};
+use poem::{EndpointExt, IntoEndpoint, Route, get};
 use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
@@ -75,7 +74,8 @@ pub fn specs() -> [(&'static str, String); 3] {
     ]
 }
 
-/// Every route, wrapped in the request-context layer.
+/// Every public route, wrapped in the request-context layer. `/metrics` is among them only
+/// when `server.ops_bind` equals `server.bind` (otherwise it lives on the ops listener).
 pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint<Output = poem::Response> {
     let customer = customer_service();
     let worker = worker_service();
@@ -88,7 +88,9 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint<Output = poem::Respon
     let admin_spec = admin.spec_endpoint();
     let audit_state = Arc::clone(&state);
     let ctx_state = Arc::clone(&state);
-    Route::new()
+    let server = &state.runtime().settings.server;
+    let shared_ops = server.ops_shared();
+    let mut route = Route::new()
         .nest(
             "/api/enterprise",
             customer.around(move |ep, req| {
@@ -104,10 +106,25 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint<Output = poem::Respon
         .nest("/admin/docs", admin_ui)
         .at("/admin/openapi.json", admin_spec)
         .at("/healthz", get(health::healthz))
-        .at("/metrics", get(health::metrics))
-        .at("/readyz", get(health::readyz))
+        .at("/readyz", get(health::readyz));
+    if shared_ops {
+        route = route.at("/metrics", get(health::metrics));
+    }
+    route
         .data(state)
         .around(move |ep, req| crate::middleware::request_context(ep, req, Arc::clone(&ctx_state)))
+        .into_endpoint()
+}
+
+/// The operations listener: `/metrics`, `/healthz` and `/readyz`, for operators and
+/// scrapers only.
+pub fn ops_routes(state: Arc<AppState>) -> impl poem::Endpoint<Output = poem::Response> {
+    Route::new()
+        .at("/metrics", get(health::metrics))
+        .at("/healthz", get(health::healthz))
+        .at("/readyz", get(health::readyz))
+        .data(state)
+        .catch_all_error(|e| async move { crate::error::catch_all(e) })
         .into_endpoint()
 }
 
@@ -133,6 +150,8 @@ pub async fn prepare_with_db(
     let ids = crate::service::keys::sync(&writer, &settings)
         .await
         .context("syncing keys")?;
+    let strangers =
+        crate::service::strangers::Strangers::new(settings.server.unauthenticated_per_min);
     let runtime = Runtime::new(settings, &ids);
     Ok(Arc::new(AppState {
         db,
@@ -140,6 +159,7 @@ pub async fn prepare_with_db(
         runtime: ArcSwap::from_pointee(runtime),
         source,
         reload_lock: tokio::sync::Mutex::new(()),
+        strangers,
     }))
 }
 
@@ -181,10 +201,12 @@ pub async fn reload(state: &AppState) -> Result<ReloadResult, String> {
     Ok(result)
 }
 
-/// A bound, ready server.
+/// A bound, ready server: the public listener and, unless shared, the ops listener.
 pub struct Application {
     port: u16,
-    acceptor: poem::listener::TcpAcceptor,
+    listener: tokio::net::TcpListener,
+    ops: Option<tokio::net::TcpListener>,
+    ops_port: Option<u16>,
     state: Arc<AppState>,
 }
 
@@ -196,20 +218,38 @@ impl Application {
         Self::bind(state, &bind).await
     }
 
-    /// Binds an already prepared state.
+    /// Binds an already prepared state on `bind`, and the ops listener on `server.ops_bind`
+    /// (unless it equals `server.bind`). An ops address that cannot be bound is logged and
+    /// skipped: the customer API does not depend on the metrics port.
     pub async fn bind(state: Arc<AppState>, bind: &str) -> anyhow::Result<Self> {
-        let acceptor = TcpListener::bind(bind.to_string())
-            .into_acceptor()
+        let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("binding {bind}"))?;
-        let port = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().map(|s| s.port()))
-            .unwrap_or(0);
+        let port = listener.local_addr()?.port();
+        let server = state.runtime().settings.server.clone();
+        let (ops, ops_port) = if server.ops_shared() {
+            (None, Some(port))
+        } else {
+            match tokio::net::TcpListener::bind(&server.ops_bind).await {
+                Ok(l) => {
+                    let p = l.local_addr()?.port();
+                    (Some(l), Some(p))
+                }
+                Err(e) => {
+                    tracing::error!(
+                        ops_bind = %server.ops_bind,
+                        error = %e,
+                        "cannot bind the ops listener: /metrics is not served"
+                    );
+                    (None, None)
+                }
+            }
+        };
         Ok(Self {
             port,
-            acceptor,
+            listener,
+            ops,
+            ops_port,
             state,
         })
     }
@@ -217,6 +257,11 @@ impl Application {
     /// The port listened on.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port of the ops listener (`/metrics`), if it is served.
+    pub fn ops_port(&self) -> Option<u16> {
+        self.ops_port
     }
 
     /// The shared state.
@@ -229,7 +274,14 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let grace = self.state.runtime().settings.server.shutdown_grace;
+        let server = self.state.runtime().settings.server.clone();
+        let grace = server.shutdown_grace;
+        let limits = crate::server::ConnectionLimits {
+            header_timeout: server.header_timeout,
+            idle_timeout: server.idle_timeout,
+            max_connections: server.max_connections as usize,
+            shutdown_grace: grace,
+        };
         let background = spawn_background(Arc::clone(&self.state));
         let stop = Arc::new(tokio::sync::Notify::new());
         let dispatcher = self.state.runtime().settings.webhooks.dispatch.then(|| {
@@ -238,10 +290,19 @@ impl Application {
                 Arc::clone(&stop),
             ))
         });
-        let app = routes(Arc::clone(&self.state));
-        let result = Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(app, shutdown, Some(grace))
-            .await;
+        let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+        let ops = self.ops.map(|listener| {
+            let ep = ops_routes(Arc::clone(&self.state)).boxed();
+            tokio::spawn(crate::server::serve(listener, ep, limits, async move {
+                let _ = ops_stopped.await;
+            }))
+        });
+        let app = routes(Arc::clone(&self.state)).boxed();
+        let result = crate::server::serve(self.listener, app, limits, shutdown).await;
+        let _ = ops_stop.send(());
+        if let Some(ops) = ops {
+            let _ = ops.await;
+        }
         background.abort();
         if let Some(d) = dispatcher {
             // Let the attempts in flight finish and be recorded, then stop.
@@ -249,6 +310,7 @@ impl Application {
             stop.notify_one();
             let _ = tokio::time::timeout(grace, d).await;
         }
+        crate::service::strangers::flush_all(&self.state).await;
         result
     }
 
@@ -259,14 +321,16 @@ impl Application {
     }
 }
 
+/// Periodic upkeep: queue gauges (so a scrape costs no query), metric histograms, the
+/// aggregated audit of unauthenticated calls, and old rate-limit windows.
 fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         let mut n: u64 = 0;
         loop {
             tick.tick().await;
             n += 1;
-            if n % 6 == 1
+            if n % 12 == 1
                 && let Err(e) =
                     crate::service::rate_limit::prune(&state.writer, chrono::Utc::now()).await
             {
@@ -277,6 +341,7 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             if let Err(e) = sample_gauges(&state).await {
                 tracing::warn!(error = %e, "sampling queue gauges failed");
             }
+            crate::service::strangers::flush_finished(&state).await;
         }
     })
 }

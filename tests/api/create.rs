@@ -317,9 +317,10 @@ async fn ip_allowlist_and_trusted_proxies(backend: Backend) {
     let base = std::fs::read_to_string(app.config_dir.path().join("base.toml")).unwrap();
     std::fs::write(
         app.config_dir.path().join("base.toml"),
-        base.replace(
-            "bind = \"127.0.0.1:0\"",
-            "bind = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]",
+        base.replacen(
+            "[server]\n",
+            "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+            1,
         ),
     )
     .unwrap();

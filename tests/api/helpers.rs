@@ -107,9 +107,17 @@ pub struct TestAppBuilder {
     keys: Vec<(String, String)>,
     extra: String,
     webhooks: String,
+    server: String,
 }
 
 impl TestAppBuilder {
+    /// Extra lines of the `[server]` section (e.g. `header_timeout_seconds = 1`).
+    pub fn server(mut self, lines: &str) -> Self {
+        self.server.push_str(lines);
+        self.server.push('\n');
+        self
+    }
+
     /// Adds a key `[keys.NAME]` with extra TOML lines (e.g. `initial_credits = 100`).
     pub fn key(mut self, name: &str, lines: &str) -> Self {
         self.keys.push((name.to_string(), lines.to_string()));
@@ -162,6 +170,7 @@ impl TestAppBuilder {
             keys: HashMap::new(),
             base: String::new(),
             port: 0,
+            ops_base: String::new(),
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
                 .build()
@@ -170,6 +179,7 @@ impl TestAppBuilder {
             shutdown: None,
             handle: None,
             webhooks: self.webhooks.clone(),
+            server: self.server.clone(),
         };
         app.write_config(&self.keys, &self.extra);
         for (name, _) in &self.keys {
@@ -191,12 +201,15 @@ pub struct TestApp {
     pub base: String,
     /// The port.
     pub port: u16,
+    /// `http://127.0.0.1:OPS_PORT` of the ops listener (`/metrics`).
+    pub ops_base: String,
     /// HTTP client.
     pub client: reqwest::Client,
     state: Option<Arc<AppState>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     webhooks: String,
+    server: String,
 }
 
 /// The worker secret of every test app.
@@ -212,16 +225,17 @@ impl TestApp {
             keys: Vec::new(),
             extra: String::new(),
             webhooks: "retry_schedule = [\"1s\", \"1s\"]".into(),
+            server: String::new(),
         }
     }
 
     /// Writes the config folder (base.toml with everything, empty test.toml).
     pub fn write_config(&self, keys: &[(String, String)], extra: &str) {
         let mut toml = format!(
-            "[server]\nbind = \"127.0.0.1:0\"\n\n[database]\nurl = \"{}\"\nmax_connections = 16\n\n\
+            "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n{}\n[database]\nurl = \"{}\"\nmax_connections = 16\n\n\
              [worker]\nsecret = \"{WORKER_SECRET}\"\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n\
              [webhooks]\nallow_private_targets = true\n{}\n\n",
-            self.store.url, self.webhooks
+            self.server, self.store.url, self.webhooks
         );
         for (name, lines) in keys {
             toml.push_str(&format!(
@@ -264,6 +278,7 @@ impl TestApp {
             .expect("bind");
         self.port = app.port();
         self.base = format!("http://127.0.0.1:{}", self.port);
+        self.ops_base = format!("http://127.0.0.1:{}", app.ops_port().expect("ops listener"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.handle = Some(tokio::spawn(app.run_until(async move {
             let _ = rx.await;
@@ -280,11 +295,13 @@ impl TestApp {
             keys: self.keys.clone(),
             base: String::new(),
             port: 0,
+            ops_base: String::new(),
             client: self.client.clone(),
             state: None,
             shutdown: None,
             handle: None,
             webhooks: self.webhooks.clone(),
+            server: self.server.clone(),
         };
         peer.start().await;
         peer

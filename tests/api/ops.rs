@@ -63,7 +63,7 @@ async fn metrics_parse_and_move_with_traffic(backend: Backend) {
     let scrape = || async {
         let r = app
             .client
-            .get(format!("{}/metrics", app.base))
+            .get(format!("{}/metrics", app.ops_base))
             .send()
             .await
             .unwrap();

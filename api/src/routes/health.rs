@@ -37,12 +37,10 @@ pub async fn readyz(state: Data<&Arc<AppState>>) -> impl IntoResponse {
     }
 }
 
-/// Prometheus text exposition of the process's metrics.
+/// Prometheus text exposition of the process's metrics. Gauges that need a query are sampled
+/// in the background, so a scrape never touches the database.
 #[handler]
-pub async fn metrics(state: Data<&Arc<AppState>>) -> impl IntoResponse {
-    if let Err(e) = crate::startup::sample_gauges(&state).await {
-        tracing::warn!(error = %e, "sampling queue gauges failed");
-    }
+pub async fn metrics() -> impl IntoResponse {
     crate::telemetry::metrics()
         .render()
         .with_content_type("text/plain; version=0.0.4")

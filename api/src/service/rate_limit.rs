@@ -9,6 +9,19 @@ pub const SCOPE_BATCH: &str = "batch";
 /// The quota scope of every other customer call.
 pub const SCOPE_READ: &str = "read";
 
+/// The budget of calls that carry no valid key, per client address (see `service::strangers`).
+pub const SCOPE_UNAUTHENTICATED: &str = "unauthenticated";
+
+/// The quota scope a customer call counts against: creating a batch is `batch`, every other
+/// customer call `read`. The one place that decides it.
+pub fn scope_of(method: &poem::http::Method, path: &str) -> &'static str {
+    if method == poem::http::Method::POST && path.trim_end_matches('/').ends_with("/video-batch") {
+        SCOPE_BATCH
+    } else {
+        SCOPE_READ
+    }
+}
+
 /// The state of a key's quota after a call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RateInfo {
@@ -33,6 +46,17 @@ impl RateInfo {
             remaining: (i64::from(limit) - count).max(0) as u32,
             reset_secs: reset_secs(now),
             exceeded: count > i64::from(limit),
+        }
+    }
+
+    /// The per-address budget of unauthenticated calls, used up.
+    pub fn strangers_exhausted(limit: u32, retry_after: u32) -> Self {
+        Self {
+            scope: SCOPE_UNAUTHENTICATED,
+            limit,
+            remaining: 0,
+            reset_secs: retry_after,
+            exceeded: true,
         }
     }
 
