@@ -1,5 +1,19 @@
 //! The `video-batch-api` binary: all work happens in the `api` library.
+use std::process::ExitCode;
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    api::cli::run().await
+async fn main() -> ExitCode {
+    match api::cli::run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        // A configuration mistake is the operator's to fix: one clear line, exit status 2
+        // (like a usage error), and no backtrace even with RUST_BACKTRACE set.
+        Err(e) if e.downcast_ref::<api::settings::ConfigError>().is_some() => {
+            eprintln!("video-batch-api: invalid configuration: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
 }

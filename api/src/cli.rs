@@ -96,9 +96,7 @@ pub enum ConfigCommand {
 
 fn load(files: &[PathBuf]) -> anyhow::Result<(Settings, ConfigSource)> {
     let source = ConfigSource::from_process(files.to_vec());
-    let settings = source
-        .load()
-        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let settings = source.load()?;
     Ok((settings, source))
 }
 
@@ -111,12 +109,17 @@ pub async fn run() -> anyhow::Result<()> {
             crate::telemetry::init(settings.log.json);
             let app = crate::Application::build(settings, Some(source)).await?;
             let port = app.port();
+            let ops = app
+                .ops_port()
+                .map(|p| format!("metrics on port {p}"))
+                .unwrap_or_else(|| "metrics not served".into());
             tracing::info!(
                 port,
+                ops_port = app.ops_port(),
                 "listening; Swagger UI at http://127.0.0.1:{port}/docs"
             );
             eprintln!(
-                "video-batch-api listening on port {port}: docs at http://127.0.0.1:{port}/docs"
+                "video-batch-api listening on port {port}: docs at http://127.0.0.1:{port}/docs; {ops}"
             );
             app.run_until_stopped().await?;
         }

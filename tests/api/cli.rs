@@ -93,3 +93,51 @@ fn credits_grant_and_show_use_the_ledger() {
         assert!(help.contains(cmd), "{help}");
     }
 }
+
+/// A configuration mistake reads like a tool's message: exit status 2, one line naming the
+/// file, the field and the reason, and no backtrace even when one is asked for.
+#[test]
+fn invalid_configuration_exits_2_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("base.toml"),
+        "[server]\nbind = \"127.0.0.1:0\"\nheader_timeout_seconds = -5\n[database]\nurl = \"sqlite::memory:\"\n\
+         [worker]\nsecret = \"w\"\n[admin]\ntoken = \"a\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("test.toml"), "").unwrap();
+    for args in [&["serve"][..], &["config", "check"][..]] {
+        let out = bin()
+            .args(args)
+            .env("APP_CONFIG_DIR", dir.path())
+            .env("APP_ENVIRONMENT", "test")
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains("base.toml") && err.contains("server.header_timeout_seconds"),
+            "{err}"
+        );
+        assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    }
+}
+
+/// `local` ships a public demo key: it refuses to serve it on an address other machines reach.
+#[test]
+fn local_refuses_a_public_bind_with_the_demo_key() {
+    let out = bin()
+        .args(["config", "check"])
+        .env("APP_ENVIRONMENT", "local")
+        .env("APP__SERVER__BIND", "0.0.0.0:8080")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("server.bind") && err.contains("demo key"),
+        "{err}"
+    );
+}
