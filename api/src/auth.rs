@@ -47,7 +47,12 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
     let state = state(req)?;
     let runtime = state.runtime();
     let hash = sha256_hex(presented);
-    let Some(key) = runtime.by_hash.get(&hash).cloned() else {
+    let Some(key) = runtime
+        .by_hash
+        .get(&hash)
+        .filter(|k| !state.revoked.load().contains(&k.id))
+        .cloned()
+    else {
         return Err(ApiError::unauthorized("invalid or disabled API key"));
     };
     let ctx = crate::context::current();

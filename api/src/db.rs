@@ -61,6 +61,8 @@ pub async fn connect_url(
                 .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(30))
                 .foreign_keys(true)
+                // Takes effect on new databases: pruned pages go back to the file system.
+                .auto_vacuum(sea_orm::sqlx::sqlite::SqliteAutoVacuum::Incremental)
         });
     }
     Database::connect(opts)

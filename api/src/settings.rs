@@ -231,6 +231,33 @@ struct RawSettings {
     admin: RawAdmin,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    retention: RawRetention,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    #[serde(default = "d_usage_days")]
+    usage_days: i64,
+    #[serde(default = "d_webhook_days")]
+    webhook_days: i64,
+}
+
+fn d_usage_days() -> i64 {
+    90
+}
+fn d_webhook_days() -> i64 {
+    30
+}
+
+impl Default for RawRetention {
+    fn default() -> Self {
+        Self {
+            usage_days: d_usage_days(),
+            webhook_days: d_webhook_days(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -505,6 +532,19 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Logging.
     pub log: LogSettings,
+    /// How long audit and webhook rows are kept.
+    pub retention: RetentionSettings,
+}
+
+/// `[retention]`: days each kind of row is kept (0 keeps it forever). Batches, their items and
+/// the credit ledger are always kept: they are the customer's record and hold the idempotency
+/// keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetentionSettings {
+    /// Usage (audit) rows.
+    pub usage_days: u32,
+    /// Finished webhook deliveries and their attempts (pending ones are never pruned).
+    pub webhook_days: u32,
 }
 
 /// `[server]`.
@@ -948,8 +988,19 @@ impl RawSettings {
                 }
             },
         };
+        let days = |field: &str, v: i64| {
+            u32::try_from(v)
+                .ok()
+                .filter(|d| *d <= 36_500)
+                .ok_or_else(|| c.err(field, format!("must be 0 (keep) to 36500 days, got {v}")))
+        };
+        let retention = RetentionSettings {
+            usage_days: days("retention.usage_days", self.retention.usage_days)?,
+            webhook_days: days("retention.webhook_days", self.retention.webhook_days)?,
+        };
         let settings = Settings {
             environment: environment.to_string(),
+            retention,
             server: ServerSettings {
                 bind: self.server.bind,
                 trusted_proxies,
@@ -1064,6 +1115,11 @@ impl Settings {
         let _ = writeln!(
             out,
             "worker.secret = \"[redacted]\"  admin.token = \"[redacted]\""
+        );
+        let _ = writeln!(
+            out,
+            "retention.usage_days = {}  retention.webhook_days = {}",
+            self.retention.usage_days, self.retention.webhook_days
         );
         for k in self.keys.values() {
             let l = &k.limits;

@@ -152,6 +152,9 @@ pub async fn prepare_with_db(
         .context("syncing keys")?;
     let strangers =
         crate::service::strangers::Strangers::new(settings.server.unauthenticated_per_min);
+    let revoked = crate::service::keys::disabled_ids(&db)
+        .await
+        .context("reading disabled keys")?;
     let runtime = Runtime::new(settings, &ids);
     Ok(Arc::new(AppState {
         db,
@@ -159,6 +162,7 @@ pub async fn prepare_with_db(
         runtime: ArcSwap::from_pointee(runtime),
         source,
         reload_lock: tokio::sync::Mutex::new(()),
+        revoked: ArcSwap::from_pointee(revoked),
         strangers,
     }))
 }
@@ -185,6 +189,9 @@ pub async fn reload(state: &AppState) -> Result<ReloadResult, String> {
             tracing::error!(error = %e, "key sync failed during reload");
             "key sync failed; the running configuration stays".to_string()
         })?;
+    if let Ok(revoked) = crate::service::keys::disabled_ids(&state.writer).await {
+        state.revoked.store(Arc::new(revoked));
+    }
     let runtime = Runtime::new(settings, &ids);
     let result = ReloadResult {
         ok: true,
@@ -283,6 +290,7 @@ impl Application {
             shutdown_grace: grace,
         };
         let background = spawn_background(Arc::clone(&self.state));
+        let revocation = spawn_revocation_watch(Arc::clone(&self.state));
         let stop = Arc::new(tokio::sync::Notify::new());
         let dispatcher = self.state.runtime().settings.webhooks.dispatch.then(|| {
             tokio::spawn(crate::service::webhooks::run_dispatcher(
@@ -304,6 +312,7 @@ impl Application {
             let _ = ops.await;
         }
         background.abort();
+        revocation.abort();
         if let Some(d) = dispatcher {
             // Let the attempts in flight finish and be recorded, then stop.
             stop.notify_waiters();
@@ -321,6 +330,25 @@ impl Application {
     }
 }
 
+/// Every two seconds, learns which keys are disabled in the database, so that a key revoked by
+/// another node's reload is refused here within seconds.
+fn spawn_revocation_watch(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REVOCATION_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match crate::service::keys::disabled_ids(&state.db).await {
+                Ok(ids) => state.revoked.store(Arc::new(ids)),
+                Err(e) => tracing::warn!(error = %e, "reading disabled keys failed"),
+            }
+        }
+    })
+}
+
+/// How often each node re-reads the disabled keys.
+pub const REVOCATION_REFRESH: Duration = Duration::from_secs(2);
+
 /// Periodic upkeep: queue gauges (so a scrape costs no query), metric histograms, the
 /// aggregated audit of unauthenticated calls, and old rate-limit windows.
 fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
@@ -330,11 +358,17 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             n += 1;
-            if n % 12 == 1
-                && let Err(e) =
-                    crate::service::rate_limit::prune(&state.writer, chrono::Utc::now()).await
-            {
-                tracing::warn!(error = %e, "pruning rate-limit windows failed");
+            if n % 12 == 1 {
+                let now = chrono::Utc::now();
+                if let Err(e) = crate::service::rate_limit::prune(&state.writer, now).await {
+                    tracing::warn!(error = %e, "pruning rate-limit windows failed");
+                }
+                let retention = state.runtime().settings.retention;
+                if let Err(e) =
+                    crate::service::retention::prune(&state.writer, &retention, now).await
+                {
+                    tracing::warn!(error = %e, "retention pruning failed");
+                }
             }
             // Histograms keep their samples until drained: drain them even when nobody scrapes.
             crate::telemetry::metrics().run_upkeep();

@@ -68,6 +68,9 @@ pub struct AppState {
     pub source: Option<ConfigSource>,
     /// Serialises reloads.
     pub reload_lock: tokio::sync::Mutex<()>,
+    /// Keys disabled in the database, refreshed every few seconds: a key revoked by any node's
+    /// reload is refused here too, even while this node's configuration still lists it.
+    pub revoked: ArcSwap<std::collections::HashSet<i64>>,
     /// This node's budget and aggregated audit of calls without a valid key.
     pub strangers: crate::service::strangers::Strangers,
 }

@@ -3,6 +3,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_create_tables;
 mod m20261125_000001_usage_count;
+mod m20261125_000002_retention_indexes;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261124_000001_create_tables::Migration),
             Box::new(m20261125_000001_usage_count::Migration),
+            Box::new(m20261125_000002_retention_indexes::Migration),
         ]
     }
 }

@@ -420,6 +420,18 @@ impl TestApp {
             .expect("json")
     }
 
+    /// `GET /api/enterprise/credits` with `key`; returns the status.
+    pub async fn credits_status(&self, key: &str) -> u16 {
+        self.client
+            .get(format!("{}/api/enterprise/credits", self.base))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("request")
+            .status()
+            .as_u16()
+    }
+
     /// POST to the worker API.
     pub async fn worker_post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.client

@@ -13,6 +13,7 @@ mod hostile;
 mod keys;
 mod lifecycle;
 mod ops;
+mod retention;
 mod security;
 mod two_nodes;
 mod webhooks;

@@ -6,7 +6,7 @@ use entity::{api_key, credit_wallet};
 use rand::RngCore;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, TryInsertResult,
+    QueryFilter, QuerySelect, TryInsertResult,
 };
 use sha2::{Digest, Sha256};
 
@@ -100,6 +100,21 @@ pub async fn sync(
         .await?;
     txn.commit().await?;
     Ok(ids)
+}
+
+/// Ids of the keys disabled in the database (by any node's reload or key sync).
+pub async fn disabled_ids<C: ConnectionTrait>(
+    db: &C,
+) -> Result<std::collections::HashSet<i64>, DbErr> {
+    Ok(api_key::Entity::find()
+        .select_only()
+        .column(api_key::Column::Id)
+        .filter(api_key::Column::Disabled.eq(true))
+        .into_tuple::<i64>()
+        .all(db)
+        .await?
+        .into_iter()
+        .collect())
 }
 
 /// Finds a key id by name, configured or not.

@@ -4,6 +4,7 @@ pub mod credits;
 pub mod keys;
 pub mod leases;
 pub mod rate_limit;
+pub mod retention;
 pub mod strangers;
 pub mod usage;
 pub mod webhooks;
