@@ -291,6 +291,7 @@ impl Application {
         };
         let background = spawn_background(Arc::clone(&self.state));
         let revocation = spawn_revocation_watch(Arc::clone(&self.state));
+        let reaper = spawn_reaper(Arc::clone(&self.state));
         let stop = Arc::new(tokio::sync::Notify::new());
         let dispatcher = self.state.runtime().settings.webhooks.dispatch.then(|| {
             tokio::spawn(crate::service::webhooks::run_dispatcher(
@@ -313,6 +314,7 @@ impl Application {
         }
         background.abort();
         revocation.abort();
+        reaper.abort();
         if let Some(d) = dispatcher {
             // Let the attempts in flight finish and be recorded, then stop.
             stop.notify_waiters();
@@ -345,6 +347,33 @@ fn spawn_revocation_watch(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         }
     })
 }
+
+/// Every [`REAP_INTERVAL`], settles expired leases (requeue, fail the last attempt, cancel those
+/// of cancelled batches), whether or not any worker claims.
+fn spawn_reaper(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REAP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let runtime = state.runtime();
+            match crate::service::leases::reap_expired(&state.writer, &runtime).await {
+                Ok(r) if r.requeued + r.settled > 0 => {
+                    tracing::info!(
+                        requeued = r.requeued,
+                        settled = r.settled,
+                        "expired leases reaped"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reaping expired leases failed"),
+            }
+        }
+    })
+}
+
+/// How often the lease reaper runs on each node.
+pub const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often each node re-reads the disabled keys.
 pub const REVOCATION_REFRESH: Duration = Duration::from_secs(2);

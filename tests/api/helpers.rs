@@ -108,9 +108,17 @@ pub struct TestAppBuilder {
     extra: String,
     webhooks: String,
     server: String,
+    worker: String,
 }
 
 impl TestAppBuilder {
+    /// Extra lines of the `[worker]` section (e.g. `max_attempts = 1`).
+    pub fn worker(mut self, lines: &str) -> Self {
+        self.worker.push_str(lines);
+        self.worker.push('\n');
+        self
+    }
+
     /// Extra lines of the `[server]` section (e.g. `header_timeout_seconds = 1`).
     pub fn server(mut self, lines: &str) -> Self {
         self.server.push_str(lines);
@@ -180,6 +188,7 @@ impl TestAppBuilder {
             handle: None,
             webhooks: self.webhooks.clone(),
             server: self.server.clone(),
+            worker: self.worker.clone(),
         };
         app.write_config(&self.keys, &self.extra);
         for (name, _) in &self.keys {
@@ -210,6 +219,7 @@ pub struct TestApp {
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     webhooks: String,
     server: String,
+    worker: String,
 }
 
 /// The worker secret of every test app.
@@ -226,6 +236,7 @@ impl TestApp {
             extra: String::new(),
             webhooks: "retry_schedule = [\"1s\", \"1s\"]".into(),
             server: String::new(),
+            worker: String::new(),
         }
     }
 
@@ -233,9 +244,9 @@ impl TestApp {
     pub fn write_config(&self, keys: &[(String, String)], extra: &str) {
         let mut toml = format!(
             "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n{}\n[database]\nurl = \"{}\"\nmax_connections = 16\n\n\
-             [worker]\nsecret = \"{WORKER_SECRET}\"\n\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n\
+             [worker]\nsecret = \"{WORKER_SECRET}\"\n{}\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n\
              [webhooks]\nallow_private_targets = true\n{}\n\n",
-            self.server, self.store.url, self.webhooks
+            self.server, self.store.url, self.worker, self.webhooks
         );
         for (name, lines) in keys {
             toml.push_str(&format!(
@@ -302,6 +313,7 @@ impl TestApp {
             handle: None,
             webhooks: self.webhooks.clone(),
             server: self.server.clone(),
+            worker: self.worker.clone(),
         };
         peer.start().await;
         peer

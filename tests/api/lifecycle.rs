@@ -424,10 +424,17 @@ async fn expired_last_attempt_fails_the_item_and_releases_it() {
             last = items[0].clone();
             tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
         }
-        // max_attempts = 3 (default): the next claim reaps it instead of handing it out again.
+        // max_attempts = 3 (default): it is never handed out again, and the reaper fails it.
         assert!(app.claim("crashy", 1).await.is_empty());
-        let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();
-        assert_eq!(v["status"], "completed", "{v}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+        let v = loop {
+            let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();
+            if v["status"] == "completed" {
+                break v;
+            }
+            assert!(std::time::Instant::now() < deadline, "not reaped: {v}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
         assert_eq!(v["counts"]["failed"], 1);
         assert_eq!(app.credits(&key).await["held"], 0);
         assert_eq!(

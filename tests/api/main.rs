@@ -13,6 +13,7 @@ mod hostile;
 mod keys;
 mod lifecycle;
 mod ops;
+mod reaper;
 mod retention;
 mod security;
 mod two_nodes;

@@ -47,7 +47,6 @@ impl WorkerApi {
             .0
             .lease_seconds
             .unwrap_or(auth.0.settings.worker.lease_seconds);
-        leases::reap_exhausted(&state.writer, &auth.0).await?;
         let items = leases::claim(
             &state.writer,
             &body.0.worker_id,

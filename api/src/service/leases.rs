@@ -36,14 +36,7 @@ pub async fn claim(
         ""
     };
     let txn = begin_write(db).await?;
-    txn.execute_raw(stmt(
-        backend,
-        "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
-         lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
-         WHERE status = 'running' AND lease_expires_at < $1 AND attempts < $2",
-        [now.into(), (max_attempts as i32).into()],
-    ))
-    .await?;
+    requeue_expired(&txn, now, max_attempts).await?;
     // Written into the SQL (an integer, so safe): SQLite re-prepares a statement whose LIMIT is
     // a bound parameter every time it runs.
     let max = max.clamp(1, 1000);
@@ -104,6 +97,78 @@ pub async fn claim(
     }
     items.sort_by_key(|(pos, i)| (*pos, i.item_id));
     Ok(items.into_iter().map(|(_, i)| i).collect())
+}
+
+/// Puts items whose lease expired back in the queue when attempts remain and their batch has no
+/// cancel request. Expired leases of cancelled batches and of last attempts are left to
+/// [`reap_expired`], which settles their credits: cancel wins over expiry, so such an item is
+/// never leased again nor charged.
+async fn requeue_expired<C: ConnectionTrait>(
+    db: &C,
+    now: DateTime<Utc>,
+    max_attempts: u32,
+) -> Result<u64, ApiError> {
+    let r = db
+        .execute_raw(stmt(
+            db.get_database_backend(),
+            "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
+             lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
+             WHERE status = 'running' AND lease_expires_at < $1 AND attempts < $2 \
+             AND batch_id NOT IN (SELECT id FROM batch_job WHERE cancel_requested_at IS NOT NULL)",
+            [now.into(), (max_attempts as i32).into()],
+        ))
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// What one pass of the lease reaper did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Items put back in the queue.
+    pub requeued: u64,
+    /// Items settled for good: failed (last attempt) or cancelled (batch cancel requested).
+    pub settled: u64,
+    /// Rows that could not be settled this pass (logged and skipped).
+    pub skipped: u64,
+}
+
+/// The lease reaper, run in the background whether or not anyone claims: requeues expired
+/// leases, fails and releases expired last attempts, cancels and releases expired leases of
+/// batches with a cancel request, and finalizes the batches this completes. A row that fails
+/// is logged and skipped. Safe on several nodes: each row is settled under its batch's lock
+/// and its lease token, so a second node finds the lease gone and moves on.
+pub async fn reap_expired(db: &DatabaseConnection, runtime: &Runtime) -> Result<Reaped, ApiError> {
+    let now = Utc::now();
+    let max_attempts = runtime.settings.worker.max_attempts;
+    let mut reaped = Reaped {
+        requeued: requeue_expired(db, now, max_attempts).await?,
+        ..Default::default()
+    };
+    let rows = db
+        .query_all_raw(stmt(
+            db.get_database_backend(),
+            "SELECT id, lease_token FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
+             LIMIT 200",
+            [now.into()],
+        ))
+        .await?;
+    for r in rows {
+        let (id, token): (Uuid, Option<Uuid>) =
+            (r.try_get("", "id")?, r.try_get("", "lease_token")?);
+        let Some(token) = token else { continue };
+        // As of the lease's end: a late report with the same token is already stale. Retryable,
+        // so that a cancel request turns it into `cancelled`; with no attempt left it fails.
+        let at = now - Duration::days(36500);
+        match fail_item(db, runtime, id, token, "lease expired", true, at).await {
+            Ok(_) => reaped.settled += 1,
+            Err(e) if e.code == crate::error::ErrorCode::LeaseLost => {}
+            Err(e) => {
+                reaped.skipped += 1;
+                tracing::error!(item_id = %id, error = %e, "reaping an expired lease failed; skipped");
+            }
+        }
+    }
+    Ok(reaped)
 }
 
 /// The batch of an item, locked for the transition (batch row first, then item: the same
@@ -306,44 +371,6 @@ pub async fn fail(
     retryable: bool,
 ) -> Result<ItemState, ApiError> {
     fail_item(db, runtime, item_id, token, error, retryable, Utc::now()).await
-}
-
-/// Fails items whose lease expired after their last allowed attempt (their worker died or hung
-/// every time), so that a poison item cannot circle the queue for ever. Returns how many.
-pub async fn reap_exhausted(db: &DatabaseConnection, runtime: &Runtime) -> Result<usize, ApiError> {
-    let now = Utc::now();
-    let rows = db
-        .query_all_raw(stmt(
-            db.get_database_backend(),
-            "SELECT id, lease_token FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
-             AND attempts >= $2 LIMIT 100",
-            [now.into(), (runtime.settings.worker.max_attempts as i32).into()],
-        ))
-        .await?;
-    let mut reaped = 0;
-    for r in rows {
-        let (id, token): (Uuid, Option<Uuid>) =
-            (r.try_get("", "id")?, r.try_get("", "lease_token")?);
-        let Some(token) = token else { continue };
-        // As of the lease's end: a late report with the same token is already stale.
-        let at = now - Duration::days(36500);
-        match fail_item(
-            db,
-            runtime,
-            id,
-            token,
-            "lease expired on the last attempt",
-            false,
-            at,
-        )
-        .await
-        {
-            Ok(_) => reaped += 1,
-            Err(e) if e.code == crate::error::ErrorCode::LeaseLost => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(reaped)
 }
 
 async fn fail_item(

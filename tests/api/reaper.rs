@@ -1,0 +1,113 @@
+//! The lease reaper works with no claims at all: cancel wins over expiry (never re-leased,
+//! never charged) and an exhausted last attempt is failed and released.
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::both_backends;
+use crate::helpers::{Backend, TestApp};
+
+both_backends!(
+    an_expired_lease_of_a_cancelled_batch_is_cancelled_never_billed,
+    an_exhausted_lease_is_reaped_without_any_claim,
+);
+
+async fn claim_with_lease(app: &TestApp, max: u32, lease: u32) -> Vec<Value> {
+    let r = app
+        .worker_post(
+            "/claim",
+            &json!({ "worker_id": "w1", "max_items": max, "lease_seconds": lease }),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+async fn batch(app: &TestApp, key: &str, id: &str) -> Value {
+    app.get_batch(key, id).await.json().await.unwrap()
+}
+
+/// Waits until the batch reaches `status`, failing after `limit`.
+async fn wait_for_status(
+    app: &TestApp,
+    key: &str,
+    id: &str,
+    status: &str,
+    limit: Duration,
+) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let b = batch(app, key, id).await;
+        if b["status"] == status {
+            return b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "batch still {} after {limit:?}, expected {status}: {b}",
+            b["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn an_expired_lease_of_a_cancelled_batch_is_cancelled_never_billed(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 100")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    let created: Value = app
+        .create_batch(&key, &TestApp::batch_body(Some("cancel-expire"), 2))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["batch_id"].as_str().unwrap().to_string();
+    let claimed = claim_with_lease(&app, 1, 1).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(app.cancel_batch(&key, &id).await.status(), 200);
+    // No claim from here on: the reaper alone settles the expired lease.
+    let b = wait_for_status(&app, &key, &id, "cancelled", Duration::from_secs(8)).await;
+    assert_eq!(b["counts"]["cancelled"], 2, "{b}");
+    assert_eq!(b["counts"]["succeeded"], 0);
+    assert!(
+        claim_with_lease(&app, 10, 30).await.is_empty(),
+        "never leased again"
+    );
+    let late = app.complete(&claimed[0]).await;
+    assert_eq!(late.status(), 409, "the old lease cannot be completed");
+    let credits = app.credits(&key).await;
+    assert_eq!(credits["held"], 0);
+    assert_eq!(credits["balance"], 100, "nothing charged");
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM credit_ledger WHERE kind = 'charge'")
+            .await,
+        0
+    );
+    app.assert_ledger_invariant().await;
+}
+
+async fn an_exhausted_lease_is_reaped_without_any_claim(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .worker("max_attempts = 1")
+        .key("acme", "initial_credits = 100")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    let created: Value = app
+        .create_batch(&key, &TestApp::batch_body(Some("exhaust"), 1))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["batch_id"].as_str().unwrap().to_string();
+    assert_eq!(claim_with_lease(&app, 1, 1).await.len(), 1);
+    assert_eq!(app.credits(&key).await["held"], 10);
+    let b = wait_for_status(&app, &key, &id, "completed", Duration::from_secs(8)).await;
+    assert_eq!(b["counts"]["failed"], 1, "{b}");
+    let credits = app.credits(&key).await;
+    assert_eq!(credits["held"], 0, "the hold is released");
+    assert_eq!(credits["balance"], 100);
+    app.assert_ledger_invariant().await;
+}
