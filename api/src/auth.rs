@@ -2,7 +2,6 @@
 //! bearer secrets compared in constant time.
 use std::sync::Arc;
 
-use chrono::Utc;
 use poem::Request;
 use poem_openapi::SecurityScheme;
 use poem_openapi::auth::{ApiKey, Bearer};
@@ -63,7 +62,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
     } else {
         key.policy.limits.read_rate_limit_per_min
     };
-    let now = Utc::now();
+    let now = state.clock.now();
     let ip = ctx.as_ref().and_then(|c| c.client_ip);
     if !key.policy.allows_client(ip) {
         let info = rate_limit::peek(&state.db, key.id, scope, limit, now).await?;

@@ -1,6 +1,7 @@
 //! video-batch-api as a library: settings, database, services, routes and the application.
 pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod context;
 pub mod db;
 pub mod domain;

@@ -4,7 +4,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use poem::http::{HeaderValue, Method, StatusCode};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use serde_json::json;
@@ -257,7 +256,8 @@ async fn audit_refusal(
     } else {
         d.read_rate_limit_per_min
     };
-    set_rate_headers(&mut resp, &RateInfo::untouched(scope, limit, Utc::now()));
+    let now = state.clock.now();
+    set_rate_headers(&mut resp, &RateInfo::untouched(scope, limit, now));
     let row = UsageRow {
         api_key_id: key_id,
         request_id: Some(ctx.x_request_id.clone()),
@@ -270,7 +270,7 @@ async fn audit_refusal(
         latency_us: started.elapsed().as_micros() as i64,
         ..Default::default()
     };
-    if let Err(e) = usage::record(&state.writer, &row, Utc::now()).await {
+    if let Err(e) = usage::record(&state.writer, &row, now).await {
         tracing::error!(error = %e, "writing usage row failed");
     }
     resp
@@ -284,7 +284,7 @@ fn throttle_stranger(state: &AppState, ip: Option<IpAddr>, retry_after: u32) -> 
         ip,
         429,
         Some(ErrorCode::RateLimitExceeded.as_str()),
-        Utc::now(),
+        state.clock.now(),
     );
     context::note_error(ErrorCode::RateLimitExceeded);
     let mut resp = ApiError::new(
@@ -407,7 +407,7 @@ async fn finish(
         } else {
             d.read_rate_limit_per_min
         };
-        RateInfo::untouched(scope, limit, Utc::now())
+        RateInfo::untouched(scope, limit, state.clock.now())
     });
     set_rate_headers(&mut resp, &rate);
     if !call.audited {
@@ -428,7 +428,7 @@ async fn finish(
             count: 1,
             ..Default::default()
         };
-        if let Err(e) = usage::record(&state.writer, &row, Utc::now()).await {
+        if let Err(e) = usage::record(&state.writer, &row, state.clock.now()).await {
             tracing::error!(error = %e, "writing usage row failed");
         }
     }

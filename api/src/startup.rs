@@ -163,6 +163,7 @@ pub async fn prepare_with_db(
         source,
         reload_lock: tokio::sync::Mutex::new(()),
         revoked: ArcSwap::from_pointee(revoked),
+        clock: crate::clock::Clock::default(),
         strangers,
     }))
 }

@@ -25,7 +25,7 @@ errors=$(grep -cE '^\s+[0-9]+:[0-9]+\s+error\s' "$out" || true)
 warnings=$(grep -cE '^\s+[0-9]+:[0-9]+\s+warning\s' "$out" || true)
 echo
 echo "lint: $errors error(s), $warnings warning(s); $(($(date +%s) - started))s"
-if [ "$rc" -ne 0 ] || [ "$errors" -ne 0 ]; then
+if [ "$rc" -ne 0 ] || [ "$errors" -ne 0 ] || [ "$warnings" -ne 0 ]; then
     echo "lint FAILED (redocly exit code $rc)"
     exit 1
 fi

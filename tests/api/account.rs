@@ -16,6 +16,7 @@ async fn usage_counts_calls_batches_items_and_charges(backend: Backend) {
         .key("beta", "initial_credits = 100")
         .build()
         .await;
+    let frozen = app.freeze_clock();
     let key = app.key("acme").to_string();
     assert_eq!(
         app.create_batch(&key, &TestApp::batch_body(Some("u1"), 2))
@@ -44,7 +45,7 @@ async fn usage_counts_calls_batches_items_and_charges(backend: Backend) {
             .status(),
         201
     );
-    let today = chrono::Utc::now().date_naive();
+    let today = frozen.date_naive();
     let r = app
         .client
         .get(format!(
@@ -102,7 +103,7 @@ async fn read_calls_use_the_read_quota(backend: Backend) {
         .build()
         .await;
     let key = app.key("acme").to_string();
-    crate::helpers::fresh_window(10).await;
+    app.freeze_clock();
     let mut statuses = Vec::new();
     for _ in 0..4 {
         let r = app

@@ -73,7 +73,7 @@ async fn reload_applies_new_policy_or_keeps_the_old(backend: Backend) {
         .await;
     let key = app.key("acme").to_string();
     let gone = app.key("gone").to_string();
-    crate::helpers::fresh_window(15).await;
+    app.freeze_clock();
     let first: Value = app
         .create_batch(&key, &TestApp::batch_body(Some("before"), 1))
         .await

@@ -40,14 +40,15 @@ impl Cluster {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_nodes_behind_nginx_keep_every_invariant() {
+async fn two_nodes_on_postgres_behind_nginx_keep_every_invariant() {
     let Some(nginx) = nginx() else {
-        eprintln!("SKIPPED: nginx is not installed (apt-get install nginx); cluster test not run");
+        crate::helpers::skipped(
+            "nginx is not installed (apt-get install nginx); cluster test not run",
+        );
         return;
     };
     let Some(crate::helpers::Backend::Postgres(base_url)) = crate::helpers::Backend::postgres()
     else {
-        eprintln!("SKIPPED: TEST_DATABASE_URL not set; the cluster test needs PostgreSQL");
         return;
     };
     let db = PgDatabase::create(&base_url, "vb_cluster").await;

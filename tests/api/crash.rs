@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::both_backends;
 use crate::helpers::{
     Backend, PgDatabase, WORKER_SECRET, assert_ledger_invariant, claim_at, complete_at,
-    key_plaintext, sha256,
+    key_plaintext, sha256, spawn_server,
 };
 
 both_backends!(sigkill_mid_load_loses_nothing);
@@ -21,15 +21,13 @@ struct Server {
     base: String,
 }
 
-fn start(dir: &std::path::Path, port: u16) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_video-batch-api"))
-        .env("APP_CONFIG_DIR", dir)
+fn start(dir: &std::path::Path) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_video-batch-api"));
+    cmd.env("APP_CONFIG_DIR", dir)
         .env("APP_ENVIRONMENT", "test")
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start server");
+        .stdout(Stdio::null());
+    let (child, port) = spawn_server(cmd);
     Server {
         child,
         base: format!("http://127.0.0.1:{port}"),
@@ -73,16 +71,11 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
             (pg.url.clone(), Some(pg))
         }
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let key = key_plaintext("crash");
     std::fs::write(
         dir.path().join("base.toml"),
         format!(
-            "[server]\nbind = \"127.0.0.1:{port}\"\nshutdown_grace_seconds = 1\n[database]\nurl = \"{url}\"\n\
+            "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\nshutdown_grace_seconds = 1\n[database]\nurl = \"{url}\"\n\
              [worker]\nsecret = \"{WORKER_SECRET}\"\nlease_seconds = 1\n[admin]\ntoken = \"crash-admin\"\n\
              [webhooks]\ndispatch = false\nallow_private_targets = true\n\
              [keys.crash]\nkey_sha256 = \"{}\"\ninitial_credits = 10000000\nrate_limit_per_min = 1000000\n\
@@ -97,7 +90,7 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let mut server = start(dir.path(), port);
+    let mut server = start(dir.path());
     wait_ready(&client, &server.base).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -137,8 +130,16 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
             }
         }));
     }
+    // Every acknowledged report (item id, "complete" or "fail") and cancel (batch id).
+    let reports = Arc::new(std::sync::Mutex::new(Vec::<(String, &'static str)>::new()));
+    let cancels = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     for w in 0..2 {
-        let (client, base, stop) = (client.clone(), server.base.clone(), stop.clone());
+        let (client, base, stop, reports) = (
+            client.clone(),
+            server.base.clone(),
+            stop.clone(),
+            reports.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let Ok(r) = client.post(format!("{base}/api/internal/worker/claim")).bearer_auth(WORKER_SECRET)
@@ -146,23 +147,32 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
                 let Ok(v) = r.json::<Value>().await else { continue };
                 for item in v["items"].as_array().cloned().unwrap_or_default() {
                     let what = if item["prompt"] == "p1" { "fail" } else { "complete" };
-                    let _ = client
-                        .post(format!("{base}/api/internal/worker/items/{}/{what}", item["item_id"].as_str().unwrap()))
+                    let id = item["item_id"].as_str().unwrap().to_string();
+                    let r = client
+                        .post(format!("{base}/api/internal/worker/items/{id}/{what}"))
                         .bearer_auth(WORKER_SECRET)
-                        .json(&json!({"lease_token": item["lease_token"], "result_url": "https://x/y", "error": "boom", "retryable": false}))
+                        .json(&if what == "complete" {
+                            json!({"lease_token": item["lease_token"], "result_url": "https://x/y"})
+                        } else {
+                            json!({"lease_token": item["lease_token"], "error": "boom", "retryable": false})
+                        })
                         .send()
                         .await;
+                    if r.is_ok_and(|r| r.status() == 200) {
+                        reports.lock().unwrap().push((id, what));
+                    }
                 }
             }
         }));
     }
     {
-        let (client, base, key, stop, acked) = (
+        let (client, base, key, stop, acked, cancels) = (
             client.clone(),
             server.base.clone(),
             key.clone(),
             stop.clone(),
             acked.clone(),
+            cancels.clone(),
         );
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -174,11 +184,20 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
                     .nth(3)
                     .map(|(id, _)| id.clone());
                 if let Some(id) = target {
-                    let _ = client
+                    let r = client
                         .post(format!("{base}/api/enterprise/video-batch/{id}/cancel"))
                         .header("x-api-key", &key)
                         .send()
                         .await;
+                    // A cancel of a batch that had already completed changes nothing; only a
+                    // cancel the server says it recorded must survive.
+                    if let Ok(r) = r
+                        && r.status() == 200
+                        && let Ok(v) = r.json::<Value>().await
+                        && !v["cancel_requested_at"].is_null()
+                    {
+                        cancels.lock().unwrap().push(id);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -198,7 +217,7 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
         acked.len()
     );
 
-    let mut server = start(dir.path(), port);
+    let mut server = start(dir.path());
     wait_ready(&client, &server.base).await;
     let db = api::db::connect_url(&url, 2, None).await.unwrap();
     for (id, n) in &acked {
@@ -221,6 +240,49 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
             .await
             .unwrap();
         assert_eq!(holds, 1, "acknowledged batch {id} has its hold");
+    }
+    // Every acknowledged report and cancel survived too.
+    let reports = reports.lock().unwrap().clone();
+    let cancels = cancels.lock().unwrap().clone();
+    assert!(!reports.is_empty(), "workers reported before the kill");
+    assert!(!cancels.is_empty(), "cancels were recorded before the kill");
+    for (id, what) in &reports {
+        use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+        let uuid = uuid::Uuid::parse_str(id).unwrap();
+        let item = entity::batch_item::Entity::find_by_id(uuid)
+            .one(&db)
+            .await
+            .unwrap()
+            .expect("reported item exists");
+        let (status, kind) = if *what == "complete" {
+            ("succeeded", "charge")
+        } else {
+            ("failed", "release")
+        };
+        assert_eq!(item.status, status, "acknowledged {what} of item {id}");
+        let rows = entity::credit_ledger::Entity::find()
+            .filter(entity::credit_ledger::Column::ItemId.eq(uuid))
+            .filter(entity::credit_ledger::Column::Kind.eq(kind))
+            .count(&db)
+            .await
+            .unwrap();
+        assert_eq!(
+            rows, 1,
+            "acknowledged {what} of item {id} has exactly one {kind}"
+        );
+    }
+    for id in &cancels {
+        let uuid = uuid::Uuid::parse_str(id).unwrap();
+        use sea_orm::EntityTrait;
+        let job = entity::batch_job::Entity::find_by_id(uuid)
+            .one(&db)
+            .await
+            .unwrap()
+            .expect("cancelled batch exists");
+        assert!(
+            job.cancel_requested_at.is_some(),
+            "acknowledged cancel of batch {id} survives"
+        );
     }
     assert_eq!(
         count(

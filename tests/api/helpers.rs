@@ -28,7 +28,7 @@ impl Backend {
         match std::env::var("TEST_DATABASE_URL") {
             Ok(url) if !url.is_empty() => Some(Backend::Postgres(url)),
             _ => {
-                eprintln!("TEST_DATABASE_URL not set: PostgreSQL variant skipped");
+                skipped("TEST_DATABASE_URL not set: PostgreSQL variant not run");
                 None
             }
         }
@@ -38,6 +38,13 @@ impl Backend {
     pub fn is_postgres(&self) -> bool {
         matches!(self, Backend::Postgres(_))
     }
+}
+
+/// Says that a test did not run its body, on the terminal even when the harness captures test
+/// output (a direct write to stderr is not captured), as a line CI counts.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
 }
 
 /// Runs a test body on SQLite and, when configured, on PostgreSQL.
@@ -335,6 +342,19 @@ impl TestApp {
         }
     }
 
+    /// Freezes this node's clock at `at`: rate-limit windows, audit minutes and "today" stay
+    /// put, so a test that counts calls against one window never races the wall clock.
+    pub fn freeze_clock_at(&self, at: chrono::DateTime<chrono::Utc>) {
+        self.state().clock.freeze(at);
+    }
+
+    /// Freezes this node's clock now and returns the frozen time.
+    pub fn freeze_clock(&self) -> chrono::DateTime<chrono::Utc> {
+        let at = chrono::Utc::now();
+        self.freeze_clock_at(at);
+        at
+    }
+
     /// Application state.
     pub fn state(&self) -> Arc<AppState> {
         Arc::clone(self.state.as_ref().expect("started"))
@@ -629,4 +649,40 @@ impl PgDatabase {
             ))
             .await;
     }
+}
+
+/// Starts the real binary with `cmd` (stderr is taken over) and returns it with the port it
+/// bound: the config binds port 0 and the binary prints the port it got, so no port is ever
+/// picked, released and hoped to be free later.
+pub fn spawn_server(mut cmd: std::process::Command) -> (std::process::Child, u16) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the server");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<Result<u16, String>>();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        for line in lines.by_ref().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on port ").nth(1) {
+                let port = rest
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .and_then(|p| p.parse().ok());
+                let _ = tx.send(port.ok_or_else(|| line.clone()));
+                break;
+            }
+            seen.push(line);
+        }
+        let _ = tx.send(Err(seen.join("\n")));
+        // Keep draining so the server never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let port = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the server printed nothing within 60 s")
+        .unwrap_or_else(|out| panic!("the server did not start:\n{out}"));
+    (child, port)
 }

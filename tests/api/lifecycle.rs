@@ -16,6 +16,7 @@ both_backends!(
     list_pages_every_batch_once,
     reference_worker_runs_a_batch_end_to_end,
     another_keys_batch_is_not_found,
+    expired_last_attempt_fails_the_item_and_releases_it,
 );
 
 async fn create(app: &TestApp, key: &str, rid: &str, n: usize) -> String {
@@ -397,9 +398,8 @@ async fn reference_worker_runs_a_batch_end_to_end(backend: Backend) {
 
 /// An item whose worker never reports (crash, hang) is failed and released after its last
 /// allowed attempt instead of circling the queue for ever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_last_attempt_fails_the_item_and_releases_it() {
-    for backend in std::iter::once(Backend::Sqlite).chain(Backend::postgres()) {
+async fn expired_last_attempt_fails_the_item_and_releases_it(backend: Backend) {
+    {
         let app = TestApp::builder(backend)
             .key("acme", "initial_credits = 100")
             .config("")

@@ -10,108 +10,7 @@ use serde_json::Value;
 use crate::both_backends;
 use crate::helpers::{Backend, TestApp, key_plaintext, sha256};
 
-both_backends!(
-    metrics_parse_and_move_with_traffic,
-    in_flight_request_completes_during_shutdown
-);
-
-/// Parses Prometheus text exposition; panics on a malformed line. Returns (series, value).
-fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
-            continue;
-        }
-        assert!(!line.starts_with('#'), "unexpected comment: {line}");
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("no value: {line}"));
-        let name_end = series.find('{').unwrap_or(series.len());
-        let name = &series[..name_end];
-        assert!(
-            !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad metric name in {line}"
-        );
-        if name_end < series.len() {
-            assert!(series.ends_with('}'), "bad labels in {line}");
-        }
-        let v: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value in {line}"));
-        out.push((series.to_string(), v));
-    }
-    out
-}
-
-fn sum(series: &[(String, f64)], name: &str, must_contain: &[&str]) -> f64 {
-    series
-        .iter()
-        .filter(|(s, _)| s.starts_with(name) && must_contain.iter().all(|m| s.contains(m)))
-        .map(|(_, v)| v)
-        .sum()
-}
-
-async fn metrics_parse_and_move_with_traffic(backend: Backend) {
-    let tag = format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let app = TestApp::builder(backend)
-        .key(&tag, "initial_credits = 1000\nrate_limit_per_min = 2")
-        .build()
-        .await;
-    let scrape = || async {
-        let r = app
-            .client
-            .get(format!("{}/metrics", app.ops_base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        parse_prometheus(&r.text().await.unwrap())
-    };
-    crate::helpers::fresh_window(10).await;
-    let before = scrape().await;
-    let key = app.key(&tag).to_string();
-    for i in 0..3 {
-        app.create_batch(&key, &TestApp::batch_body(Some(&format!("m-{i}")), 1))
-            .await;
-    }
-    let after = scrape().await;
-    let label = format!("key=\"{tag}\"");
-    assert_eq!(
-        sum(&after, "rate_limit_rejections_total", &[&label]),
-        1.0,
-        "who is rate limited, and in which scope"
-    );
-    let created = |s: &[(String, f64)]| {
-        sum(
-            s,
-            "http_requests_total",
-            &["route=\"create_batch\"", "status=\"201\""],
-        )
-    };
-    assert!(created(&after) - created(&before) >= 2.0);
-    assert!(
-        sum(
-            &after,
-            "http_request_duration_seconds_count",
-            &["route=\"create_batch\""]
-        ) >= 3.0
-    );
-    assert!(
-        sum(
-            &after,
-            "http_requests_total",
-            &["route=\"create_batch\"", "status=\"429\""]
-        ) >= 1.0
-    );
-    assert!(sum(&after, "credits_total", &["kind=\"hold\""]) >= 20.0);
-    assert!(
-        after.iter().any(|(s, _)| s.starts_with("queue_items")),
-        "queue depth is exported"
-    );
-}
+both_backends!(in_flight_request_completes_during_shutdown);
 
 async fn in_flight_request_completes_during_shutdown(backend: Backend) {
     let mut app = TestApp::builder(backend.clone())
@@ -146,11 +45,27 @@ async fn in_flight_request_completes_during_shutdown(backend: Backend) {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!request.is_finished(), "the create waits for the lock");
+    let port = app.port;
     let stopping = tokio::spawn(async move {
         app.stop().await;
         app
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Shutdown has begun once the listener is closed: only then let the create finish.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "shutdown never closed the listener"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !request.is_finished(),
+        "the create is still in flight during shutdown"
+    );
     txn.commit().await.unwrap();
     let status = request
         .await
@@ -169,17 +84,12 @@ async fn in_flight_request_completes_during_shutdown(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_reloads_on_sighup_and_logs_no_secrets() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let key = key_plaintext("bin");
     let write = |cap: u32| {
         std::fs::write(
             dir.path().join("base.toml"),
             format!(
-                "[server]\nbind = \"127.0.0.1:{port}\"\n[database]\nurl = \"sqlite://{}/bin.db?mode=rwc\"\n\
+                "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}/bin.db?mode=rwc\"\n\
                  [worker]\nsecret = \"env:VB_TEST_WORKER_SECRET\"\n[admin]\ntoken = \"bin-admin-token-value\"\n\
                  [log]\nformat = \"json\"\n[keys.bin]\nkey_sha256 = \"{}\"\ninitial_credits = 100\nmax_batch_items = {cap}\n",
                 dir.path().display(),
@@ -190,15 +100,13 @@ async fn binary_reloads_on_sighup_and_logs_no_secrets() {
     };
     write(5);
     std::fs::write(dir.path().join("test.toml"), "").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_video-batch-api"))
-        .env("APP_CONFIG_DIR", dir.path())
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_video-batch-api"));
+    cmd.env("APP_CONFIG_DIR", dir.path())
         .env("APP_ENVIRONMENT", "test")
         .env("VB_TEST_WORKER_SECRET", "bin-worker-secret-value")
         .env("RUST_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stdout(Stdio::piped());
+    let (mut child, port) = crate::helpers::spawn_server(cmd);
     let stderr = child.stdout.take().unwrap();
     let lines = std::thread::spawn(move || {
         BufReader::new(stderr)

@@ -24,14 +24,6 @@ impl Drop for Node {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_processes_on_one_postgres_keep_every_invariant() {
     let Some(Backend::Postgres(url)) = Backend::postgres() else {
@@ -48,7 +40,7 @@ async fn two_processes_on_one_postgres_keep_every_invariant() {
     std::fs::write(
         dir.path().join("base.toml"),
         format!(
-            "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"{db_url}\"\n[worker]\nsecret = \"{WORKER_SECRET}\"\n\
+            "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n[database]\nurl = \"{db_url}\"\n[worker]\nsecret = \"{WORKER_SECRET}\"\n\
              [admin]\ntoken = \"two-admin\"\n[webhooks]\nallow_private_targets = true\n\
              [keys.limited]\nkey_sha256 = \"{}\"\ninitial_credits = 100000\nrate_limit_per_min = 50\n{hook}\n\
              [keys.poor]\nkey_sha256 = \"{}\"\ninitial_credits = 100\nrate_limit_per_min = 1000\n{hook}\n\
@@ -60,23 +52,18 @@ async fn two_processes_on_one_postgres_keep_every_invariant() {
     )
     .unwrap();
     std::fs::write(dir.path().join("test.toml"), "").unwrap();
-    let ports = [free_port(), free_port()];
-    let _nodes: Vec<Node> = ports
-        .iter()
-        .map(|p| {
-            Node(
-                Command::new(env!("CARGO_BIN_EXE_video-batch-api"))
-                    .env("APP_CONFIG_DIR", dir.path())
-                    .env("APP_ENVIRONMENT", "test")
-                    .env("APP__SERVER__BIND", format!("127.0.0.1:{p}"))
-                    .env("RUST_LOG", "warn")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let mut ports = Vec::new();
+    let mut _nodes = Vec::new();
+    for _ in 0..2 {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_video-batch-api"));
+        cmd.env("APP_CONFIG_DIR", dir.path())
+            .env("APP_ENVIRONMENT", "test")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
+        let (child, port) = crate::helpers::spawn_server(cmd);
+        _nodes.push(Node(child));
+        ports.push(port);
+    }
     let bases: Vec<String> = ports
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))

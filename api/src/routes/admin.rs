@@ -223,7 +223,14 @@ impl AdminApi {
     ) -> Result<Json<Usage>, ApiError> {
         let id = Self::key_id(&state, &key.0).await?;
         Ok(Json(
-            usage::report(&state.db, id, from.0.as_deref(), to.0.as_deref()).await?,
+            usage::report(
+                &state.db,
+                id,
+                state.clock.now().date_naive(),
+                from.0.as_deref(),
+                to.0.as_deref(),
+            )
+            .await?,
         ))
     }
 

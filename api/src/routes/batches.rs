@@ -129,6 +129,7 @@ impl CustomerApi {
             AuditInfo {
                 row: template.0,
                 started: template.1,
+                now: state.clock.now(),
             },
         )
         .await?;
@@ -272,6 +273,7 @@ impl CustomerApi {
             crate::service::usage::report(
                 &state.db,
                 auth.0.key.id,
+                state.clock.now().date_naive(),
                 from.0.as_deref(),
                 to.0.as_deref(),
             )

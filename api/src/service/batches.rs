@@ -37,6 +37,8 @@ pub struct AuditInfo {
     pub row: UsageRow,
     /// When the call started.
     pub started: std::time::Instant,
+    /// The service's time of the call (the batch's `created_at` and the audit minute).
+    pub now: chrono::DateTime<Utc>,
 }
 
 /// Creates a batch, or replays / refuses a repeat of an earlier request id.
@@ -79,7 +81,7 @@ pub async fn create(
     let n = batch.items.len() as i64;
     let cost = limits.cost_per_video;
     let need = n * cost;
-    let now = Utc::now();
+    let now = audit.now;
     let batch_id = Uuid::now_v7();
     let backend = db.get_database_backend();
 

@@ -172,10 +172,11 @@ pub async fn daily<C: ConnectionTrait>(
     Ok(days.into_values().collect())
 }
 
-/// A key's usage for the UTC days `from..=to` (default: the 30 days up to today), as served.
+/// A key's usage for the UTC days `from..=to` (default: the 30 days up to `today`), as served.
 pub async fn report<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
+    today: NaiveDate,
     from: Option<&str>,
     to: Option<&str>,
 ) -> Result<crate::schemas::credits::Usage, crate::error::ApiError> {
@@ -186,7 +187,7 @@ pub async fn report<C: ConnectionTrait>(
     };
     let to_day = match to {
         Some(v) => parse("to", v)?,
-        None => Utc::now().date_naive(),
+        None => today,
     };
     let from_day = match from {
         Some(v) => parse("from", v)?,
