@@ -10,7 +10,10 @@ use serde_json::Value;
 use crate::both_backends;
 use crate::helpers::{Backend, TestApp, key_plaintext, sha256};
 
-both_backends!(in_flight_request_completes_during_shutdown);
+both_backends!(
+    in_flight_request_completes_during_shutdown,
+    binary_reloads_on_sighup_and_logs_no_secrets
+);
 
 async fn in_flight_request_completes_during_shutdown(backend: Backend) {
     let mut app = TestApp::builder(backend.clone())
@@ -81,18 +84,26 @@ async fn in_flight_request_completes_during_shutdown(backend: Backend) {
 
 /// Starts the real binary with a config folder; SIGHUP reloads, logs are JSON with request ids
 /// and never contain a secret, SIGTERM stops it cleanly.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_reloads_on_sighup_and_logs_no_secrets() {
+async fn binary_reloads_on_sighup_and_logs_no_secrets(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
+    let (url, pg) = match &backend {
+        Backend::Sqlite => (
+            format!("sqlite://{}/bin.db?mode=rwc", dir.path().display()),
+            None,
+        ),
+        Backend::Postgres(base) => {
+            let pg = crate::helpers::PgDatabase::create(base, "vb_bin").await;
+            (pg.url.clone(), Some(pg))
+        }
+    };
     let key = key_plaintext("bin");
     let write = |cap: u32| {
         std::fs::write(
             dir.path().join("base.toml"),
             format!(
-                "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}/bin.db?mode=rwc\"\n\
+                "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n[database]\nurl = \"{url}\"\n\
                  [worker]\nsecret = \"env:VB_TEST_WORKER_SECRET\"\n[admin]\ntoken = \"bin-admin-token-value\"\n\
                  [log]\nformat = \"json\"\n[keys.bin]\nkey_sha256 = \"{}\"\ninitial_credits = 100\nmax_batch_items = {cap}\n",
-                dir.path().display(),
                 sha256(&key)
             ),
         )
@@ -193,4 +204,7 @@ async fn binary_reloads_on_sighup_and_logs_no_secrets() {
         "request log lines carry the request id"
     );
     assert!(all.contains("configuration reloaded"));
+    if let Some(pg) = pg {
+        pg.drop_now().await;
+    }
 }

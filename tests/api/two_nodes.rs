@@ -157,7 +157,8 @@ async fn two_processes_on_one_postgres_keep_every_invariant() {
 
     // Both nodes dispatch; every batch.completed is sent exactly once.
     let got = receiver.wait_for(61, Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Longer than the first retry delay (5 s by default), so a duplicate would have arrived.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let got = if receiver.got().len() > got.len() {
         receiver.got()
     } else {

@@ -173,7 +173,12 @@ async fn complete_batch(app: &TestApp, rid: &str, n: usize) -> String {
         .unwrap()
         .to_string();
     let mut done = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
     while done < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {n} items could be claimed"
+        );
         for item in app.claim("w", 10).await {
             assert_eq!(app.complete(&item).await.status(), 200);
             done += 1;
@@ -181,6 +186,10 @@ async fn complete_batch(app: &TestApp, rid: &str, n: usize) -> String {
     }
     id
 }
+
+/// How long a "nothing more arrives" check watches: longer than the whole retry schedule of
+/// these tests (1 s, 1 s) plus a dispatcher poll, so a duplicate or a stray retry would show.
+const QUIET: Duration = Duration::from_millis(3000);
 
 async fn deliveries(app: &TestApp) -> Vec<Value> {
     app.client
@@ -286,7 +295,7 @@ async fn reference_worker_batch_is_signed_and_retried_until_success(backend: Bac
     .await
     .unwrap();
     let got = receiver.wait_for(3, Duration::from_secs(20)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(QUIET).await;
     let got_after = receiver.got();
     assert_eq!(got_after.len(), 3, "exactly three attempts");
     assert!(
@@ -357,7 +366,7 @@ async fn two_dispatchers_send_each_attempt_once(backend: Backend) {
         .await;
     }
     receiver.wait_for(20, Duration::from_secs(20)).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(QUIET).await;
     let got = receiver.got();
     let mut per_id: HashMap<String, usize> = HashMap::new();
     for r in &got {
