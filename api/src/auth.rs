@@ -76,7 +76,13 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
             ),
         ));
     }
-    let info = rate_limit::hit(&state.writer, key.id, scope, limit, now).await?;
+    let key_id = key.id;
+    let info = state
+        .writes
+        .run(Some(key_id), move |txn| {
+            Box::pin(async move { Ok(rate_limit::hit(txn, key_id, scope, limit, now).await?) })
+        })
+        .await?;
     crate::context::update(|s| s.rate = Some(info.clone()));
     if info.exceeded {
         metrics_rate_limited(&key.policy.name, scope);

@@ -8,7 +8,7 @@ use sea_orm::{
     DbErr, Statement, TransactionOptions, TransactionTrait,
 };
 
-use crate::settings::DatabaseSettings;
+use crate::settings::{DatabaseSettings, SqliteSynchronous};
 
 /// Arbitrary constant naming the migration advisory lock on PostgreSQL.
 const MIGRATION_LOCK_ID: i64 = 0x7669_6465_6f62; // "videob"
@@ -28,17 +28,29 @@ pub async fn writer_for(
     if db.get_database_backend() == DbBackend::Sqlite
         && sqlite_file(settings.url.expose()).is_some()
     {
-        connect_url(settings.url.expose(), 1, None).await
+        connect_url_with(settings.url.expose(), 1, None, settings.sqlite_synchronous).await
     } else {
         Ok(db.clone())
     }
 }
 
-/// Opens a pool with an optional PostgreSQL schema search path (used by tests).
+/// Opens a pool with an optional PostgreSQL schema search path (used by tests). SQLite
+/// connections opened here run `synchronous=NORMAL`: they read (and tests write through them);
+/// the writer that acknowledges requests is opened by [`writer_for`] with the configured level.
 pub async fn connect_url(
     url: &str,
     max_connections: u32,
     schema: Option<&str>,
+) -> anyhow::Result<DatabaseConnection> {
+    connect_url_with(url, max_connections, schema, SqliteSynchronous::Normal).await
+}
+
+/// Like [`connect_url`], with SQLite's `synchronous` level.
+pub async fn connect_url_with(
+    url: &str,
+    max_connections: u32,
+    schema: Option<&str>,
+    synchronous: SqliteSynchronous,
 ) -> anyhow::Result<DatabaseConnection> {
     if let Some(path) = sqlite_file(url)
         && let Some(parent) = std::path::Path::new(&path).parent()
@@ -56,9 +68,12 @@ pub async fn connect_url(
         opts.set_schema_search_path(schema.to_string());
     }
     if url.starts_with("sqlite:") {
-        opts.map_sqlx_sqlite_opts(|o| {
+        opts.map_sqlx_sqlite_opts(move |o| {
             o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                .synchronous(match synchronous {
+                    SqliteSynchronous::Full => sea_orm::sqlx::sqlite::SqliteSynchronous::Full,
+                    SqliteSynchronous::Normal => sea_orm::sqlx::sqlite::SqliteSynchronous::Normal,
+                })
                 .busy_timeout(Duration::from_secs(30))
                 .foreign_keys(true)
                 // Takes effect on new databases: pruned pages go back to the file system.

@@ -110,6 +110,9 @@ pub struct ApiError {
     pub details: Option<Box<Value>>,
     /// Extra response headers (e.g. `Retry-After`).
     pub headers: Vec<(&'static str, String)>,
+    /// A transient database conflict (deadlock, serialization failure, busy): the same work
+    /// may simply be run again.
+    pub transient: bool,
 }
 
 impl std::fmt::Display for ApiError {
@@ -129,6 +132,7 @@ impl ApiError {
             message: message.into(),
             details: None,
             headers: Vec::new(),
+            transient: false,
         }
     }
 
@@ -198,7 +202,25 @@ impl ApiError {
 
 impl From<sea_orm::DbErr> for ApiError {
     fn from(e: sea_orm::DbErr) -> Self {
-        ApiError::internal(format!("database: {e}"))
+        let text = e.to_string();
+        let transient = [
+            "deadlock detected",
+            "could not serialize",
+            "database is locked",
+        ]
+        .iter()
+        .any(|t| text.contains(t));
+        if transient {
+            // Retried by the write pipeline; the client sees a generic text if it persists.
+            tracing::warn!(error = %text, "transient database conflict");
+            let mut err = ApiError::new(
+                ErrorCode::Internal,
+                "internal error; the request id identifies it in our logs",
+            );
+            err.transient = true;
+            return err;
+        }
+        ApiError::internal(format!("database: {text}"))
     }
 }
 

@@ -14,6 +14,7 @@ pub mod service;
 pub mod settings;
 pub mod startup;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 pub mod worker_client;
 

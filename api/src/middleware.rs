@@ -270,7 +270,7 @@ async fn audit_refusal(
         latency_us: started.elapsed().as_micros() as i64,
         ..Default::default()
     };
-    if let Err(e) = usage::record(&state.writer, &row, now).await {
+    if let Err(e) = usage::record_through(&state.writes, row, now).await {
         tracing::error!(error = %e, "writing usage row failed");
     }
     resp
@@ -428,7 +428,7 @@ async fn finish(
             count: 1,
             ..Default::default()
         };
-        if let Err(e) = usage::record(&state.writer, &row, state.clock.now()).await {
+        if let Err(e) = usage::record_through(&state.writes, row, state.clock.now()).await {
             tracing::error!(error = %e, "writing usage row failed");
         }
     }

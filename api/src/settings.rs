@@ -316,6 +316,17 @@ struct RawDatabase {
     url: String,
     #[serde(default = "default_max_connections")]
     max_connections: i64,
+    #[serde(default = "default_write_lanes")]
+    write_lanes: i64,
+    #[serde(default = "default_sqlite_synchronous")]
+    sqlite_synchronous: String,
+}
+
+fn default_write_lanes() -> i64 {
+    4
+}
+fn default_sqlite_synchronous() -> String {
+    "full".into()
 }
 
 fn default_max_connections() -> i64 {
@@ -592,6 +603,21 @@ pub struct DatabaseSettings {
     pub url: Secret,
     /// Pool size.
     pub max_connections: u32,
+    /// PostgreSQL: group-commit lanes (connections committing groups side by side); a key's
+    /// writes always use the same lane. SQLite has one writer and one lane.
+    pub write_lanes: u32,
+    /// SQLite `synchronous`: `full` (default: a 2xx is on disk even after a power cut) or
+    /// `normal` (WAL: a power cut may lose the last commits, never corrupt).
+    pub sqlite_synchronous: SqliteSynchronous,
+}
+
+/// `database.sqlite_synchronous`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SqliteSynchronous {
+    /// Every commit is fsynced before it is acknowledged.
+    Full,
+    /// WAL commits are fsynced at checkpoints.
+    Normal,
 }
 
 /// Limits every key inherits from `[defaults]`.
@@ -831,6 +857,17 @@ impl RawSettings {
             url,
             max_connections: c
                 .positive("database.max_connections", self.database.max_connections)?,
+            write_lanes: c.positive("database.write_lanes", self.database.write_lanes)?,
+            sqlite_synchronous: match self.database.sqlite_synchronous.as_str() {
+                "full" => SqliteSynchronous::Full,
+                "normal" => SqliteSynchronous::Normal,
+                other => {
+                    return Err(c.err(
+                        "database.sqlite_synchronous",
+                        format!("{other:?} is not full or normal"),
+                    ));
+                }
+            },
         };
         let d = &self.defaults;
         let defaults = PolicyLimits {

@@ -155,8 +155,14 @@ pub async fn prepare_with_db(
     let revoked = crate::service::keys::disabled_ids(&db)
         .await
         .context("reading disabled keys")?;
+    let lanes = match writer.get_database_backend() {
+        sea_orm::DbBackend::Sqlite => 1,
+        _ => settings.database.write_lanes as usize,
+    };
+    let writes = crate::store::pipeline::Writes::start(writer.clone(), lanes);
     let runtime = Runtime::new(settings, &ids);
     Ok(Arc::new(AppState {
+        writes,
         db,
         writer,
         runtime: ArcSwap::from_pointee(runtime),
@@ -358,7 +364,7 @@ fn spawn_reaper(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             let runtime = state.runtime();
-            match crate::service::leases::reap_expired(&state.writer, &runtime).await {
+            match crate::service::leases::reap_expired(&state.db, &state.writes, &runtime).await {
                 Ok(r) if r.requeued + r.settled > 0 => {
                     tracing::info!(
                         requeued = r.requeued,

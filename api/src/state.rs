@@ -71,6 +71,8 @@ pub struct AppState {
     /// Keys disabled in the database, refreshed every few seconds: a key revoked by any node's
     /// reload is refused here too, even while this node's configuration still lists it.
     pub revoked: ArcSwap<std::collections::HashSet<i64>>,
+    /// The group-commit write lanes every request's writes go through.
+    pub writes: crate::store::pipeline::Writes,
     /// "Now" for rate-limit windows, audit minutes and "today" (tests may freeze it).
     pub clock: crate::clock::Clock,
     /// This node's budget and aggregated audit of calls without a valid key.

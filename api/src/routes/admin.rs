@@ -69,32 +69,63 @@ impl AdminApi {
             crate::domain::RequestId::parse("Idempotency-Key", k)?;
         }
         let key_id = Self::key_id(state, name).await?;
-        let txn = crate::db::begin_write(&state.writer).await?;
-        match credits::apply(&txn, key_id, kind, amount, note.as_deref(), idem.as_deref()).await {
-            Ok(true) => txn.commit().await?,
-            Ok(false) => {
-                txn.rollback().await?;
-                let w = credits::wallet(&state.db, key_id).await?;
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
-                    format!(
-                        "{amount} credits would leave the balance below the {} credits held \
-                         or above the maximum of {}",
-                        w.held,
-                        credits::MAX_BALANCE
-                    ),
-                )
-                .with_details(serde_json::json!({ "balance": w.balance, "held": w.held })));
-            }
-            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-                // The same Idempotency-Key was applied before: answer with the wallet, change nothing.
-                txn.rollback().await?;
-            }
-            Err(e) => return Err(e.into()),
+        let applied = state
+            .writes
+            .run(Some(key_id), move |txn| {
+                let (note, idem) = (note.clone(), idem.clone());
+                Box::pin(async move {
+                    match credits::apply(
+                        txn,
+                        key_id,
+                        kind,
+                        amount,
+                        note.as_deref(),
+                        idem.as_deref(),
+                    )
+                    .await
+                    {
+                        Ok(true) => Ok(()),
+                        Ok(false) => {
+                            let w = credits::wallet(txn, key_id).await?;
+                            Err(ApiError::new(
+                                ErrorCode::Conflict,
+                                format!(
+                                    "{amount} credits would leave the balance below the {} credits \
+                                     held or above the maximum of {}",
+                                    w.held,
+                                    credits::MAX_BALANCE
+                                ),
+                            )
+                            .with_details(
+                                serde_json::json!({ "balance": w.balance, "held": w.held }),
+                            ))
+                        }
+                        Err(e)
+                            if matches!(
+                                e.sql_err(),
+                                Some(SqlErr::UniqueConstraintViolation(_))
+                            ) =>
+                        {
+                            // Rolled back to the savepoint; answered below as a repeat.
+                            Err(ApiError::new(ErrorCode::IdempotencyConflict, REPEATED))
+                        }
+                        Err(e) => Err(e.into()),
+                    }
+                })
+            })
+            .await;
+        match applied {
+            Ok(()) => {}
+            // The same Idempotency-Key was applied before: answer with the wallet, change nothing.
+            Err(e) if e.code == ErrorCode::IdempotencyConflict && e.message == REPEATED => {}
+            Err(e) => return Err(e),
         }
         Self::wallet_view(state, name, key_id, 20, None).await
     }
 }
+
+/// Marker of a movement whose Idempotency-Key was applied before (never sent to a client).
+const REPEATED: &str = "idempotency key already applied";
 
 #[OpenApi(prefix_path = "/")]
 impl AdminApi {

@@ -121,7 +121,8 @@ impl CustomerApi {
             .cloned()
             .unwrap_or_else(|| AuditTemplate(Default::default(), std::time::Instant::now()));
         let out = batches::create(
-            &state.writer,
+            &state.db,
+            &state.writes,
             &caller.runtime,
             &caller.key,
             &body.0,
@@ -215,7 +216,14 @@ impl CustomerApi {
         crate::context::update(|s| s.batch_id = Some(batch_id.0));
         let caller = auth.0;
         Ok(Read::Ok(Json(
-            batches::cancel(&state.writer, &caller.runtime, caller.key.id, batch_id.0).await?,
+            batches::cancel(
+                &state.db,
+                &state.writes,
+                caller.runtime,
+                caller.key.id,
+                batch_id.0,
+            )
+            .await?,
         )))
     }
 

@@ -48,7 +48,7 @@ impl WorkerApi {
             .lease_seconds
             .unwrap_or(auth.0.settings.worker.lease_seconds);
         let items = leases::claim(
-            &state.writer,
+            &state.writes,
             &body.0.worker_id,
             body.0.max_items,
             Duration::seconds(secs.into()),
@@ -78,7 +78,8 @@ impl WorkerApi {
             .unwrap_or(auth.0.settings.worker.lease_seconds);
         Ok(Json(
             leases::heartbeat(
-                &state.writer,
+                &state.db,
+                &state.writes,
                 item_id.0,
                 body.0.lease_token,
                 Duration::seconds(secs.into()),
@@ -110,11 +111,12 @@ impl WorkerApi {
             .map(|r| serde_json::to_string(r).unwrap_or_default());
         Ok(Json(
             leases::complete(
-                &state.writer,
-                &auth.0,
+                &state.db,
+                &state.writes,
+                auth.0,
                 item_id.0,
                 body.0.lease_token,
-                &body.0.result_url,
+                body.0.result_url,
                 result,
             )
             .await?,
@@ -140,11 +142,12 @@ impl WorkerApi {
     ) -> Result<Json<ItemState>, ApiError> {
         Ok(Json(
             leases::fail(
-                &state.writer,
-                &auth.0,
+                &state.db,
+                &state.writes,
+                auth.0,
                 item_id.0,
                 body.0.lease_token,
-                &body.0.error,
+                body.0.error,
                 body.0.retryable,
             )
             .await?,

@@ -5,13 +5,15 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use entity::{batch_item, batch_job};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::db::{begin_write, stmt};
+use std::sync::Arc;
+
+use crate::db::stmt;
 use crate::domain::{NewBatch, RequestId};
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::batches::{
@@ -21,6 +23,7 @@ use crate::service::credits::{self, LedgerKind};
 use crate::service::usage::{self, UsageRow};
 use crate::service::webhooks;
 use crate::state::{KeyEntry, Runtime};
+use crate::store::pipeline::Writes;
 
 /// How a create ended.
 #[derive(Debug)]
@@ -32,6 +35,7 @@ pub enum CreateOutcome {
 }
 
 /// What the create transaction needs to audit itself.
+#[derive(Clone)]
 pub struct AuditInfo {
     /// Template of the usage row (method, path, ip, user agent…).
     pub row: UsageRow,
@@ -46,6 +50,7 @@ pub struct AuditInfo {
 /// and caps, credit hold.
 pub async fn create(
     db: &DatabaseConnection,
+    writes: &Writes,
     runtime: &Runtime,
     key: &KeyEntry,
     req: &CreateBatchRequest,
@@ -83,9 +88,78 @@ pub async fn create(
     let need = n * cost;
     let now = audit.now;
     let batch_id = Uuid::now_v7();
-    let backend = db.get_database_backend();
 
-    let txn = begin_write(db).await?;
+    let unit = Arc::new(NewBatchUnit {
+        key_id: key.id,
+        rid: rid.as_str().to_string(),
+        fingerprint: fingerprint.clone(),
+        batch,
+        batch_id,
+        n,
+        cost,
+        need,
+        now,
+        audit,
+    });
+    let written = writes
+        .run(Some(key.id), move |txn| {
+            let unit = Arc::clone(&unit);
+            Box::pin(async move { write_new_batch(txn, &unit).await })
+        })
+        .await?;
+    let Some(response) = written else {
+        let existing = find_by_request_id(db, key.id, rid.as_str())
+            .await?
+            .ok_or_else(|| ApiError::internal("idempotency conflict row vanished"))?;
+        return replay(db, key.id, existing, &fingerprint).await;
+    };
+
+    crate::context::update(|s| {
+        s.audited = true;
+        s.batch_id = Some(batch_id);
+        s.items = n as i32;
+        s.credits = need;
+    });
+    metrics::counter!("batches_created_total").increment(1);
+    metrics::counter!("credits_total", "kind" => LedgerKind::Hold.as_str()).increment(need as u64);
+    tracing::info!(key = %key.policy.name, %batch_id, items = n, credits = need, "batch created");
+    Ok(CreateOutcome::Created(response))
+}
+
+/// Everything the create's unit of work writes.
+struct NewBatchUnit {
+    key_id: i64,
+    rid: String,
+    fingerprint: String,
+    batch: NewBatch,
+    batch_id: Uuid,
+    n: i64,
+    cost: i64,
+    need: i64,
+    now: DateTime<Utc>,
+    audit: AuditInfo,
+}
+
+/// The create's writes, in one savepoint of a group: batch row (the idempotency insert),
+/// items, hold ledger row, usage row, and last the conditional wallet update. `None` when
+/// another request with the same id already holds the batch row.
+async fn write_new_batch(
+    txn: &DatabaseTransaction,
+    u: &NewBatchUnit,
+) -> Result<Option<BatchCreated>, ApiError> {
+    let NewBatchUnit {
+        key_id,
+        ref rid,
+        ref fingerprint,
+        ref batch,
+        batch_id,
+        n,
+        cost,
+        need,
+        now,
+        ref audit,
+    } = *u;
+    let backend = txn.get_database_backend();
     // Fair queuing: the batch starts right after the key's own queued items, but never before
     // the queue's head, so a key's backlog cannot delay another key's new batch.
     let positions = txn
@@ -93,7 +167,7 @@ pub async fn create(
             backend,
             "SELECT (SELECT MIN(fair_pos) FROM batch_item WHERE status = 'queued') AS head, \
              (SELECT MAX(fair_pos) FROM batch_item WHERE status = 'queued' AND api_key_id = $1) AS tail",
-            [key.id.into()],
+            [key_id.into()],
         ))
         .await?;
     let (head, tail) = match positions {
@@ -123,7 +197,7 @@ pub async fn create(
 
     let inserted = batch_job::Entity::insert(batch_job::ActiveModel {
         id: Set(batch_id),
-        api_key_id: Set(key.id),
+        api_key_id: Set(key_id),
         request_id: Set(rid.as_str().to_string()),
         fingerprint: Set(fingerprint.clone()),
         status: Set("queued".into()),
@@ -142,15 +216,12 @@ pub async fn create(
         completed_at: Set(None),
     })
     .on_conflict_do_nothing_on([batch_job::Column::ApiKeyId, batch_job::Column::RequestId])
-    .exec(&txn)
+    .exec(txn)
     .await?;
     if !matches!(inserted, sea_orm::TryInsertResult::Inserted(_)) {
-        // A concurrent request with the same id won: undo our hold and answer as a repeat.
-        txn.rollback().await?;
-        let existing = find_by_request_id(db, key.id, rid.as_str())
-            .await?
-            .ok_or_else(|| ApiError::internal("idempotency conflict row vanished"))?;
-        return replay(db, key.id, existing, &fingerprint).await;
+        // An earlier request with the same id won (in this group or committed): nothing is
+        // written here; the caller answers as a repeat once that request is committed.
+        return Ok(None);
     }
 
     let items: Vec<batch_item::ActiveModel> = batch
@@ -160,7 +231,7 @@ pub async fn create(
         .map(|(i, item)| batch_item::ActiveModel {
             id: Set(Uuid::now_v7()),
             batch_id: Set(batch_id),
-            api_key_id: Set(key.id),
+            api_key_id: Set(key_id),
             idx: Set(i as i32),
             prompt: Set(item.prompt.clone()),
             params: Set(item.params.clone()),
@@ -179,12 +250,12 @@ pub async fn create(
         .collect();
     for chunk in items.chunks(500) {
         batch_item::Entity::insert_many(chunk.to_vec())
-            .exec(&txn)
+            .exec(txn)
             .await?;
     }
     credits::record(
-        &txn,
-        key.id,
+        txn,
+        key_id,
         LedgerKind::Hold,
         need,
         Some(batch_id),
@@ -194,27 +265,27 @@ pub async fn create(
     )
     .await?;
 
-    let mut row = audit.row;
+    let mut row = audit.row.clone();
     row.status = 201;
-    row.api_key_id = Some(key.id);
+    row.api_key_id = Some(key_id);
     row.request_id = Some(rid.as_str().to_string());
     row.batch_id = Some(batch_id);
     row.items = n as i32;
     row.credits = need;
     row.latency_us = audit.started.elapsed().as_micros() as i64;
-    usage::record(&txn, &row, now).await?;
+    usage::record(txn, &row, now).await?;
     // The hold comes last, so the wallet row stays locked only until the commit.
     let held = txn
         .query_one_raw(stmt(
             backend,
             "UPDATE credit_wallet SET held = held + $2, updated_at = $3 \
              WHERE api_key_id = $1 AND balance - held >= $2 RETURNING balance, held",
-            [key.id.into(), need.into(), now.into()],
+            [key_id.into(), need.into(), now.into()],
         ))
         .await?;
     let Some(held) = held else {
-        txn.rollback().await?;
-        let w = credits::wallet(db, key.id).await?;
+        // The savepoint is rolled back: nothing of this batch stays.
+        let w = credits::wallet(txn, key_id).await?;
         return Err(ApiError::new(
             ErrorCode::InsufficientCredits,
             format!("batch needs {need} credits, {} available", w.available()),
@@ -225,18 +296,7 @@ pub async fn create(
     let held_now: i64 = held.try_get("", "held")?;
     response.available_credits = balance - held_now + need;
     response.remaining_credits = balance - held_now;
-    txn.commit().await?;
-
-    crate::context::update(|s| {
-        s.audited = true;
-        s.batch_id = Some(batch_id);
-        s.items = n as i32;
-        s.credits = need;
-    });
-    metrics::counter!("batches_created_total").increment(1);
-    metrics::counter!("credits_total", "kind" => LedgerKind::Hold.as_str()).increment(need as u64);
-    tracing::info!(key = %key.policy.name, %batch_id, items = n, credits = need, "batch created");
-    Ok(CreateOutcome::Created(response))
+    Ok(Some(response))
 }
 
 async fn find_by_request_id<C: ConnectionTrait>(
@@ -439,13 +499,41 @@ fn decode_cursor(c: &str) -> Result<Uuid, ApiError> {
 /// running items may finish. Idempotent. The batch becomes `cancelled` when nothing runs.
 pub async fn cancel(
     db: &DatabaseConnection,
-    runtime: &Runtime,
+    writes: &Writes,
+    runtime: Arc<Runtime>,
     key_id: i64,
     batch_id: Uuid,
 ) -> Result<Batch, ApiError> {
-    let backend = db.get_database_backend();
+    writes
+        .run(Some(key_id), move |txn| {
+            let runtime = Arc::clone(&runtime);
+            Box::pin(async move { cancel_in(txn, &runtime, key_id, batch_id).await })
+        })
+        .await?;
+    get(db, key_id, batch_id).await
+}
+
+async fn cancel_in(
+    txn: &DatabaseTransaction,
+    runtime: &Runtime,
+    key_id: i64,
+    batch_id: Uuid,
+) -> Result<(), ApiError> {
+    let backend = txn.get_database_backend();
     let now = Utc::now();
-    let txn = begin_write(db).await?;
+    // A final batch is answered as it is, with nothing written.
+    let status = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT status FROM batch_job WHERE id = $1 AND api_key_id = $2",
+            [batch_id.into(), key_id.into()],
+        ))
+        .await?
+        .ok_or_else(|| ApiError::not_found("batch", batch_id))?
+        .try_get::<String>("", "status")?;
+    if status == "completed" || status == "cancelled" {
+        return Ok(());
+    }
     // Lock the batch row first: every transition of this batch serialises on it.
     let locked = txn
         .execute_raw(stmt(
@@ -455,16 +543,14 @@ pub async fn cancel(
         ))
         .await?;
     if locked.rows_affected() == 0 {
-        txn.rollback().await?;
         return Err(ApiError::not_found("batch", batch_id));
     }
     let job = batch_job::Entity::find_by_id(batch_id)
-        .one(&txn)
+        .one(txn)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
     if job.status == "completed" || job.status == "cancelled" {
-        txn.rollback().await?;
-        return get(db, key_id, batch_id).await;
+        return Ok(());
     }
     let cancelled = txn
         .query_all_raw(stmt(
@@ -478,7 +564,7 @@ pub async fn cancel(
     if n > 0 {
         let amount = n * job.cost_per_video;
         let ok = credits::apply_for(
-            &txn,
+            txn,
             key_id,
             LedgerKind::Release,
             amount,
@@ -501,9 +587,8 @@ pub async fn cancel(
         [batch_id.into(), (n as i32).into(), now.into()],
     ))
     .await?;
-    finalize_if_done(&txn, runtime, batch_id, now).await?;
-    txn.commit().await?;
-    get(db, key_id, batch_id).await
+    finalize_if_done(txn, runtime, batch_id, now).await?;
+    Ok(())
 }
 
 /// Marks the batch final when no item is open, and records its webhook event in the same

@@ -1,42 +1,54 @@
 //! The worker side: fair, exclusive claims under leases; heartbeat, complete and fail reports
 //! that settle each item's credits exactly once.
+use std::sync::Arc;
+
 use chrono::{DateTime, Duration, Utc};
 use entity::batch_job;
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait,
-    QueryFilter,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait};
 use uuid::Uuid;
 
-use crate::db::{begin_write, stmt};
+use crate::db::stmt;
 use crate::error::ApiError;
 use crate::schemas::batches::{BatchStatus, ItemStatus};
 use crate::schemas::worker::{ClaimedItem, ItemState};
 use crate::service::batches::finalize_if_done;
 use crate::service::credits::{self, LedgerKind};
 use crate::state::Runtime;
+use crate::store::pipeline::Writes;
 
 /// Leases up to `max` queued items to `worker_id`, in fair order: items carry a position from
 /// start-time fair queuing, so a small batch of one key is interleaved with the head of a huge
-/// batch of another instead of waiting behind it. Expired leases are requeued first.
+/// batch of another instead of waiting behind it. Expired leases are requeued first (those
+/// another transaction holds are left to the next claim or to the reaper).
 pub async fn claim(
-    db: &DatabaseConnection,
+    writes: &Writes,
     worker_id: &str,
     max: u32,
     lease: Duration,
     max_attempts: u32,
 ) -> Result<Vec<ClaimedItem>, ApiError> {
-    let backend = db.get_database_backend();
+    let worker_id = worker_id.to_string();
+    writes
+        .run(None, move |txn| {
+            let worker_id = worker_id.clone();
+            Box::pin(async move { claim_in(txn, &worker_id, max, lease, max_attempts).await })
+        })
+        .await
+}
+
+async fn claim_in(
+    txn: &DatabaseTransaction,
+    worker_id: &str,
+    max: u32,
+    lease: Duration,
+    max_attempts: u32,
+) -> Result<Vec<ClaimedItem>, ApiError> {
+    let backend = txn.get_database_backend();
     let now = Utc::now();
     let expires = now + lease;
     let token = Uuid::new_v4();
-    let lock = if backend == DbBackend::Postgres {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
-    let txn = begin_write(db).await?;
-    requeue_expired(&txn, now, max_attempts).await?;
+    let lock = skip_locked(backend);
+    requeue_expired(txn, now, max_attempts).await?;
     // Written into the SQL (an integer, so safe): SQLite re-prepares a statement whose LIMIT is
     // a bound parameter every time it runs.
     let max = max.clamp(1, 1000);
@@ -54,7 +66,6 @@ pub async fn claim(
             [token.into(), worker_id.into(), expires.into(), now.into()],
         ))
         .await?;
-    txn.commit().await?;
     metrics::counter!("worker_claims_total").increment(1);
     metrics::counter!("worker_claimed_items_total").increment(rows.len() as u64);
     let mut items = Vec::with_capacity(rows.len());
@@ -80,20 +91,22 @@ pub async fn claim(
         ));
     }
     if !batches.is_empty() {
-        // Outside the claim transaction, so claims never wait on a batch row lock.
-        batch_job::Entity::update_many()
-            .col_expr(
-                batch_job::Column::Status,
-                sea_orm::sea_query::Expr::value("processing"),
-            )
-            .col_expr(
-                batch_job::Column::UpdatedAt,
-                sea_orm::sea_query::Expr::value(now),
-            )
-            .filter(batch_job::Column::Id.is_in(batches))
-            .filter(batch_job::Column::Status.eq("queued"))
-            .exec(db)
-            .await?;
+        // In the claim's own transaction, without waiting for a batch row another transaction
+        // holds (that one marks the batch `processing` itself: see `lock_batch_of`). A claim
+        // never waits on a lock, so it can never be part of a deadlock.
+        batches.sort();
+        let ids: Vec<sea_orm::Value> = batches.into_iter().map(Into::into).collect();
+        let marks = (0..ids.len())
+            .map(|i| format!("${}", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "UPDATE batch_job SET status = 'processing', updated_at = $1 WHERE id IN \
+             (SELECT id FROM batch_job WHERE id IN ({marks}) AND status = 'queued'{lock})"
+        );
+        let mut values = vec![now.into()];
+        values.extend(ids);
+        txn.execute_raw(stmt(backend, &sql, values)).await?;
     }
     items.sort_by_key(|(pos, i)| (*pos, i.item_id));
     Ok(items.into_iter().map(|(_, i)| i).collect())
@@ -108,17 +121,47 @@ async fn requeue_expired<C: ConnectionTrait>(
     now: DateTime<Utc>,
     max_attempts: u32,
 ) -> Result<u64, ApiError> {
+    let backend = db.get_database_backend();
+    // Rows another transaction holds are skipped (the next pass takes them): this never waits.
+    let sql = format!(
+        "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
+         lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
+         WHERE id IN (SELECT id FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
+         AND attempts < $2 \
+         AND batch_id NOT IN (SELECT id FROM batch_job WHERE cancel_requested_at IS NOT NULL){})",
+        skip_locked(backend)
+    );
     let r = db
         .execute_raw(stmt(
-            db.get_database_backend(),
-            "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
-             lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
-             WHERE status = 'running' AND lease_expires_at < $1 AND attempts < $2 \
-             AND batch_id NOT IN (SELECT id FROM batch_job WHERE cancel_requested_at IS NOT NULL)",
+            backend,
+            &sql,
             [now.into(), (max_attempts as i32).into()],
         ))
         .await?;
     Ok(r.rows_affected())
+}
+
+/// `FOR UPDATE SKIP LOCKED` where the store has it (SQLite has one writer: nothing to skip).
+fn skip_locked(backend: DbBackend) -> &'static str {
+    if backend == DbBackend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    }
+}
+
+/// The key an item belongs to: its reports run in that key's write lane, ordered with the
+/// key's other writes. Unknown items are 404.
+async fn key_of(db: &DatabaseConnection, item_id: Uuid) -> Result<i64, ApiError> {
+    db.query_one_raw(stmt(
+        db.get_database_backend(),
+        "SELECT api_key_id FROM batch_item WHERE id = $1",
+        [item_id.into()],
+    ))
+    .await?
+    .ok_or_else(|| ApiError::not_found("item", item_id))?
+    .try_get::<i64>("", "api_key_id")
+    .map_err(Into::into)
 }
 
 /// What one pass of the lease reaper did.
@@ -137,29 +180,51 @@ pub struct Reaped {
 /// batches with a cancel request, and finalizes the batches this completes. A row that fails
 /// is logged and skipped. Safe on several nodes: each row is settled under its batch's lock
 /// and its lease token, so a second node finds the lease gone and moves on.
-pub async fn reap_expired(db: &DatabaseConnection, runtime: &Runtime) -> Result<Reaped, ApiError> {
+pub async fn reap_expired(
+    db: &DatabaseConnection,
+    writes: &Writes,
+    runtime: &Arc<Runtime>,
+) -> Result<Reaped, ApiError> {
     let now = Utc::now();
     let max_attempts = runtime.settings.worker.max_attempts;
     let mut reaped = Reaped {
-        requeued: requeue_expired(db, now, max_attempts).await?,
+        requeued: writes
+            .run(None, move |txn| {
+                Box::pin(async move { requeue_expired(txn, now, max_attempts).await })
+            })
+            .await?,
         ..Default::default()
     };
     let rows = db
         .query_all_raw(stmt(
             db.get_database_backend(),
-            "SELECT id, lease_token FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
+            "SELECT id, api_key_id, lease_token FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
              LIMIT 200",
             [now.into()],
         ))
         .await?;
     for r in rows {
-        let (id, token): (Uuid, Option<Uuid>) =
-            (r.try_get("", "id")?, r.try_get("", "lease_token")?);
+        let (id, key, token): (Uuid, i64, Option<Uuid>) = (
+            r.try_get("", "id")?,
+            r.try_get("", "api_key_id")?,
+            r.try_get("", "lease_token")?,
+        );
         let Some(token) = token else { continue };
         // As of the lease's end: a late report with the same token is already stale. Retryable,
         // so that a cancel request turns it into `cancelled`; with no attempt left it fails.
         let at = now - Duration::days(36500);
-        match fail_item(db, runtime, id, token, "lease expired", true, at).await {
+        let result = writes
+            .run(Some(key), {
+                let runtime = Arc::clone(runtime);
+                move |txn| {
+                    let runtime = Arc::clone(&runtime);
+                    Box::pin(async move {
+                        fail_in(txn, &runtime, id, token, "lease expired", true, at).await
+                    })
+                }
+            })
+            .await;
+        match result {
             Ok(_) => reaped.settled += 1,
             Err(e) if e.code == crate::error::ErrorCode::LeaseLost => {}
             Err(e) => {
@@ -191,7 +256,9 @@ async fn lock_batch_of(
     let b = txn
         .query_one_raw(stmt(
             txn.get_database_backend(),
-            "UPDATE batch_job SET updated_at = $2 WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1) \
+            "UPDATE batch_job SET updated_at = $2, \
+             status = CASE WHEN status = 'queued' THEN 'processing' ELSE status END \
+             WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1) \
              RETURNING id, api_key_id, cost_per_video, cancel_requested_at, status, \
              total_count - succeeded_count - failed_count - cancelled_count AS open",
             [item_id.into(), now.into()],
@@ -246,15 +313,30 @@ async fn batch_status<C: ConnectionTrait>(db: &C, batch_id: Uuid) -> Result<Batc
 /// Extends a live lease.
 pub async fn heartbeat(
     db: &DatabaseConnection,
+    writes: &Writes,
+    item_id: Uuid,
+    token: Uuid,
+    lease: Duration,
+) -> Result<ItemState, ApiError> {
+    let key = key_of(db, item_id).await?;
+    writes
+        .run(Some(key), move |txn| {
+            Box::pin(async move { heartbeat_in(txn, item_id, token, lease).await })
+        })
+        .await
+}
+
+async fn heartbeat_in(
+    txn: &DatabaseTransaction,
     item_id: Uuid,
     token: Uuid,
     lease: Duration,
 ) -> Result<ItemState, ApiError> {
     let now = Utc::now();
     let expires = now + lease;
-    let row = db
+    let row = txn
         .query_one_raw(stmt(
-            db.get_database_backend(),
+            txn.get_database_backend(),
             "UPDATE batch_item SET lease_expires_at = $3, updated_at = $4 \
              WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $4 \
              RETURNING batch_id, attempts",
@@ -262,7 +344,7 @@ pub async fn heartbeat(
         ))
         .await?;
     let Some(row) = row else {
-        return Err(lease_error(db, item_id).await);
+        return Err(lease_error(txn, item_id).await);
     };
     let batch_id: Uuid = row.try_get("", "batch_id")?;
     Ok(ItemState {
@@ -270,11 +352,11 @@ pub async fn heartbeat(
         status: ItemStatus::Running,
         attempts: row.try_get("", "attempts")?,
         lease_expires_at: Some(expires),
-        batch_status: batch_status(db, batch_id).await?,
+        batch_status: batch_status(txn, batch_id).await?,
     })
 }
 
-async fn lease_error(db: &DatabaseConnection, item_id: Uuid) -> ApiError {
+async fn lease_error<C: ConnectionTrait>(db: &C, item_id: Uuid) -> ApiError {
     match db
         .query_one_raw(stmt(
             db.get_database_backend(),
@@ -292,16 +374,36 @@ async fn lease_error(db: &DatabaseConnection, item_id: Uuid) -> ApiError {
 /// Reports success: the item's cost moves from held to charged, exactly once.
 pub async fn complete(
     db: &DatabaseConnection,
+    writes: &Writes,
+    runtime: Arc<Runtime>,
+    item_id: Uuid,
+    token: Uuid,
+    result_url: String,
+    result: Option<String>,
+) -> Result<ItemState, ApiError> {
+    let key = key_of(db, item_id).await?;
+    writes
+        .run(Some(key), move |txn| {
+            let (runtime, result_url, result) =
+                (Arc::clone(&runtime), result_url.clone(), result.clone());
+            Box::pin(async move {
+                complete_in(txn, &runtime, item_id, token, &result_url, result).await
+            })
+        })
+        .await
+}
+
+async fn complete_in(
+    txn: &DatabaseTransaction,
     runtime: &Runtime,
     item_id: Uuid,
     token: Uuid,
     result_url: &str,
     result: Option<String>,
 ) -> Result<ItemState, ApiError> {
-    let backend = db.get_database_backend();
+    let backend = txn.get_database_backend();
     let now = Utc::now();
-    let txn = begin_write(db).await?;
-    let batch = lock_batch_of(&txn, item_id, now).await?;
+    let batch = lock_batch_of(txn, item_id, now).await?;
     let updated = txn
         .query_one_raw(stmt(
             backend,
@@ -313,7 +415,6 @@ pub async fn complete(
         ))
         .await?;
     let Some(updated) = updated else {
-        txn.rollback().await?;
         return Err(ApiError::lease_lost(item_id));
     };
     let attempts: i32 = updated.try_get("", "attempts")?;
@@ -324,7 +425,7 @@ pub async fn complete(
     ))
     .await?;
     if !credits::apply_for(
-        &txn,
+        txn,
         batch.key_id,
         LedgerKind::Charge,
         batch.cost,
@@ -340,7 +441,7 @@ pub async fn complete(
         )));
     }
     crate::service::webhooks::enqueue_item_event(
-        &txn,
+        txn,
         runtime,
         batch.key_id,
         batch.id,
@@ -349,8 +450,7 @@ pub async fn complete(
         now,
     )
     .await?;
-    let batch_status = batch.settle(&txn, runtime, now).await?;
-    txn.commit().await?;
+    let batch_status = batch.settle(txn, runtime, now).await?;
     Ok(ItemState {
         item_id,
         status: ItemStatus::Succeeded,
@@ -364,17 +464,28 @@ pub async fn complete(
 /// is not being cancelled); otherwise final, with the item's hold released.
 pub async fn fail(
     db: &DatabaseConnection,
-    runtime: &Runtime,
+    writes: &Writes,
+    runtime: Arc<Runtime>,
     item_id: Uuid,
     token: Uuid,
-    error: &str,
+    error: String,
     retryable: bool,
 ) -> Result<ItemState, ApiError> {
-    fail_item(db, runtime, item_id, token, error, retryable, Utc::now()).await
+    let key = key_of(db, item_id).await?;
+    writes
+        .run(Some(key), move |txn| {
+            let (runtime, error) = (Arc::clone(&runtime), error.clone());
+            Box::pin(async move {
+                fail_in(txn, &runtime, item_id, token, &error, retryable, Utc::now()).await
+            })
+        })
+        .await
 }
 
-async fn fail_item(
-    db: &DatabaseConnection,
+/// Fails (or requeues, or cancels) a running item whose lease is live at `live_at`, in one
+/// conditional update on item and token under its batch's lock.
+async fn fail_in(
+    txn: &DatabaseTransaction,
     runtime: &Runtime,
     item_id: Uuid,
     token: Uuid,
@@ -382,11 +493,10 @@ async fn fail_item(
     retryable: bool,
     live_at: DateTime<Utc>,
 ) -> Result<ItemState, ApiError> {
-    let backend = db.get_database_backend();
+    let backend = txn.get_database_backend();
     let now = Utc::now();
     let max_attempts = runtime.settings.worker.max_attempts as i32;
-    let txn = begin_write(db).await?;
-    let batch = lock_batch_of(&txn, item_id, now).await?;
+    let batch = lock_batch_of(txn, item_id, now).await?;
     let row = txn
         .query_one_raw(stmt(
             backend,
@@ -396,7 +506,6 @@ async fn fail_item(
         ))
         .await?;
     let Some(row) = row else {
-        txn.rollback().await?;
         return Err(ApiError::lease_lost(item_id));
     };
     let attempts: i32 = row.try_get("", "attempts")?;
@@ -422,7 +531,7 @@ async fn fail_item(
         ))
         .await?;
         if !credits::apply_for(
-            &txn,
+            txn,
             batch.key_id,
             LedgerKind::Release,
             batch.cost,
@@ -439,7 +548,7 @@ async fn fail_item(
         }
         if status == "failed" {
             crate::service::webhooks::enqueue_item_event(
-                &txn,
+                txn,
                 runtime,
                 batch.key_id,
                 batch.id,
@@ -449,11 +558,10 @@ async fn fail_item(
             )
             .await?;
         }
-        batch.settle(&txn, runtime, now).await?
+        batch.settle(txn, runtime, now).await?
     } else {
         batch.current()
     };
-    txn.commit().await?;
     Ok(ItemState {
         item_id,
         status: ItemStatus::parse(status),

@@ -168,7 +168,7 @@ async fn write(state: &AppState, groups: Vec<(Group, i64)>) {
             count,
             ..Default::default()
         };
-        if let Err(e) = usage::record(&state.writer, &row, at).await {
+        if let Err(e) = usage::record_through(&state.writes, row, at).await {
             tracing::error!(error = %e, calls = count, "writing an aggregated usage row failed");
         }
     }

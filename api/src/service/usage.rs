@@ -78,6 +78,23 @@ pub async fn record<C: ConnectionTrait>(
     Ok(())
 }
 
+/// Writes one audit row through the write pipeline (committed with the group it joins).
+pub async fn record_through(
+    writes: &crate::store::pipeline::Writes,
+    row: UsageRow,
+    now: DateTime<Utc>,
+) -> Result<(), crate::error::ApiError> {
+    writes
+        .run(row.api_key_id, move |txn| {
+            let row = row.clone();
+            Box::pin(async move {
+                record(txn, &row, now).await?;
+                Ok(())
+            })
+        })
+        .await
+}
+
 /// One day of a key's usage.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DayUsage {

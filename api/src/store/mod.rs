@@ -1,0 +1,2 @@
+//! Persistence plumbing shared by the services: the group-commit write pipeline.
+pub mod pipeline;
