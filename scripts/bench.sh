@@ -36,6 +36,12 @@
 #      = 1 / (1/L_http + 1/L_db). Ceilings are the best of their levels; so is each peak.
 #   7. CPU efficiency: ceiling CPU per operation / server CPU per operation, a ratio that is far
 #      less sensitive than throughput to other load on this 2-core machine.
+#   8. stock ceilings (scripts/bench/): L_stock is the create's writes as one transaction per
+#      create with a stock driver that is not our code - Python's sqlite3 at synchronous=NORMAL,
+#      and pgbench -M prepared with 8 clients running the same transaction as a script; the
+#      create is reported against 1/(1/L_http + 1/L_stock) (target >= 1.0: group commit beats
+#      any design that commits once per request, though the server runs synchronous=FULL);
+#   9. status polls: get_batch of one batch and /healthz of the same server, closed loop c=32.
 # On PostgreSQL it runs ANALYZE after each preload and warm-up (what autovacuum would have done;
 # this machine's PostgreSQL has autovacuum off, and a young database otherwise keeps the plans
 # it cached while empty). See docs/benchmarks.md for the method and the latest figures.
@@ -118,6 +124,12 @@ print_report() { # JSON_FILE: prints the header line and the Markdown table
       | row("  L_db c=\($b[$ks[0]].l_db.levels[$i].conc): /s; p50 / p99 / p99.9 ms"; .l_db.levels[$i] | "\(.ops_per_s | r0); \(lat)") ),
     row("combined ceiling 1/(1/L_http + 1/L_db), /s"; .combined_ceiling | r0),
     row("**create / combined ceiling** (target ≥ 0.70)"; .create_ratio | "\(r2) \(ok(. >= 0.7))"),
+    row("L_stock (the create writes, 1 transaction per create, stock driver), /s"; .l_stock | "\(.ops_per_s | r0) (\(.driver))"),
+    row("combined stock ceiling 1/(1/L_http + 1/L_stock), /s"; .combined_stock | r0),
+    row("**create / combined stock ceiling** (target ≥ 1.0)"; .create_stock_ratio | "\(r2) \(ok(. >= 1.0))"),
+    row("get_batch (status poll), req/s at c=32; p50 / p99 ms"; .get_batch | "\(.rps | r0); \(.p50_ms | r2) / \(.p99_ms | r2)"),
+    row("/healthz of the same server, req/s at c=32"; .healthz.rps | r0),
+    row("**get_batch / healthz** (target ≥ 0.25 SQLite, 0.15 PostgreSQL)"; .get_ratio | r2),
     ( range(0; $b[$ks[0]].open_loop | length) as $j
       | row("open loop at \($b[$ks[0]].open_loop[$j].pct_of_peak)% of peak: rate; p50 / p99 / p99.9 ms; errors";
             .open_loop[$j] | "\(.target_rps)/s; \(lat); \(.errors)") ),
@@ -301,6 +313,33 @@ wait_http_post() { # BASE: until the create route answers (any status), at most 
     echo "timed out waiting for $1" >&2; return 1
 }
 
+# stock_ceiling NAME URL -> {"ops_per_s", "driver"}: the create's writes (rate-limit upsert, batch
+# row, 2 item rows, hold ledger row, usage row, conditional wallet update) as one transaction per
+# create with a stock driver, on a fresh database migrated by the server: Python's sqlite3 (WAL,
+# synchronous=NORMAL, one connection) or pgbench (-M prepared, 8 clients, synchronous_commit on).
+stock_ceiling() {
+    local name="$1" url="$2" file db key
+    if [[ $name == sqlite ]]; then
+        file="$TMP/stock.db"
+        APP__DATABASE__URL="sqlite://$file?mode=rwc" "$BIN" migrate >/dev/null 2>&1
+        "${SRV[@]}" python3 "$ROOT/scripts/bench/stock_sqlite.py" "$file" "$DUR" \
+            | jq -c '{ops_per_s, driver: "python sqlite3, WAL, synchronous=NORMAL"}'
+    else
+        db="vb_bench_stock_$(date +%s)_$$"
+        psql "$PG_URL" -qAtc "CREATE DATABASE $db" >/dev/null
+        PG_DBS+=("$db")
+        url="${PG_URL%/*}/$db"
+        APP__DATABASE__URL="$url" "$BIN" migrate >/dev/null 2>&1
+        key="$(psql "$url" -qAtc "INSERT INTO api_key (name, key_sha256, disabled, created_at, updated_at) \
+            VALUES ('stock', repeat('0', 64), false, now(), now()) RETURNING id" | head -n1)"
+        psql "$url" -qAtc "INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) \
+            VALUES ($key, 1000000000000000, 0, now())" >/dev/null
+        "${GEN[@]}" pgbench -n -M prepared -c 8 -j 1 -T "$DUR" -D "key=$key" \
+            -f "$ROOT/scripts/bench/stock_create.pgbench" "$url" 2>/dev/null \
+            | awk '/^tps/ {print $3}' | jq -Rc '{ops_per_s: tonumber, driver: "pgbench -M prepared -c 8"}'
+    fi
+}
+
 # ---- one backend: server run + raw ceilings --------------------------------------------------
 # run_backend NAME SERVER_DB_URL LDB_URL LCLAIM_URL: adds .NAME to BACKENDS. Runs in the main
 # shell (not in $(...)) so that the cleanup trap knows the server's process.
@@ -364,6 +403,19 @@ EOF
         open="$(jq -c --argjson s "$s" '. + [$s]' <<<"$open")"
     done
 
+    # Status polls: get_batch of one batch, next to /healthz of the same server (no database).
+    local bid gets health
+    bid="$(curl -fsS -X POST -H "x-api-key: $KEY" -H 'content-type: application/json' -d "$BODY" \
+        "$base/api/enterprise/video-batch" | jq -r .batch_id)"
+    log "$name: get_batch and /healthz closed loop at concurrency 32"
+    timeout 300 "${GEN[@]}" oha --no-tui --output-format json -o "$TMP/get.json" -c 32 -z "${DUR}s" -w \
+        -H "x-api-key: $KEY" "$base/api/enterprise/video-batch/$bid" >/dev/null
+    gets="$(oha_summary "$TMP/get.json")"
+    timeout 300 "${GEN[@]}" oha --no-tui --output-format json -o "$TMP/health.json" -c 32 -z "${DUR}s" -w \
+        "$base/healthz" >/dev/null
+    health="$(oha_summary "$TMP/health.json")"
+    log "  get_batch $(jq -r '.rps|floor' <<<"$gets") req/s, healthz $(jq -r '.rps|floor' <<<"$health") req/s"
+
     rss="$(peak_rss_mb "$pid")"
     if grep -qE 'ERROR|WARN' "$TMP/server-$name.log"; then
         log "$name: the server logged warnings or errors:"; grep -E 'ERROR|WARN' "$TMP/server-$name.log" | head -5 >&2
@@ -376,6 +428,10 @@ EOF
     ldb="$(timeout 600 "${SRV[@]}" "$BENCH" db-ceiling --url "$ldb_url" --conc "$conc_csv" \
         --seconds "$DUR" --items 2 --max-connections "$MAX_CONN" --clk-tck "$CLK_TCK" | jq -sc .)"
     log "  $(jq -r 'map("conc \(.conc): \(.ops_per_s|floor)/s") | join(", ")' <<<"$ldb")"
+    log "$name: L_stock (the create's writes, one transaction per create, stock driver)"
+    local lstock
+    lstock="$(stock_ceiling "$name" "$ldb_url")"
+    log "  $(jq -r '"\(.ops_per_s|floor)/s (\(.driver))"' <<<"$lstock")"
     conc_csv="$(IFS=,; echo "${WLEVELS[*]}")"
     log "$name: L_claim (raw claim+complete statements) at concurrency $conc_csv"
     lclaim="$(timeout 600 "${SRV[@]}" "$BENCH" claim-ceiling --url "$lclaim_url" --conc "$conc_csv" \
@@ -383,15 +439,19 @@ EOF
     log "  $(jq -r 'map("conc \(.conc): \(.units_per_s|floor) items/s") | join(", ")' <<<"$lclaim")"
 
     BACKENDS="$(jq -c --arg name "$name" --argjson v "$(jq -nc --argjson create "$levels" --argjson open "$open" --argjson worker "$worker" \
-        --argjson ldb "$ldb" --argjson lclaim "$lclaim" --argjson rss "$rss" --argjson http "$L_HTTP" '
+        --argjson ldb "$ldb" --argjson lclaim "$lclaim" --argjson rss "$rss" --argjson http "$L_HTTP" \
+        --argjson stock "$lstock" --argjson gets "$gets" --argjson health "$health" '
         ($create | max_by(.rps)) as $peak | ($ldb | max_by(.ops_per_s)) as $db
         | ($worker | max_by(.units_per_s)) as $w | ($lclaim | max_by(.units_per_s)) as $lc
         | (1 / (1 / $http.peak.rps + 1 / $db.ops_per_s)) as $comb
+        | (1 / (1 / $http.peak.rps + 1 / $stock.ops_per_s)) as $comb_stock
         | { create: {levels: $create, peak: $peak}, open_loop: $open,
             worker: {levels: $worker, peak: $w},
             l_db: {levels: $ldb, peak: $db}, l_claim: {levels: $lclaim, peak: $lc},
             combined_ceiling: $comb, create_ratio: ($peak.rps / $comb),
-            claim_ratio: ($w.units_per_s / $lc.units_per_s), peak_rss_mb: $rss }')" \
+            claim_ratio: ($w.units_per_s / $lc.units_per_s), peak_rss_mb: $rss,
+            l_stock: $stock, combined_stock: $comb_stock, create_stock_ratio: ($peak.rps / $comb_stock),
+            get_batch: $gets, healthz: $health, get_ratio: ($gets.rps / $health.rps) }')" \
         '. + {($name): $v}' <<<"$BACKENDS")"
 }
 

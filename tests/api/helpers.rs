@@ -116,9 +116,17 @@ pub struct TestAppBuilder {
     webhooks: String,
     server: String,
     worker: String,
+    public_targets_only: bool,
 }
 
 impl TestAppBuilder {
+    /// Webhook targets must be public addresses, as in production (test apps allow private
+    /// ones by default so that local receivers work).
+    pub fn public_targets_only(mut self) -> Self {
+        self.public_targets_only = true;
+        self
+    }
+
     /// Extra lines of the `[worker]` section (e.g. `max_attempts = 1`).
     pub fn worker(mut self, lines: &str) -> Self {
         self.worker.push_str(lines);
@@ -196,6 +204,7 @@ impl TestAppBuilder {
             webhooks: self.webhooks.clone(),
             server: self.server.clone(),
             worker: self.worker.clone(),
+            public_targets_only: self.public_targets_only,
         };
         app.write_config(&self.keys, &self.extra);
         for (name, _) in &self.keys {
@@ -227,6 +236,7 @@ pub struct TestApp {
     webhooks: String,
     server: String,
     worker: String,
+    public_targets_only: bool,
 }
 
 /// The worker secret of every test app.
@@ -244,6 +254,7 @@ impl TestApp {
             webhooks: "retry_schedule = [\"1s\", \"1s\"]".into(),
             server: String::new(),
             worker: String::new(),
+            public_targets_only: false,
         }
     }
 
@@ -252,8 +263,8 @@ impl TestApp {
         let mut toml = format!(
             "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n{}\n[database]\nurl = \"{}\"\nmax_connections = 16\n\n\
              [worker]\nsecret = \"{WORKER_SECRET}\"\n{}\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n\
-             [webhooks]\nallow_private_targets = true\n{}\n\n",
-            self.server, self.store.url, self.worker, self.webhooks
+             [webhooks]\nallow_private_targets = {}\n{}\n\n",
+            self.server, self.store.url, self.worker, !self.public_targets_only, self.webhooks
         );
         for (name, lines) in keys {
             toml.push_str(&format!(
@@ -321,6 +332,7 @@ impl TestApp {
             webhooks: self.webhooks.clone(),
             server: self.server.clone(),
             worker: self.worker.clone(),
+            public_targets_only: self.public_targets_only,
         };
         peer.start().await;
         peer

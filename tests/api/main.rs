@@ -16,5 +16,6 @@ mod ops;
 mod reaper;
 mod retention;
 mod security;
+mod targets;
 mod two_nodes;
 mod webhooks;

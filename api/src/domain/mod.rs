@@ -1,5 +1,7 @@
 //! Typed values that can only be built valid ("parse, don't validate").
+pub mod target;
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -141,6 +143,7 @@ impl NewBatch {
 }
 
 fn parse_webhook_url(u: &str, allow_http: bool) -> Result<String, ApiError> {
+    // `allow_http` is the `allow_private_targets` switch: local testing only.
     let url = url::Url::parse(u)
         .map_err(|_| ApiError::validation("webhook_url", "must be an absolute URL"))?;
     match url.scheme() {
@@ -152,6 +155,21 @@ fn parse_webhook_url(u: &str, allow_http: bool) -> Result<String, ApiError> {
         return Err(ApiError::validation(
             "webhook_url",
             "must have a host and at most 2048 characters",
+        ));
+    }
+    // An address written in the URL is judged now; names are resolved and judged at send time.
+    let literal = match url.host() {
+        Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
+        Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
+        _ => None,
+    };
+    if !allow_http
+        && let Some(ip) = literal
+        && let Some(why) = target::refuse_reason(ip)
+    {
+        return Err(ApiError::validation(
+            "webhook_url",
+            format!("{ip} is a {why} address; webhooks go to public addresses only"),
         ));
     }
     Ok(url.to_string())

@@ -140,52 +140,7 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
     enqueue(txn, job.api_key_id, job.id, &url, event, data, now).await
 }
 
-/// Why a target is refused (never sent to).
-pub fn refuse_reason(ip: IpAddr) -> Option<&'static str> {
-    let ip = match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => ip,
-        },
-        v4 => v4,
-    };
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            if v4.is_loopback() {
-                Some("loopback")
-            } else if v4.is_private() {
-                Some("private")
-            } else if v4.is_link_local() {
-                Some("link-local")
-            } else if v4.is_unspecified() || o[0] == 0 {
-                Some("unspecified")
-            } else if v4.is_multicast() || v4.is_broadcast() || o[0] >= 240 {
-                Some("multicast or reserved")
-            } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
-                Some("shared address space")
-            } else {
-                None
-            }
-        }
-        IpAddr::V6(v6) => {
-            let seg = v6.segments();
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
-            } else if v6.is_multicast() {
-                Some("multicast")
-            } else if (seg[0] & 0xfe00) == 0xfc00 {
-                Some("unique-local")
-            } else if (seg[0] & 0xffc0) == 0xfe80 {
-                Some("link-local")
-            } else {
-                None
-            }
-        }
-    }
-}
+pub use crate::domain::target::refuse_reason;
 
 /// Resolves the target now and checks every address (SSRF guard). Returns the host and the
 /// addresses to connect to, so the request goes exactly where the check looked.
@@ -288,6 +243,8 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
         }
     }
     let client = match reqwest::Client::builder()
+        // Proxy variables would resolve the target elsewhere and bypass the pinning below.
+        .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(settings.timeout)
         .resolve_to_addrs(&host, &addrs)
@@ -556,6 +513,22 @@ mod tests {
             "http://192.168.1.10/",
             "http://[fd00::1]/",
             "http://0.0.0.0/",
+            "https://[64:ff9b::a00:5]/",
+            "https://[64:ff9b::7f00:1]/",
+            "https://[64:ff9b:1::a00:5]/",
+            "https://[2002:a00:5::1]/",
+            "https://[2002:c0a8:101::1]/",
+            "https://[2001:0:a00:5::1]/",
+            "https://[2001:0:5db8:f00d:0:0:f5ff:fffa]/",
+            "https://[fec0::1]/",
+            "https://[::a00:5]/",
+            "https://[::7f00:1]/",
+            "https://198.18.0.1/",
+            "https://198.19.255.254/",
+            "https://192.0.0.8/",
+            "https://240.0.0.1/",
+            "https://255.255.255.255/",
+            "https://100.64.0.1/",
             "file:///etc/passwd",
             "ftp://example.com/",
         ] {
@@ -566,11 +539,15 @@ mod tests {
             );
         }
         assert!(check_target("http://127.0.0.1:9/hook", true).await.is_ok());
-        assert!(
-            check_target("https://93.184.216.34/hook", false)
-                .await
-                .is_ok()
-        );
+        for public in [
+            "https://93.184.216.34/hook",
+            "https://[2606:2800:220:1:248:1893:25c8:1946]/",
+            "https://[64:ff9b::5db8:d822]/",
+            "https://[2002:5db8:d822::1]/",
+            "https://198.20.0.1/",
+        ] {
+            assert!(check_target(public, false).await.is_ok(), "{public}");
+        }
     }
 
     #[test]
