@@ -73,6 +73,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     }
     let slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
+    // Consecutive claims that failed for a reason that may pass (server restarting, 5xx).
+    let mut failures: u32 = 0;
     while !stopping.load(Ordering::SeqCst) {
         let free = slots.available_permits();
         if free == 0 {
@@ -85,19 +87,31 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             .json(&json!({ "worker_id": args.worker_id, "max_items": free, "lease_seconds": args.lease_seconds }))
             .send()
             .await;
-        let items = match resp {
-            Ok(r) if r.status().is_success() => r.json::<Value>().await?["items"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default(),
-            Ok(r) => {
+        let claimed = match resp {
+            Ok(r) if r.status().is_success() => r.json::<Value>().await.map_err(|e| e.to_string()),
+            Ok(r) if r.status().is_client_error() => {
+                // A refused secret or request will not pass by waiting: stop and say why.
                 let status = r.status();
                 let body = r.text().await.unwrap_or_default();
                 anyhow::bail!("claim refused: {status}: {body}");
             }
+            Ok(r) => Err(format!("server answered {}", r.status())),
+            Err(e) => Err(e.to_string()),
+        };
+        let items = match claimed {
+            Ok(v) => {
+                failures = 0;
+                v["items"].as_array().cloned().unwrap_or_default()
+            }
             Err(e) => {
-                eprintln!("claim failed: {e}; retrying");
-                Vec::new()
+                failures += 1;
+                let wait = backoff(failures);
+                eprintln!("claim failed: {e}; retrying in {:.1}s", wait.as_secs_f64());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {},
+                    _ = stop.notified() => {},
+                }
+                continue;
             }
         };
         if items.is_empty() {
@@ -138,6 +152,16 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Exponential backoff with full jitter: about 0.25 s, 0.5 s, 1 s … capped at 30 s.
+fn backoff(failures: u32) -> Duration {
+    let cap = Duration::from_millis(250)
+        .saturating_mul(1 << failures.min(7))
+        .min(Duration::from_secs(30));
+    cap.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+/// Reports an outcome; retries while the server is unreachable or answers 5xx (a restart must
+/// not drop a finished render), for as long as the lease could still be live.
 async fn report(
     client: &reqwest::Client,
     args: &WorkerArgs,
@@ -145,23 +169,41 @@ async fn report(
     what: &str,
     body: Value,
 ) -> anyhow::Result<()> {
-    let r = client
-        .post(format!(
-            "{}/api/internal/worker/items/{item_id}/{what}",
-            args.base_url
-        ))
-        .bearer_auth(&args.secret)
-        .json(&body)
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        let status = r.status();
-        anyhow::bail!(
-            "{what} of {item_id}: {status}: {}",
-            r.text().await.unwrap_or_default()
+    let deadline = Instant::now() + Duration::from_secs(args.lease_seconds.max(30).into());
+    let mut failures = 0;
+    loop {
+        let sent = client
+            .post(format!(
+                "{}/api/internal/worker/items/{item_id}/{what}",
+                args.base_url
+            ))
+            .bearer_auth(&args.secret)
+            .json(&body)
+            .send()
+            .await;
+        let error = match sent {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) if r.status().is_client_error() => {
+                let status = r.status();
+                anyhow::bail!(
+                    "{what} of {item_id}: {status}: {}",
+                    r.text().await.unwrap_or_default()
+                );
+            }
+            Ok(r) => format!("server answered {}", r.status()),
+            Err(e) => e.to_string(),
+        };
+        failures += 1;
+        if Instant::now() >= deadline {
+            anyhow::bail!("{what} of {item_id}: gave up: {error}");
+        }
+        let wait = backoff(failures);
+        eprintln!(
+            "{what} of {item_id} failed: {error}; retrying in {:.1}s",
+            wait.as_secs_f64()
         );
+        tokio::time::sleep(wait).await;
     }
-    Ok(())
 }
 
 /// Renders one item and reports it; true when it succeeded.

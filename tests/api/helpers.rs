@@ -297,12 +297,17 @@ impl TestApp {
     }
 
     async fn start(&mut self) {
+        self.start_on(0).await;
+    }
+
+    /// Starts the application on `port` (0: any free port).
+    async fn start_on(&mut self, port: u16) {
         let settings = self.source().load().expect("valid test config");
         let db = self.connect().await;
         let state = api::startup::prepare_with_db(settings, Some(self.source()), db)
             .await
             .expect("prepare");
-        let app = api::Application::bind(Arc::clone(&state), "127.0.0.1:0")
+        let app = api::Application::bind(Arc::clone(&state), &format!("127.0.0.1:{port}"))
             .await
             .expect("bind");
         self.port = app.port();
@@ -336,6 +341,15 @@ impl TestApp {
         };
         peer.start().await;
         peer
+    }
+
+    /// Stops the server and starts it again on the same database and port, as a restarted
+    /// process behind a fixed address would be, after `down` without any server.
+    pub async fn restart_in_place(&mut self, down: std::time::Duration) {
+        let port = self.port;
+        self.stop().await;
+        tokio::time::sleep(down).await;
+        self.start_on(port).await;
     }
 
     /// Stops the server and starts it again on the same database (a restart).

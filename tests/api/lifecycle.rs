@@ -15,6 +15,7 @@ both_backends!(
     cancel_releases_queued_items_and_is_idempotent,
     list_pages_every_batch_once,
     reference_worker_runs_a_batch_end_to_end,
+    reference_worker_survives_a_server_restart,
     another_keys_batch_is_not_found,
     expired_last_attempt_fails_the_item_and_releases_it,
 );
@@ -394,6 +395,52 @@ async fn reference_worker_runs_a_batch_end_to_end(backend: Backend) {
         assert_eq!(item["result_url"], format!("https://cdn.example/{id}.mp4"));
     }
     assert_eq!(app.credits(&key).await["balance"], 970);
+}
+
+/// The reference worker keeps going through a server restart: claims and reports that fail
+/// while the server is down are retried with backoff, and the batch is finished.
+async fn reference_worker_survives_a_server_restart(backend: Backend) {
+    let mut app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 1000")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    let b = create(&app, &key, "ref-restart", 6).await;
+    let args = api::worker_client::WorkerArgs {
+        base_url: app.base.clone(),
+        secret: crate::helpers::WORKER_SECRET.into(),
+        concurrency: 2,
+        // Slow enough that renders are in flight when the server goes away.
+        renderer_cmd: "cat > /dev/null; sleep 0.4; echo \"https://cdn.example/$ITEM_ID.mp4\""
+            .into(),
+        worker_id: "ref".into(),
+        lease_seconds: 30,
+        timeout_seconds: 30,
+        exit_when_idle: false,
+        poll_seconds: 1,
+    };
+    let worker = tokio::spawn(api::worker_client::run(args));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    app.restart_in_place(std::time::Duration::from_millis(1500))
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let v = loop {
+        let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();
+        if v["status"] == "completed" {
+            break v;
+        }
+        assert!(
+            !worker.is_finished(),
+            "the worker exited: {:?}",
+            worker.await
+        );
+        assert!(std::time::Instant::now() < deadline, "not finished: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    worker.abort();
+    assert_eq!(v["counts"]["succeeded"], 6, "{v}");
+    assert_eq!(app.credits(&key).await["held"], 0);
+    app.assert_ledger_invariant().await;
 }
 
 /// An item whose worker never reports (crash, hang) is failed and released after its last
