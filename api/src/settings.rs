@@ -446,7 +446,7 @@ fn d_true() -> bool {
     true
 }
 fn d_concurrency() -> i64 {
-    8
+    32
 }
 
 impl Default for RawWebhooks {

@@ -10,6 +10,7 @@ mod crash;
 mod create;
 mod errors;
 mod hostile;
+mod isolation;
 mod keys;
 mod lifecycle;
 mod ops;

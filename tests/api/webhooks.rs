@@ -24,7 +24,7 @@ pub(crate) struct Received {
     timestamp: i64,
     signature: String,
     body: String,
-    at: Instant,
+    pub(crate) at: Instant,
 }
 
 #[derive(Default)]

@@ -1,0 +1,433 @@
+//! The dispatcher: claims due deliveries, sends them, records each attempt.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use entity::webhook_delivery;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
+};
+use tokio::task::JoinSet;
+
+use super::signing::{decode_whsec, sign, webhook_id};
+use super::target_guard::check_target;
+use uuid::Uuid;
+
+use crate::db::stmt;
+use crate::state::{AppState, Runtime};
+
+/// The outcome of one HTTP attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// HTTP status, when a response came.
+    pub status: Option<u16>,
+    /// Transport or policy error.
+    pub error: Option<String>,
+    /// Seconds asked by `Retry-After`.
+    pub retry_after: Option<u64>,
+    /// Whether retrying can help (false for refused targets and 410).
+    pub retryable: bool,
+    /// Time spent.
+    pub duration_ms: i64,
+    /// The endpoint did not answer in time (or could not be reached): counts toward its backoff.
+    pub timed_out: bool,
+}
+
+/// Signs and sends one attempt of a delivery.
+pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
+    let started = std::time::Instant::now();
+    let settings = &runtime.settings.webhooks;
+    let done = |status: Option<u16>,
+                error: Option<String>,
+                retry_after: Option<u64>,
+                retryable: bool| Attempt {
+        status,
+        error,
+        retry_after,
+        retryable,
+        duration_ms: started.elapsed().as_millis() as i64,
+        timed_out: false,
+    };
+    let Some(key) = runtime.by_id.get(&d.api_key_id) else {
+        return done(
+            None,
+            Some("the key is no longer configured".into()),
+            None,
+            false,
+        );
+    };
+    let Some(secret) = &key.policy.webhook_secret else {
+        return done(
+            None,
+            Some("the key has no webhook_secret".into()),
+            None,
+            false,
+        );
+    };
+    let (host, addrs) = match check_target(&d.target_url, settings.allow_private_targets).await {
+        Ok(t) => t,
+        Err(e) if e.contains("timed out") => {
+            let mut a = done(None, Some(e), None, true);
+            a.timed_out = true;
+            return a;
+        }
+        Err(e) => return done(None, Some(e), None, false),
+    };
+    let msg_id = webhook_id(d.id);
+    let ts = Utc::now().timestamp();
+    let mut signatures = Vec::new();
+    for s in std::iter::once(secret).chain(key.policy.webhook_previous_secret.as_ref()) {
+        match decode_whsec(s.expose()) {
+            Ok(k) => signatures.push(sign(&k, &msg_id, ts, &d.payload)),
+            Err(e) => return done(None, Some(format!("webhook secret: {e}")), None, false),
+        }
+    }
+    let client = match reqwest::Client::builder()
+        // Proxy variables would resolve the target elsewhere and bypass the pinning below.
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout.min(CONNECT_TIMEOUT))
+        .resolve_to_addrs(&host, &addrs)
+        .user_agent(concat!(
+            "video-batch-api-webhooks/",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return done(None, Some(format!("client: {e}")), None, true),
+    };
+    let resp = client
+        .post(&d.target_url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &msg_id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", signatures.join(" "))
+        .body(d.payload.clone())
+        .send()
+        .await;
+    match resp {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if r.status().is_success() {
+                done(Some(status), None, None, true)
+            } else {
+                done(
+                    Some(status),
+                    Some(format!("HTTP {status}")),
+                    retry_after,
+                    status != 410,
+                )
+            }
+        }
+        Err(e) => {
+            let mut a = done(None, Some(format!("request failed: {e}")), None, true);
+            a.timed_out = e.is_timeout() || e.is_connect();
+            a
+        }
+    }
+}
+
+/// Leases due deliveries to this dispatcher: one statement marks the attempt, so two
+/// dispatchers (on any nodes) never send the same attempt.
+pub async fn claim_due(
+    db: &DatabaseConnection,
+    limit: u32,
+    lock_for: std::time::Duration,
+) -> Result<Vec<webhook_delivery::Model>, DbErr> {
+    let backend = db.get_database_backend();
+    let now = Utc::now();
+    let until = now + chrono::Duration::from_std(lock_for).unwrap_or(chrono::Duration::seconds(60));
+    let lock = if backend == DbBackend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "UPDATE webhook_delivery SET attempt_count = attempt_count + 1, locked_until = $2, updated_at = $1 \
+         WHERE id IN (SELECT id FROM webhook_delivery WHERE status = 'pending' AND next_attempt_at <= $1 \
+         AND (locked_until IS NULL OR locked_until < $1) ORDER BY next_attempt_at LIMIT $3{lock}) \
+         RETURNING id"
+    );
+    let txn = crate::db::begin_write(db).await?;
+    let rows = txn
+        .query_all_raw(stmt(
+            backend,
+            &sql,
+            [now.into(), until.into(), i64::from(limit).into()],
+        ))
+        .await?;
+    txn.commit().await?;
+    let ids: Vec<Uuid> = rows
+        .iter()
+        .filter_map(|r| r.try_get("", "id").ok())
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    webhook_delivery::Entity::find()
+        .filter(webhook_delivery::Column::Id.is_in(ids))
+        .all(db)
+        .await
+}
+
+fn jittered(d: std::time::Duration) -> chrono::Duration {
+    use rand::Rng;
+    let ms = d.as_millis() as i64;
+    let spread = ms / 10;
+    let j = if spread > 0 {
+        rand::rng().random_range(-spread..=spread)
+    } else {
+        0
+    };
+    chrono::Duration::milliseconds(ms + j)
+}
+
+/// Records an attempt and schedules the next one (or ends the delivery).
+pub async fn record_attempt<C: ConnectionTrait>(
+    txn: &C,
+    runtime: &Runtime,
+    d: &webhook_delivery::Model,
+    a: &Attempt,
+) -> Result<&'static str, DbErr> {
+    let backend = txn.get_database_backend();
+    let now = Utc::now();
+    let schedule = &runtime.settings.webhooks.retry_schedule;
+    let success = a.status.is_some_and(|s| (200..300).contains(&s));
+    let retries_used = (d.attempt_count - 1).max(0) as usize;
+    let (status, next) = if success {
+        ("succeeded", now)
+    } else if !a.retryable || retries_used >= schedule.len() {
+        ("failed", now)
+    } else {
+        let mut delay = jittered(schedule[retries_used]);
+        if let Some(ra) = a.retry_after {
+            delay = delay.max(chrono::Duration::seconds(ra.min(86_400) as i64));
+        }
+        ("pending", now + delay)
+    };
+    txn.execute_raw(stmt(
+        backend,
+        "INSERT INTO webhook_attempt (delivery_id, attempt, status_code, error, duration_ms, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        [
+            d.id.into(),
+            d.attempt_count.into(),
+            a.status.map(i32::from).into(),
+            a.error.clone().into(),
+            a.duration_ms.into(),
+            now.into(),
+        ],
+    ))
+    .await?;
+    txn.execute_raw(stmt(
+        backend,
+        "UPDATE webhook_delivery SET status = $2, next_attempt_at = $3, locked_until = NULL, \
+         last_status_code = $4, last_error = $5, updated_at = $6, \
+         delivered_at = CASE WHEN $2 = 'succeeded' THEN $6 ELSE delivered_at END \
+         WHERE id = $1 AND attempt_count = $7",
+        [
+            d.id.into(),
+            status.into(),
+            next.into(),
+            a.status.map(i32::from).into(),
+            a.error.clone().into(),
+            now.into(),
+            d.attempt_count.into(),
+        ],
+    ))
+    .await?;
+    Ok(status)
+}
+
+/// The most deliveries sent to one endpoint (host and port) at once, across this dispatcher.
+pub const PER_ENDPOINT: usize = 4;
+/// Consecutive timeouts after which an endpoint backs off.
+const BACKOFF_AFTER: u32 = 3;
+/// Connecting may take this long at most (less when the request timeout is shorter).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// This dispatcher's view of each endpoint: attempts in flight, and a backoff after a run of
+/// timeouts. A slow or dead endpoint fills only its own few slots and then waits on its own;
+/// other endpoints' deliveries are claimed and sent meanwhile.
+#[derive(Default)]
+struct Endpoints {
+    in_flight: HashMap<String, usize>,
+    timeouts: HashMap<String, (u32, Instant)>,
+}
+
+impl Endpoints {
+    /// When a delivery to `ep` may be sent, if not now.
+    fn busy_until(&self, ep: &str) -> Option<Instant> {
+        if let Some((n, until)) = self.timeouts.get(ep)
+            && *n >= BACKOFF_AFTER
+            && *until > Instant::now()
+        {
+            return Some(*until);
+        }
+        (self.in_flight.get(ep).copied().unwrap_or(0) >= PER_ENDPOINT)
+            .then(|| Instant::now() + std::time::Duration::from_secs(1))
+    }
+
+    fn started(&mut self, ep: &str) {
+        *self.in_flight.entry(ep.to_string()).or_default() += 1;
+    }
+
+    fn finished(&mut self, ep: &str, timed_out: bool) {
+        if let Some(n) = self.in_flight.get_mut(ep) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(ep);
+            }
+        }
+        if timed_out {
+            let entry = self
+                .timeouts
+                .entry(ep.to_string())
+                .or_insert((0, Instant::now()));
+            entry.0 += 1;
+            if entry.0 >= BACKOFF_AFTER {
+                // 5 s, 10 s, 20 s … up to 5 minutes.
+                let exp = (entry.0 - BACKOFF_AFTER).min(6);
+                entry.1 = Instant::now() + std::time::Duration::from_secs(5u64 << exp);
+                tracing::warn!(endpoint = %ep, timeouts = entry.0, "webhook endpoint backs off");
+            }
+        } else {
+            self.timeouts.remove(ep);
+        }
+    }
+}
+
+/// The endpoint of a target URL: host and port.
+fn endpoint_of(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!(
+            "{}:{}",
+            u.host_str().unwrap_or_default().to_ascii_lowercase(),
+            u.port_or_known_default().unwrap_or(0)
+        ),
+        Err(_) => url.to_string(),
+    }
+}
+
+/// Gives a claimed delivery back without counting an attempt, due again at `at`.
+async fn defer(
+    db: &DatabaseConnection,
+    d: &webhook_delivery::Model,
+    at: chrono::DateTime<Utc>,
+) -> Result<(), DbErr> {
+    db.execute_raw(stmt(
+        db.get_database_backend(),
+        "UPDATE webhook_delivery SET attempt_count = attempt_count - 1, locked_until = NULL, \
+         next_attempt_at = $2 WHERE id = $1 AND attempt_count = $3",
+        [d.id.into(), at.into(), d.attempt_count.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Sends one claimed delivery and records the attempt (through the write pipeline).
+async fn deliver(state: Arc<AppState>, runtime: Arc<Runtime>, d: webhook_delivery::Model) -> bool {
+    let attempt = send(&runtime, &d).await;
+    let result = match attempt.status {
+        Some(s) if (200..300).contains(&s) => "success",
+        Some(_) => "http_error",
+        None if attempt.retryable => "transport_error",
+        None => "refused",
+    };
+    metrics::counter!("webhook_attempts_total", "result" => result).increment(1);
+    let timed_out = attempt.timed_out;
+    let recorded = {
+        let (runtime, d, attempt) = (Arc::clone(&runtime), d.clone(), attempt.clone());
+        state
+            .writes
+            .run(Some(d.api_key_id), move |txn| {
+                let (runtime, d, attempt) = (Arc::clone(&runtime), d.clone(), attempt.clone());
+                Box::pin(async move { Ok(record_attempt(txn, &runtime, &d, &attempt).await?) })
+            })
+            .await
+    };
+    match recorded {
+        Ok(outcome) => tracing::info!(
+            webhook_id = %webhook_id(d.id), event = %d.event_type, attempt = d.attempt_count,
+            status = ?attempt.status, error = ?attempt.error, outcome, "webhook attempt"
+        ),
+        Err(e) => tracing::error!(error = %e, "recording webhook attempt failed"),
+    }
+    timed_out
+}
+
+/// Sends due deliveries until `stop` is notified: up to `webhooks.concurrency` at once, at most
+/// [`PER_ENDPOINT`] per endpoint, each send on its own (a slow one never holds the others), new
+/// deliveries claimed as soon as a slot frees. When `stop` is notified it claims nothing more
+/// and waits for the sends in flight.
+pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>) {
+    tracing::info!("webhook dispatcher started");
+    let mut sends: JoinSet<(String, bool)> = JoinSet::new();
+    let mut endpoints = Endpoints::default();
+    loop {
+        while let Some(done) = sends.try_join_next() {
+            if let Ok((ep, timed_out)) = done {
+                endpoints.finished(&ep, timed_out);
+            }
+        }
+        let runtime = state.runtime();
+        let settings = &runtime.settings.webhooks;
+        let free = (settings.concurrency as usize).saturating_sub(sends.len());
+        let mut claimed = 0;
+        if free > 0 {
+            let lock_for = settings.timeout + std::time::Duration::from_secs(30);
+            match claim_due(&state.writer, free as u32, lock_for).await {
+                Ok(batch) => {
+                    claimed = batch.len();
+                    for d in batch {
+                        let ep = endpoint_of(&d.target_url);
+                        if let Some(until) = endpoints.busy_until(&ep) {
+                            let at = Utc::now()
+                                + chrono::Duration::from_std(until - Instant::now())
+                                    .unwrap_or_default();
+                            if let Err(e) = defer(&state.writer, &d, at).await {
+                                tracing::warn!(error = %e, "deferring a webhook delivery failed");
+                            }
+                            continue;
+                        }
+                        endpoints.started(&ep);
+                        let (state, runtime) = (Arc::clone(&state), Arc::clone(&runtime));
+                        sends.spawn(async move {
+                            let timed_out = deliver(state, runtime, d).await;
+                            (ep, timed_out)
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "claiming webhook deliveries failed"),
+            }
+        }
+        if futures::FutureExt::now_or_never(stop.notified()).is_some() {
+            break;
+        }
+        if claimed > 0 && sends.len() < settings.concurrency as usize {
+            // More may be due right now: claim again before waiting.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            Some(done) = sends.join_next(), if !sends.is_empty() => {
+                if let Ok((ep, timed_out)) = done {
+                    endpoints.finished(&ep, timed_out);
+                }
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            _ = stop.notified() => break,
+        }
+    }
+    // No new claims from here on; the sends in flight finish (the caller bounds the wait).
+    while sends.join_next().await.is_some() {}
+    tracing::info!("webhook dispatcher stopped");
+}
