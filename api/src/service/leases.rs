@@ -497,32 +497,39 @@ async fn fail_in(
     let now = Utc::now();
     let max_attempts = runtime.settings.worker.max_attempts as i32;
     let batch = lock_batch_of(txn, item_id, now).await?;
+    // One conditional update on item and token decides the outcome; a stale token matches no
+    // row and changes nothing.
     let row = txn
         .query_one_raw(stmt(
             backend,
-            "SELECT attempts FROM batch_item \
-             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $3",
-            [item_id.into(), token.into(), live_at.into()],
+            "UPDATE batch_item SET status = CASE \
+               WHEN $5 AND attempts < $6 AND NOT $7 THEN 'queued' \
+               WHEN $5 AND $7 THEN 'cancelled' ELSE 'failed' END, \
+             error = $3, lease_token = NULL, worker_id = NULL, lease_expires_at = NULL, updated_at = $4 \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $8 \
+             RETURNING status, attempts",
+            [
+                item_id.into(),
+                token.into(),
+                error.into(),
+                now.into(),
+                retryable.into(),
+                max_attempts.into(),
+                batch.cancel_requested.into(),
+                live_at.into(),
+            ],
         ))
         .await?;
     let Some(row) = row else {
         return Err(ApiError::lease_lost(item_id));
     };
     let attempts: i32 = row.try_get("", "attempts")?;
-    let (status, counter) = if retryable && attempts < max_attempts && !batch.cancel_requested {
-        ("queued", None)
-    } else if batch.cancel_requested && retryable {
-        ("cancelled", Some("cancelled_count"))
-    } else {
-        ("failed", Some("failed_count"))
+    let status: String = row.try_get("", "status")?;
+    let (status, counter) = match status.as_str() {
+        "queued" => ("queued", None),
+        "cancelled" => ("cancelled", Some("cancelled_count")),
+        _ => ("failed", Some("failed_count")),
     };
-    txn.execute_raw(stmt(
-        backend,
-        "UPDATE batch_item SET status = $2, error = $3, lease_token = NULL, worker_id = NULL, \
-         lease_expires_at = NULL, updated_at = $4 WHERE id = $1",
-        [item_id.into(), status.into(), error.into(), now.into()],
-    ))
-    .await?;
     let batch_status = if let Some(counter) = counter {
         txn.execute_raw(stmt(
             backend,
