@@ -6,7 +6,8 @@ use crate::helpers::{ADMIN_TOKEN, Backend, TestApp};
 
 both_backends!(
     grant_is_idempotent_and_adjust_never_goes_below_held,
-    reload_applies_new_policy_or_keeps_the_old
+    reload_applies_new_policy_or_keeps_the_old,
+    huge_grants_are_refused_not_overflowed,
 );
 
 async fn grant_is_idempotent_and_adjust_never_goes_below_held(backend: Backend) {
@@ -154,10 +155,9 @@ async fn reload_applies_new_policy_or_keeps_the_old(backend: Backend) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn huge_grants_are_refused_not_overflowed() {
+async fn huge_grants_are_refused_not_overflowed(backend: Backend) {
     let start = api::service::credits::MAX_BALANCE - 2_000_000_000_000;
-    let app = TestApp::builder(Backend::Sqlite)
+    let app = TestApp::builder(backend)
         .key("acme", &format!("initial_credits = {start}"))
         .build()
         .await;

@@ -51,18 +51,22 @@ fn config_check_prints_the_policy_without_secrets() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown environment"));
 }
 
-#[test]
-fn credits_grant_and_show_use_the_ledger() {
+crate::both_backends!(credits_grant_and_show_use_the_ledger);
+
+async fn credits_grant_and_show_use_the_ledger(backend: crate::helpers::Backend) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("db.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[database]\nurl = \"sqlite://{}/cli.db?mode=rwc\"\n",
-            dir.path().display()
+    let (url, pg) = match &backend {
+        crate::helpers::Backend::Sqlite => (
+            format!("sqlite://{}/cli.db?mode=rwc", dir.path().display()),
+            None,
         ),
-    )
-    .unwrap();
+        crate::helpers::Backend::Postgres(base) => {
+            let pg = crate::helpers::PgDatabase::create(base, "vb_cli").await;
+            (pg.url.clone(), Some(pg))
+        }
+    };
+    std::fs::write(&cfg, format!("[database]\nurl = \"{url}\"\n")).unwrap();
     let run = |args: &[&str]| {
         let out = bin()
             .arg("--config")
@@ -91,6 +95,9 @@ fn credits_grant_and_show_use_the_ledger() {
         "serve", "migrate", "openapi", "keys", "credits", "config", "worker",
     ] {
         assert!(help.contains(cmd), "{help}");
+    }
+    if let Some(pg) = pg {
+        pg.drop_now().await;
     }
 }
 

@@ -14,6 +14,7 @@ mod isolation;
 mod keys;
 mod lifecycle;
 mod ops;
+mod promises;
 mod reaper;
 mod retention;
 mod security;

@@ -10,6 +10,7 @@ use crate::helpers::{Backend, TestApp};
 both_backends!(
     an_expired_lease_of_a_cancelled_batch_is_cancelled_never_billed,
     an_exhausted_lease_is_reaped_without_any_claim,
+    a_row_the_reaper_cannot_settle_fails_neither_claims_nor_other_rows,
 );
 
 async fn claim_with_lease(app: &TestApp, max: u32, lease: u32) -> Vec<Value> {
@@ -110,4 +111,61 @@ async fn an_exhausted_lease_is_reaped_without_any_claim(backend: Backend) {
     assert_eq!(credits["held"], 0, "the hold is released");
     assert_eq!(credits["balance"], 100);
     app.assert_ledger_invariant().await;
+}
+
+/// A row the reaper cannot settle (here: its key's wallet no longer holds the item's credits,
+/// so the release is refused) is logged and skipped: other expired leases are still reaped and
+/// claims keep answering.
+async fn a_row_the_reaper_cannot_settle_fails_neither_claims_nor_other_rows(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .worker("max_attempts = 1")
+        .key("poisoned", "initial_credits = 100")
+        .key("healthy", "initial_credits = 100")
+        .build()
+        .await;
+    let (poisoned, healthy) = (
+        app.key("poisoned").to_string(),
+        app.key("healthy").to_string(),
+    );
+    let p: Value = app
+        .create_batch(&poisoned, &TestApp::batch_body(Some("p"), 1))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let h: Value = app
+        .create_batch(&healthy, &TestApp::batch_body(Some("h"), 1))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(claim_with_lease(&app, 2, 1).await.len(), 2);
+    // Break the poisoned key's wallet: its hold is gone, so releasing the item must fail.
+    let key_id = app
+        .scalar("SELECT id AS v FROM api_key WHERE name = 'poisoned'")
+        .await;
+    {
+        use sea_orm::ConnectionTrait;
+        let db = app.db();
+        db.execute_unprepared(&format!(
+            "UPDATE credit_wallet SET held = 0 WHERE api_key_id = {key_id}"
+        ))
+        .await
+        .unwrap();
+    }
+    let h_id = h["batch_id"].as_str().unwrap();
+    wait_for_status(&app, &healthy, h_id, "completed", Duration::from_secs(8)).await;
+    // Claims keep answering while the poisoned row stays behind.
+    for _ in 0..3 {
+        let r = app
+            .worker_post("/claim", &json!({ "worker_id": "w2", "max_items": 5 }))
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let still: Value = batch(&app, &poisoned, p["batch_id"].as_str().unwrap()).await;
+    assert_eq!(
+        still["counts"]["running"], 1,
+        "the poisoned row is skipped, not half-done: {still}"
+    );
+    assert_eq!(app.credits(&healthy).await["held"], 0);
 }

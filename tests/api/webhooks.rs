@@ -23,7 +23,7 @@ pub(crate) struct Received {
     pub(crate) id: String,
     timestamp: i64,
     signature: String,
-    body: String,
+    pub(crate) body: String,
     pub(crate) at: Instant,
 }
 
@@ -31,6 +31,7 @@ pub(crate) struct Received {
 struct ReceiverState {
     got: Mutex<Vec<Received>>,
     script: Mutex<VecDeque<(u16, Option<&'static str>)>>,
+    location: Mutex<Option<String>>,
 }
 
 /// A local webhook endpoint that answers from a script (then 200) and records every call.
@@ -67,6 +68,11 @@ async fn receive(
         .pop_front()
         .unwrap_or((200, None));
     let mut resp = StatusCode::from_u16(status).unwrap().into_response();
+    if (300..400).contains(&status)
+        && let Some(to) = state.location.lock().unwrap().clone()
+    {
+        resp.headers_mut().insert("location", to.parse().unwrap());
+    }
     if let Some(ra) = retry_after {
         resp.headers_mut()
             .insert("retry-after", ra.parse().unwrap());
@@ -101,6 +107,11 @@ impl Receiver {
             state,
             stop: Some(tx),
         }
+    }
+
+    /// Redirect answers (3xx in the script) point at `to`.
+    pub(crate) fn redirect_to(&self, to: &str) {
+        *self.state.location.lock().unwrap() = Some(to.to_string());
     }
 
     pub(crate) fn url(&self) -> String {

@@ -71,23 +71,31 @@ impl AdminApi {
         let key_id = Self::key_id(state, name).await?;
         let applied = state
             .writes
-            .run(Some(key_id), move |txn| {
+            .run(Some(key_id), {
                 let (note, idem) = (note.clone(), idem.clone());
-                Box::pin(async move {
-                    match credits::apply(
-                        txn,
-                        key_id,
-                        kind,
-                        amount,
-                        note.as_deref(),
-                        idem.as_deref(),
-                    )
-                    .await
-                    {
-                        Ok(true) => Ok(()),
-                        Ok(false) => {
-                            let w = credits::wallet(txn, key_id).await?;
-                            Err(ApiError::new(
+                move |txn| {
+                    let (note, idem) = (note.clone(), idem.clone());
+                    Box::pin(async move {
+                        if let Some(k) = idem.as_deref()
+                            && let Some(earlier) =
+                                credits::by_idempotency_key(txn, key_id, k).await?
+                        {
+                            return same_movement(&earlier, kind, amount, note.as_deref(), k);
+                        }
+                        match credits::apply(
+                            txn,
+                            key_id,
+                            kind,
+                            amount,
+                            note.as_deref(),
+                            idem.as_deref(),
+                        )
+                        .await
+                        {
+                            Ok(true) => Ok(()),
+                            Ok(false) => {
+                                let w = credits::wallet(txn, key_id).await?;
+                                Err(ApiError::new(
                                 ErrorCode::Conflict,
                                 format!(
                                     "{amount} credits would leave the balance below the {} credits \
@@ -99,28 +107,56 @@ impl AdminApi {
                             .with_details(
                                 serde_json::json!({ "balance": w.balance, "held": w.held }),
                             ))
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.sql_err(),
+                                    Some(SqlErr::UniqueConstraintViolation(_))
+                                ) =>
+                            {
+                                // Rolled back to the savepoint; answered below as a repeat.
+                                Err(ApiError::new(ErrorCode::IdempotencyConflict, REPEATED))
+                            }
+                            Err(e) => Err(e.into()),
                         }
-                        Err(e)
-                            if matches!(
-                                e.sql_err(),
-                                Some(SqlErr::UniqueConstraintViolation(_))
-                            ) =>
-                        {
-                            // Rolled back to the savepoint; answered below as a repeat.
-                            Err(ApiError::new(ErrorCode::IdempotencyConflict, REPEATED))
-                        }
-                        Err(e) => Err(e.into()),
-                    }
-                })
+                    })
+                }
             })
             .await;
         match applied {
             Ok(()) => {}
-            // The same Idempotency-Key was applied before: answer with the wallet, change nothing.
-            Err(e) if e.code == ErrorCode::IdempotencyConflict && e.message == REPEATED => {}
+            // A concurrent movement with the same Idempotency-Key won: compare with it.
+            Err(e) if e.code == ErrorCode::IdempotencyConflict && e.message == REPEATED => {
+                if let Some(k) = idem.as_deref()
+                    && let Some(earlier) = credits::by_idempotency_key(&state.db, key_id, k).await?
+                {
+                    same_movement(&earlier, kind, amount, note.as_deref(), k)?;
+                }
+            }
             Err(e) => return Err(e),
         }
         Self::wallet_view(state, name, key_id, 20, None).await
+    }
+}
+
+/// A repeat of an earlier movement (same Idempotency-Key) is answered with the wallet and
+/// changes nothing; the same key with another kind, amount or note is a 409, as for creates.
+fn same_movement(
+    earlier: &entity::credit_ledger::Model,
+    kind: LedgerKind,
+    amount: i64,
+    note: Option<&str>,
+    key: &str,
+) -> Result<(), ApiError> {
+    if earlier.kind == kind.as_str() && earlier.amount == amount && earlier.note.as_deref() == note
+    {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::IdempotencyConflict,
+            format!("Idempotency-Key {key:?} was already used for a different movement"),
+        )
+        .with_details(serde_json::json!({ "ledger_id": earlier.id })))
     }
 }
 

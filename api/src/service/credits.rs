@@ -88,6 +88,23 @@ pub async fn apply<C: ConnectionTrait>(
     apply_for(txn, key_id, kind, amount, None, None, note, idempotency_key).await
 }
 
+/// The ledger row an admin movement with this Idempotency-Key wrote, if any.
+pub async fn by_idempotency_key<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    idempotency_key: &str,
+) -> Result<Option<entity::credit_ledger::Model>, DbErr> {
+    use sea_orm::EntityTrait;
+    entity::credit_ledger::Entity::find()
+        .from_raw_sql(stmt(
+            db.get_database_backend(),
+            "SELECT * FROM credit_ledger WHERE api_key_id = $1 AND idempotency_key = $2",
+            [key_id.into(), idempotency_key.into()],
+        ))
+        .one(db)
+        .await
+}
+
 /// Like [`apply`], tied to a batch and item.
 #[allow(clippy::too_many_arguments)]
 pub async fn apply_for<C: ConnectionTrait>(
