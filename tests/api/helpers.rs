@@ -478,6 +478,25 @@ impl TestApp {
             .expect("json")
     }
 
+    /// Creates a one-item batch for `key` and cancels it at once (which emits
+    /// `batch.cancelled`); returns the batch id.
+    pub async fn create_and_cancel(&self, key: &str, rid: &str) -> String {
+        let r = self
+            .create_batch(key, &TestApp::batch_body(Some(rid), 1))
+            .await;
+        assert_eq!(r.status(), 201, "create {rid}");
+        let id = r.json::<Value>().await.expect("json")["batch_id"]
+            .as_str()
+            .expect("batch_id")
+            .to_string();
+        assert_eq!(
+            self.cancel_batch(key, &id).await.status(),
+            200,
+            "cancel {rid}"
+        );
+        id
+    }
+
     /// `GET /api/enterprise/credits` with `key`; returns the status.
     pub async fn credits_status(&self, key: &str) -> u16 {
         self.client

@@ -2,8 +2,6 @@
 //! answers (a tarpit) fills only its own few slots; another key's events still arrive at once.
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::both_backends;
 use crate::helpers::{Backend, TestApp};
 use crate::webhooks::{Receiver, SECRET};
@@ -21,18 +19,6 @@ async fn tarpit() -> (u16, tokio::task::JoinHandle<()>) {
         }
     });
     (port, task)
-}
-
-async fn cancelled_batch(app: &TestApp, key: &str, rid: &str) {
-    let r = app
-        .create_batch(key, &TestApp::batch_body(Some(rid), 1))
-        .await;
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["batch_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(app.cancel_batch(key, &id).await.status(), 200);
 }
 
 async fn a_tarpit_endpoint_does_not_delay_other_endpoints(backend: Backend) {
@@ -59,12 +45,12 @@ async fn a_tarpit_endpoint_does_not_delay_other_endpoints(backend: Backend) {
         .await;
     let slow = app.key("slow").to_string();
     for i in 0..40 {
-        cancelled_batch(&app, &slow, &format!("slow-{i}")).await;
+        app.create_and_cancel(&slow, &format!("slow-{i}")).await;
     }
     // Let the dispatcher take up the tarpit's deliveries first.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
-    cancelled_batch(&app, app.key("fast"), "fast-1").await;
+    app.create_and_cancel(app.key("fast"), "fast-1").await;
     let got = receiver.wait_for(1, Duration::from_secs(10)).await;
     let took = got[0].at.duration_since(started);
     eprintln!(

@@ -1,11 +1,11 @@
 //! Promises of the contract that had no test of their own, one behaviour per test.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::both_backends;
 use crate::helpers::{Backend, TestApp};
-use crate::webhooks::{Receiver, SECRET};
+use crate::webhooks::{Receiver, SECRET, wait_status};
 
 both_backends!(
     unauthorized_and_forbidden_calls_use_no_quota,
@@ -297,34 +297,6 @@ async fn an_admin_idempotency_key_reused_with_another_body_is_refused(backend: B
     assert_eq!(app.credits(app.key("acme")).await["balance"], 50);
 }
 
-/// Waits until the admin API lists a delivery with one of `statuses`.
-async fn delivery_with_status(app: &TestApp, statuses: &[&str], within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let v: Value = app
-            .client
-            .get(format!("{}/api/admin/webhooks", app.base))
-            .bearer_auth(crate::helpers::ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if let Some(d) = v.as_array().and_then(|a| {
-            a.iter()
-                .find(|d| statuses.contains(&d["status"].as_str().unwrap_or("")))
-        }) {
-            return d.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no delivery reached {statuses:?}: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A 302 from the endpoint is an unsuccessful attempt; the redirect target is never called.
 async fn redirects_are_not_followed_by_webhooks(backend: Backend) {
     let elsewhere = Receiver::start(0, &[]).await;
@@ -343,15 +315,8 @@ async fn redirects_are_not_followed_by_webhooks(backend: Backend) {
         .build()
         .await;
     let key = app.key("acme").to_string();
-    let r = app
-        .create_batch(&key, &TestApp::batch_body(Some("redir"), 1))
-        .await;
-    let id = r.json::<Value>().await.unwrap()["batch_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(app.cancel_batch(&key, &id).await.status(), 200);
-    let d = delivery_with_status(&app, &["failed"], Duration::from_secs(15)).await;
+    app.create_and_cancel(&key, "redir").await;
+    let d = wait_status(&app, "failed", Duration::from_secs(15)).await;
     assert_eq!(d["last_status_code"], 302, "{d}");
     assert_eq!(
         redirecting.got().len(),
@@ -377,15 +342,8 @@ async fn private_webhook_targets_are_refused_at_send_time(backend: Backend) {
         .build()
         .await;
     let key = app.key("acme").to_string();
-    let r = app
-        .create_batch(&key, &TestApp::batch_body(Some("private"), 1))
-        .await;
-    let id = r.json::<Value>().await.unwrap()["batch_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(app.cancel_batch(&key, &id).await.status(), 200);
-    let d = delivery_with_status(&app, &["failed"], Duration::from_secs(10)).await;
+    app.create_and_cancel(&key, "private").await;
+    let d = wait_status(&app, "failed", Duration::from_secs(10)).await;
     assert!(
         d["last_error"].as_str().unwrap_or("").contains("refused"),
         "{d}"

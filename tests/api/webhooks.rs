@@ -214,7 +214,7 @@ async fn deliveries(app: &TestApp) -> Vec<Value> {
         .unwrap()
 }
 
-async fn wait_status(app: &TestApp, status: &str, within: Duration) -> Value {
+pub(crate) async fn wait_status(app: &TestApp, status: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
         let d = deliveries(app).await;

@@ -231,6 +231,18 @@ mod tests {
         (dir, db)
     }
 
+    async fn rows(db: &DatabaseConnection) -> i64 {
+        db.query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM t".to_string(),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap()
+    }
+
     async fn insert(writes: &Writes, id: i64, v: i64) -> Result<i64, ApiError> {
         writes
             .run(Some(id), move |txn| {
@@ -262,16 +274,7 @@ mod tests {
         for (i, r) in results.iter().enumerate() {
             assert_eq!(r.is_ok(), i % 10 != 0, "unit {i}");
         }
-        let n = db
-            .query_one_raw(Statement::from_string(
-                db.get_database_backend(),
-                "SELECT COUNT(*) AS n FROM t".to_string(),
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get::<i64>("", "n")
-            .unwrap();
+        let n = rows(&db).await;
         assert_eq!(n, 180, "every other unit is committed");
     }
 
@@ -294,16 +297,7 @@ mod tests {
             "400 concurrent units took {} commits",
             writes.commits()
         );
-        let n = db
-            .query_one_raw(Statement::from_string(
-                db.get_database_backend(),
-                "SELECT COUNT(*) AS n FROM t".to_string(),
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get::<i64>("", "n")
-            .unwrap();
+        let n = rows(&db).await;
         assert_eq!(n, 400);
     }
 }
