@@ -478,6 +478,18 @@ impl TestApp {
             .expect("json")
     }
 
+    /// The ops listener's `/metrics` exposition (asserting a 200).
+    pub async fn metrics_text(&self) -> String {
+        let r = self
+            .client
+            .get(format!("{}/metrics", self.ops_base))
+            .send()
+            .await
+            .expect("scrape");
+        assert_eq!(r.status(), 200);
+        r.text().await.expect("text")
+    }
+
     /// Creates a one-item batch for `key` and cancels it at once (which emits
     /// `batch.cancelled`); returns the batch id.
     pub async fn create_and_cancel(&self, key: &str, rid: &str) -> String {

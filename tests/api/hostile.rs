@@ -24,16 +24,7 @@ fn request_series(text: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn junk_methods_and_paths_leave_metrics_flat() {
     let app = TestApp::builder(Backend::Sqlite).build().await;
-    let scrape = || async {
-        let r = app
-            .client
-            .get(format!("{}/metrics", app.ops_base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.text().await.unwrap()
-    };
+    let scrape = || app.metrics_text();
     // Warm the fixed label sets first: every junk call below falls into one of them.
     for m in ["JUNKWARM", "GET"] {
         let _ = app

@@ -55,16 +55,7 @@ async fn metrics_parse_and_move_with_traffic(backend: Backend) {
         .key(&tag, "initial_credits = 1000\nrate_limit_per_min = 2")
         .build()
         .await;
-    let scrape = || async {
-        let r = app
-            .client
-            .get(format!("{}/metrics", app.ops_base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        parse_prometheus(&r.text().await.unwrap())
-    };
+    let scrape = || async { parse_prometheus(&app.metrics_text().await) };
     app.freeze_clock();
     let _serial = SERIAL.lock().await;
     let before = scrape().await;
