@@ -14,6 +14,7 @@ mod isolation;
 mod keys;
 mod lifecycle;
 mod ops;
+mod paging;
 mod promises;
 mod reaper;
 mod retention;

@@ -1,10 +1,10 @@
 //! `/api/enterprise`: the customer API (batches, credits, usage).
 use std::sync::Arc;
 
-use poem::Request;
 use poem::web::Data;
+use poem::{Body, Request};
 use poem_openapi::param::{Header, Path, Query};
-use poem_openapi::payload::Json;
+use poem_openapi::payload::{Binary, Json};
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 use uuid::Uuid;
 
@@ -12,7 +12,7 @@ use crate::auth::CustomerKey;
 use crate::error::ApiError;
 use crate::middleware::AuditTemplate;
 use crate::schemas::batches::{
-    Batch, BatchCreated, BatchList, BatchStatusFilter, CreateBatchRequest,
+    Batch, BatchCreated, BatchList, BatchStatusFilter, CreateBatchRequest, ItemPage, ItemStatus,
 };
 use crate::schemas::credits::{Credits, Usage};
 use crate::service::batches::{self, AuditInfo, CreateOutcome};
@@ -45,6 +45,15 @@ pub enum CreateBatchResponse {
         #[oai(header = "Idempotent-Replayed")]
         String,
     ),
+}
+
+/// Answer of the results export.
+#[derive(ApiResponse)]
+pub enum Results {
+    /// One JSON object per line and item, in request order: `item_id`, `index`, `status`,
+    /// `attempts`, `result_url`, `result`, `error`.
+    #[oai(status = 200, content_type = "application/x-ndjson")]
+    Ok(Binary<Body>),
 }
 
 /// Answer of the read endpoints.
@@ -142,7 +151,9 @@ impl CustomerApi {
 
     /// Get a batch
     ///
-    /// The batch with its counts and items. Another key's batch is 404.
+    /// The batch with its counts and its first 100 items; `items_next_cursor` is present when
+    /// more follow (page them with `GET /video-batch/{batch_id}/items`, or export every outcome
+    /// with `GET /video-batch/{batch_id}/results`). Another key's batch is 404.
     #[oai(
         path = "/video-batch/:batch_id",
         method = "get",
@@ -159,6 +170,69 @@ impl CustomerApi {
         Ok(Read::Ok(Json(
             batches::get(&state.db, auth.0.key.id, batch_id.0).await?,
         )))
+    }
+
+    /// List a batch's items
+    ///
+    /// In request order, optionally of one status. Pass `next_cursor` as `cursor` for the next
+    /// page. Another key's batch is 404.
+    #[oai(
+        path = "/video-batch/:batch_id/items",
+        method = "get",
+        operation_id = "list_batch_items",
+        tag = "CustomerTags::Batches"
+    )]
+    async fn list_batch_items(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: CustomerKey,
+        batch_id: Path<Uuid>,
+        /// Only items in this status.
+        status: Query<Option<ItemStatus>>,
+        /// Page size, 1–1000 (default 100).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+        limit: Query<Option<u32>>,
+        /// Cursor from the previous page.
+        cursor: Query<Option<String>>,
+    ) -> Result<Read<ItemPage>, ApiError> {
+        crate::context::update(|s| s.batch_id = Some(batch_id.0));
+        let (data, next_cursor) = batches::items_page(
+            &state.db,
+            auth.0.key.id,
+            batch_id.0,
+            status.0,
+            u64::from(limit.0.unwrap_or(100)),
+            cursor.0.as_deref(),
+        )
+        .await?;
+        Ok(Read::Ok(Json(ItemPage {
+            has_more: next_cursor.is_some(),
+            data,
+            next_cursor,
+        })))
+    }
+
+    /// Export a batch's results
+    ///
+    /// Every item's outcome as JSON Lines (`application/x-ndjson`), streamed in request order,
+    /// like a Batch API output file: fetch it once when the batch is final instead of polling
+    /// every item. Another key's batch is 404.
+    #[oai(
+        path = "/video-batch/:batch_id/results",
+        method = "get",
+        operation_id = "get_batch_results",
+        tag = "CustomerTags::Batches"
+    )]
+    async fn get_batch_results(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: CustomerKey,
+        batch_id: Path<Uuid>,
+    ) -> Result<Results, ApiError> {
+        crate::context::update(|s| s.batch_id = Some(batch_id.0));
+        batches::check_owner(&state.db, auth.0.key.id, batch_id.0).await?;
+        let stream = batches::results_stream(state.db.clone(), batch_id.0);
+        Ok(Results::Ok(Binary(Body::from_bytes_stream(stream))))
     }
 
     /// List batches

@@ -97,6 +97,17 @@ impl ItemStatus {
             _ => Self::Queued,
         }
     }
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// The result of a create (201) or of its replay (200).
@@ -212,9 +223,25 @@ pub struct Batch {
     /// When every item became final.
     #[oai(nullable)]
     pub completed_at: Option<DateTime<Utc>>,
-    /// Items in request order (only when reading one batch).
+    /// The first items in request order (only when reading one batch; at most 100).
     #[oai(skip_serializing_if_is_none)]
     pub items: Option<Vec<BatchItemView>>,
+    /// Present when the batch has more items than `items` holds: pass it as `cursor` to
+    /// `GET /video-batch/{batch_id}/items` for the next page.
+    #[oai(skip_serializing_if_is_none)]
+    pub items_next_cursor: Option<String>,
+}
+
+/// A page of a batch's items, in request order.
+#[derive(Object, Clone, Debug)]
+pub struct ItemPage {
+    /// The items.
+    pub data: Vec<BatchItemView>,
+    /// More items follow.
+    pub has_more: bool,
+    /// Pass as `cursor` for the next page.
+    #[oai(nullable)]
+    pub next_cursor: Option<String>,
 }
 
 /// A page of batches, newest first.

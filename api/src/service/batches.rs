@@ -369,6 +369,7 @@ pub fn view(job: &batch_job::Model, open: (i64, i64), items: Option<Vec<BatchIte
         cancel_requested_at: job.cancel_requested_at,
         completed_at: job.completed_at,
         items,
+        items_next_cursor: None,
     }
 }
 
@@ -425,23 +426,133 @@ pub async fn get<C: ConnectionTrait>(
     key_id: i64,
     batch_id: Uuid,
 ) -> Result<Batch, ApiError> {
-    let job = batch_job::Entity::find_by_id(batch_id)
+    let job = owned_batch(db, key_id, batch_id).await?;
+    let open = open_counts(db, &[batch_id])
+        .await?
+        .get(&batch_id)
+        .copied()
+        .unwrap_or_default();
+    let (items, next) = items_after(db, batch_id, None, None, ITEMS_PAGE).await?;
+    let mut batch = view(&job, open, Some(items));
+    batch.items_next_cursor = next;
+    Ok(batch)
+}
+
+/// Items in one answer at most: `GET /video-batch/{id}` carries the first page.
+pub const ITEMS_PAGE: u64 = 100;
+
+/// The batch, if it belongs to the key (another key's batch is "not found").
+async fn owned_batch<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    batch_id: Uuid,
+) -> Result<batch_job::Model, ApiError> {
+    batch_job::Entity::find_by_id(batch_id)
         .filter(batch_job::Column::ApiKeyId.eq(key_id))
         .one(db)
         .await?
-        .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
-    let items = batch_item::Entity::find()
-        .filter(batch_item::Column::BatchId.eq(batch_id))
+        .ok_or_else(|| ApiError::not_found("batch", batch_id))
+}
+
+/// Items after position `after` (exclusive) in request order, at most `limit`, through the
+/// (batch_id, idx) index; the cursor of the next page when more follow.
+async fn items_after<C: ConnectionTrait>(
+    db: &C,
+    batch_id: Uuid,
+    status: Option<ItemStatus>,
+    after: Option<i32>,
+    limit: u64,
+) -> Result<(Vec<BatchItemView>, Option<String>), ApiError> {
+    let mut q = batch_item::Entity::find().filter(batch_item::Column::BatchId.eq(batch_id));
+    if let Some(a) = after {
+        q = q.filter(batch_item::Column::Idx.gt(a));
+    }
+    if let Some(s) = status {
+        q = q.filter(batch_item::Column::Status.eq(s.as_str()));
+    }
+    let mut rows = q
         .order_by_asc(batch_item::Column::Idx)
+        .limit(limit + 1)
         .all(db)
         .await?;
-    let queued = items.iter().filter(|i| i.status == "queued").count() as i64;
-    let running = items.iter().filter(|i| i.status == "running").count() as i64;
-    Ok(view(
-        &job,
-        (queued, running),
-        Some(items.iter().map(item_view).collect()),
-    ))
+    let next = if rows.len() as u64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| encode_item_cursor(r.idx))
+    } else {
+        None
+    };
+    Ok((rows.iter().map(item_view).collect(), next))
+}
+
+/// A page of a batch's items in request order, optionally of one status.
+pub async fn items_page<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    batch_id: Uuid,
+    status: Option<ItemStatus>,
+    limit: u64,
+    cursor: Option<&str>,
+) -> Result<(Vec<BatchItemView>, Option<String>), ApiError> {
+    owned_batch(db, key_id, batch_id).await?;
+    let after = cursor.map(decode_item_cursor).transpose()?;
+    items_after(db, batch_id, status, after, limit).await
+}
+
+/// Items read per query while streaming results.
+const RESULTS_CHUNK: u64 = 1000;
+
+/// Every item's outcome as JSON Lines, read 1,000 at a time through the index: memory stays
+/// flat however large the batch. Check ownership first with [`check_owner`].
+pub fn results_stream(
+    db: DatabaseConnection,
+    batch_id: Uuid,
+) -> impl futures::Stream<Item = Result<hyper::body::Bytes, std::io::Error>> + Send + 'static {
+    futures::stream::unfold(Some(-1i32), move |after| {
+        let db = db.clone();
+        async move {
+            let after = after?;
+            let rows = match batch_item::Entity::find()
+                .filter(batch_item::Column::BatchId.eq(batch_id))
+                .filter(batch_item::Column::Idx.gt(after))
+                .order_by_asc(batch_item::Column::Idx)
+                .limit(RESULTS_CHUNK)
+                .all(&db)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, %batch_id, "streaming results failed");
+                    return Some((Err(std::io::Error::other("reading results failed")), None));
+                }
+            };
+            let last = rows.last().map(|r| r.idx)?;
+            let mut out = Vec::with_capacity(rows.len() * 160);
+            for r in &rows {
+                let line = json!({
+                    "item_id": r.id,
+                    "index": r.idx,
+                    "status": r.status,
+                    "attempts": r.attempts,
+                    "result_url": r.result_url,
+                    "result": parse_json(r.result.as_deref()),
+                    "error": r.error,
+                });
+                out.extend_from_slice(line.to_string().as_bytes());
+                out.push(b'\n');
+            }
+            let next = (rows.len() as u64 == RESULTS_CHUNK).then_some(last);
+            Some((Ok(hyper::body::Bytes::from(out)), next))
+        }
+    })
+}
+
+/// 404 unless the batch belongs to the key.
+pub async fn check_owner<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    batch_id: Uuid,
+) -> Result<(), ApiError> {
+    owned_batch(db, key_id, batch_id).await.map(|_| ())
 }
 
 /// A page of a key's batches, newest first. The cursor is opaque to clients.
@@ -484,6 +595,21 @@ pub async fn list<C: ConnectionTrait>(
 fn encode_cursor(id: Uuid) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
+}
+
+fn encode_item_cursor(idx: i32) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("item:{idx}"))
+}
+
+fn decode_item_cursor(c: &str) -> Result<i32, ApiError> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix("item:").and_then(|n| n.parse().ok()))
+        .ok_or_else(|| ApiError::validation("cursor", "is not a cursor returned by this endpoint"))
 }
 
 fn decode_cursor(c: &str) -> Result<Uuid, ApiError> {

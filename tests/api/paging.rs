@@ -1,0 +1,169 @@
+//! Large batches: a status poll carries the first page of items and a cursor, the items endpoint
+//! pages the rest, and the results export streams every outcome as JSON Lines.
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use crate::both_backends;
+use crate::helpers::{Backend, TestApp};
+
+both_backends!(
+    a_status_poll_carries_one_page_and_the_items_endpoint_pages_the_rest,
+    the_results_export_streams_every_outcome_as_json_lines,
+    another_keys_items_and_results_are_not_found,
+);
+
+async fn big_batch(app: &TestApp, key: &str, n: usize) -> String {
+    let r = app
+        .create_batch(key, &TestApp::batch_body(Some("big"), n))
+        .await;
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.unwrap()["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn app(backend: Backend) -> TestApp {
+    TestApp::builder(backend)
+        .key(
+            "acme",
+            "initial_credits = 100000\nmax_batch_items = 1000\nread_rate_limit_per_min = 10000",
+        )
+        .key("other", "initial_credits = 100")
+        .build()
+        .await
+}
+
+async fn get_json(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
+    let r = app
+        .client
+        .get(format!("{}/api/enterprise{path}", app.base))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn a_status_poll_carries_one_page_and_the_items_endpoint_pages_the_rest(backend: Backend) {
+    let app = app(backend).await;
+    let key = app.key("acme").to_string();
+    let id = big_batch(&app, &key, 250).await;
+    let (status, b) = get_json(&app, &key, &format!("/video-batch/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(b["items"].as_array().unwrap().len(), 100);
+    assert_eq!(b["counts"]["total"], 250);
+    assert_eq!(b["counts"]["queued"], 250);
+    let mut cursor = b["items_next_cursor"].as_str().unwrap().to_string();
+    let mut seen: Vec<i64> = b["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["index"].as_i64().unwrap())
+        .collect();
+    loop {
+        let (status, page) = get_json(
+            &app,
+            &key,
+            &format!("/video-batch/{id}/items?limit=70&cursor={cursor}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        seen.extend(
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["index"].as_i64().unwrap()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => {
+                assert_eq!(page["has_more"], true);
+                cursor = c.to_string();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        (0..250).collect::<Vec<_>>(),
+        "every item once, in order"
+    );
+    // A status filter pages only those items.
+    let claimed = app.claim("w", 10).await;
+    assert_eq!(claimed.len(), 10);
+    let (_, running) = get_json(
+        &app,
+        &key,
+        &format!("/video-batch/{id}/items?status=running"),
+    )
+    .await;
+    let ids: HashSet<&str> = running["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item_id"].as_str().unwrap())
+        .collect();
+    let want: HashSet<&str> = claimed
+        .iter()
+        .map(|i| i["item_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, want);
+    let (status, bad) = get_json(&app, &key, &format!("/video-batch/{id}/items?cursor=nope")).await;
+    assert_eq!(status, 422, "{bad}");
+}
+
+async fn the_results_export_streams_every_outcome_as_json_lines(backend: Backend) {
+    let app = app(backend).await;
+    let key = app.key("acme").to_string();
+    let id = big_batch(&app, &key, 1000).await;
+    let item = app.claim("w", 1).await.remove(0);
+    assert_eq!(app.complete(&item).await.status(), 200);
+    let r = app
+        .client
+        .get(format!(
+            "{}/api/enterprise/video-batch/{id}/results",
+            app.base
+        ))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/x-ndjson");
+    let text = r.text().await.unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1000);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["index"], i as i64);
+    }
+    let done = lines
+        .iter()
+        .find(|l| l["item_id"] == item["item_id"])
+        .unwrap();
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["result_url"], json!("https://cdn.example/v.mp4"));
+    assert_eq!(
+        lines.iter().filter(|l| l["status"] == "queued").count(),
+        999
+    );
+}
+
+async fn another_keys_items_and_results_are_not_found(backend: Backend) {
+    let app = app(backend).await;
+    let id = big_batch(&app, app.key("acme"), 3).await;
+    let other = app.key("other").to_string();
+    for path in [
+        format!("/video-batch/{id}/items"),
+        format!("/video-batch/{id}/results"),
+    ] {
+        let (status, body) = get_json(&app, &other, &path).await;
+        assert_eq!(status, 404, "{path}");
+        assert_eq!(body["error"], "NOT_FOUND");
+    }
+}
