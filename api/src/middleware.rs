@@ -159,6 +159,13 @@ pub async fn request_context<E: Endpoint>(
                 }
             },
         };
+        let mut resp = resp;
+        if resp.status() == StatusCode::METHOD_NOT_ALLOWED
+            && let Some(allow) = crate::startup::allowed_methods(&path)
+            && let Ok(v) = HeaderValue::from_str(&allow)
+        {
+            resp.headers_mut().insert(poem::http::header::ALLOW, v);
+        }
         let status = resp.status().as_u16();
         let route = route_label(op, &path);
         let elapsed = started.elapsed();

@@ -74,6 +74,50 @@ pub fn specs() -> [(&'static str, String); 3] {
     ]
 }
 
+/// The methods a path of the three APIs accepts, for the `Allow` header of a 405 (RFC 9110),
+/// read once from the documents themselves so that they never disagree.
+pub fn allowed_methods(path: &str) -> Option<String> {
+    static ROUTES: std::sync::OnceLock<Vec<(Vec<String>, Vec<String>)>> =
+        std::sync::OnceLock::new();
+    let routes = ROUTES.get_or_init(|| {
+        let mut out = Vec::new();
+        for (prefix, spec) in [
+            ("/api/enterprise", customer_service().spec()),
+            ("/api/internal/worker", worker_service().spec()),
+            ("/api/admin", admin_service().spec()),
+        ] {
+            let doc: serde_json::Value = serde_json::from_str(&spec).unwrap_or_default();
+            let Some(paths) = doc["paths"].as_object() else {
+                continue;
+            };
+            for (template, ops) in paths {
+                let segments = format!("{prefix}{template}")
+                    .split('/')
+                    .map(str::to_string)
+                    .collect();
+                let mut methods: Vec<String> = ops
+                    .as_object()
+                    .map(|o| o.keys().map(|m| m.to_ascii_uppercase()).collect())
+                    .unwrap_or_default();
+                methods.sort();
+                out.push((segments, methods));
+            }
+        }
+        out
+    });
+    let parts: Vec<&str> = path.split('/').collect();
+    routes
+        .iter()
+        .find(|(segments, _)| {
+            segments.len() == parts.len()
+                && segments
+                    .iter()
+                    .zip(&parts)
+                    .all(|(t, p)| t == p || (t.starts_with('{') && !p.is_empty()))
+        })
+        .map(|(_, methods)| methods.join(", "))
+}
+
 /// Every public route, wrapped in the request-context layer. `/metrics` is among them only
 /// when `server.ops_bind` equals `server.bind` (otherwise it lives on the ops listener).
 pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint<Output = poem::Response> {

@@ -49,7 +49,30 @@ async fn error_shape_everywhere(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.headers()["allow"],
+        "GET",
+        "RFC 9110: a 405 says what is allowed"
+    );
     assert_error_shape(&r.json().await.unwrap(), "NOT_FOUND");
+    for (method, path, allow) in [
+        (
+            reqwest::Method::DELETE,
+            "/api/enterprise/video-batch",
+            "GET, POST",
+        ),
+        (reqwest::Method::PUT, "/api/internal/worker/claim", "POST"),
+        (reqwest::Method::GET, "/api/admin/config/reload", "POST"),
+    ] {
+        let r = app
+            .client
+            .request(method, format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{path}");
+        assert_eq!(r.headers()["allow"], allow, "{path}");
+    }
 
     let r = app
         .client
@@ -200,8 +223,10 @@ fn customer_document_has_only_customer_operations_with_readable_ids() {
             "cancel_batch",
             "create_batch",
             "get_batch",
+            "get_batch_results",
             "get_credits",
             "get_usage",
+            "list_batch_items",
             "list_batches"
         ]
     );
