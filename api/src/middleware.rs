@@ -294,6 +294,7 @@ fn throttle_stranger(state: &AppState, ip: Option<IpAddr>, retry_after: u32) -> 
         state.clock.now(),
     );
     context::note_error(ErrorCode::RateLimitExceeded);
+    metrics::counter!("unauthenticated_throttled_total").increment(1);
     let mut resp = ApiError::new(
         ErrorCode::RateLimitExceeded,
         format!(

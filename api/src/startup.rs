@@ -204,6 +204,7 @@ pub async fn prepare_with_db(
         _ => settings.database.write_lanes as usize,
     };
     let writes = crate::store::pipeline::Writes::start(writer.clone(), lanes);
+    crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));
     let runtime = Runtime::new(settings, &ids);
     Ok(Arc::new(AppState {
         writes,
@@ -243,6 +244,7 @@ pub async fn reload(state: &AppState) -> Result<ReloadResult, String> {
     if let Ok(revoked) = crate::service::keys::disabled_ids(&state.writer).await {
         state.revoked.store(Arc::new(revoked));
     }
+    crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));
     let runtime = Runtime::new(settings, &ids);
     let result = ReloadResult {
         ok: true,
@@ -494,6 +496,36 @@ pub async fn sample_gauges(state: &AppState) -> Result<(), sea_orm::DbErr> {
             None => metrics::gauge!(name).set(n as f64),
         }
     }
+    // The head of the fair queue (through its partial index): how long work has been waiting.
+    let head: Option<chrono::DateTime<chrono::Utc>> = match state
+        .db
+        .query_one_raw(crate::db::stmt(
+            backend,
+            "SELECT created_at FROM batch_item WHERE status = 'queued' ORDER BY fair_pos LIMIT 1",
+            [],
+        ))
+        .await?
+    {
+        Some(r) => Some(r.try_get("", "created_at")?),
+        None => None,
+    };
+    let age = head.map_or(0.0, |t| {
+        (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+    });
+    metrics::gauge!("queue_oldest_item_age_seconds").set(age);
+    let held: i64 = match state
+        .db
+        .query_one_raw(crate::db::stmt(
+            backend,
+            "SELECT CAST(COALESCE(SUM(held), 0) AS BIGINT) AS n FROM credit_wallet",
+            [],
+        ))
+        .await?
+    {
+        Some(r) => r.try_get("", "n")?,
+        None => 0,
+    };
+    metrics::gauge!("credits_held").set(held as f64);
     Ok(())
 }
 

@@ -67,8 +67,61 @@ pub fn describe() {
     );
     describe_counter!("worker_claims_total", "Claim calls");
     describe_counter!("worker_claimed_items_total", "Items leased to workers");
-    describe_counter!("worker_reports_total", "Worker reports by kind and outcome");
     describe_counter!("webhook_attempts_total", "Webhook attempts by outcome");
     describe_counter!("config_reloads_total", "Configuration reloads by outcome");
     describe_counter!("batches_created_total", "Batches created");
+    describe_counter!(
+        "unauthenticated_throttled_total",
+        "Calls without a valid key refused by the per-address budget"
+    );
+    describe_counter!(
+        "retention_pruned_rows_total",
+        "Rows deleted by the retention pruner, by table"
+    );
+    describe_gauge!(
+        "queue_oldest_item_age_seconds",
+        "Age of the item at the head of the queue (0 when nothing is queued)"
+    );
+    describe_gauge!("credits_held", "Credits held across all wallets");
+    describe_histogram!(
+        "write_group_size",
+        "Units of work committed together by one group commit"
+    );
+}
+
+/// Exports every counter whose label values are known in advance at zero, so that alert rules
+/// and dashboards can rely on the series before the first event (a rate over a series that
+/// does not exist yet is no rate at all). Called at start and after each reload.
+pub fn register_known_series<'a>(key_names: impl Iterator<Item = &'a str>) {
+    for kind in ["grant", "hold", "charge", "release", "adjust"] {
+        metrics::counter!("credits_total", "kind" => kind).increment(0);
+    }
+    for result in ["success", "http_error", "transport_error", "refused"] {
+        metrics::counter!("webhook_attempts_total", "result" => result).increment(0);
+    }
+    for outcome in ["applied", "rejected"] {
+        metrics::counter!("config_reloads_total", "outcome" => outcome).increment(0);
+    }
+    for table in ["usage_event", "webhook_delivery"] {
+        metrics::counter!("retention_pruned_rows_total", "table" => table).increment(0);
+    }
+    for name in [
+        "batches_created_total",
+        "worker_claims_total",
+        "worker_claimed_items_total",
+        "unauthenticated_throttled_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    // Request series exist once a route is called; the health route's are there from the start
+    // so that request-rate and latency expressions have a series to read.
+    metrics::counter!("http_requests_total", "route" => "healthz", "method" => "GET", "status" => "200")
+        .increment(0);
+    let _ = metrics::histogram!("http_request_duration_seconds", "route" => "healthz", "method" => "GET");
+    for key in key_names {
+        for scope in ["batch", "read"] {
+            metrics::counter!("rate_limit_rejections_total", "key" => key.to_string(), "scope" => scope)
+                .increment(0);
+        }
+    }
 }

@@ -102,3 +102,133 @@ async fn metrics_parse_and_move_with_traffic(backend: Backend) {
         "queue depth is exported"
     );
 }
+
+/// The metric names a PromQL expression reads: identifiers that are not functions,
+/// aggregations, keywords, label names or values.
+fn metric_names(expr: &str) -> Vec<String> {
+    // Drop label matchers, ranges and grouping clauses.
+    let mut plain = String::new();
+    let mut depth_brace = 0;
+    let mut depth_bracket = 0;
+    for c in expr.chars() {
+        match c {
+            '{' => depth_brace += 1,
+            '}' => depth_brace -= 1,
+            '[' => depth_bracket += 1,
+            ']' => depth_bracket -= 1,
+            _ if depth_brace > 0 || depth_bracket > 0 => {}
+            _ => plain.push(c),
+        }
+    }
+    for kw in [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ] {
+        while let Some(i) = plain.find(&format!("{kw} (")) {
+            let end = plain[i..].find(')').map_or(plain.len(), |j| i + j + 1);
+            plain.replace_range(i..end, " ");
+        }
+    }
+    let chars: Vec<char> = plain.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_ascii_alphabetic() || chars[i] == '_' {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+            {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let mut j = i;
+            while j < chars.len() && chars[j] == ' ' {
+                j += 1;
+            }
+            let is_call = j < chars.len() && chars[j] == '(';
+            let keyword = ["and", "or", "unless", "bool", "offset", "e"].contains(&word.as_str());
+            if !is_call && !keyword {
+                out.push(word);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Every metric the Grafana dashboard and the alert rules under `deploy/` name is exported by a
+/// freshly started server, before any traffic (counters with known labels start at zero).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_kit_names_only_exported_metrics() {
+    let _serial = SERIAL.lock().await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/video-batch-api.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml")).unwrap();
+    // `expr:` is either on one line or a `|` block of indented lines.
+    let lines: Vec<&str> = rules.lines().collect();
+    for (i, l) in lines.iter().enumerate() {
+        if let Some(rest) = l.trim_start().strip_prefix("expr:") {
+            if rest.trim() == "|" {
+                let indent = l.len() - l.trim_start().len();
+                let block: Vec<&str> = lines[i + 1..]
+                    .iter()
+                    .take_while(|b| b.len() - b.trim_start().len() > indent)
+                    .copied()
+                    .collect();
+                exprs.push(block.join(" "));
+            } else {
+                exprs.push(rest.trim().to_string());
+            }
+        }
+    }
+    assert!(exprs.len() >= 15, "dashboard and rules read: {exprs:?}");
+    let app = TestApp::builder(Backend::Sqlite)
+        .key("kit", "initial_credits = 10")
+        .build()
+        .await;
+    // The first background tick samples the gauges right after start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let t = app.metrics_text().await;
+        if t.contains("queue_oldest_item_age_seconds") || std::time::Instant::now() > deadline {
+            break t;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let exported: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+    let mut named = std::collections::BTreeSet::new();
+    for e in &exprs {
+        named.extend(metric_names(e));
+    }
+    assert!(
+        named.contains("credits_total") && named.contains("queue_items"),
+        "{named:?}"
+    );
+    let missing: Vec<&String> = named
+        .iter()
+        .filter(|m| !exported.contains(m.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "named by deploy/ but not exported: {missing:?}\nexported: {exported:?}"
+    );
+}
