@@ -140,8 +140,11 @@ pub async fn run() -> anyhow::Result<()> {
                     println!("wrote {}", path.display());
                 }
             }
-            None if yaml => print!("{}", crate::startup::customer_service().spec_yaml()),
-            None => println!("{}", crate::startup::customer_service().spec()),
+            None if yaml => {
+                let doc: serde_json::Value = serde_json::from_str(&crate::startup::specs()[0].1)?;
+                print!("{}", serde_yaml::to_string(&doc)?);
+            }
+            None => println!("{}", crate::startup::specs()[0].1),
         },
         Command::Keys {
             command: KeysCommand::Generate { name },

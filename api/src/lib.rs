@@ -4,6 +4,7 @@ pub mod cli;
 pub mod clock;
 pub mod context;
 pub mod db;
+pub mod docs;
 pub mod domain;
 pub mod error;
 pub mod middleware;

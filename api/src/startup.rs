@@ -65,13 +65,49 @@ pub fn admin_service() -> OpenApiService<AdminApi, ()> {
     .server("/api/admin")
 }
 
-/// The three documents as pretty JSON: (customer, worker, admin).
+/// The three documents as pretty JSON, refined (see [`crate::docs`]): (customer, worker, admin).
 pub fn specs() -> [(&'static str, String); 3] {
     [
-        ("openapi.json", customer_service().spec()),
-        ("openapi-worker.json", worker_service().spec()),
-        ("openapi-admin.json", admin_service().spec()),
+        (
+            "openapi.json",
+            crate::docs::refine(&customer_service().spec()),
+        ),
+        (
+            "openapi-worker.json",
+            crate::docs::refine(&worker_service().spec()),
+        ),
+        (
+            "openapi-admin.json",
+            crate::docs::refine(&admin_service().spec()),
+        ),
     ]
+}
+
+/// The refined document at its URL and Swagger UI showing it, for one API.
+fn doc_endpoints<T: poem_openapi::OpenApi>(
+    service: &OpenApiService<T, ()>,
+) -> (
+    poem::endpoint::BoxEndpoint<'static>,
+    poem::endpoint::BoxEndpoint<'static>,
+) {
+    let raw = service.spec();
+    let refined = crate::docs::refine(&raw);
+    let html = service.swagger_ui_html().replace(&raw, &refined);
+    let ui = Route::new()
+        .at(
+            "/",
+            poem::endpoint::make_sync(move |_| poem::web::Html(html.clone())),
+        )
+        .map_to_response()
+        .boxed();
+    let doc = poem::endpoint::make_sync(move |_| {
+        poem::Response::builder()
+            .content_type("application/json; charset=utf-8")
+            .body(refined.clone())
+    })
+    .map_to_response()
+    .boxed();
+    (ui, doc)
 }
 
 /// The methods a path of the three APIs accepts, for the `Allow` header of a 405 (RFC 9110),
@@ -124,12 +160,9 @@ pub fn routes(state: Arc<AppState>) -> impl poem::Endpoint<Output = poem::Respon
     let customer = customer_service();
     let worker = worker_service();
     let admin = admin_service();
-    let customer_ui = customer.swagger_ui();
-    let customer_spec = customer.spec_endpoint();
-    let worker_ui = worker.swagger_ui();
-    let worker_spec = worker.spec_endpoint();
-    let admin_ui = admin.swagger_ui();
-    let admin_spec = admin.spec_endpoint();
+    let (customer_ui, customer_spec) = doc_endpoints(&customer);
+    let (worker_ui, worker_spec) = doc_endpoints(&worker);
+    let (admin_ui, admin_spec) = doc_endpoints(&admin);
     let audit_state = Arc::clone(&state);
     let ctx_state = Arc::clone(&state);
     let server = &state.runtime().settings.server;
