@@ -133,6 +133,13 @@ pub fn refine(spec: &str) -> String {
             url["pattern"] = json!("^https://");
             url["maxLength"] = json!(2048);
         }
+        // An adjustment of nothing is refused (422): say so.
+        if let Some(amount) = schemas
+            .get_mut("AdjustRequest")
+            .and_then(|s| s.pointer_mut("/properties/amount"))
+        {
+            amount["not"] = json!({ "enum": [0] });
+        }
         for (name, example) in examples() {
             if let Some(s) = schemas.get_mut(name).and_then(Value::as_object_mut) {
                 s.insert("example".into(), example);
