@@ -123,6 +123,26 @@ pub fn refine(spec: &str) -> String {
         for name in CLOSED_OBJECTS {
             if let Some(s) = schemas.get_mut(name).and_then(Value::as_object_mut) {
                 s.insert("additionalProperties".into(), Value::Bool(false));
+                // An optional field may also be sent as null (it means "not given").
+                let required: Vec<String> = s
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .map(|r| {
+                        r.iter()
+                            .filter_map(|v| v.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Some(props) = s.get_mut("properties").and_then(Value::as_object_mut) {
+                    for (field, prop) in props.iter_mut() {
+                        if !required.contains(field)
+                            && let Some(p) = prop.as_object_mut()
+                            && !p.contains_key("$ref")
+                        {
+                            p.insert("nullable".into(), Value::Bool(true));
+                        }
+                    }
+                }
             }
         }
         if let Some(url) = schemas
