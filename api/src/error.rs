@@ -304,6 +304,23 @@ impl ApiResponse for ApiError {
     }
 }
 
+/// A header that is present but not text is read as absent by the extractors; refuse it
+/// (400) instead of acting as if it had not been sent.
+pub fn refuse_unreadable_header(
+    req: &poem::Request,
+    name: &str,
+    parsed: &Option<String>,
+) -> Result<(), ApiError> {
+    if parsed.is_none() && req.headers().contains_key(name) {
+        return Err(ApiError::new(
+            ErrorCode::ValidationError,
+            format!("{name}: must be 1-255 characters of [A-Za-z0-9._:-]"),
+        )
+        .with_status(StatusCode::BAD_REQUEST));
+    }
+    Ok(())
+}
+
 /// Turns any `poem::Error` that is not already a response (unknown route, wrong method,
 /// body too large, parse and validator failures, auth failures) into the JSON error body.
 pub fn catch_all(err: poem::Error) -> Response {

@@ -461,3 +461,32 @@ async fn forwarded_addresses_fail_closed() {
         );
     }
 }
+
+/// An `Idempotency-Key` that is not text is refused (400), never silently ignored: ignoring it
+/// would turn a retry into a second batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_idempotency_key_is_refused() {
+    let app = TestApp::builder(Backend::Sqlite)
+        .key("acme", "initial_credits = 100")
+        .build()
+        .await;
+    let mut s = TcpStream::connect(format!("127.0.0.1:{}", app.port))
+        .await
+        .unwrap();
+    let body = br#"{"items":[{"prompt":"p"}]}"#;
+    let mut req = format!(
+        "POST /api/enterprise/video-batch HTTP/1.1\r\nHost: x\r\nx-api-key: {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        app.key("acme"),
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(b"Idempotency-Key: \xd7\xf8\xc2\x9b\r\n\r\n");
+    req.extend_from_slice(body);
+    s.write_all(&req).await.unwrap();
+    let answer = read_until_closed(&mut s, Duration::from_secs(5))
+        .await
+        .expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(app.scalar("SELECT COUNT(*) AS v FROM batch_job").await, 0);
+}

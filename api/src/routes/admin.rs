@@ -185,7 +185,9 @@ impl AdminApi {
         )]
         idempotency_key: Header<Option<String>>,
         body: Json<GrantRequest>,
+        req: &poem::Request,
     ) -> Result<Json<AdminWallet>, ApiError> {
+        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
         Ok(Json(
             Self::movement(
                 &state,
@@ -219,7 +221,9 @@ impl AdminApi {
         )]
         idempotency_key: Header<Option<String>>,
         body: Json<AdjustRequest>,
+        req: &poem::Request,
     ) -> Result<Json<AdminWallet>, ApiError> {
+        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
         if body.0.amount == 0 {
             return Err(ApiError::validation("amount", "must not be 0"));
         }

@@ -124,14 +124,7 @@ impl CustomerApi {
         req: &Request,
     ) -> Result<CreateBatchResponse, ApiError> {
         let caller = auth.0;
-        if idempotency_key.0.is_none() && req.headers().contains_key("idempotency-key") {
-            // Present but not text (poem-openapi reads it as absent): refuse, never ignore it.
-            return Err(ApiError::new(
-                crate::error::ErrorCode::ValidationError,
-                "Idempotency-Key: must be 1-255 characters of [A-Za-z0-9._:-]",
-            )
-            .with_status(poem::http::StatusCode::BAD_REQUEST));
-        }
+        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
         let template = req
             .extensions()
             .get::<AuditTemplate>()
