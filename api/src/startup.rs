@@ -248,6 +248,7 @@ pub async fn prepare_with_db(
         reload_lock: tokio::sync::Mutex::new(()),
         revoked: ArcSwap::from_pointee(revoked),
         clock: crate::clock::Clock::default(),
+        webhook_wakeup: tokio::sync::Notify::new(),
         strangers,
     }))
 }
@@ -445,6 +446,7 @@ fn spawn_reaper(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             let runtime = state.runtime();
             match crate::service::leases::reap_expired(&state.db, &state.writes, &runtime).await {
                 Ok(r) if r.requeued + r.settled > 0 => {
+                    state.webhook_wakeup.notify_one();
                     tracing::info!(
                         requeued = r.requeued,
                         settled = r.settled,

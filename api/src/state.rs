@@ -73,6 +73,8 @@ pub struct AppState {
     pub revoked: ArcSwap<std::collections::HashSet<i64>>,
     /// The group-commit write lanes every request's writes go through.
     pub writes: crate::store::pipeline::Writes,
+    /// Woken when this node commits webhook events, so the dispatcher sends them at once.
+    pub webhook_wakeup: tokio::sync::Notify,
     /// "Now" for rate-limit windows, audit minutes and "today" (tests may freeze it).
     pub clock: crate::clock::Clock,
     /// This node's budget and aggregated audit of calls without a valid key.

@@ -8,6 +8,7 @@ mod cluster;
 mod config;
 mod crash;
 mod create;
+mod delivery;
 mod errors;
 mod hostile;
 mod isolation;

@@ -290,16 +290,19 @@ impl CustomerApi {
     ) -> Result<Read<Batch>, ApiError> {
         crate::context::update(|s| s.batch_id = Some(batch_id.0));
         let caller = auth.0;
-        Ok(Read::Ok(Json(
-            batches::cancel(
+        Ok(Read::Ok(Json({
+            let batch = batches::cancel(
                 &state.db,
                 &state.writes,
                 caller.runtime,
                 caller.key.id,
                 batch_id.0,
             )
-            .await?,
-        )))
+            .await?;
+            // A cancel may have finished the batch: its event is sent at once.
+            state.webhook_wakeup.notify_one();
+            batch
+        })))
     }
 
     /// Get credits

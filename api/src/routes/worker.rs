@@ -109,18 +109,19 @@ impl WorkerApi {
             .result
             .as_ref()
             .map(|r| serde_json::to_string(r).unwrap_or_default());
-        Ok(Json(
-            leases::complete(
-                &state.db,
-                &state.writes,
-                auth.0,
-                item_id.0,
-                body.0.lease_token,
-                body.0.result_url,
-                result,
-            )
-            .await?,
-        ))
+        let state_now = leases::complete(
+            &state.db,
+            &state.writes,
+            auth.0,
+            item_id.0,
+            body.0.lease_token,
+            body.0.result_url,
+            result,
+        )
+        .await?;
+        // Item and batch events this report wrote are sent at once.
+        state.webhook_wakeup.notify_one();
+        Ok(Json(state_now))
     }
 
     /// Report failure
@@ -140,17 +141,17 @@ impl WorkerApi {
         item_id: Path<Uuid>,
         body: Json<FailRequest>,
     ) -> Result<Json<ItemState>, ApiError> {
-        Ok(Json(
-            leases::fail(
-                &state.db,
-                &state.writes,
-                auth.0,
-                item_id.0,
-                body.0.lease_token,
-                body.0.error,
-                body.0.retryable,
-            )
-            .await?,
-        ))
+        let state_now = leases::fail(
+            &state.db,
+            &state.writes,
+            auth.0,
+            item_id.0,
+            body.0.lease_token,
+            body.0.error,
+            body.0.retryable,
+        )
+        .await?;
+        state.webhook_wakeup.notify_one();
+        Ok(Json(state_now))
     }
 }

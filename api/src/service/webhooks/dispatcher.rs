@@ -1,7 +1,8 @@
 //! The dispatcher: claims due deliveries, sends them, records each attempt.
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use entity::webhook_delivery;
@@ -32,6 +33,51 @@ pub struct Attempt {
     pub duration_ms: i64,
     /// The endpoint did not answer in time (or could not be reached): counts toward its backoff.
     pub timed_out: bool,
+}
+
+/// Clients kept for reuse at most; beyond it the cache starts over.
+const MAX_CLIENTS: usize = 1024;
+
+type ClientKey = (String, Vec<SocketAddr>, Duration);
+
+/// One long-lived client per target (host, the addresses the guard checked, timeout): its
+/// connections are kept alive and reused across deliveries (HTTP/2 where the receiver offers
+/// it), and it can only ever connect to the checked addresses. A name that resolves elsewhere
+/// later gets a client of its own.
+fn client_for(
+    host: &str,
+    addrs: &[SocketAddr],
+    timeout: Duration,
+) -> Result<reqwest::Client, reqwest::Error> {
+    static CLIENTS: std::sync::OnceLock<std::sync::Mutex<HashMap<ClientKey, reqwest::Client>>> =
+        std::sync::OnceLock::new();
+    let mut sorted = addrs.to_vec();
+    sorted.sort();
+    let key = (host.to_string(), sorted, timeout);
+    let cache = CLIENTS.get_or_init(Default::default);
+    if let Some(c) = cache.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(c);
+    }
+    let client = reqwest::Client::builder()
+        // Proxy variables would resolve the target elsewhere and bypass the pinning below.
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(timeout.min(CONNECT_TIMEOUT))
+        .resolve_to_addrs(host, addrs)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!(
+            "video-batch-api-webhooks/",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .build()?;
+    if let Ok(mut m) = cache.lock() {
+        if m.len() >= MAX_CLIENTS {
+            m.clear();
+        }
+        m.insert(key, client.clone());
+    }
+    Ok(client)
 }
 
 /// Signs and sends one attempt of a delivery.
@@ -83,19 +129,7 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
             Err(e) => return done(None, Some(format!("webhook secret: {e}")), None, false),
         }
     }
-    let client = match reqwest::Client::builder()
-        // Proxy variables would resolve the target elsewhere and bypass the pinning below.
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(settings.timeout)
-        .connect_timeout(settings.timeout.min(CONNECT_TIMEOUT))
-        .resolve_to_addrs(&host, &addrs)
-        .user_agent(concat!(
-            "video-batch-api-webhooks/",
-            env!("CARGO_PKG_VERSION")
-        ))
-        .build()
-    {
+    let client = match client_for(&host, &addrs, settings.timeout) {
         Ok(c) => c,
         Err(e) => return done(None, Some(format!("client: {e}")), None, true),
     };
@@ -423,6 +457,9 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
                     endpoints.finished(&ep, timed_out);
                 }
             }
+            // Events committed on this node wake the dispatcher at once; other nodes' events
+            // are found by this short poll.
+            _ = state.webhook_wakeup.notified() => {}
             _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
             _ = stop.notified() => break,
         }
