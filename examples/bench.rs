@@ -19,6 +19,11 @@
 //! bench worker        --base http://127.0.0.1:PORT --secret S --conc 8 --seconds 5
 //!     The worker phase over HTTP: CONC workers each claim 10 items then complete them one by
 //!     one. One JSON line.
+//! bench webhooks      --url URL --key bench --receiver 127.0.0.1:PORT [--n 5000] [--rate 200] [--seconds 10]
+//!     Webhook delivery of a running server whose key `bench` targets http://RECEIVER/hook: a
+//!     receiver answering 200 at once counts arrivals; N pending deliveries are written into the
+//!     outbox at once (throughput: deliveries/s until the last arrives), then RATE per second for
+//!     SECONDS (delay from commit to receipt, p50/p99). One JSON line.
 //! ```
 //! `db-ceiling` and `claim-ceiling` also take `--clk-tck N` (default 100) to report their own
 //! CPU time per operation, and `--orm-limits 1` to bind single-row LIMITs as sea-orm does. They mirror the SQL of api/src/service as of this file's last edit:
@@ -61,6 +66,7 @@ async fn main() -> Result<()> {
         "claim-ceiling" => claim_ceiling(&opts).await,
         "preload" => preload_http(&opts).await,
         "worker" => worker_http(&opts).await,
+        "webhooks" => webhooks_bench(&opts).await,
         _ => bail!(
             "usage: bench <http-ceiling|db-ceiling|claim-ceiling|preload|worker> --flag value ... \
              (see the comment at the top of examples/bench.rs)"
@@ -103,6 +109,147 @@ impl Opts {
             .map(|s| s.trim().parse().map_err(|_| anyhow!("--conc: {s}")))
             .collect()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook delivery
+
+/// Arrivals at the receiver: when, and the delay since the event's commit (`data.committed_at`).
+#[derive(Default)]
+struct Arrivals {
+    at: std::sync::Mutex<Vec<(Instant, Option<f64>)>>,
+}
+
+async fn webhooks_bench(opts: &Opts) -> Result<()> {
+    use poem::web::Data;
+    use poem::{EndpointExt, Route, Server, handler, listener::TcpListener, post};
+
+    #[handler]
+    fn hook(body: String, arrivals: Data<&Arc<Arrivals>>) -> poem::http::StatusCode {
+        let delay = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["data"]["committed_at"].as_str().map(str::to_string))
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+            .map(|t| (Utc::now() - t).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        if let Ok(mut a) = arrivals.at.lock() {
+            a.push((Instant::now(), delay));
+        }
+        poem::http::StatusCode::OK
+    }
+
+    let n: usize = opts.num("n", 5000)?;
+    let rate: usize = opts.num("rate", 200)?;
+    let seconds: u64 = opts.num("seconds", 10)?;
+    let receiver = opts.str("receiver")?;
+    let arrivals = Arc::new(Arrivals::default());
+    let app = Route::new()
+        .at("/hook", post(hook))
+        .data(Arc::clone(&arrivals));
+    tokio::spawn(Server::new(TcpListener::bind(receiver.clone())).run(app));
+    let db = api::db::connect_url(&opts.str("url")?, 4, None).await?;
+    let key_name = opts.str("key")?;
+    let key_id = db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "SELECT id FROM api_key WHERE name = $1",
+            [key_name.clone().into()],
+        ))
+        .await?
+        .ok_or_else(|| anyhow!("no key named {key_name}"))?
+        .try_get::<i64>("", "id")?;
+    let target = format!("http://{receiver}/hook");
+    let seed = |count: usize| {
+        let (db, target) = (db.clone(), target.clone());
+        async move {
+            let now = Utc::now();
+            let rows: Vec<entity::webhook_delivery::ActiveModel> = (0..count)
+                .map(|_| {
+                    use sea_orm::ActiveValue::Set;
+                    let payload = json!({
+                        "type": "batch.cancelled", "timestamp": now.to_rfc3339(),
+                        "data": { "batch_id": Uuid::now_v7(), "committed_at": now.to_rfc3339() }
+                    });
+                    entity::webhook_delivery::ActiveModel {
+                        id: Set(Uuid::now_v7()),
+                        api_key_id: Set(key_id),
+                        batch_id: Set(None),
+                        event_type: Set("batch.cancelled".into()),
+                        payload: Set(payload.to_string()),
+                        target_url: Set(target.clone()),
+                        status: Set("pending".into()),
+                        attempt_count: Set(0),
+                        next_attempt_at: Set(now),
+                        locked_until: Set(None),
+                        last_status_code: Set(None),
+                        last_error: Set(None),
+                        created_at: Set(now),
+                        updated_at: Set(now),
+                        delivered_at: Set(None),
+                    }
+                })
+                .collect();
+            use sea_orm::EntityTrait;
+            for chunk in rows.chunks(500) {
+                entity::webhook_delivery::Entity::insert_many(chunk.to_vec())
+                    .exec(&db)
+                    .await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    let count = || arrivals.at.lock().map(|a| a.len()).unwrap_or(0);
+    // Throughput: N events committed at once, delivered as fast as the receiver answers.
+    let t0 = Instant::now();
+    seed(n).await?;
+    let deadline = t0 + Duration::from_secs(300);
+    while count() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivered = count();
+    let last = arrivals
+        .at
+        .lock()
+        .ok()
+        .and_then(|a| a.last().map(|x| x.0))
+        .unwrap_or_else(Instant::now);
+    let per_s = delivered as f64 / last.duration_since(t0).as_secs_f64().max(1e-6);
+    eprintln!("webhooks: {delivered} of {n} delivered, {per_s:.0}/s");
+    // Steady rate: RATE events per second, committed in tenths of a second.
+    let before = count();
+    let tick = Duration::from_millis(100);
+    let per_tick = (rate / 10).max(1);
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        let t = Instant::now();
+        seed(per_tick).await?;
+        sent += per_tick;
+        tokio::time::sleep(tick.saturating_sub(t.elapsed())).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count() < before + sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut delays: Vec<f64> = arrivals
+        .at
+        .lock()
+        .map(|a| a[before..].iter().filter_map(|x| x.1).collect())
+        .unwrap_or_default();
+    delays.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        delays
+            .get(((delays.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+    };
+    println!(
+        "{}",
+        json!({
+            "n": n, "delivered": delivered, "deliveries_per_s": per_s,
+            "steady_rate": rate, "steady_sent": sent, "steady_received": count() - before,
+            "delay_p50_ms": pct(0.5), "delay_p99_ms": pct(0.99),
+        })
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -85,6 +85,8 @@ else
     PRELOAD=60000
 fi
 OPEN_CONC=64             # connections oha keeps for the open-loop runs
+WH_N=$(( QUICK == 1 ? 5000 : 20000 ))   # webhook deliveries committed at once
+WH_SECONDS=$(( QUICK == 1 ? 5 : 15 ))   # seconds of 200 events/s
 MAX_CONN=16              # the server's pool size (config/base.toml); the raw loops use the same
 OUT="${OUT:-target/bench/bench-$MODE.json}"
 PG_URL="${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
@@ -151,7 +153,10 @@ print_report() { # JSON_FILE: prints the header line and the Markdown table
     row("  raw loop (L_claim) CPU per item at its best level, ms"; .l_claim.peak.cpu_ms_per_unit | r3),
     row("CPU efficiency, create: (L_http + L_db CPU) / server CPU"; ((.l_db.peak.cpu_ms_per_op + $root.l_http.peak.cpu_ms_per_req) / .create.peak.cpu_ms_per_req) | r2),
     row("CPU efficiency, worker: L_claim CPU / server CPU per item"; (.l_claim.peak.cpu_ms_per_unit / .worker.peak.cpu_ms_per_item) | r2),
-    row("**server peak RSS (VmHWM), MB** (target ≤ 150)"; .peak_rss_mb | "\(r0) \(ok(. <= 150))")
+    row("**server peak RSS (VmHWM), MB** (target ≤ 150)"; .peak_rss_mb | "\(r0) \(ok(. <= 150))"),
+    row("**webhook deliveries/s** to a local receiver (target ≥ 1000 SQLite, 500 PostgreSQL)"; .webhooks | "\(.deliveries_per_s | r0) (\(.delivered)/\(.n))"),
+    row("**webhook delay commit → receipt at 200/s**, p50 / p99 ms (target p99 ≤ 1000)"; .webhooks | "\(.delay_p50_ms | r2) / \(.delay_p99_ms | r2)"),
+    row("  server peak RSS during the webhook run, MB"; .webhooks.peak_rss_mb | r0)
   )' "$1")"
     header="$(jq -r '"Mode \(.mode), \(.date), commit \(.commit); \(.machine.cores) × \(.machine.cpu), \(.machine.memory); \(.machine.pinning); closed loop \(.params.levels) × \(.params.seconds_per_level) s, open loop \(.params.open_loop_seconds) s, workers \(.params.worker_levels) × \(.params.worker_seconds) s; load average before \(.machine.loadavg_before // "?"), after (1/5/15 min) \(.machine.loadavg_after_1_5_15 // "?"); run took \(.run_seconds) s."' "$1")"
     printf '%s\n\n%s\n' "$header" "$table"
@@ -455,6 +460,39 @@ EOF
         '. + {($name): $v}' <<<"$BACKENDS")"
 }
 
+# webhook_phase NAME DB_URL: a server whose key targets a local receiver that answers at once;
+# N deliveries committed at once (deliveries/s), then 200 events/s for a while (delay from
+# commit to receipt). Adds .NAME.webhooks to BACKENDS.
+webhook_phase() {
+    local name="$1" db_url="$2" port rport cfg pid out rss
+    port="$(free_port)"; rport="$(free_port)"; cfg="$TMP/webhooks-$name.toml"
+    cat >"$cfg" <<EOF
+[server]
+bind = "127.0.0.1:$port"
+ops_bind = "127.0.0.1:0"
+shutdown_grace_seconds = 5
+
+[webhooks]
+allow_private_targets = true
+
+[keys.bench]
+key_sha256 = "$KEY_SHA"
+webhook_url = "http://127.0.0.1:$rport/hook"
+webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+EOF
+    log "$name: webhook delivery ($WH_N at once, then 200/s for ${WH_SECONDS}s)"
+    APP__DATABASE__URL="$db_url" "${SRV[@]}" "$BIN" --config "$cfg" serve >"$TMP/server-wh-$name.log" 2>&1 &
+    pid=$!; PIDS+=("$pid")
+    wait_http "http://127.0.0.1:$port/readyz"
+    out="$(timeout 600 "${GEN[@]}" "$BENCH" webhooks --url "$db_url" --key bench \
+        --receiver "127.0.0.1:$rport" --n "$WH_N" --rate 200 --seconds "$WH_SECONDS")"
+    rss="$(peak_rss_mb "$pid")"
+    stop_pid "$pid"
+    log "  $(jq -r '"\(.deliveries_per_s|floor) deliveries/s; at 200/s: p50 \(.delay_p50_ms) ms, p99 \(.delay_p99_ms) ms"' <<<"$out")"
+    BACKENDS="$(jq -c --arg name "$name" --argjson w "$out" --argjson rss "$rss" \
+        '.[$name].webhooks = ($w + {peak_rss_mb: $rss})' <<<"$BACKENDS")"
+}
+
 # ---- the run ---------------------------------------------------------------------------------
 START=$(date +%s)
 # The code measured: HEAD when the binaries were built (+dirty when api/ or src/ had changes).
@@ -472,6 +510,7 @@ measure_l_http
 if [[ $NO_SQLITE == 0 ]]; then
     run_backend sqlite "sqlite://$TMP/server.db?mode=rwc" \
         "sqlite://$TMP/l_db.db?mode=rwc" "sqlite://$TMP/l_claim.db?mode=rwc"
+    webhook_phase sqlite "sqlite://$TMP/webhooks.db?mode=rwc"
 fi
 
 if [[ $NO_PG == 0 ]] && psql "$PG_URL" -qAtc 'SELECT 1' >/dev/null 2>&1; then
@@ -480,6 +519,8 @@ if [[ $NO_PG == 0 ]] && psql "$PG_URL" -qAtc 'SELECT 1' >/dev/null 2>&1; then
     pg_fresh_db "vb_bench_ldb_$SUFFIX"; PG_LDB="$PG_DB_URL"
     pg_fresh_db "vb_bench_lclaim_$SUFFIX"; PG_LCLAIM="$PG_DB_URL"
     run_backend postgres "$PG_SRV" "$PG_LDB" "$PG_LCLAIM"
+    pg_fresh_db "vb_bench_wh_$SUFFIX"
+    webhook_phase postgres "$PG_DB_URL"
 else
     log "PostgreSQL: skipped (--no-pg, or $PG_URL not reachable)"
 fi

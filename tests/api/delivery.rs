@@ -28,7 +28,8 @@ async fn counting_proxy(target: u16) -> (u16, Arc<AtomicUsize>) {
         while let Ok((mut inbound, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                if let Ok(mut outbound) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", target)).await
                 {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 }

@@ -1,5 +1,5 @@
 //! The dispatcher: claims due deliveries, sends them, records each attempt.
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -281,8 +281,9 @@ pub async fn record_attempt<C: ConnectionTrait>(
     Ok(status)
 }
 
-/// The most deliveries sent to one endpoint (host and port) at once, across this dispatcher.
-pub const PER_ENDPOINT: usize = 4;
+/// The most deliveries sent to one endpoint (host and port) at once, across this dispatcher;
+/// as many more may wait for it in memory (still leased), the rest stay in the outbox.
+pub const PER_ENDPOINT: usize = 16;
 /// Consecutive timeouts after which an endpoint backs off.
 const BACKOFF_AFTER: u32 = 3;
 /// Connecting may take this long at most (less when the request timeout is shorter).
@@ -298,16 +299,17 @@ struct Endpoints {
 }
 
 impl Endpoints {
-    /// When a delivery to `ep` may be sent, if not now.
-    fn busy_until(&self, ep: &str) -> Option<Instant> {
-        if let Some((n, until)) = self.timeouts.get(ep)
-            && *n >= BACKOFF_AFTER
-            && *until > Instant::now()
-        {
-            return Some(*until);
-        }
-        (self.in_flight.get(ep).copied().unwrap_or(0) >= PER_ENDPOINT)
-            .then(|| Instant::now() + std::time::Duration::from_secs(1))
+    /// Until when `ep` backs off after a run of timeouts, if it does.
+    fn backing_off(&self, ep: &str) -> Option<Instant> {
+        self.timeouts
+            .get(ep)
+            .filter(|(n, until)| *n >= BACKOFF_AFTER && *until > Instant::now())
+            .map(|(_, until)| *until)
+    }
+
+    /// A send to `ep` may start now.
+    fn has_slot(&self, ep: &str) -> bool {
+        self.in_flight.get(ep).copied().unwrap_or(0) < PER_ENDPOINT
     }
 
     fn started(&mut self, ep: &str) {
@@ -367,9 +369,12 @@ async fn defer(
     Ok(())
 }
 
-/// Sends one claimed delivery and records the attempt (through the write pipeline).
-async fn deliver(state: Arc<AppState>, runtime: Arc<Runtime>, d: webhook_delivery::Model) -> bool {
-    let attempt = send(&runtime, &d).await;
+/// A finished send: its endpoint, the delivery and what happened.
+type Sent = (String, webhook_delivery::Model, Attempt);
+
+/// Records an attempt (through the write pipeline, committed with others) and logs it. Runs
+/// after the endpoint's slot is free again: a slow commit never holds a send slot.
+async fn record(state: Arc<AppState>, d: webhook_delivery::Model, attempt: Attempt) {
     let result = match attempt.status {
         Some(s) if (200..300).contains(&s) => "success",
         Some(_) => "http_error",
@@ -377,9 +382,9 @@ async fn deliver(state: Arc<AppState>, runtime: Arc<Runtime>, d: webhook_deliver
         None => "refused",
     };
     metrics::counter!("webhook_attempts_total", "result" => result).increment(1);
-    let timed_out = attempt.timed_out;
+    let runtime = state.runtime();
     let recorded = {
-        let (runtime, d, attempt) = (Arc::clone(&runtime), d.clone(), attempt.clone());
+        let (d, attempt) = (d.clone(), attempt.clone());
         state
             .writes
             .run(Some(d.api_key_id), move |txn| {
@@ -395,7 +400,6 @@ async fn deliver(state: Arc<AppState>, runtime: Arc<Runtime>, d: webhook_deliver
         ),
         Err(e) => tracing::error!(error = %e, "recording webhook attempt failed"),
     }
-    timed_out
 }
 
 /// Sends due deliveries until `stop` is notified: up to `webhooks.concurrency` at once, at most
@@ -404,40 +408,79 @@ async fn deliver(state: Arc<AppState>, runtime: Arc<Runtime>, d: webhook_deliver
 /// and waits for the sends in flight.
 pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>) {
     tracing::info!("webhook dispatcher started");
-    let mut sends: JoinSet<(String, bool)> = JoinSet::new();
+    let mut sends: JoinSet<Sent> = JoinSet::new();
+    let mut records: JoinSet<()> = JoinSet::new();
     let mut endpoints = Endpoints::default();
+    // Claimed deliveries waiting for a slot of their endpoint (still leased to this node).
+    let mut waiting: HashMap<String, VecDeque<webhook_delivery::Model>> = HashMap::new();
+    let spawn = |sends: &mut JoinSet<Sent>,
+                 endpoints: &mut Endpoints,
+                 ep: String,
+                 d: webhook_delivery::Model| {
+        endpoints.started(&ep);
+        let runtime = state.runtime();
+        sends.spawn(async move {
+            let attempt = send(&runtime, &d).await;
+            (ep, d, attempt)
+        });
+    };
+    let finished = |done: Result<Sent, tokio::task::JoinError>,
+                    endpoints: &mut Endpoints,
+                    records: &mut JoinSet<()>| {
+        if let Ok((ep, d, attempt)) = done {
+            endpoints.finished(&ep, attempt.timed_out);
+            records.spawn(record(Arc::clone(&state), d, attempt));
+        }
+    };
     loop {
         while let Some(done) = sends.try_join_next() {
-            if let Ok((ep, timed_out)) = done {
-                endpoints.finished(&ep, timed_out);
-            }
+            finished(done, &mut endpoints, &mut records);
         }
+        while records.try_join_next().is_some() {}
         let runtime = state.runtime();
         let settings = &runtime.settings.webhooks;
-        let free = (settings.concurrency as usize).saturating_sub(sends.len());
-        let mut claimed = 0;
-        if free > 0 {
-            let lock_for = settings.timeout + std::time::Duration::from_secs(30);
-            match claim_due(&state.writer, free as u32, lock_for).await {
+        let concurrency = settings.concurrency as usize;
+        // Waiting deliveries go first, as their endpoints free up.
+        for (ep, queue) in waiting.iter_mut() {
+            while sends.len() < concurrency && endpoints.has_slot(ep) {
+                let Some(d) = queue.pop_front() else { break };
+                spawn(&mut sends, &mut endpoints, ep.clone(), d);
+            }
+        }
+        waiting.retain(|_, q| !q.is_empty());
+        let held = sends.len() + waiting.values().map(VecDeque::len).sum::<usize>();
+        let room = (2 * concurrency).saturating_sub(held);
+        // Claimed deliveries that were started or queued (not given back).
+        let mut taken = 0;
+        if room > 0 && sends.len() < concurrency {
+            let lock_for = settings.timeout * 2 + std::time::Duration::from_secs(30);
+            match claim_due(&state.writer, room as u32, lock_for).await {
                 Ok(batch) => {
-                    claimed = batch.len();
                     for d in batch {
                         let ep = endpoint_of(&d.target_url);
-                        if let Some(until) = endpoints.busy_until(&ep) {
+                        let later = match endpoints.backing_off(&ep) {
+                            Some(until) => Some(until),
+                            None if sends.len() < concurrency && endpoints.has_slot(&ep) => {
+                                spawn(&mut sends, &mut endpoints, ep, d);
+                                taken += 1;
+                                continue;
+                            }
+                            None if waiting.get(&ep).map_or(0, VecDeque::len) < PER_ENDPOINT => {
+                                waiting.entry(ep).or_default().push_back(d);
+                                taken += 1;
+                                continue;
+                            }
+                            // The endpoint has all it can take: the rest stays in the outbox.
+                            None => Some(Instant::now() + std::time::Duration::from_millis(250)),
+                        };
+                        if let Some(until) = later {
                             let at = Utc::now()
                                 + chrono::Duration::from_std(until - Instant::now())
                                     .unwrap_or_default();
                             if let Err(e) = defer(&state.writer, &d, at).await {
                                 tracing::warn!(error = %e, "deferring a webhook delivery failed");
                             }
-                            continue;
                         }
-                        endpoints.started(&ep);
-                        let (state, runtime) = (Arc::clone(&state), Arc::clone(&runtime));
-                        sends.spawn(async move {
-                            let timed_out = deliver(state, runtime, d).await;
-                            (ep, timed_out)
-                        });
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "claiming webhook deliveries failed"),
@@ -446,16 +489,14 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
         if futures::FutureExt::now_or_never(stop.notified()).is_some() {
             break;
         }
-        if claimed > 0 && sends.len() < settings.concurrency as usize {
+        if taken > 0 && sends.len() < concurrency {
             // More may be due right now: claim again before waiting.
             tokio::task::yield_now().await;
             continue;
         }
         tokio::select! {
             Some(done) = sends.join_next(), if !sends.is_empty() => {
-                if let Ok((ep, timed_out)) = done {
-                    endpoints.finished(&ep, timed_out);
-                }
+                finished(done, &mut endpoints, &mut records);
             }
             // Events committed on this node wake the dispatcher at once; other nodes' events
             // are found by this short poll.
@@ -464,7 +505,16 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
             _ = stop.notified() => break,
         }
     }
-    // No new claims from here on; the sends in flight finish (the caller bounds the wait).
-    while sends.join_next().await.is_some() {}
+    // No new claims from here on. Deliveries still waiting go back to the outbox for any node;
+    // the sends in flight finish (the caller bounds the wait).
+    for d in waiting.into_values().flatten() {
+        if let Err(e) = defer(&state.writer, &d, Utc::now()).await {
+            tracing::warn!(error = %e, "giving back a webhook delivery failed");
+        }
+    }
+    while let Some(done) = sends.join_next().await {
+        finished(done, &mut endpoints, &mut records);
+    }
+    while records.join_next().await.is_some() {}
     tracing::info!("webhook dispatcher stopped");
 }
