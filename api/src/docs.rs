@@ -135,9 +135,13 @@ pub fn refine(spec: &str) -> String {
                     .unwrap_or_default();
                 if let Some(props) = s.get_mut("properties").and_then(Value::as_object_mut) {
                     for (field, prop) in props.iter_mut() {
+                        // Scalars only: a nullable object would change the generated SDK types.
                         if !required.contains(field)
                             && let Some(p) = prop.as_object_mut()
-                            && !p.contains_key("$ref")
+                            && matches!(
+                                p.get("type").and_then(Value::as_str),
+                                Some("string" | "integer" | "number" | "boolean")
+                            )
                         {
                             p.insert("nullable".into(), Value::Bool(true));
                         }
