@@ -6,14 +6,13 @@
 //!     request headers, JSON body extraction, response headers and body shape as the real
 //!     create, and no database. Runs until killed.
 //! bench db-ceiling    --url URL --conc 4,16 --seconds 5 [--items 2] [--max-connections 16]
-//!     L_db: migrates URL (a fresh database) with api::db, then runs the exact statements of one
-//!     create (rate-limit upsert, idempotency select, BEGIN [IMMEDIATE], SELECT MIN(fair_pos),
-//!     wallet UPDATE .. RETURNING, INSERT batch_job .. ON CONFLICT DO NOTHING, multi-row INSERT
-//!     batch_item, INSERT credit_ledger, INSERT usage_event, COMMIT) in a closed loop with CONC
-//!     tasks on the same driver and pool settings as the server. One JSON line per level.
+//!     L_db: migrates URL (a fresh database) with api::db, then runs one create as the service
+//!     does (rate-limit hit, idempotency lookup, then `write_new_batch` in one transaction) in a
+//!     closed loop with CONC tasks on the same driver and pool settings as the server, one commit
+//!     per create. One JSON line per level.
 //! bench claim-ceiling --url URL --conc 2,8 --seconds 5 [--preload 50000] [--batch-items 100]
-//!     L_claim: the raw statements of claim (10 items) + complete, per item, in a closed loop
-//!     with CONC workers, on a fresh migrated database preloaded before each level.
+//!     L_claim: the service's claim (10 items) + complete, per item, one commit each, in a
+//!     closed loop with CONC workers, on a fresh migrated database preloaded before each level.
 //! bench preload       --base http://127.0.0.1:PORT --key KEY --items 50000 [--batch-items 100]
 //!     Creates batches over HTTP so that the worker phase has items to claim.
 //! bench worker        --base http://127.0.0.1:PORT --secret S --conc 8 --seconds 5
@@ -26,8 +25,9 @@
 //!     SECONDS (delay from commit to receipt, p50/p99). One JSON line.
 //! ```
 //! `db-ceiling` and `claim-ceiling` also take `--clk-tck N` (default 100) to report their own
-//! CPU time per operation, and `--orm-limits 1` to bind single-row LIMITs as sea-orm does. They mirror the SQL of api/src/service as of this file's last edit:
-//! when the service's statements change, change them here too.
+//! CPU time per operation. Both run the service's own functions (`write_new_batch`, `claim_in`,
+//! `complete_in`, which run the statements of `api::store`), one commit per call: the design
+//! before group commit, measured without HTTP. Their SQL is nowhere else.
 //! Every loop is bounded by `--seconds` (plus a short warm-up); every level prints one JSON
 //! object on stdout; progress goes to stderr.
 use std::collections::HashMap;
@@ -37,11 +37,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Value};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
 use serde_json::json;
 use uuid::Uuid;
 
-use api::db::{begin_write, stmt};
+use api::db::begin_write;
+use api::domain::{NewBatch, NewItem};
+use api::service::batches::{AuditInfo, NewBatchUnit, write_new_batch};
+use api::service::leases::{claim_in, complete_in};
+use api::service::rate_limit;
+use api::service::usage::UsageRow;
+use api::state::Runtime;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, Set};
 
 /// The body every create of the benchmark sends (two items, like the issue asks).
 const PROMPTS: [(&str, Option<&str>); 2] = [
@@ -50,16 +57,13 @@ const PROMPTS: [(&str, Option<&str>); 2] = [
 ];
 const COST: i64 = 10;
 /// `worker.max_attempts` of config/base.toml.
-const MAX_ATTEMPTS: i32 = 3;
+const MAX_ATTEMPTS: u32 = 3;
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let cmd = args.next().unwrap_or_default();
     let opts = Opts::parse(args)?;
-    if opts.0.get("orm-limits").is_some_and(|v| v == "1") {
-        ORM_LIMITS.store(true, Ordering::Relaxed);
-    }
     match cmd.as_str() {
         "http-ceiling" => http_ceiling(&opts.str("bind")?).await,
         "db-ceiling" => db_ceiling(&opts).await,
@@ -148,15 +152,9 @@ async fn webhooks_bench(opts: &Opts) -> Result<()> {
     tokio::spawn(Server::new(TcpListener::bind(receiver.clone())).run(app));
     let db = api::db::connect_url(&opts.str("url")?, 4, None).await?;
     let key_name = opts.str("key")?;
-    let key_id = db
-        .query_one_raw(stmt(
-            db.get_database_backend(),
-            "SELECT id FROM api_key WHERE name = $1",
-            [key_name.clone().into()],
-        ))
+    let key_id = api::service::keys::id_by_name(&db, &key_name)
         .await?
-        .ok_or_else(|| anyhow!("no key named {key_name}"))?
-        .try_get::<i64>("", "id")?;
+        .ok_or_else(|| anyhow!("no key named {key_name}"))?;
     let target = format!("http://{receiver}/hook");
     let seed = |count: usize| {
         let (db, target) = (db.clone(), target.clone());
@@ -425,30 +423,34 @@ async fn fresh_db(url: &str, max_connections: u32) -> Result<(Pools, i64)> {
     } else {
         db.clone()
     };
-    let b = db.get_database_backend();
     let now = Utc::now();
-    let row = db
-        .query_one_raw(stmt(
-            b,
-            "INSERT INTO api_key (name, key_sha256, disabled, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $4) RETURNING id",
-            [
-                "bench".into(),
-                "0".repeat(64).into(),
-                false.into(),
-                now.into(),
-            ],
-        ))
-        .await?
-        .ok_or_else(|| anyhow!("no key id"))?;
-    let key_id: i64 = row.try_get("", "id")?;
-    db.execute_raw(stmt(
-        b,
-        "INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) VALUES ($1, $2, 0, $3)",
-        [key_id.into(), 1_000_000_000_000_000i64.into(), now.into()],
-    ))
+    let key_id = entity::api_key::Entity::insert(entity::api_key::ActiveModel {
+        name: Set("bench".into()),
+        key_sha256: Set("0".repeat(64)),
+        disabled: Set(false),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    })
+    .exec(&db)
+    .await?
+    .last_insert_id;
+    entity::credit_wallet::Entity::insert(entity::credit_wallet::ActiveModel {
+        api_key_id: Set(key_id),
+        balance: Set(1_000_000_000_000_000),
+        held: Set(0),
+        updated_at: Set(now),
+    })
+    .exec(&db)
     .await?;
-    Ok((Pools { db, writer }, key_id))
+    Ok((
+        Pools {
+            db,
+            writer,
+            runtime: bench_runtime()?,
+        },
+        key_id,
+    ))
 }
 
 /// PostgreSQL only: fresh planner statistics. The PostgreSQL this was written on runs with
@@ -461,264 +463,84 @@ async fn analyze(db: &DatabaseConnection) -> Result<()> {
     Ok(())
 }
 
-fn window_start(now: DateTime<Utc>) -> i64 {
-    now.timestamp() - now.timestamp().rem_euclid(60)
-}
-
-const BATCH_JOB_COLS: &str = "id, api_key_id, request_id, fingerprint, status, total_count, \
-    succeeded_count, failed_count, cancelled_count, cost_per_video, required_credits, webhook_url, \
-    metadata, response, created_at, updated_at, cancel_requested_at, completed_at";
-
-/// `--orm-limits 1`: bind LIMITs as parameters, as sea-orm's `.one()` does, instead of writing
-/// them into the SQL as the service now does on its hot paths. For diagnosis: SQLite (3.51) reads
-/// a bound LIMIT while planning and re-prepares the statement whenever that parameter is bound
-/// again, i.e. on every run (docs/benchmarks.md).
-static ORM_LIMITS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-fn limit_clause(param: usize) -> String {
-    if ORM_LIMITS.load(Ordering::Relaxed) {
-        format!("LIMIT ${param}")
-    } else {
-        "LIMIT 1".to_string()
-    }
-}
-
-fn limit_values<const N: usize>(vals: [Value; N]) -> Vec<Value> {
-    limit_values_n(vals, 1)
-}
-
-fn limit_values_n<const N: usize>(vals: [Value; N], limit: i64) -> Vec<Value> {
-    let mut v = vals.to_vec();
-    if ORM_LIMITS.load(Ordering::Relaxed) {
-        v.push(limit.into());
-    }
-    v
-}
-
-/// What one create writes.
-struct NewCreate {
-    key_id: i64,
-    rid: String,
-    batch_id: Uuid,
-    n_items: usize,
-    need: i64,
-    now: DateTime<Utc>,
-}
-
-async fn insert_job<C: ConnectionTrait>(c: &C, x: &NewCreate, response: String) -> Result<()> {
-    let inserted = c
-        .query_one_raw(stmt(
-            c.get_database_backend(),
-            &format!(
-                "INSERT INTO batch_job ({BATCH_JOB_COLS}) VALUES \
-                 ($1, $2, $3, $4, 'queued', $5, 0, 0, 0, $6, $7, $8, $9, $10, $11, $11, $12, $13) \
-                 ON CONFLICT (api_key_id, request_id) DO NOTHING RETURNING id"
-            ),
-            [
-                x.batch_id.into(),
-                x.key_id.into(),
-                x.rid.clone().into(),
-                "f".repeat(64).into(),
-                (x.n_items as i32).into(),
-                COST.into(),
-                x.need.into(),
-                Option::<String>::None.into(),
-                Some(r#"{"campaign":"bench"}"#.to_string()).into(),
-                response.into(),
-                x.now.into(),
-                Option::<DateTime<Utc>>::None.into(),
-                Option::<DateTime<Utc>>::None.into(),
-            ],
-        ))
-        .await?;
-    if inserted.is_none() {
-        bail!("batch conflict");
-    }
-    Ok(())
-}
-
-/// The hold, last in the transaction: UPDATE credit_wallet .. RETURNING (balance, held).
-async fn hold_wallet<C: ConnectionTrait>(c: &C, x: &NewCreate) -> Result<(i64, i64)> {
-    let row = c
-        .query_one_raw(stmt(
-            c.get_database_backend(),
-            "UPDATE credit_wallet SET held = held + $2, updated_at = $3 \
-             WHERE api_key_id = $1 AND balance - held >= $2 RETURNING balance, held",
-            [x.key_id.into(), x.need.into(), x.now.into()],
-        ))
-        .await?
-        .ok_or_else(|| anyhow!("wallet empty"))?;
-    Ok((row.try_get("", "balance")?, row.try_get("", "held")?))
-}
-
-/// batch_item: one multi-row insert per 500 items.
-async fn insert_items<C: ConnectionTrait>(c: &C, x: &NewCreate, start_pos: i64) -> Result<()> {
-    for chunk_start in (0..x.n_items).step_by(500) {
-        let chunk = chunk_start..(chunk_start + 500).min(x.n_items);
-        let mut sql = String::from(
-            "INSERT INTO batch_item (id, batch_id, api_key_id, idx, prompt, params, status, attempts, \
-             fair_pos, lease_token, worker_id, lease_expires_at, result_url, result, error, \
-             created_at, updated_at) VALUES ",
-        );
-        let mut vals: Vec<Value> = Vec::new();
-        for (k, i) in chunk.enumerate() {
-            let p = vals.len();
-            if k > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, 'queued', 0, ${}, NULL, NULL, NULL, NULL, NULL, NULL, ${}, ${})",
-                p + 1, p + 2, p + 3, p + 4, p + 5, p + 6, p + 7, p + 8, p + 9
-            ));
-            let (prompt, params) = PROMPTS[i % PROMPTS.len()];
-            vals.extend([
-                Uuid::now_v7().into(),
-                x.batch_id.into(),
-                x.key_id.into(),
-                (i as i32).into(),
-                prompt.into(),
-                params.map(str::to_string).into(),
-                (start_pos + i as i64).into(),
-                x.now.into(),
-                x.now.into(),
-            ]);
-        }
-        c.execute_raw(stmt(c.get_database_backend(), &sql, vals))
-            .await?;
-    }
-    Ok(())
-}
-
-/// credits::record (hold).
-async fn insert_ledger<C: ConnectionTrait>(c: &C, x: &NewCreate) -> Result<()> {
-    c.execute_raw(stmt(
-        c.get_database_backend(),
-        "INSERT INTO credit_ledger (api_key_id, kind, amount, batch_id, item_id, note, idempotency_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        [
-            x.key_id.into(),
-            "hold".into(),
-            x.need.into(),
-            Some(x.batch_id).into(),
-            Option::<Uuid>::None.into(),
-            Option::<String>::None.into(),
-            Option::<String>::None.into(),
-            Utc::now().into(),
-        ],
-    ))
-    .await?;
-    Ok(())
-}
-
-/// usage::record.
-async fn insert_usage<C: ConnectionTrait>(c: &C, x: &NewCreate) -> Result<()> {
-    c.execute_raw(stmt(
-        c.get_database_backend(),
-        "INSERT INTO usage_event (api_key_id, request_id, method, path, status, error_code, client_ip, \
-         user_agent, minute_bucket, latency_us, batch_id, items, credits, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        [
-            Some(x.key_id).into(),
-            Some(x.rid.clone()).into(),
-            "POST".to_string().into(),
-            "/api/enterprise/video-batch".to_string().into(),
-            201i32.into(),
-            Option::<String>::None.into(),
-            Some("127.0.0.1".to_string()).into(),
-            Some("oha/1".to_string()).into(),
-            api::service::usage::minute_bucket(x.now).into(),
-            250i64.into(),
-            Some(x.batch_id).into(),
-            (x.n_items as i32).into(),
-            x.need.into(),
-            x.now.into(),
-        ],
-    ))
-    .await?;
-    Ok(())
-}
-
-fn response_json(x: &NewCreate, balance: i64, held_now: i64) -> String {
-    json!({
-        "ok": true, "request_id": x.rid, "batch_id": x.batch_id, "idempotent_replay": false,
-        "status": "queued", "total_count": x.n_items, "cost_per_video": COST,
-        "required_credits": x.need, "available_credits": balance - held_now + x.need,
-        "remaining_credits": balance - held_now, "created_at": x.now,
-    })
-    .to_string()
-}
-
 /// The server's two pools: reads, and the writes' (SQLite: a pool of one connection, so
-/// writers queue in the application; PostgreSQL: the same pool), as `api::db::writer_for`.
+/// writers queue in the application; PostgreSQL: the same pool), as `api::db::writer_for`;
+/// and the settings of `config/` the service functions read.
 #[derive(Clone)]
 struct Pools {
     db: DatabaseConnection,
     writer: DatabaseConnection,
+    runtime: Arc<Runtime>,
 }
 
-/// One create, statement for statement as `auth::authorize_customer` (rate_limit::hit) and
-/// `service::batches::create` (with `usage::record` and `credits::record`) run it, on the
-/// same pools.
+/// The settings of `config/` (no keys are indexed: nothing here subscribes to webhooks).
+fn bench_runtime() -> Result<Arc<Runtime>> {
+    let settings = api::settings::ConfigSource {
+        dir: "config".into(),
+        environment: "local".into(),
+        ..Default::default()
+    }
+    .load()
+    .map_err(|e| anyhow!("loading config/: {e:?}"))?;
+    Ok(Arc::new(Runtime::new(settings, &HashMap::new())))
+}
+
+/// One create as the service runs it, with the service's own functions, but committed on its
+/// own (the design without group commit): the rate-limit hit (autocommit), the idempotency
+/// lookup, then `service::batches::write_new_batch` in one transaction.
 async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
     let w = &p.writer;
-    let b = w.get_database_backend();
     let now = Utc::now();
-    // rate_limit::hit (autocommit, on the writer)
-    w.query_one_raw(stmt(
-        b,
-        "INSERT INTO rate_limit_window (api_key_id, scope, window_start, count) VALUES ($1, $2, $3, 1) \
-         ON CONFLICT (api_key_id, scope, window_start) \
-         DO UPDATE SET count = rate_limit_window.count + 1 RETURNING count",
-        [key_id.into(), "batch".into(), window_start(now).into()],
-    ))
-    .await?
-    .ok_or_else(|| anyhow!("rate limit row"))?;
-    // find_by_request_id (autocommit; the create runs on the writer)
+    rate_limit::hit(w, key_id, rate_limit::SCOPE_BATCH, u32::MAX, now).await?;
     let rid = format!("req_{}", Uuid::now_v7().simple());
-    let found = w
-        .query_one_raw(stmt(
-            b,
-            &format!(
-                "SELECT * FROM batch_job WHERE api_key_id = $1 AND request_id = $2{}",
-                if ORM_LIMITS.load(Ordering::Relaxed) {
-                    " LIMIT $3"
-                } else {
-                    ""
-                }
-            ),
-            limit_values([key_id.into(), rid.clone().into()]),
-        ))
-        .await?;
-    if found.is_some() {
+    if api::store::jobs::by_request_id(w, key_id, &rid)
+        .await?
+        .is_some()
+    {
         bail!("request id reused");
     }
-    let x = NewCreate {
+    let items = (0..n_items)
+        .map(|i| {
+            let (prompt, params) = PROMPTS[i % PROMPTS.len()];
+            NewItem {
+                prompt: prompt.to_string(),
+                params: params.map(str::to_string),
+            }
+        })
+        .collect();
+    let unit = NewBatchUnit {
         key_id,
         rid,
+        fingerprint: "f".repeat(64),
+        batch: NewBatch {
+            items,
+            webhook_url: None,
+            metadata: Some(r#"{"campaign":"bench"}"#.to_string()),
+        },
         batch_id: Uuid::now_v7(),
-        n_items,
+        n: n_items as i64,
+        cost: COST,
         need: n_items as i64 * COST,
         now,
+        audit: AuditInfo {
+            row: UsageRow {
+                method: "POST".into(),
+                path: "/api/enterprise/video-batch".into(),
+                client_ip: Some("127.0.0.1".into()),
+                user_agent: Some("oha/1".into()),
+                ..Default::default()
+            },
+            started: Instant::now(),
+            now,
+        },
     };
     let txn = begin_write(w).await?;
-    let pos = txn
-        .query_one_raw(stmt(
-            b,
-            "SELECT (SELECT MIN(fair_pos) FROM batch_item WHERE status = 'queued') AS head, \
-             (SELECT MAX(fair_pos) FROM batch_item WHERE status = 'queued' AND api_key_id = $1) AS tail",
-            [key_id.into()],
-        ))
-        .await?
-        .ok_or_else(|| anyhow!("positions"))?;
-    let head = pos.try_get::<Option<i64>>("", "head")?.unwrap_or(0);
-    let tail = pos.try_get::<Option<i64>>("", "tail")?;
-    let start_pos = tail.map_or(head, |t| (t + 1).max(head));
-    insert_job(&txn, &x, response_json(&x, 0, 0)).await?;
-    insert_items(&txn, &x, start_pos).await?;
-    insert_ledger(&txn, &x).await?;
-    insert_usage(&txn, &x).await?;
-    let (balance, held) = hold_wallet(&txn, &x).await?;
-    let _response = response_json(&x, balance, held);
+    let written = write_new_batch(&txn, &unit)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    if written.is_none() {
+        bail!("batch conflict");
+    }
     txn.commit().await?;
     Ok(())
 }
@@ -800,191 +622,43 @@ struct Claimed {
     token: Uuid,
 }
 
-/// `reap_exhausted` + `claim` as the claim route runs them (on the writer).
-async fn raw_claim(db: &DatabaseConnection, worker: &str, max: i64) -> Result<Vec<Claimed>> {
-    let b = db.get_database_backend();
-    let now = Utc::now();
-    let expires = now + chrono::Duration::seconds(300);
-    let token = Uuid::new_v4();
-    let lock = if b == DbBackend::Postgres {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
-    // leases::reap_exhausted: items whose lease ran out on their last attempt (none here).
-    let exhausted = db
-        .query_all_raw(stmt(
-            b,
-            "SELECT id, lease_token FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
-             AND attempts >= $2 LIMIT 100",
-            [now.into(), MAX_ATTEMPTS.into()],
-        ))
-        .await?;
-    if !exhausted.is_empty() {
-        bail!("unexpected exhausted leases");
-    }
-    // The server writes the validated max into the SQL; `--orm-limits 1` binds it instead.
-    let limit = if ORM_LIMITS.load(Ordering::Relaxed) {
-        "$5".to_string()
-    } else {
-        max.to_string()
-    };
-    let txn = begin_write(db).await?;
-    txn.execute_raw(stmt(
-        b,
-        "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
-         lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
-         WHERE status = 'running' AND lease_expires_at < $1 AND attempts < $2",
-        [now.into(), MAX_ATTEMPTS.into()],
-    ))
-    .await?;
-    let rows = txn
-        .query_all_raw(stmt(
-            b,
-            &format!(
-                "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $1, \
-                 worker_id = $2, lease_expires_at = $3, updated_at = $4 \
-                 WHERE id IN (SELECT id FROM batch_item WHERE status = 'queued' \
-                 ORDER BY fair_pos, created_at LIMIT {limit}{lock}) \
-                 RETURNING id, batch_id, prompt, params, attempts, fair_pos"
-            ),
-            limit_values_n([token.into(), worker.into(), expires.into(), now.into()], max),
-        ))
-        .await?;
+/// A claim of `max` items as the service runs it (`service::leases::claim_in`), committed on
+/// its own.
+async fn raw_claim(p: &Pools, worker: &str, max: u32) -> Result<Vec<Claimed>> {
+    let txn = begin_write(&p.writer).await?;
+    let items = claim_in(
+        &txn,
+        worker,
+        max,
+        chrono::Duration::seconds(300),
+        MAX_ATTEMPTS,
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
     txn.commit().await?;
-    let mut out = Vec::with_capacity(rows.len());
-    let mut batches: Vec<Uuid> = Vec::new();
-    for r in rows {
-        let batch_id: Uuid = r.try_get("", "batch_id")?;
-        let _prompt: String = r.try_get("", "prompt")?;
-        let _params: Option<String> = r.try_get("", "params")?;
-        let _attempts: i32 = r.try_get("", "attempts")?;
-        let _pos: i64 = r.try_get("", "fair_pos")?;
-        if !batches.contains(&batch_id) {
-            batches.push(batch_id);
-        }
-        out.push(Claimed {
-            item_id: r.try_get("", "id")?,
-            token,
-        });
-    }
-    if !batches.is_empty() {
-        // batch_job::Entity::update_many() .. is_in(batches) .. status = 'queued'
-        let marks: Vec<String> = (0..batches.len()).map(|i| format!("${}", i + 3)).collect();
-        let mut vals: Vec<Value> = vec!["processing".into(), now.into()];
-        vals.extend(batches.into_iter().map(Value::from));
-        db.execute_raw(stmt(
-            b,
-            &format!(
-                "UPDATE batch_job SET status = $1, updated_at = $2 WHERE id IN ({}) AND status = 'queued'",
-                marks.join(", ")
-            ),
-            vals,
-        ))
-        .await?;
-    }
-    Ok(out)
+    Ok(items
+        .into_iter()
+        .map(|i| Claimed {
+            item_id: i.item_id,
+            token: i.lease_token,
+        })
+        .collect())
 }
 
-/// `leases::complete` (on the writer): lock the batch and learn its open count in one
-/// statement, settle the item and its credits, finalize only on the batch's last item. The
-/// keys here subscribe to no item events, so nothing else is read.
-async fn raw_complete(db: &DatabaseConnection, item_id: Uuid, token: Uuid) -> Result<()> {
-    let b = db.get_database_backend();
-    let now = Utc::now();
-    let txn = begin_write(db).await?;
-    // lock_batch_of
-    let row = txn
-        .query_one_raw(stmt(
-            b,
-            "UPDATE batch_job SET updated_at = $2 WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1) \
-             RETURNING id, api_key_id, cost_per_video, cancel_requested_at, status, \
-             total_count - succeeded_count - failed_count - cancelled_count AS open",
-            [item_id.into(), now.into()],
-        ))
-        .await?
-        .ok_or_else(|| anyhow!("item"))?;
-    let batch_id: Uuid = row.try_get("", "id")?;
-    let key_id: i64 = row.try_get("", "api_key_id")?;
-    let cost: i64 = row.try_get("", "cost_per_video")?;
-    let _cancel: Option<DateTime<Utc>> = row.try_get("", "cancel_requested_at")?;
-    let _status: String = row.try_get("", "status")?;
-    let open: i32 = row.try_get("", "open")?;
-    let updated = txn
-        .query_one_raw(stmt(
-            b,
-            "UPDATE batch_item SET status = 'succeeded', result_url = $3, result = $4, error = NULL, \
-             lease_token = NULL, lease_expires_at = NULL, updated_at = $5 \
-             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $5 \
-             RETURNING attempts",
-            [
-                item_id.into(),
-                token.into(),
-                "https://cdn.example/v.mp4".into(),
-                Option::<String>::None.into(),
-                now.into(),
-            ],
-        ))
-        .await?;
-    if updated.is_none() {
-        bail!("lease lost");
-    }
-    txn.execute_raw(stmt(
-        b,
-        "UPDATE batch_job SET succeeded_count = succeeded_count + 1 WHERE id = $1",
-        [batch_id.into()],
-    ))
-    .await?;
-    // credits::apply_for(Charge)
-    let res = txn
-        .execute_raw(stmt(
-            b,
-            "UPDATE credit_wallet SET balance = balance - $2, held = held - $2, updated_at = $3 \
-             WHERE api_key_id = $1 AND held >= $2",
-            [key_id.into(), cost.into(), Utc::now().into()],
-        ))
-        .await?;
-    if res.rows_affected() != 1 {
-        bail!("charge failed");
-    }
-    txn.execute_raw(stmt(
-        b,
-        "INSERT INTO credit_ledger (api_key_id, kind, amount, batch_id, item_id, note, idempotency_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        [
-            key_id.into(),
-            "charge".into(),
-            cost.into(),
-            Some(batch_id).into(),
-            Some(item_id).into(),
-            Option::<String>::None.into(),
-            Option::<String>::None.into(),
-            Utc::now().into(),
-        ],
-    ))
-    .await?;
-    // LockedBatch::settle: finalize_if_done on the last open item only.
-    if open <= 1 {
-        let fin = txn
-            .execute_raw(stmt(
-                b,
-                "UPDATE batch_job SET \
-                 status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'completed' END, \
-                 completed_at = $2, updated_at = $2 \
-                 WHERE id = $1 AND status IN ('queued', 'processing') \
-                 AND succeeded_count + failed_count + cancelled_count = total_count",
-                [batch_id.into(), now.into()],
-            ))
-            .await?;
-        if fin.rows_affected() > 0 {
-            let select_job = format!(
-                "SELECT {BATCH_JOB_COLS} FROM batch_job WHERE id = $1 {}",
-                limit_clause(2)
-            );
-            txn.query_one_raw(stmt(b, &select_job, limit_values([batch_id.into()])))
-                .await?;
-        }
-    }
+/// A success report as the service runs it (`service::leases::complete_in`), committed on its
+/// own.
+async fn raw_complete(p: &Pools, item_id: Uuid, token: Uuid) -> Result<()> {
+    let txn = begin_write(&p.writer).await?;
+    complete_in(
+        &txn,
+        &p.runtime,
+        item_id,
+        token,
+        "https://cdn.example/v.mp4",
+        None,
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
     txn.commit().await?;
     Ok(())
 }
@@ -1011,12 +685,12 @@ async fn claim_ceiling(o: &Opts) -> Result<()> {
         let cpu0 = self_cpu_ticks();
         let tasks: Vec<_> = (0..conc)
             .map(|i| {
-                let (db, w) = (db.clone(), Arc::clone(&w));
+                let (pools, w) = (pools.clone(), Arc::clone(&w));
                 tokio::spawn(async move {
                     let worker = format!("bench-{i}");
                     while !w.over() {
                         let t = Instant::now();
-                        match raw_claim(&db, &worker, 10).await {
+                        match raw_claim(&pools, &worker, 10).await {
                             Err(e) => w.record(t, 0, Some(format!("claim: {e:#}"))),
                             Ok(items) if items.is_empty() => {
                                 w.mark_dry();
@@ -1026,7 +700,7 @@ async fn claim_ceiling(o: &Opts) -> Result<()> {
                                 w.record(t, 0, None);
                                 for it in items {
                                     let t = Instant::now();
-                                    let r = raw_complete(&db, it.item_id, it.token).await;
+                                    let r = raw_complete(&pools, it.item_id, it.token).await;
                                     w.record(t, 1, r.err().map(|e| format!("complete: {e:#}")));
                                 }
                             }
@@ -1040,12 +714,15 @@ async fn claim_ceiling(o: &Opts) -> Result<()> {
         }
         let cpu = self_cpu_ticks() - cpu0;
         // Leave nothing running for the next level.
-        db.execute_raw(stmt(
-            db.get_database_backend(),
-            "UPDATE batch_item SET status = 'cancelled', lease_token = NULL WHERE status IN ('queued', 'running')",
-            [],
-        ))
-        .await?;
+        {
+            use entity::batch_item::{Column, Entity};
+            Entity::update_many()
+                .col_expr(Column::Status, "cancelled".into())
+                .col_expr(Column::LeaseToken, Option::<Uuid>::None.into())
+                .filter(Column::Status.is_in(["queued", "running"]))
+                .exec(&db)
+                .await?;
+        }
         let mut s = w.summary(seconds);
         add_cpu(&mut s, cpu, hz);
         s["what"] = json!("L_claim");

@@ -170,8 +170,9 @@ pub async fn run() -> anyhow::Result<()> {
                         .await?
                         .with_context(|| format!("no key named {key:?}"))?;
                     let txn = crate::db::begin_write(&db).await?;
-                    credits::apply(&txn, id, LedgerKind::Grant, amount, note.as_deref(), None)
-                        .await?;
+                    let grant =
+                        credits::NewEntry::new(id, LedgerKind::Grant, amount).note(note.as_deref());
+                    credits::apply(&txn, grant).await?;
                     txn.commit().await?;
                     let w = credits::wallet(&db, id).await?;
                     println!(

@@ -140,11 +140,3 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction,
         db.begin().await
     }
 }
-
-/// A statement with `$n` placeholders (understood by both SQLite and PostgreSQL).
-pub fn stmt<I>(backend: DbBackend, sql: &str, values: I) -> Statement
-where
-    I: IntoIterator<Item = sea_orm::Value>,
-{
-    Statement::from_sql_and_values(backend, sql, values)
-}

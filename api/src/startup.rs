@@ -499,67 +499,20 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
 
 /// Queue depth gauges, read through the partial indexes.
 pub async fn sample_gauges(state: &AppState) -> Result<(), sea_orm::DbErr> {
-    use sea_orm::ConnectionTrait;
-    let backend = state.db.get_database_backend();
-    for (name, sql, label) in [
-        (
-            "queue_items",
-            "SELECT COUNT(*) AS n FROM batch_item WHERE status = 'queued'",
-            Some("queued"),
-        ),
-        (
-            "queue_items",
-            "SELECT COUNT(*) AS n FROM batch_item WHERE status = 'running'",
-            Some("running"),
-        ),
-        (
-            "webhook_deliveries_pending",
-            "SELECT COUNT(*) AS n FROM webhook_delivery WHERE status = 'pending'",
-            None,
-        ),
-    ] {
-        let n: i64 = match state
-            .db
-            .query_one_raw(crate::db::stmt(backend, sql, []))
-            .await?
-        {
-            Some(r) => r.try_get("", "n")?,
-            None => 0,
-        };
-        match label {
-            Some(l) => metrics::gauge!(name, "status" => l).set(n as f64),
-            None => metrics::gauge!(name).set(n as f64),
-        }
-    }
+    use crate::store::{items, wallets, webhooks};
+    let (queued, running) = items::queue_depth(&state.db).await?;
+    metrics::gauge!("queue_items", "status" => "queued").set(queued as f64);
+    metrics::gauge!("queue_items", "status" => "running").set(running as f64);
+    metrics::gauge!("webhook_deliveries_pending")
+        .set(webhooks::pending_count(&state.db).await? as f64);
     // The head of the fair queue (through its partial index): how long work has been waiting.
-    let head: Option<chrono::DateTime<chrono::Utc>> = match state
-        .db
-        .query_one_raw(crate::db::stmt(
-            backend,
-            "SELECT created_at FROM batch_item WHERE status = 'queued' ORDER BY fair_pos LIMIT 1",
-            [],
-        ))
+    let age = items::queue_head_created_at(&state.db)
         .await?
-    {
-        Some(r) => Some(r.try_get("", "created_at")?),
-        None => None,
-    };
-    let age = head.map_or(0.0, |t| {
-        (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
-    });
+        .map_or(0.0, |t| {
+            (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+        });
     metrics::gauge!("queue_oldest_item_age_seconds").set(age);
-    let held: i64 = match state
-        .db
-        .query_one_raw(crate::db::stmt(
-            backend,
-            "SELECT CAST(COALESCE(SUM(held), 0) AS BIGINT) AS n FROM credit_wallet",
-            [],
-        ))
-        .await?
-    {
-        Some(r) => r.try_get("", "n")?,
-        None => 0,
-    };
+    let held = wallets::total_held(&state.db).await?;
     metrics::gauge!("credits_held").set(held as f64);
     Ok(())
 }

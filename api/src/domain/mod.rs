@@ -1,4 +1,5 @@
 //! Typed values that can only be built valid ("parse, don't validate").
+pub mod money;
 pub mod target;
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -82,16 +82,10 @@ impl AdminApi {
                         {
                             return same_movement(&earlier, kind, amount, note.as_deref(), k);
                         }
-                        match credits::apply(
-                            txn,
-                            key_id,
-                            kind,
-                            amount,
-                            note.as_deref(),
-                            idem.as_deref(),
-                        )
-                        .await
-                        {
+                        let entry = credits::NewEntry::new(key_id, kind, amount)
+                            .note(note.as_deref())
+                            .idempotency_key(idem.as_deref());
+                        match credits::apply(txn, entry).await {
                             Ok(true) => Ok(()),
                             Ok(false) => {
                                 let w = credits::wallet(txn, key_id).await?;
@@ -420,12 +414,10 @@ impl AdminApi {
         auth: AdminAuth,
         id: Path<uuid::Uuid>,
     ) -> Result<Json<WebhookDeliveryView>, ApiError> {
-        use sea_orm::EntityTrait;
         if !crate::service::webhooks::redeliver(&state.writer, id.0).await? {
             return Err(ApiError::not_found("webhook delivery", id.0));
         }
-        let d = entity::webhook_delivery::Entity::find_by_id(id.0)
-            .one(&state.db)
+        let d = crate::store::webhooks::by_id(&state.db, id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("webhook delivery", id.0))?;
         Ok(Json(delivery_view(&auth.0, d)))

@@ -1,29 +1,25 @@
 //! Batches: the create path (idempotency, credit hold, items, audit in one transaction),
 //! reads, listing and cancel.
-use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use entity::{batch_item, batch_job};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 use serde_json::json;
 use uuid::Uuid;
 
 use std::sync::Arc;
 
-use crate::db::stmt;
 use crate::domain::{NewBatch, RequestId};
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::batches::{
     Batch, BatchCounts, BatchCreated, BatchItemView, BatchStatus, CreateBatchRequest, ItemStatus,
 };
-use crate::service::credits::{self, LedgerKind};
-use crate::service::usage::{self, UsageRow};
+use crate::service::credits::{self, LedgerKind, NewEntry};
+use crate::service::usage::UsageRow;
 use crate::service::webhooks;
 use crate::state::{KeyEntry, Runtime};
 use crate::store::pipeline::Writes;
+use crate::store::{items, jobs, usage, wallets};
 
 /// How a create ended.
 #[derive(Debug)]
@@ -71,7 +67,7 @@ pub async fn create(
     crate::context::update(|s| s.call_request_id = Some(rid.as_str().to_string()));
     let fingerprint = crate::domain::fingerprint(req);
 
-    if let Some(existing) = find_by_request_id(db, key.id, rid.as_str()).await? {
+    if let Some(existing) = jobs::by_request_id(db, key.id, rid.as_str()).await? {
         return replay(db, key.id, existing, &fingerprint).await;
     }
 
@@ -108,7 +104,7 @@ pub async fn create(
         })
         .await?;
     let Some(response) = written else {
-        let existing = find_by_request_id(db, key.id, rid.as_str())
+        let existing = jobs::by_request_id(db, key.id, rid.as_str())
             .await?
             .ok_or_else(|| ApiError::internal("idempotency conflict row vanished"))?;
         return replay(db, key.id, existing, &fingerprint).await;
@@ -127,23 +123,29 @@ pub async fn create(
 }
 
 /// Everything the create's unit of work writes.
-struct NewBatchUnit {
-    key_id: i64,
-    rid: String,
-    fingerprint: String,
-    batch: NewBatch,
-    batch_id: Uuid,
-    n: i64,
-    cost: i64,
-    need: i64,
-    now: DateTime<Utc>,
-    audit: AuditInfo,
+pub struct NewBatchUnit {
+    pub key_id: i64,
+    /// The request id (validated).
+    pub rid: String,
+    /// SHA-256 of the canonical request.
+    pub fingerprint: String,
+    pub batch: NewBatch,
+    pub batch_id: Uuid,
+    /// Items.
+    pub n: i64,
+    /// Credits per item.
+    pub cost: i64,
+    /// Credits to hold: `n * cost`.
+    pub need: i64,
+    pub now: DateTime<Utc>,
+    pub audit: AuditInfo,
 }
 
 /// The create's writes, in one savepoint of a group: batch row (the idempotency insert),
 /// items, hold ledger row, usage row, and last the conditional wallet update. `None` when
-/// another request with the same id already holds the batch row.
-async fn write_new_batch(
+/// another request with the same id already holds the batch row. One unit of the write
+/// pipeline (the benchmark runs it alone, one commit per create, for its ceiling).
+pub async fn write_new_batch(
     txn: &DatabaseTransaction,
     u: &NewBatchUnit,
 ) -> Result<Option<BatchCreated>, ApiError> {
@@ -159,25 +161,7 @@ async fn write_new_batch(
         now,
         ref audit,
     } = *u;
-    let backend = txn.get_database_backend();
-    // Fair queuing: the batch starts right after the key's own queued items, but never before
-    // the queue's head, so a key's backlog cannot delay another key's new batch.
-    let positions = txn
-        .query_one_raw(stmt(
-            backend,
-            "SELECT (SELECT MIN(fair_pos) FROM batch_item WHERE status = 'queued') AS head, \
-             (SELECT MAX(fair_pos) FROM batch_item WHERE status = 'queued' AND api_key_id = $1) AS tail",
-            [key_id.into()],
-        ))
-        .await?;
-    let (head, tail) = match positions {
-        Some(r) => (
-            r.try_get::<Option<i64>>("", "head")?.unwrap_or(0),
-            r.try_get::<Option<i64>>("", "tail")?,
-        ),
-        None => (0, None),
-    };
-    let start_pos = tail.map_or(head, |t| (t + 1).max(head));
+    let start_pos = items::fair_start(txn, key_id).await?;
 
     // Stored for replays, which report the credits available at replay time instead.
     let mut response = BatchCreated {
@@ -195,75 +179,31 @@ async fn write_new_batch(
     };
     let response_json = serde_json::to_string(&response).map_err(ApiError::internal)?;
 
-    let inserted = batch_job::Entity::insert(batch_job::ActiveModel {
-        id: Set(batch_id),
-        api_key_id: Set(key_id),
-        request_id: Set(rid.as_str().to_string()),
-        fingerprint: Set(fingerprint.clone()),
-        status: Set("queued".into()),
-        total_count: Set(n as i32),
-        succeeded_count: Set(0),
-        failed_count: Set(0),
-        cancelled_count: Set(0),
-        cost_per_video: Set(cost),
-        required_credits: Set(need),
-        webhook_url: Set(batch.webhook_url.clone()),
-        metadata: Set(batch.metadata.clone()),
-        response: Set(response_json),
-        created_at: Set(now),
-        updated_at: Set(now),
-        cancel_requested_at: Set(None),
-        completed_at: Set(None),
-    })
-    .on_conflict_do_nothing_on([batch_job::Column::ApiKeyId, batch_job::Column::RequestId])
-    .exec(txn)
+    let inserted = jobs::NewJob {
+        id: batch_id,
+        key_id,
+        request_id: rid,
+        fingerprint,
+        total: n as i32,
+        cost_per_video: cost,
+        required_credits: need,
+        webhook_url: batch.webhook_url.clone(),
+        metadata: batch.metadata.clone(),
+        response: response_json,
+        now,
+    }
+    .insert_if_absent(txn)
     .await?;
-    if !matches!(inserted, sea_orm::TryInsertResult::Inserted(_)) {
+    if !inserted {
         // An earlier request with the same id won (in this group or committed): nothing is
         // written here; the caller answers as a repeat once that request is committed.
         return Ok(None);
     }
-
-    let items: Vec<batch_item::ActiveModel> = batch
-        .items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| batch_item::ActiveModel {
-            id: Set(Uuid::now_v7()),
-            batch_id: Set(batch_id),
-            api_key_id: Set(key_id),
-            idx: Set(i as i32),
-            prompt: Set(item.prompt.clone()),
-            params: Set(item.params.clone()),
-            status: Set("queued".into()),
-            attempts: Set(0),
-            fair_pos: Set(start_pos + i as i64),
-            lease_token: Set(None),
-            worker_id: Set(None),
-            lease_expires_at: Set(None),
-            result_url: Set(None),
-            result: Set(None),
-            error: Set(None),
-            created_at: Set(now),
-            updated_at: Set(now),
-        })
-        .collect();
-    for chunk in items.chunks(500) {
-        batch_item::Entity::insert_many(chunk.to_vec())
-            .exec(txn)
-            .await?;
-    }
-    credits::record(
-        txn,
-        key_id,
-        LedgerKind::Hold,
-        need,
-        Some(batch_id),
-        None,
-        None,
-        None,
-    )
-    .await?;
+    items::insert_queued(txn, batch_id, key_id, start_pos, &batch.items, now).await?;
+    NewEntry::new(key_id, LedgerKind::Hold, need)
+        .batch(batch_id)
+        .insert(txn, now)
+        .await?;
 
     let mut row = audit.row.clone();
     row.status = 201;
@@ -273,47 +213,20 @@ async fn write_new_batch(
     row.items = n as i32;
     row.credits = need;
     row.latency_us = audit.started.elapsed().as_micros() as i64;
-    usage::record(txn, &row, now).await?;
+    usage::insert(txn, &row, now).await?;
     // The hold comes last, so the wallet row stays locked only until the commit.
-    let held = txn
-        .query_one_raw(stmt(
-            backend,
-            "UPDATE credit_wallet SET held = held + $2, updated_at = $3 \
-             WHERE api_key_id = $1 AND balance - held >= $2 RETURNING balance, held",
-            [key_id.into(), need.into(), now.into()],
-        ))
-        .await?;
-    let Some(held) = held else {
+    let Some(held) = wallets::hold(txn, key_id, need, now).await? else {
         // The savepoint is rolled back: nothing of this batch stays.
-        let w = credits::wallet(txn, key_id).await?;
+        let w = wallets::read(txn, key_id).await?;
         return Err(ApiError::new(
             ErrorCode::InsufficientCredits,
             format!("batch needs {need} credits, {} available", w.available()),
         )
         .with_details(json!({ "required_credits": need, "available_credits": w.available() })));
     };
-    let balance: i64 = held.try_get("", "balance")?;
-    let held_now: i64 = held.try_get("", "held")?;
-    response.available_credits = balance - held_now + need;
-    response.remaining_credits = balance - held_now;
+    response.available_credits = held.available() + need;
+    response.remaining_credits = held.available();
     Ok(Some(response))
-}
-
-async fn find_by_request_id<C: ConnectionTrait>(
-    db: &C,
-    key_id: i64,
-    request_id: &str,
-) -> Result<Option<batch_job::Model>, DbErr> {
-    // The pair is unique, so no LIMIT: SQLite re-prepares a statement whose LIMIT is bound as
-    // a parameter (as `.one()` does) every time it runs, on the hottest lookup of the create.
-    batch_job::Entity::find()
-        .from_raw_sql(stmt(
-            db.get_database_backend(),
-            "SELECT * FROM batch_job WHERE api_key_id = $1 AND request_id = $2",
-            [key_id.into(), request_id.into()],
-        ))
-        .one(db)
-        .await
 }
 
 async fn replay(
@@ -388,38 +301,6 @@ pub fn item_view(m: &batch_item::Model) -> BatchItemView {
     }
 }
 
-/// Queued and running counts of some batches.
-async fn open_counts<C: ConnectionTrait>(
-    db: &C,
-    ids: &[Uuid],
-) -> Result<HashMap<Uuid, (i64, i64)>, DbErr> {
-    let mut out: HashMap<Uuid, (i64, i64)> = HashMap::new();
-    if ids.is_empty() {
-        return Ok(out);
-    }
-    let rows = batch_item::Entity::find()
-        .select_only()
-        .column(batch_item::Column::BatchId)
-        .column(batch_item::Column::Status)
-        .column_as(batch_item::Column::Id.count(), "n")
-        .filter(batch_item::Column::BatchId.is_in(ids.to_vec()))
-        .filter(batch_item::Column::Status.is_in(["queued", "running"]))
-        .group_by(batch_item::Column::BatchId)
-        .group_by(batch_item::Column::Status)
-        .into_tuple::<(Uuid, String, i64)>()
-        .all(db)
-        .await?;
-    for (id, status, n) in rows {
-        let e = out.entry(id).or_default();
-        if status == "queued" {
-            e.0 = n;
-        } else {
-            e.1 = n;
-        }
-    }
-    Ok(out)
-}
-
 /// One batch of a key, with its items; another key's batch is not found.
 pub async fn get<C: ConnectionTrait>(
     db: &C,
@@ -427,7 +308,7 @@ pub async fn get<C: ConnectionTrait>(
     batch_id: Uuid,
 ) -> Result<Batch, ApiError> {
     let job = owned_batch(db, key_id, batch_id).await?;
-    let open = open_counts(db, &[batch_id])
+    let open = items::open_counts(db, &[batch_id])
         .await?
         .get(&batch_id)
         .copied()
@@ -447,9 +328,7 @@ async fn owned_batch<C: ConnectionTrait>(
     key_id: i64,
     batch_id: Uuid,
 ) -> Result<batch_job::Model, ApiError> {
-    batch_job::Entity::find_by_id(batch_id)
-        .filter(batch_job::Column::ApiKeyId.eq(key_id))
-        .one(db)
+    jobs::owned(db, key_id, batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))
 }
@@ -463,18 +342,14 @@ async fn items_after<C: ConnectionTrait>(
     after: Option<i32>,
     limit: u64,
 ) -> Result<(Vec<BatchItemView>, Option<String>), ApiError> {
-    let mut q = batch_item::Entity::find().filter(batch_item::Column::BatchId.eq(batch_id));
-    if let Some(a) = after {
-        q = q.filter(batch_item::Column::Idx.gt(a));
-    }
-    if let Some(s) = status {
-        q = q.filter(batch_item::Column::Status.eq(s.as_str()));
-    }
-    let mut rows = q
-        .order_by_asc(batch_item::Column::Idx)
-        .limit(limit + 1)
-        .all(db)
-        .await?;
+    let mut rows = items::page(
+        db,
+        batch_id,
+        status.map(ItemStatus::as_str),
+        after,
+        limit + 1,
+    )
+    .await?;
     let next = if rows.len() as u64 > limit {
         rows.truncate(limit as usize);
         rows.last().map(|r| encode_item_cursor(r.idx))
@@ -511,14 +386,7 @@ pub fn results_stream(
         let db = db.clone();
         async move {
             let after = after?;
-            let rows = match batch_item::Entity::find()
-                .filter(batch_item::Column::BatchId.eq(batch_id))
-                .filter(batch_item::Column::Idx.gt(after))
-                .order_by_asc(batch_item::Column::Idx)
-                .limit(RESULTS_CHUNK)
-                .all(&db)
-                .await
-            {
+            let rows = match items::page(&db, batch_id, None, Some(after), RESULTS_CHUNK).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, %batch_id, "streaming results failed");
@@ -563,22 +431,19 @@ pub async fn list<C: ConnectionTrait>(
     limit: u64,
     cursor: Option<&str>,
 ) -> Result<(Vec<Batch>, Option<String>), ApiError> {
-    let mut q = batch_job::Entity::find().filter(batch_job::Column::ApiKeyId.eq(key_id));
-    if let Some(s) = status {
-        q = q.filter(batch_job::Column::Status.eq(s.as_str()));
-    }
-    if let Some(c) = cursor {
-        q = q.filter(batch_job::Column::Id.lt(decode_cursor(c)?));
-    }
-    let mut jobs = q
-        .order_by_desc(batch_job::Column::Id)
-        .limit(limit + 1)
-        .all(db)
-        .await?;
+    let before = cursor.map(decode_cursor).transpose()?;
+    let mut jobs = jobs::page(
+        db,
+        key_id,
+        status.map(BatchStatus::as_str),
+        before,
+        limit + 1,
+    )
+    .await?;
     let more = jobs.len() as u64 > limit;
     jobs.truncate(limit as usize);
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
-    let open = open_counts(db, &ids).await?;
+    let open = items::open_counts(db, &ids).await?;
     let next = if more {
         jobs.last().map(|j| encode_cursor(j.id))
     } else {
@@ -645,74 +510,38 @@ async fn cancel_in(
     key_id: i64,
     batch_id: Uuid,
 ) -> Result<(), ApiError> {
-    let backend = txn.get_database_backend();
     let now = Utc::now();
+    let is_final = |status: &str| status == "completed" || status == "cancelled";
     // A final batch is answered as it is, with nothing written.
-    let status = txn
-        .query_one_raw(stmt(
-            backend,
-            "SELECT status FROM batch_job WHERE id = $1 AND api_key_id = $2",
-            [batch_id.into(), key_id.into()],
-        ))
+    let seen = jobs::owned(txn, key_id, batch_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("batch", batch_id))?
-        .try_get::<String>("", "status")?;
-    if status == "completed" || status == "cancelled" {
+        .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
+    if is_final(&seen.status) {
         return Ok(());
     }
     // Lock the batch row first: every transition of this batch serialises on it.
-    let locked = txn
-        .execute_raw(stmt(
-            backend,
-            "UPDATE batch_job SET updated_at = $3 WHERE id = $1 AND api_key_id = $2",
-            [batch_id.into(), key_id.into(), now.into()],
-        ))
-        .await?;
-    if locked.rows_affected() == 0 {
+    if !jobs::lock_owned(txn, key_id, batch_id, now).await? {
         return Err(ApiError::not_found("batch", batch_id));
     }
-    let job = batch_job::Entity::find_by_id(batch_id)
-        .one(txn)
+    let job = jobs::by_id(txn, batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
-    if job.status == "completed" || job.status == "cancelled" {
+    if is_final(&job.status) {
         return Ok(());
     }
-    let cancelled = txn
-        .query_all_raw(stmt(
-            backend,
-            "UPDATE batch_item SET status = 'cancelled', updated_at = $2 \
-             WHERE batch_id = $1 AND status = 'queued' RETURNING id",
-            [batch_id.into(), now.into()],
-        ))
-        .await?;
-    let n = cancelled.len() as i64;
+    let n = items::cancel_queued(txn, batch_id, now).await? as i64;
     if n > 0 {
         let amount = n * job.cost_per_video;
-        let ok = credits::apply_for(
-            txn,
-            key_id,
-            LedgerKind::Release,
-            amount,
-            Some(batch_id),
-            None,
-            Some("cancelled before running"),
-            None,
-        )
-        .await?;
-        if !ok {
+        let release = NewEntry::new(key_id, LedgerKind::Release, amount)
+            .batch(batch_id)
+            .note(Some("cancelled before running"));
+        if !credits::apply(txn, release).await? {
             return Err(ApiError::internal(format!(
                 "release of {amount} failed for batch {batch_id}"
             )));
         }
     }
-    txn.execute_raw(stmt(
-        backend,
-        "UPDATE batch_job SET cancelled_count = cancelled_count + $2, \
-         cancel_requested_at = COALESCE(cancel_requested_at, $3), updated_at = $3 WHERE id = $1",
-        [batch_id.into(), (n as i32).into(), now.into()],
-    ))
-    .await?;
+    jobs::record_cancel(txn, batch_id, n as i32, now).await?;
     finalize_if_done(txn, runtime, batch_id, now).await?;
     Ok(())
 }
@@ -725,23 +554,10 @@ pub async fn finalize_if_done<C: ConnectionTrait + TransactionTrait>(
     batch_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<Option<batch_job::Model>, DbErr> {
-    let backend = txn.get_database_backend();
-    let res = txn
-        .execute_raw(stmt(
-            backend,
-            "UPDATE batch_job SET \
-             status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'completed' END, \
-             completed_at = $2, updated_at = $2 \
-             WHERE id = $1 AND status IN ('queued', 'processing') \
-             AND succeeded_count + failed_count + cancelled_count = total_count",
-            [batch_id.into(), now.into()],
-        ))
-        .await?;
-    if res.rows_affected() == 0 {
+    if !jobs::finish_if_done(txn, batch_id, now).await? {
         return Ok(None);
     }
-    let job = batch_job::Entity::find_by_id(batch_id)
-        .one(txn)
+    let job = jobs::by_id(txn, batch_id)
         .await?
         .ok_or_else(|| DbErr::RecordNotFound(format!("batch_job {batch_id}")))?;
     let event = if job.status == "cancelled" {

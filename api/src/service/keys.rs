@@ -47,15 +47,10 @@ pub async fn sync(
                 .exec(&txn)
                 .await?;
                 if policy.initial_credits > 0 {
-                    credits::apply(
-                        &txn,
-                        id,
-                        LedgerKind::Grant,
-                        policy.initial_credits,
-                        Some("initial_credits from config"),
-                        None,
-                    )
-                    .await?;
+                    let grant =
+                        credits::NewEntry::new(id, LedgerKind::Grant, policy.initial_credits)
+                            .note(Some("initial_credits from config"));
+                    credits::apply(&txn, grant).await?;
                 }
                 tracing::info!(key = %name, id, "key created");
                 id

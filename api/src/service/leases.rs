@@ -3,18 +3,17 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use entity::batch_job;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction};
 use uuid::Uuid;
 
-use crate::db::stmt;
 use crate::error::ApiError;
 use crate::schemas::batches::{BatchStatus, ItemStatus};
 use crate::schemas::worker::{ClaimedItem, ItemState};
 use crate::service::batches::finalize_if_done;
-use crate::service::credits::{self, LedgerKind};
+use crate::service::credits::{self, LedgerKind, NewEntry};
 use crate::state::Runtime;
 use crate::store::pipeline::Writes;
+use crate::store::{items, jobs};
 
 /// Leases up to `max` queued items to `worker_id`, in fair order: items carry a position from
 /// start-time fair queuing, so a small batch of one key is interleaved with the head of a huge
@@ -36,132 +35,53 @@ pub async fn claim(
         .await
 }
 
-async fn claim_in(
+/// The claim's unit of work (in the pipeline's transaction; the benchmark runs it alone).
+pub async fn claim_in(
     txn: &DatabaseTransaction,
     worker_id: &str,
     max: u32,
     lease: Duration,
     max_attempts: u32,
 ) -> Result<Vec<ClaimedItem>, ApiError> {
-    let backend = txn.get_database_backend();
     let now = Utc::now();
-    let expires = now + lease;
-    let token = Uuid::new_v4();
-    let lock = skip_locked(backend);
-    requeue_expired(txn, now, max_attempts).await?;
-    // Written into the SQL (an integer, so safe): SQLite re-prepares a statement whose LIMIT is
-    // a bound parameter every time it runs.
-    let max = max.clamp(1, 1000);
-    let sql = format!(
-        "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $1, \
-         worker_id = $2, lease_expires_at = $3, updated_at = $4 \
-         WHERE id IN (SELECT id FROM batch_item WHERE status = 'queued' \
-         ORDER BY fair_pos, created_at LIMIT {max}{lock}) \
-         RETURNING id, batch_id, prompt, params, attempts, fair_pos"
-    );
-    let rows = txn
-        .query_all_raw(stmt(
-            backend,
-            &sql,
-            [token.into(), worker_id.into(), expires.into(), now.into()],
-        ))
-        .await?;
+    let lease = items::Lease {
+        token: Uuid::new_v4(),
+        worker_id,
+        expires_at: now + lease,
+    };
+    items::requeue_expired(txn, now, max_attempts as i32).await?;
+    let rows = items::lease_queued(txn, lease, u64::from(max.clamp(1, 1000)), now).await?;
     metrics::counter!("worker_claims_total").increment(1);
     metrics::counter!("worker_claimed_items_total").increment(rows.len() as u64);
-    let mut items = Vec::with_capacity(rows.len());
-    let mut batches = Vec::new();
-    for r in rows {
-        let batch_id: Uuid = r.try_get("", "batch_id")?;
-        let params: Option<String> = r.try_get("", "params")?;
-        let pos: i64 = r.try_get("", "fair_pos")?;
-        if !batches.contains(&batch_id) {
-            batches.push(batch_id);
-        }
-        items.push((
-            pos,
-            ClaimedItem {
-                item_id: r.try_get("", "id")?,
-                batch_id,
-                lease_token: token,
-                lease_expires_at: expires,
-                prompt: r.try_get("", "prompt")?,
-                params: params.and_then(|p| serde_json::from_str(&p).ok()),
-                attempt: r.try_get("", "attempts")?,
-            },
-        ));
-    }
-    if !batches.is_empty() {
-        // In the claim's own transaction, without waiting for a batch row another transaction
-        // holds (that one marks the batch `processing` itself: see `lock_batch_of`). A claim
-        // never waits on a lock, so it can never be part of a deadlock.
-        batches.sort();
-        let ids: Vec<sea_orm::Value> = batches.into_iter().map(Into::into).collect();
-        let marks = (0..ids.len())
-            .map(|i| format!("${}", i + 2))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!(
-            "UPDATE batch_job SET status = 'processing', updated_at = $1 WHERE id IN \
-             (SELECT id FROM batch_job WHERE id IN ({marks}) AND status = 'queued'{lock})"
-        );
-        let mut values = vec![now.into()];
-        values.extend(ids);
-        txn.execute_raw(stmt(backend, &sql, values)).await?;
-    }
-    items.sort_by_key(|(pos, i)| (*pos, i.item_id));
-    Ok(items.into_iter().map(|(_, i)| i).collect())
-}
-
-/// Puts items whose lease expired back in the queue when attempts remain and their batch has no
-/// cancel request. Expired leases of cancelled batches and of last attempts are left to
-/// [`reap_expired`], which settles their credits: cancel wins over expiry, so such an item is
-/// never leased again nor charged.
-async fn requeue_expired<C: ConnectionTrait>(
-    db: &C,
-    now: DateTime<Utc>,
-    max_attempts: u32,
-) -> Result<u64, ApiError> {
-    let backend = db.get_database_backend();
-    // Rows another transaction holds are skipped (the next pass takes them): this never waits.
-    let sql = format!(
-        "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
-         lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
-         WHERE id IN (SELECT id FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
-         AND attempts < $2 \
-         AND batch_id NOT IN (SELECT id FROM batch_job WHERE cancel_requested_at IS NOT NULL){})",
-        skip_locked(backend)
-    );
-    let r = db
-        .execute_raw(stmt(
-            backend,
-            &sql,
-            [now.into(), (max_attempts as i32).into()],
-        ))
-        .await?;
-    Ok(r.rows_affected())
-}
-
-/// `FOR UPDATE SKIP LOCKED` where the store has it (SQLite has one writer: nothing to skip).
-fn skip_locked(backend: DbBackend) -> &'static str {
-    if backend == DbBackend::Postgres {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    }
+    let mut batches: Vec<Uuid> = rows.iter().map(|r| r.batch_id).collect();
+    batches.sort();
+    batches.dedup();
+    // In the claim's own transaction, without waiting for a batch row another transaction
+    // holds (that one marks the batch `processing` itself: see `jobs::lock_of_item`). A claim
+    // never waits on a lock, so it can never be part of a deadlock.
+    jobs::mark_processing(txn, &batches, now).await?;
+    let mut rows = rows;
+    rows.sort_by_key(|r| (r.fair_pos, r.id));
+    Ok(rows
+        .into_iter()
+        .map(|r| ClaimedItem {
+            item_id: r.id,
+            batch_id: r.batch_id,
+            lease_token: lease.token,
+            lease_expires_at: lease.expires_at,
+            prompt: r.prompt,
+            params: r.params.and_then(|p| serde_json::from_str(&p).ok()),
+            attempt: r.attempts,
+        })
+        .collect())
 }
 
 /// The key an item belongs to: its reports run in that key's write lane, ordered with the
 /// key's other writes. Unknown items are 404.
 async fn key_of(db: &DatabaseConnection, item_id: Uuid) -> Result<i64, ApiError> {
-    db.query_one_raw(stmt(
-        db.get_database_backend(),
-        "SELECT api_key_id FROM batch_item WHERE id = $1",
-        [item_id.into()],
-    ))
-    .await?
-    .ok_or_else(|| ApiError::not_found("item", item_id))?
-    .try_get::<i64>("", "api_key_id")
-    .map_err(Into::into)
+    items::key_of(db, item_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("item", item_id))
 }
 
 /// What one pass of the lease reaper did.
@@ -190,25 +110,19 @@ pub async fn reap_expired(
     let mut reaped = Reaped {
         requeued: writes
             .run(None, move |txn| {
-                Box::pin(async move { requeue_expired(txn, now, max_attempts).await })
+                Box::pin(
+                    async move { Ok(items::requeue_expired(txn, now, max_attempts as i32).await?) },
+                )
             })
             .await?,
         ..Default::default()
     };
-    let rows = db
-        .query_all_raw(stmt(
-            db.get_database_backend(),
-            "SELECT id, api_key_id, lease_token FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
-             LIMIT 200",
-            [now.into()],
-        ))
-        .await?;
-    for r in rows {
-        let (id, key, token): (Uuid, i64, Option<Uuid>) = (
-            r.try_get("", "id")?,
-            r.try_get("", "api_key_id")?,
-            r.try_get("", "lease_token")?,
-        );
+    for items::Expired {
+        id,
+        key_id: key,
+        token,
+    } in items::expired_leases(db, now, 200).await?
+    {
         let Some(token) = token else { continue };
         // As of the lease's end: a late report with the same token is already stale. Retryable,
         // so that a cancel request turns it into `cancelled`; with no attempt left it fails.
@@ -253,27 +167,16 @@ async fn lock_batch_of(
     item_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<LockedBatch, ApiError> {
-    let b = txn
-        .query_one_raw(stmt(
-            txn.get_database_backend(),
-            "UPDATE batch_job SET updated_at = $2, \
-             status = CASE WHEN status = 'queued' THEN 'processing' ELSE status END \
-             WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1) \
-             RETURNING id, api_key_id, cost_per_video, cancel_requested_at, status, \
-             total_count - succeeded_count - failed_count - cancelled_count AS open",
-            [item_id.into(), now.into()],
-        ))
+    let b = jobs::lock_of_item(txn, item_id, now)
         .await?
         .ok_or_else(|| ApiError::not_found("item", item_id))?;
-    let cancel: Option<DateTime<Utc>> = b.try_get("", "cancel_requested_at")?;
-    let status: String = b.try_get("", "status")?;
     Ok(LockedBatch {
-        id: b.try_get("", "id")?,
-        key_id: b.try_get("", "api_key_id")?,
-        cost: b.try_get("", "cost_per_video")?,
-        cancel_requested: cancel.is_some(),
-        status: BatchStatus::parse(&status),
-        open: i64::from(b.try_get::<i32>("", "open")?),
+        id: b.id,
+        key_id: b.key_id,
+        cost: b.cost_per_video,
+        cancel_requested: b.cancel_requested,
+        status: BatchStatus::parse(&b.status),
+        open: b.open,
     })
 }
 
@@ -303,8 +206,7 @@ impl LockedBatch {
 }
 
 async fn batch_status<C: ConnectionTrait>(db: &C, batch_id: Uuid) -> Result<BatchStatus, ApiError> {
-    Ok(batch_job::Entity::find_by_id(batch_id)
-        .one(db)
+    Ok(jobs::by_id(db, batch_id)
         .await?
         .map(|b| BatchStatus::parse(&b.status))
         .unwrap_or(BatchStatus::Queued))
@@ -334,39 +236,23 @@ async fn heartbeat_in(
 ) -> Result<ItemState, ApiError> {
     let now = Utc::now();
     let expires = now + lease;
-    let row = txn
-        .query_one_raw(stmt(
-            txn.get_database_backend(),
-            "UPDATE batch_item SET lease_expires_at = $3, updated_at = $4 \
-             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $4 \
-             RETURNING batch_id, attempts",
-            [item_id.into(), token.into(), expires.into(), now.into()],
-        ))
-        .await?;
-    let Some(row) = row else {
+    let Some((batch_id, attempts)) = items::extend_lease(txn, item_id, token, expires, now).await?
+    else {
         return Err(lease_error(txn, item_id).await);
     };
-    let batch_id: Uuid = row.try_get("", "batch_id")?;
     Ok(ItemState {
         item_id,
         status: ItemStatus::Running,
-        attempts: row.try_get("", "attempts")?,
+        attempts,
         lease_expires_at: Some(expires),
         batch_status: batch_status(txn, batch_id).await?,
     })
 }
 
 async fn lease_error<C: ConnectionTrait>(db: &C, item_id: Uuid) -> ApiError {
-    match db
-        .query_one_raw(stmt(
-            db.get_database_backend(),
-            "SELECT id FROM batch_item WHERE id = $1",
-            [item_id.into()],
-        ))
-        .await
-    {
-        Ok(Some(_)) => ApiError::lease_lost(item_id),
-        Ok(None) => ApiError::not_found("item", item_id),
+    match items::exists(db, item_id).await {
+        Ok(true) => ApiError::lease_lost(item_id),
+        Ok(false) => ApiError::not_found("item", item_id),
         Err(e) => e.into(),
     }
 }
@@ -393,7 +279,9 @@ pub async fn complete(
         .await
 }
 
-async fn complete_in(
+/// The success report's unit of work (in the pipeline's transaction; the benchmark runs it
+/// alone).
+pub async fn complete_in(
     txn: &DatabaseTransaction,
     runtime: &Runtime,
     item_id: Uuid,
@@ -401,41 +289,15 @@ async fn complete_in(
     result_url: &str,
     result: Option<String>,
 ) -> Result<ItemState, ApiError> {
-    let backend = txn.get_database_backend();
     let now = Utc::now();
     let batch = lock_batch_of(txn, item_id, now).await?;
-    let updated = txn
-        .query_one_raw(stmt(
-            backend,
-            "UPDATE batch_item SET status = 'succeeded', result_url = $3, result = $4, error = NULL, \
-             lease_token = NULL, lease_expires_at = NULL, updated_at = $5 \
-             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $5 \
-             RETURNING attempts",
-            [item_id.into(), token.into(), result_url.into(), result.into(), now.into()],
-        ))
-        .await?;
-    let Some(updated) = updated else {
+    let Some(attempts) = items::succeed(txn, item_id, token, result_url, result, now).await? else {
         return Err(ApiError::lease_lost(item_id));
     };
-    let attempts: i32 = updated.try_get("", "attempts")?;
-    txn.execute_raw(stmt(
-        backend,
-        "UPDATE batch_job SET succeeded_count = succeeded_count + 1 WHERE id = $1",
-        [batch.id.into()],
-    ))
-    .await?;
-    if !credits::apply_for(
-        txn,
-        batch.key_id,
-        LedgerKind::Charge,
-        batch.cost,
-        Some(batch.id),
-        Some(item_id),
-        None,
-        None,
-    )
-    .await?
-    {
+    jobs::count_outcome(txn, batch.id, jobs::Outcome::Succeeded).await?;
+    let charge =
+        NewEntry::new(batch.key_id, LedgerKind::Charge, batch.cost).item(batch.id, item_id);
+    if !credits::apply(txn, charge).await? {
         return Err(ApiError::internal(format!(
             "charge failed for item {item_id}: held too small"
         )));
@@ -493,62 +355,31 @@ async fn fail_in(
     retryable: bool,
     live_at: DateTime<Utc>,
 ) -> Result<ItemState, ApiError> {
-    let backend = txn.get_database_backend();
     let now = Utc::now();
-    let max_attempts = runtime.settings.worker.max_attempts as i32;
     let batch = lock_batch_of(txn, item_id, now).await?;
     // One conditional update on item and token decides the outcome; a stale token matches no
     // row and changes nothing.
-    let row = txn
-        .query_one_raw(stmt(
-            backend,
-            "UPDATE batch_item SET status = CASE \
-               WHEN $5 AND attempts < $6 AND NOT $7 THEN 'queued' \
-               WHEN $5 AND $7 THEN 'cancelled' ELSE 'failed' END, \
-             error = $3, lease_token = NULL, worker_id = NULL, lease_expires_at = NULL, updated_at = $4 \
-             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $8 \
-             RETURNING status, attempts",
-            [
-                item_id.into(),
-                token.into(),
-                error.into(),
-                now.into(),
-                retryable.into(),
-                max_attempts.into(),
-                batch.cancel_requested.into(),
-                live_at.into(),
-            ],
-        ))
-        .await?;
-    let Some(row) = row else {
+    let failure = items::Failure {
+        token,
+        error,
+        retryable,
+        max_attempts: runtime.settings.worker.max_attempts as i32,
+        cancel_requested: batch.cancel_requested,
+        live_at,
+    };
+    let Some((status, attempts)) = items::settle_failure(txn, item_id, failure, now).await? else {
         return Err(ApiError::lease_lost(item_id));
     };
-    let attempts: i32 = row.try_get("", "attempts")?;
-    let status: String = row.try_get("", "status")?;
-    let (status, counter) = match status.as_str() {
+    let (status, outcome) = match status.as_str() {
         "queued" => ("queued", None),
-        "cancelled" => ("cancelled", Some("cancelled_count")),
-        _ => ("failed", Some("failed_count")),
+        "cancelled" => ("cancelled", Some(jobs::Outcome::Cancelled)),
+        _ => ("failed", Some(jobs::Outcome::Failed)),
     };
-    let batch_status = if let Some(counter) = counter {
-        txn.execute_raw(stmt(
-            backend,
-            &format!("UPDATE batch_job SET {counter} = {counter} + 1 WHERE id = $1"),
-            [batch.id.into()],
-        ))
-        .await?;
-        if !credits::apply_for(
-            txn,
-            batch.key_id,
-            LedgerKind::Release,
-            batch.cost,
-            Some(batch.id),
-            Some(item_id),
-            None,
-            None,
-        )
-        .await?
-        {
+    let batch_status = if let Some(outcome) = outcome {
+        jobs::count_outcome(txn, batch.id, outcome).await?;
+        let release =
+            NewEntry::new(batch.key_id, LedgerKind::Release, batch.cost).item(batch.id, item_id);
+        if !credits::apply(txn, release).await? {
             return Err(ApiError::internal(format!(
                 "release failed for item {item_id}: held too small"
             )));

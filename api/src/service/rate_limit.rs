@@ -2,7 +2,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr};
 
-use crate::db::stmt;
+use crate::store::rate_limits;
 
 /// The quota scope of batch creation.
 pub const SCOPE_BATCH: &str = "batch";
@@ -89,17 +89,7 @@ pub async fn hit<C: ConnectionTrait>(
     limit: u32,
     now: DateTime<Utc>,
 ) -> Result<RateInfo, DbErr> {
-    let row = db
-        .query_one_raw(stmt(
-            db.get_database_backend(),
-            "INSERT INTO rate_limit_window (api_key_id, scope, window_start, count) VALUES ($1, $2, $3, 1) \
-             ON CONFLICT (api_key_id, scope, window_start) \
-             DO UPDATE SET count = rate_limit_window.count + 1 RETURNING count",
-            [key_id.into(), scope.into(), window_start(now).into()],
-        ))
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound("rate_limit_window".into()))?;
-    let count: i64 = row.try_get("", "count")?;
+    let count = rate_limits::increment(db, key_id, scope, window_start(now), 1).await?;
     Ok(RateInfo::after(scope, limit, count, now))
 }
 
@@ -111,17 +101,7 @@ pub async fn peek<C: ConnectionTrait>(
     limit: u32,
     now: DateTime<Utc>,
 ) -> Result<RateInfo, DbErr> {
-    let row = db
-        .query_one_raw(stmt(
-            db.get_database_backend(),
-            "SELECT count FROM rate_limit_window WHERE api_key_id = $1 AND scope = $2 AND window_start = $3",
-            [key_id.into(), scope.into(), window_start(now).into()],
-        ))
-        .await?;
-    let count: i64 = match row {
-        Some(r) => r.try_get("", "count")?,
-        None => 0,
-    };
+    let count = rate_limits::count(db, key_id, scope, window_start(now)).await?;
     // Peeking counts nothing, so nothing is refused.
     Ok(RateInfo {
         exceeded: false,
@@ -131,12 +111,5 @@ pub async fn peek<C: ConnectionTrait>(
 
 /// Deletes windows that ended more than a minute ago.
 pub async fn prune<C: ConnectionTrait>(db: &C, now: DateTime<Utc>) -> Result<u64, DbErr> {
-    let res = db
-        .execute_raw(stmt(
-            db.get_database_backend(),
-            "DELETE FROM rate_limit_window WHERE window_start < $1",
-            [(window_start(now) - 60).into()],
-        ))
-        .await?;
-    Ok(res.rows_affected())
+    rate_limits::delete_before(db, window_start(now) - 60).await
 }

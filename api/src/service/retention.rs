@@ -4,11 +4,11 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr};
 
-use crate::db::stmt;
 use crate::settings::RetentionSettings;
+use crate::store::{usage, webhooks};
 
 /// Rows deleted per statement.
-const CHUNK: u32 = 1000;
+const CHUNK: u64 = 1000;
 /// Chunks per table and pass, so one pass is bounded; the next pass goes on.
 const MAX_CHUNKS: u32 = 50;
 
@@ -21,19 +21,18 @@ pub struct Pruned {
     pub webhook_deliveries: u64,
 }
 
-async fn prune_table(
-    db: &DatabaseConnection,
-    table: &'static str,
-    sql: &str,
-    cutoff: DateTime<Utc>,
-) -> Result<u64, DbErr> {
+/// Deletes in chunks with `chunk` (rows deleted by one statement) until a chunk comes back
+/// short or the pass has done its share.
+async fn prune_table<F, Fut>(table: &'static str, mut chunk: F) -> Result<u64, DbErr>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, DbErr>>,
+{
     let mut total = 0;
     for _ in 0..MAX_CHUNKS {
-        let r = db
-            .execute_raw(stmt(db.get_database_backend(), sql, [cutoff.into()]))
-            .await?;
-        total += r.rows_affected();
-        if r.rows_affected() < u64::from(CHUNK) {
+        let n = chunk().await?;
+        total += n;
+        if n < CHUNK {
             break;
         }
     }
@@ -54,20 +53,17 @@ pub async fn prune(
     let mut pruned = Pruned::default();
     if retention.usage_days > 0 {
         let cutoff = now - TimeDelta::days(retention.usage_days.into());
-        // The LIMIT is written into the SQL: SQLite re-prepares statements with a bound LIMIT.
-        let sql = format!(
-            "DELETE FROM usage_event WHERE id IN \
-             (SELECT id FROM usage_event WHERE created_at < $1 LIMIT {CHUNK})"
-        );
-        pruned.usage = prune_table(db, "usage_event", &sql, cutoff).await?;
+        pruned.usage = prune_table("usage_event", || {
+            usage::delete_older_than(db, cutoff, CHUNK)
+        })
+        .await?;
     }
     if retention.webhook_days > 0 {
         let cutoff = now - TimeDelta::days(retention.webhook_days.into());
-        let sql = format!(
-            "DELETE FROM webhook_delivery WHERE id IN \
-             (SELECT id FROM webhook_delivery WHERE status <> 'pending' AND created_at < $1 LIMIT {CHUNK})"
-        );
-        pruned.webhook_deliveries = prune_table(db, "webhook_delivery", &sql, cutoff).await?;
+        pruned.webhook_deliveries = prune_table("webhook_delivery", || {
+            webhooks::delete_finished_older_than(db, cutoff, CHUNK)
+        })
+        .await?;
     }
     if db.get_database_backend() == DbBackend::Sqlite
         && pruned.usage + pruned.webhook_deliveries > 0

@@ -1,82 +1,9 @@
-//! The usage audit: one row per customer call, and per-day summaries.
-use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
-use sea_orm::{ConnectionTrait, DbBackend, DbErr};
-use uuid::Uuid;
+//! The usage audit of customer calls, and the per-day report of the usage API.
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use sea_orm::ConnectionTrait;
 
-use crate::db::stmt;
-
-/// One customer call, as audited. Never holds a key or secret.
-#[derive(Clone, Debug, Default)]
-pub struct UsageRow {
-    /// Authenticated key, if any.
-    pub api_key_id: Option<i64>,
-    /// The call's request id.
-    pub request_id: Option<String>,
-    /// HTTP method.
-    pub method: String,
-    /// Path without query.
-    pub path: String,
-    /// HTTP status.
-    pub status: u16,
-    /// Error code, if refused.
-    pub error_code: Option<String>,
-    /// Client address.
-    pub client_ip: Option<String>,
-    /// User-Agent header.
-    pub user_agent: Option<String>,
-    /// Microseconds spent.
-    pub latency_us: i64,
-    /// Batch touched.
-    pub batch_id: Option<Uuid>,
-    /// Items created.
-    pub items: i32,
-    /// Credits held.
-    pub credits: i64,
-    /// Calls the row stands for; 0 is read as 1 (aggregated rows carry more).
-    pub count: i64,
-}
-
-/// The UTC minute containing `t`.
-pub fn minute_bucket(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.duration_trunc(TimeDelta::minutes(1)).unwrap_or(t)
-}
-
-/// Writes one audit row.
-pub async fn record<C: ConnectionTrait>(
-    db: &C,
-    row: &UsageRow,
-    now: DateTime<Utc>,
-) -> Result<(), DbErr> {
-    let ua = row
-        .user_agent
-        .as_ref()
-        .map(|s| s.chars().take(512).collect::<String>());
-    db.execute_raw(stmt(
-        db.get_database_backend(),
-        "INSERT INTO usage_event (api_key_id, request_id, method, path, status, error_code, client_ip, \
-         user_agent, minute_bucket, latency_us, batch_id, items, credits, count, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        [
-            row.api_key_id.into(),
-            row.request_id.clone().into(),
-            row.method.chars().take(16).collect::<String>().into(),
-            row.path.chars().take(1024).collect::<String>().into(),
-            i32::from(row.status).into(),
-            row.error_code.clone().into(),
-            row.client_ip.clone().into(),
-            ua.into(),
-            minute_bucket(now).into(),
-            row.latency_us.into(),
-            row.batch_id.into(),
-            row.items.into(),
-            row.credits.into(),
-            row.count.max(1).into(),
-            now.into(),
-        ],
-    ))
-    .await?;
-    Ok(())
-}
+pub use crate::store::usage::{DayUsage, UsageRow, minute_bucket};
+use crate::store::usage::{daily, insert};
 
 /// Writes one audit row through the write pipeline (committed with the group it joins).
 pub async fn record_through(
@@ -88,105 +15,11 @@ pub async fn record_through(
         .run(row.api_key_id, move |txn| {
             let row = row.clone();
             Box::pin(async move {
-                record(txn, &row, now).await?;
+                insert(txn, &row, now).await?;
                 Ok(())
             })
         })
         .await
-}
-
-/// One day of a key's usage.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DayUsage {
-    /// UTC date.
-    pub date: NaiveDate,
-    /// All calls.
-    pub calls: i64,
-    /// 2xx calls.
-    pub calls_2xx: i64,
-    /// 4xx calls.
-    pub calls_4xx: i64,
-    /// 5xx calls.
-    pub calls_5xx: i64,
-    /// Calls refused by the rate limit.
-    pub rate_limited: i64,
-    /// Batches created.
-    pub batches: i64,
-    /// Items in created batches.
-    pub items: i64,
-    /// Credits charged for succeeded items.
-    pub credits_charged: i64,
-}
-
-fn day_expr(backend: DbBackend, col: &str) -> String {
-    match backend {
-        DbBackend::Postgres => format!("to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
-        _ => format!("substr({col}, 1, 10)"),
-    }
-}
-
-/// Per-day usage of a key in `[from, to)`, oldest first.
-pub async fn daily<C: ConnectionTrait>(
-    db: &C,
-    key_id: i64,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-) -> Result<Vec<DayUsage>, DbErr> {
-    let backend = db.get_database_backend();
-    let day = day_expr(backend, "minute_bucket");
-    let sql = format!(
-        "SELECT {day} AS day, CAST(SUM(count) AS BIGINT) AS calls, \
-         CAST(SUM(CASE WHEN status BETWEEN 200 AND 299 THEN count ELSE 0 END) AS BIGINT) AS c2, \
-         CAST(SUM(CASE WHEN status BETWEEN 400 AND 499 THEN count ELSE 0 END) AS BIGINT) AS c4, \
-         CAST(SUM(CASE WHEN status >= 500 THEN count ELSE 0 END) AS BIGINT) AS c5, \
-         CAST(SUM(CASE WHEN status = 429 THEN count ELSE 0 END) AS BIGINT) AS rl, \
-         SUM(CASE WHEN status = 201 AND batch_id IS NOT NULL THEN 1 ELSE 0 END) AS batches, \
-         SUM(CASE WHEN status = 201 THEN items ELSE 0 END) AS items \
-         FROM usage_event WHERE api_key_id = $1 AND minute_bucket >= $2 AND minute_bucket < $3 \
-         GROUP BY {day} ORDER BY {day}"
-    );
-    let rows = db
-        .query_all_raw(stmt(backend, &sql, [key_id.into(), from.into(), to.into()]))
-        .await?;
-    let mut days: std::collections::BTreeMap<String, DayUsage> = Default::default();
-    for r in rows {
-        let d: String = r.try_get("", "day")?;
-        let date = NaiveDate::parse_from_str(&d, "%Y-%m-%d").unwrap_or_default();
-        days.insert(
-            d,
-            DayUsage {
-                date,
-                calls: r.try_get("", "calls")?,
-                calls_2xx: r.try_get::<Option<i64>>("", "c2")?.unwrap_or(0),
-                calls_4xx: r.try_get::<Option<i64>>("", "c4")?.unwrap_or(0),
-                calls_5xx: r.try_get::<Option<i64>>("", "c5")?.unwrap_or(0),
-                rate_limited: r.try_get::<Option<i64>>("", "rl")?.unwrap_or(0),
-                batches: r.try_get::<Option<i64>>("", "batches")?.unwrap_or(0),
-                items: r.try_get::<Option<i64>>("", "items")?.unwrap_or(0),
-                credits_charged: 0,
-            },
-        );
-    }
-    let lday = day_expr(backend, "created_at");
-    let sql = format!(
-        "SELECT {lday} AS day, CAST(SUM(amount) AS BIGINT) AS charged FROM credit_ledger \
-         WHERE api_key_id = $1 AND kind = 'charge' AND created_at >= $2 AND created_at < $3 GROUP BY {lday}"
-    );
-    for r in db
-        .query_all_raw(stmt(backend, &sql, [key_id.into(), from.into(), to.into()]))
-        .await?
-    {
-        let d: String = r.try_get("", "day")?;
-        let charged: i64 = r.try_get::<Option<i64>>("", "charged")?.unwrap_or(0);
-        let date = NaiveDate::parse_from_str(&d, "%Y-%m-%d").unwrap_or_default();
-        days.entry(d)
-            .or_insert_with(|| DayUsage {
-                date,
-                ..Default::default()
-            })
-            .credits_charged = charged;
-    }
-    Ok(days.into_values().collect())
 }
 
 /// A key's usage for the UTC days `from..=to` (default: the 30 days up to `today`), as served.

@@ -1,2 +1,15 @@
-//! Persistence plumbing shared by the services: the group-commit write pipeline.
+//! The store: every statement the service runs, one module per table, as named functions.
+//! Plain inserts and reads use sea-orm's builder; raw SQL only where a statement needs
+//! `RETURNING`, `ON CONFLICT`, `SKIP LOCKED`, a partial index or a multi-row form. The rules
+//! every statement follows (`SKIP LOCKED`, literal `LIMIT`s) are in [`sql`]. Services compose
+//! these functions inside the transactions of the write [`pipeline`]; the benchmark calls the
+//! same functions.
+pub mod items;
+pub mod jobs;
+pub mod ledger;
 pub mod pipeline;
+pub mod rate_limits;
+pub mod sql;
+pub mod usage;
+pub mod wallets;
+pub mod webhooks;

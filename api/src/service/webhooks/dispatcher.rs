@@ -6,17 +6,14 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use entity::webhook_delivery;
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use tokio::task::JoinSet;
 
 use super::signing::{decode_whsec, sign, webhook_id};
 use super::target_guard::check_target;
-use uuid::Uuid;
 
-use crate::db::stmt;
 use crate::state::{AppState, Runtime};
+use crate::store::webhooks;
 
 /// The outcome of one HTTP attempt.
 #[derive(Debug, Clone)]
@@ -176,40 +173,9 @@ pub async fn claim_due(
     limit: u32,
     lock_for: std::time::Duration,
 ) -> Result<Vec<webhook_delivery::Model>, DbErr> {
-    let backend = db.get_database_backend();
     let now = Utc::now();
     let until = now + chrono::Duration::from_std(lock_for).unwrap_or(chrono::Duration::seconds(60));
-    let lock = if backend == DbBackend::Postgres {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
-    let sql = format!(
-        "UPDATE webhook_delivery SET attempt_count = attempt_count + 1, locked_until = $2, updated_at = $1 \
-         WHERE id IN (SELECT id FROM webhook_delivery WHERE status = 'pending' AND next_attempt_at <= $1 \
-         AND (locked_until IS NULL OR locked_until < $1) ORDER BY next_attempt_at LIMIT $3{lock}) \
-         RETURNING id"
-    );
-    let txn = crate::db::begin_write(db).await?;
-    let rows = txn
-        .query_all_raw(stmt(
-            backend,
-            &sql,
-            [now.into(), until.into(), i64::from(limit).into()],
-        ))
-        .await?;
-    txn.commit().await?;
-    let ids: Vec<Uuid> = rows
-        .iter()
-        .filter_map(|r| r.try_get("", "id").ok())
-        .collect();
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    webhook_delivery::Entity::find()
-        .filter(webhook_delivery::Column::Id.is_in(ids))
-        .all(db)
-        .await
+    webhooks::lease_due(db, u64::from(limit), now, until).await
 }
 
 fn jittered(d: std::time::Duration) -> chrono::Duration {
@@ -231,7 +197,6 @@ pub async fn record_attempt<C: ConnectionTrait>(
     d: &webhook_delivery::Model,
     a: &Attempt,
 ) -> Result<&'static str, DbErr> {
-    let backend = txn.get_database_backend();
     let now = Utc::now();
     let schedule = &runtime.settings.webhooks.retry_schedule;
     let success = a.status.is_some_and(|s| (200..300).contains(&s));
@@ -247,37 +212,12 @@ pub async fn record_attempt<C: ConnectionTrait>(
         }
         ("pending", now + delay)
     };
-    txn.execute_raw(stmt(
-        backend,
-        "INSERT INTO webhook_attempt (delivery_id, attempt, status_code, error, duration_ms, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-        [
-            d.id.into(),
-            d.attempt_count.into(),
-            a.status.map(i32::from).into(),
-            a.error.clone().into(),
-            a.duration_ms.into(),
-            now.into(),
-        ],
-    ))
-    .await?;
-    txn.execute_raw(stmt(
-        backend,
-        "UPDATE webhook_delivery SET status = $2, next_attempt_at = $3, locked_until = NULL, \
-         last_status_code = $4, last_error = $5, updated_at = $6, \
-         delivered_at = CASE WHEN $2 = 'succeeded' THEN $6 ELSE delivered_at END \
-         WHERE id = $1 AND attempt_count = $7",
-        [
-            d.id.into(),
-            status.into(),
-            next.into(),
-            a.status.map(i32::from).into(),
-            a.error.clone().into(),
-            now.into(),
-            d.attempt_count.into(),
-        ],
-    ))
-    .await?;
+    let row = webhooks::AttemptRow {
+        status_code: a.status,
+        error: a.error.as_deref(),
+        duration_ms: a.duration_ms,
+    };
+    webhooks::record_attempt(txn, d, &row, webhooks::Next { status, at: next }, now).await?;
     Ok(status)
 }
 
@@ -359,13 +299,7 @@ async fn defer(
     d: &webhook_delivery::Model,
     at: chrono::DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    db.execute_raw(stmt(
-        db.get_database_backend(),
-        "UPDATE webhook_delivery SET attempt_count = attempt_count - 1, locked_until = NULL, \
-         next_attempt_at = $2 WHERE id = $1 AND attempt_count = $3",
-        [d.id.into(), at.into(), d.attempt_count.into()],
-    ))
-    .await?;
+    webhooks::give_back(db, d, at).await?;
     Ok(())
 }
 

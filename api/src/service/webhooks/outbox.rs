@@ -1,13 +1,14 @@
 //! The outbox: delivery rows written in the same transaction as the state change that causes
 //! them, so an event exists exactly when its change is committed.
 use chrono::{DateTime, Utc};
-use entity::{batch_item, batch_job};
-use sea_orm::{ConnectionTrait, DbErr, EntityTrait};
+use entity::batch_job;
+use sea_orm::{ConnectionTrait, DbErr};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::db::stmt;
 use crate::state::Runtime;
+use crate::store::webhooks::NewDelivery;
+use crate::store::{items, jobs};
 
 async fn enqueue<C: ConnectionTrait>(
     txn: &C,
@@ -19,23 +20,15 @@ async fn enqueue<C: ConnectionTrait>(
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
     let payload = json!({ "type": event, "timestamp": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "data": data });
-    txn.execute_raw(stmt(
-        txn.get_database_backend(),
-        "INSERT INTO webhook_delivery (id, api_key_id, batch_id, event_type, payload, target_url, status, \
-         attempt_count, next_attempt_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7, $7)",
-        [
-            Uuid::now_v7().into(),
-            key_id.into(),
-            batch_id.into(),
-            event.into(),
-            payload.to_string().into(),
-            target.into(),
-            now.into(),
-        ],
-    ))
-    .await?;
-    Ok(())
+    NewDelivery {
+        key_id,
+        batch_id,
+        event_type: event,
+        payload: payload.to_string(),
+        target_url: target,
+    }
+    .insert(txn, now)
+    .await
 }
 
 fn target(runtime: &Runtime, key_id: i64, batch_url: Option<&str>, event: &str) -> Option<String> {
@@ -84,13 +77,13 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
     if !subscribed {
         return Ok(());
     }
-    let Some(job) = batch_job::Entity::find_by_id(batch_id).one(txn).await? else {
+    let Some(job) = jobs::by_id(txn, batch_id).await? else {
         return Ok(());
     };
     let Some(url) = target(runtime, job.api_key_id, job.webhook_url.as_deref(), event) else {
         return Ok(());
     };
-    let Some(item) = batch_item::Entity::find_by_id(item_id).one(txn).await? else {
+    let Some(item) = items::by_id(txn, item_id).await? else {
         return Ok(());
     };
     let mut data = serde_json::to_value(poem_openapi::types::ToJSON::to_json(

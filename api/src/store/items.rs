@@ -1,0 +1,430 @@
+//! `batch_item`: one prompt of a batch, queued in fair order and claimed by workers under a
+//! lease. Every transition of an item is one conditional statement on its status (and lease
+//! token), so a stale report matches no row and changes nothing.
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use entity::batch_item::{ActiveModel, Column, Entity, Model};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
+use uuid::Uuid;
+
+use super::sql::{limit, skip_locked, stmt};
+use crate::domain::NewItem;
+
+/// Where a key's new batch starts in the fair queue: right after the key's own queued items,
+/// but never before the queue's head, so a key's backlog cannot delay another key's batch.
+pub async fn fair_start<C: ConnectionTrait>(txn: &C, key_id: i64) -> Result<i64, DbErr> {
+    let row = txn
+        .query_one_raw(stmt(
+            txn.get_database_backend(),
+            "SELECT (SELECT MIN(fair_pos) FROM batch_item WHERE status = 'queued') AS head, \
+             (SELECT MAX(fair_pos) FROM batch_item WHERE status = 'queued' AND api_key_id = $1) AS tail",
+            [key_id.into()],
+        ))
+        .await?;
+    let (head, tail) = match row {
+        Some(r) => (
+            r.try_get::<Option<i64>>("", "head")?.unwrap_or(0),
+            r.try_get::<Option<i64>>("", "tail")?,
+        ),
+        None => (0, None),
+    };
+    Ok(tail.map_or(head, |t| (t + 1).max(head)))
+}
+
+/// Rows per multi-row insert.
+const INSERT_CHUNK: usize = 500;
+
+/// Queues a new batch's items at fair positions `start_pos..`.
+pub async fn insert_queued<C: ConnectionTrait>(
+    txn: &C,
+    batch_id: Uuid,
+    key_id: i64,
+    start_pos: i64,
+    items: &[NewItem],
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    let rows: Vec<ActiveModel> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| ActiveModel {
+            id: Set(Uuid::now_v7()),
+            batch_id: Set(batch_id),
+            api_key_id: Set(key_id),
+            idx: Set(i as i32),
+            prompt: Set(item.prompt.clone()),
+            params: Set(item.params.clone()),
+            status: Set("queued".into()),
+            attempts: Set(0),
+            fair_pos: Set(start_pos + i as i64),
+            lease_token: Set(None),
+            worker_id: Set(None),
+            lease_expires_at: Set(None),
+            result_url: Set(None),
+            result: Set(None),
+            error: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .collect();
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        Entity::insert_many(chunk.to_vec()).exec(txn).await?;
+    }
+    Ok(())
+}
+
+/// An item as a claim leases it.
+#[derive(Clone, Debug)]
+pub struct Leased {
+    pub id: Uuid,
+    pub batch_id: Uuid,
+    pub prompt: String,
+    pub params: Option<String>,
+    pub attempts: i32,
+    pub fair_pos: i64,
+}
+
+/// A lease handed to a worker.
+#[derive(Clone, Copy, Debug)]
+pub struct Lease<'a> {
+    pub token: Uuid,
+    pub worker_id: &'a str,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Leases up to `max` queued items, head of the fair queue first (rows another transaction
+/// holds are skipped).
+pub async fn lease_queued<C: ConnectionTrait>(
+    txn: &C,
+    lease: Lease<'_>,
+    max: u64,
+    now: DateTime<Utc>,
+) -> Result<Vec<Leased>, DbErr> {
+    let backend = txn.get_database_backend();
+    let sql = format!(
+        "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $1, \
+         worker_id = $2, lease_expires_at = $3, updated_at = $4 \
+         WHERE id IN (SELECT id FROM batch_item WHERE status = 'queued' \
+         ORDER BY fair_pos, created_at {}{}) \
+         RETURNING id, batch_id, prompt, params, attempts, fair_pos",
+        limit(max),
+        skip_locked(backend)
+    );
+    let rows = txn
+        .query_all_raw(stmt(
+            backend,
+            &sql,
+            [
+                lease.token.into(),
+                lease.worker_id.into(),
+                lease.expires_at.into(),
+                now.into(),
+            ],
+        ))
+        .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Leased {
+                id: r.try_get("", "id")?,
+                batch_id: r.try_get("", "batch_id")?,
+                prompt: r.try_get("", "prompt")?,
+                params: r.try_get("", "params")?,
+                attempts: r.try_get("", "attempts")?,
+                fair_pos: r.try_get("", "fair_pos")?,
+            })
+        })
+        .collect()
+}
+
+/// Puts running items whose lease ended before `now` back in the queue when attempts remain
+/// and their batch has no cancel request (rows another transaction holds are skipped: the
+/// next pass takes them). Returns how many.
+pub async fn requeue_expired<C: ConnectionTrait>(
+    db: &C,
+    now: DateTime<Utc>,
+    max_attempts: i32,
+) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let sql = format!(
+        "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
+         lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
+         WHERE id IN (SELECT id FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
+         AND attempts < $2 \
+         AND batch_id NOT IN (SELECT id FROM batch_job WHERE cancel_requested_at IS NOT NULL){})",
+        skip_locked(backend)
+    );
+    let r = db
+        .execute_raw(stmt(backend, &sql, [now.into(), max_attempts.into()]))
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// A running item whose lease has ended.
+#[derive(Clone, Copy, Debug)]
+pub struct Expired {
+    pub id: Uuid,
+    pub key_id: i64,
+    pub token: Option<Uuid>,
+}
+
+/// Up to `max` running items whose lease ended before `now`.
+pub async fn expired_leases<C: ConnectionTrait>(
+    db: &C,
+    now: DateTime<Utc>,
+    max: u64,
+) -> Result<Vec<Expired>, DbErr> {
+    let rows = db
+        .query_all_raw(stmt(
+            db.get_database_backend(),
+            &format!(
+                "SELECT id, api_key_id, lease_token FROM batch_item \
+                 WHERE status = 'running' AND lease_expires_at < $1 {}",
+                limit(max)
+            ),
+            [now.into()],
+        ))
+        .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Expired {
+                id: r.try_get("", "id")?,
+                key_id: r.try_get("", "api_key_id")?,
+                token: r.try_get("", "lease_token")?,
+            })
+        })
+        .collect()
+}
+
+/// The key an item belongs to, if the item exists.
+pub async fn key_of<C: ConnectionTrait>(db: &C, id: Uuid) -> Result<Option<i64>, DbErr> {
+    match db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "SELECT api_key_id FROM batch_item WHERE id = $1",
+            [id.into()],
+        ))
+        .await?
+    {
+        Some(r) => Ok(Some(r.try_get("", "api_key_id")?)),
+        None => Ok(None),
+    }
+}
+
+/// Moves a live lease's end to `expires_at`: the item's batch and attempts when the token
+/// still holds the lease at `now`.
+pub async fn extend_lease<C: ConnectionTrait>(
+    txn: &C,
+    id: Uuid,
+    token: Uuid,
+    expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Option<(Uuid, i32)>, DbErr> {
+    match txn
+        .query_one_raw(stmt(
+            txn.get_database_backend(),
+            "UPDATE batch_item SET lease_expires_at = $3, updated_at = $4 \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $4 \
+             RETURNING batch_id, attempts",
+            [id.into(), token.into(), expires_at.into(), now.into()],
+        ))
+        .await?
+    {
+        Some(r) => Ok(Some((
+            r.try_get("", "batch_id")?,
+            r.try_get("", "attempts")?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Records a success when the token still holds a live lease at `now`: the item's attempts.
+pub async fn succeed<C: ConnectionTrait>(
+    txn: &C,
+    id: Uuid,
+    token: Uuid,
+    result_url: &str,
+    result: Option<String>,
+    now: DateTime<Utc>,
+) -> Result<Option<i32>, DbErr> {
+    match txn
+        .query_one_raw(stmt(
+            txn.get_database_backend(),
+            "UPDATE batch_item SET status = 'succeeded', result_url = $3, result = $4, error = NULL, \
+             lease_token = NULL, lease_expires_at = NULL, updated_at = $5 \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $5 \
+             RETURNING attempts",
+            [id.into(), token.into(), result_url.into(), result.into(), now.into()],
+        ))
+        .await?
+    {
+        Some(r) => Ok(Some(r.try_get("", "attempts")?)),
+        None => Ok(None),
+    }
+}
+
+/// A failure report, decided in one statement.
+#[derive(Clone, Copy, Debug)]
+pub struct Failure<'a> {
+    pub token: Uuid,
+    pub error: &'a str,
+    /// The worker says another attempt may succeed.
+    pub retryable: bool,
+    /// Attempts an item gets at most.
+    pub max_attempts: i32,
+    /// The item's batch has a cancel request: a retryable failure cancels it.
+    pub cancel_requested: bool,
+    /// The lease must be live at this time.
+    pub live_at: DateTime<Utc>,
+}
+
+/// Records a failure when the token still holds a lease live at `f.live_at`: the item is
+/// requeued (retryable, attempts left, no cancel), cancelled (retryable with a cancel
+/// request) or failed. Returns the new status and the attempts.
+pub async fn settle_failure<C: ConnectionTrait>(
+    txn: &C,
+    id: Uuid,
+    f: Failure<'_>,
+    now: DateTime<Utc>,
+) -> Result<Option<(String, i32)>, DbErr> {
+    match txn
+        .query_one_raw(stmt(
+            txn.get_database_backend(),
+            "UPDATE batch_item SET status = CASE \
+               WHEN $5 AND attempts < $6 AND NOT $7 THEN 'queued' \
+               WHEN $5 AND $7 THEN 'cancelled' ELSE 'failed' END, \
+             error = $3, lease_token = NULL, worker_id = NULL, lease_expires_at = NULL, updated_at = $4 \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $8 \
+             RETURNING status, attempts",
+            [
+                id.into(),
+                f.token.into(),
+                f.error.into(),
+                now.into(),
+                f.retryable.into(),
+                f.max_attempts.into(),
+                f.cancel_requested.into(),
+                f.live_at.into(),
+            ],
+        ))
+        .await?
+    {
+        Some(r) => Ok(Some((r.try_get("", "status")?, r.try_get("", "attempts")?))),
+        None => Ok(None),
+    }
+}
+
+/// Whether the item exists.
+pub async fn exists<C: ConnectionTrait>(db: &C, id: Uuid) -> Result<bool, DbErr> {
+    Ok(key_of(db, id).await?.is_some())
+}
+
+/// Cancels a batch's queued items: how many.
+pub async fn cancel_queued<C: ConnectionTrait>(
+    txn: &C,
+    batch_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<u64, DbErr> {
+    let r = txn
+        .execute_raw(stmt(
+            txn.get_database_backend(),
+            "UPDATE batch_item SET status = 'cancelled', updated_at = $2 \
+             WHERE batch_id = $1 AND status = 'queued'",
+            [batch_id.into(), now.into()],
+        ))
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// Queued and running counts of some batches.
+pub async fn open_counts<C: ConnectionTrait>(
+    db: &C,
+    batch_ids: &[Uuid],
+) -> Result<HashMap<Uuid, (i64, i64)>, DbErr> {
+    let mut out: HashMap<Uuid, (i64, i64)> = HashMap::new();
+    if batch_ids.is_empty() {
+        return Ok(out);
+    }
+    let rows = Entity::find()
+        .select_only()
+        .column(Column::BatchId)
+        .column(Column::Status)
+        .column_as(Column::Id.count(), "n")
+        .filter(Column::BatchId.is_in(batch_ids.to_vec()))
+        .filter(Column::Status.is_in(["queued", "running"]))
+        .group_by(Column::BatchId)
+        .group_by(Column::Status)
+        .into_tuple::<(Uuid, String, i64)>()
+        .all(db)
+        .await?;
+    for (id, status, n) in rows {
+        let e = out.entry(id).or_default();
+        if status == "queued" {
+            e.0 = n;
+        } else {
+            e.1 = n;
+        }
+    }
+    Ok(out)
+}
+
+/// Up to `max` items of a batch after index `after` (exclusive), in request order, through
+/// the (batch_id, idx) index; optionally of one status.
+pub async fn page<C: ConnectionTrait>(
+    db: &C,
+    batch_id: Uuid,
+    status: Option<&str>,
+    after: Option<i32>,
+    max: u64,
+) -> Result<Vec<Model>, DbErr> {
+    let mut q = Entity::find().filter(Column::BatchId.eq(batch_id));
+    if let Some(a) = after {
+        q = q.filter(Column::Idx.gt(a));
+    }
+    if let Some(s) = status {
+        q = q.filter(Column::Status.eq(s));
+    }
+    q.order_by_asc(Column::Idx).limit(max).all(db).await
+}
+
+/// Queued and running items of all batches (for the queue gauges), each counted through its
+/// partial index: the status is written into the SQL, as a bound value could not use it.
+pub async fn queue_depth<C: ConnectionTrait>(db: &C) -> Result<(i64, i64), DbErr> {
+    let backend = db.get_database_backend();
+    let mut n = [0i64; 2];
+    for (i, sql) in [
+        "SELECT COUNT(*) AS n FROM batch_item WHERE status = 'queued'",
+        "SELECT COUNT(*) AS n FROM batch_item WHERE status = 'running'",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if let Some(r) = db.query_one_raw(stmt(backend, sql, [])).await? {
+            n[i] = r.try_get("", "n")?;
+        }
+    }
+    Ok((n[0], n[1]))
+}
+
+/// When the head of the fair queue was queued (through its partial index).
+pub async fn queue_head_created_at<C: ConnectionTrait>(
+    db: &C,
+) -> Result<Option<DateTime<Utc>>, DbErr> {
+    match db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "SELECT created_at FROM batch_item WHERE status = 'queued' ORDER BY fair_pos LIMIT 1",
+            [],
+        ))
+        .await?
+    {
+        Some(r) => Ok(Some(r.try_get("", "created_at")?)),
+        None => Ok(None),
+    }
+}
+
+/// An item by id.
+pub async fn by_id<C: ConnectionTrait>(db: &C, id: Uuid) -> Result<Option<Model>, DbErr> {
+    Entity::find_by_id(id).one(db).await
+}

@@ -1,0 +1,265 @@
+//! `batch_job`: a customer's batch. Its row is the lock every transition of the batch takes,
+//! and it keeps the terminal item counts.
+use chrono::{DateTime, Utc};
+use entity::batch_job::{ActiveModel, Column, Entity, Model};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
+use uuid::Uuid;
+
+use super::sql::{skip_locked, stmt};
+
+/// A batch row as a create writes it.
+pub struct NewJob<'a> {
+    pub id: Uuid,
+    pub key_id: i64,
+    pub request_id: &'a str,
+    pub fingerprint: &'a str,
+    pub total: i32,
+    pub cost_per_video: i64,
+    pub required_credits: i64,
+    pub webhook_url: Option<String>,
+    /// JSON object, as given.
+    pub metadata: Option<String>,
+    /// The create's response as JSON, replayed to repeats of the request id.
+    pub response: String,
+    pub now: DateTime<Utc>,
+}
+
+impl NewJob<'_> {
+    /// Inserts the row unless the key already has a batch with this request id (the
+    /// idempotency insert): true when inserted.
+    pub async fn insert_if_absent<C: ConnectionTrait>(self, txn: &C) -> Result<bool, DbErr> {
+        let inserted = Entity::insert(ActiveModel {
+            id: Set(self.id),
+            api_key_id: Set(self.key_id),
+            request_id: Set(self.request_id.to_string()),
+            fingerprint: Set(self.fingerprint.to_string()),
+            status: Set("queued".into()),
+            total_count: Set(self.total),
+            succeeded_count: Set(0),
+            failed_count: Set(0),
+            cancelled_count: Set(0),
+            cost_per_video: Set(self.cost_per_video),
+            required_credits: Set(self.required_credits),
+            webhook_url: Set(self.webhook_url),
+            metadata: Set(self.metadata),
+            response: Set(self.response),
+            created_at: Set(self.now),
+            updated_at: Set(self.now),
+            cancel_requested_at: Set(None),
+            completed_at: Set(None),
+        })
+        .on_conflict_do_nothing_on([Column::ApiKeyId, Column::RequestId])
+        .exec(txn)
+        .await?;
+        Ok(matches!(inserted, sea_orm::TryInsertResult::Inserted(_)))
+    }
+}
+
+/// The key's batch with this request id.
+pub async fn by_request_id<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    request_id: &str,
+) -> Result<Option<Model>, DbErr> {
+    // The pair is unique, so no LIMIT (see `sql::limit`): this is the create's hottest lookup.
+    Entity::find()
+        .from_raw_sql(stmt(
+            db.get_database_backend(),
+            "SELECT * FROM batch_job WHERE api_key_id = $1 AND request_id = $2",
+            [key_id.into(), request_id.into()],
+        ))
+        .one(db)
+        .await
+}
+
+/// A batch by id.
+pub async fn by_id<C: ConnectionTrait>(db: &C, id: Uuid) -> Result<Option<Model>, DbErr> {
+    Entity::find_by_id(id).one(db).await
+}
+
+/// A batch by id, if it belongs to the key.
+pub async fn owned<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    id: Uuid,
+) -> Result<Option<Model>, DbErr> {
+    Entity::find_by_id(id)
+        .filter(Column::ApiKeyId.eq(key_id))
+        .one(db)
+        .await
+}
+
+/// Up to `limit` of a key's batches older than `before` (by id), newest first.
+pub async fn page<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    status: Option<&str>,
+    before: Option<Uuid>,
+    limit: u64,
+) -> Result<Vec<Model>, DbErr> {
+    let mut q = Entity::find().filter(Column::ApiKeyId.eq(key_id));
+    if let Some(s) = status {
+        q = q.filter(Column::Status.eq(s));
+    }
+    if let Some(b) = before {
+        q = q.filter(Column::Id.lt(b));
+    }
+    q.order_by_desc(Column::Id).limit(limit).all(db).await
+}
+
+/// Takes the batch row's lock (touching `updated_at`) if it belongs to the key: false when
+/// there is no such batch.
+pub async fn lock_owned<C: ConnectionTrait>(
+    txn: &C,
+    key_id: i64,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool, DbErr> {
+    let r = txn
+        .execute_raw(stmt(
+            txn.get_database_backend(),
+            "UPDATE batch_job SET updated_at = $3 WHERE id = $1 AND api_key_id = $2",
+            [id.into(), key_id.into(), now.into()],
+        ))
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Counts `cancelled` more cancelled items and records the cancel request (its first time).
+pub async fn record_cancel<C: ConnectionTrait>(
+    txn: &C,
+    id: Uuid,
+    cancelled: i32,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    txn.execute_raw(stmt(
+        txn.get_database_backend(),
+        "UPDATE batch_job SET cancelled_count = cancelled_count + $2, \
+         cancel_requested_at = COALESCE(cancel_requested_at, $3), updated_at = $3 WHERE id = $1",
+        [id.into(), cancelled.into(), now.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Marks the batch final (`cancelled` after a cancel request, else `completed`) when no item
+/// is open: true when this call did it.
+pub async fn finish_if_done<C: ConnectionTrait>(
+    txn: &C,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool, DbErr> {
+    let r = txn
+        .execute_raw(stmt(
+            txn.get_database_backend(),
+            "UPDATE batch_job SET \
+             status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'completed' END, \
+             completed_at = $2, updated_at = $2 \
+             WHERE id = $1 AND status IN ('queued', 'processing') \
+             AND succeeded_count + failed_count + cancelled_count = total_count",
+            [id.into(), now.into()],
+        ))
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Marks queued batches `processing`, skipping rows another transaction holds (that one marks
+/// its batch itself: see [`lock_of_item`]), so a claim never waits on a batch lock.
+pub async fn mark_processing<C: ConnectionTrait>(
+    txn: &C,
+    ids: &[Uuid],
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let backend = txn.get_database_backend();
+    let marks = (0..ids.len())
+        .map(|i| format!("${}", i + 2))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "UPDATE batch_job SET status = 'processing', updated_at = $1 WHERE id IN \
+         (SELECT id FROM batch_job WHERE id IN ({marks}) AND status = 'queued'{})",
+        skip_locked(backend)
+    );
+    let mut values = vec![now.into()];
+    values.extend(ids.iter().map(|&id| id.into()));
+    txn.execute_raw(stmt(backend, &sql, values)).await?;
+    Ok(())
+}
+
+/// The batch of an item, as locked for one of its item's transitions.
+#[derive(Clone, Debug)]
+pub struct LockedJob {
+    pub id: Uuid,
+    pub key_id: i64,
+    pub cost_per_video: i64,
+    pub cancel_requested: bool,
+    /// The stored status (`queued` is already turned into `processing` by the lock).
+    pub status: String,
+    /// Items still open (queued or running) before this transition.
+    pub open: i64,
+}
+
+/// Locks the batch of an item (batch row first, then item: the order cancel takes too, so
+/// the two never deadlock), marking it `processing` if it was still `queued`.
+pub async fn lock_of_item<C: ConnectionTrait>(
+    txn: &C,
+    item_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<LockedJob>, DbErr> {
+    let Some(b) = txn
+        .query_one_raw(stmt(
+            txn.get_database_backend(),
+            "UPDATE batch_job SET updated_at = $2, \
+             status = CASE WHEN status = 'queued' THEN 'processing' ELSE status END \
+             WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1) \
+             RETURNING id, api_key_id, cost_per_video, cancel_requested_at, status, \
+             total_count - succeeded_count - failed_count - cancelled_count AS open",
+            [item_id.into(), now.into()],
+        ))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let cancel: Option<DateTime<Utc>> = b.try_get("", "cancel_requested_at")?;
+    Ok(Some(LockedJob {
+        id: b.try_get("", "id")?,
+        key_id: b.try_get("", "api_key_id")?,
+        cost_per_video: b.try_get("", "cost_per_video")?,
+        cancel_requested: cancel.is_some(),
+        status: b.try_get("", "status")?,
+        open: i64::from(b.try_get::<i32>("", "open")?),
+    }))
+}
+
+/// A terminal outcome of one item, counted on its batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// Counts one item's terminal outcome on its batch (call with the batch row locked).
+pub async fn count_outcome<C: ConnectionTrait>(
+    txn: &C,
+    id: Uuid,
+    outcome: Outcome,
+) -> Result<(), DbErr> {
+    let sql = match outcome {
+        Outcome::Succeeded => {
+            "UPDATE batch_job SET succeeded_count = succeeded_count + 1 WHERE id = $1"
+        }
+        Outcome::Failed => "UPDATE batch_job SET failed_count = failed_count + 1 WHERE id = $1",
+        Outcome::Cancelled => {
+            "UPDATE batch_job SET cancelled_count = cancelled_count + 1 WHERE id = $1"
+        }
+    };
+    txn.execute_raw(stmt(txn.get_database_backend(), sql, [id.into()]))
+        .await?;
+    Ok(())
+}

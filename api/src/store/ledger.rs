@@ -1,0 +1,141 @@
+//! `credit_ledger`: the append-only record of every credit movement.
+use chrono::{DateTime, Utc};
+use entity::credit_ledger::{ActiveModel, Column, Entity, Model};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
+use uuid::Uuid;
+
+use super::sql::stmt;
+use crate::domain::money::LedgerKind;
+
+/// One ledger row; what it refers to is named, everything else is `None` by default.
+#[derive(Clone, Debug)]
+pub struct NewEntry<'a> {
+    pub key_id: i64,
+    pub kind: LedgerKind,
+    pub amount: i64,
+    pub batch_id: Option<Uuid>,
+    pub item_id: Option<Uuid>,
+    pub note: Option<&'a str>,
+    /// The Idempotency-Key of an admin movement (unique per key).
+    pub idempotency_key: Option<&'a str>,
+}
+
+impl<'a> NewEntry<'a> {
+    /// A movement of `amount` credits of `kind` on the key's wallet.
+    pub fn new(key_id: i64, kind: LedgerKind, amount: i64) -> Self {
+        Self {
+            key_id,
+            kind,
+            amount,
+            batch_id: None,
+            item_id: None,
+            note: None,
+            idempotency_key: None,
+        }
+    }
+
+    /// For a batch.
+    pub fn batch(mut self, id: Uuid) -> Self {
+        self.batch_id = Some(id);
+        self
+    }
+
+    /// For one item of a batch.
+    pub fn item(mut self, batch_id: Uuid, item_id: Uuid) -> Self {
+        self.batch_id = Some(batch_id);
+        self.item_id = Some(item_id);
+        self
+    }
+
+    /// With a note.
+    pub fn note(mut self, note: Option<&'a str>) -> Self {
+        self.note = note;
+        self
+    }
+
+    /// With an admin Idempotency-Key.
+    pub fn idempotency_key(mut self, key: Option<&'a str>) -> Self {
+        self.idempotency_key = key;
+        self
+    }
+
+    /// Appends the row.
+    pub async fn insert<C: ConnectionTrait>(
+        &self,
+        txn: &C,
+        now: DateTime<Utc>,
+    ) -> Result<(), DbErr> {
+        Entity::insert(ActiveModel {
+            api_key_id: Set(self.key_id),
+            kind: Set(self.kind.as_str().to_string()),
+            amount: Set(self.amount),
+            batch_id: Set(self.batch_id),
+            item_id: Set(self.item_id),
+            note: Set(self.note.map(str::to_string)),
+            idempotency_key: Set(self.idempotency_key.map(str::to_string)),
+            created_at: Set(now),
+            ..Default::default()
+        })
+        .exec_without_returning(txn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The row an admin movement with this Idempotency-Key wrote, if any.
+pub async fn by_idempotency_key<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    idempotency_key: &str,
+) -> Result<Option<Model>, DbErr> {
+    // The pair is unique, so no LIMIT (see `sql::limit`).
+    Entity::find()
+        .from_raw_sql(stmt(
+            db.get_database_backend(),
+            "SELECT * FROM credit_ledger WHERE api_key_id = $1 AND idempotency_key = $2",
+            [key_id.into(), idempotency_key.into()],
+        ))
+        .one(db)
+        .await
+}
+
+/// Up to `max` of a key's rows older than `before` (by id), newest first.
+pub async fn page<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    before: Option<i64>,
+    max: u64,
+) -> Result<Vec<Model>, DbErr> {
+    let mut q = Entity::find().filter(Column::ApiKeyId.eq(key_id));
+    if let Some(b) = before {
+        q = q.filter(Column::Id.lt(b));
+    }
+    q.order_by_desc(Column::Id).limit(max).all(db).await
+}
+
+/// Credits charged to a key per UTC day (`YYYY-MM-DD`) in `[from, to)`.
+pub async fn charged_per_day<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<(String, i64)>, DbErr> {
+    let backend = db.get_database_backend();
+    let day = super::usage::day_expr(backend, "created_at");
+    let sql = format!(
+        "SELECT {day} AS day, CAST(SUM(amount) AS BIGINT) AS charged FROM credit_ledger \
+         WHERE api_key_id = $1 AND kind = 'charge' AND created_at >= $2 AND created_at < $3 GROUP BY {day}"
+    );
+    db.query_all_raw(stmt(backend, &sql, [key_id.into(), from.into(), to.into()]))
+        .await?
+        .into_iter()
+        .map(|r| {
+            Ok((
+                r.try_get("", "day")?,
+                r.try_get::<Option<i64>>("", "charged")?.unwrap_or(0),
+            ))
+        })
+        .collect()
+}

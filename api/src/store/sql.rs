@@ -1,0 +1,49 @@
+//! The few rules every statement of the store follows, in one place.
+use sea_orm::{DbBackend, Statement, Value};
+
+/// A statement with `$n` placeholders (understood by both SQLite and PostgreSQL).
+pub fn stmt<I>(backend: DbBackend, sql: &str, values: I) -> Statement
+where
+    I: IntoIterator<Item = Value>,
+{
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// ` FOR UPDATE SKIP LOCKED` where the store has it, for the inner `SELECT` of a claim: rows
+/// another transaction holds are skipped instead of waited for, so a claim never waits on a
+/// lock. SQLite has one writer, so there is nothing to skip.
+pub fn skip_locked(backend: DbBackend) -> &'static str {
+    if backend == DbBackend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    }
+}
+
+/// The largest number of rows one statement reads or changes.
+pub const MAX_LIMIT: u64 = 1000;
+
+/// `LIMIT n` written into the SQL, clamped to `1..=MAX_LIMIT`. A `LIMIT` is never a bound
+/// parameter on a hot statement: SQLite re-prepares a statement whose `LIMIT` is bound every
+/// time it runs. The number is an integer we clamp, so writing it is safe.
+pub fn limit(n: u64) -> String {
+    format!("LIMIT {}", n.clamp(1, MAX_LIMIT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_clamped_literals() {
+        assert_eq!(limit(0), "LIMIT 1");
+        assert_eq!(limit(10), "LIMIT 10");
+        assert_eq!(limit(u64::MAX), "LIMIT 1000");
+    }
+
+    #[test]
+    fn skip_locked_only_where_rows_can_be_held() {
+        assert_eq!(skip_locked(DbBackend::Sqlite), "");
+        assert_eq!(skip_locked(DbBackend::Postgres), " FOR UPDATE SKIP LOCKED");
+    }
+}
