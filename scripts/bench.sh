@@ -30,8 +30,8 @@
 #   5. the server's peak RSS (VmHWM) and CPU time (utime+stime) per request of each phase;
 #   6. ceilings: L_http (examples/bench.rs `http-ceiling`: poem alone, same headers and JSON
 #      body, measured like the create); L_db and L_claim (examples/bench.rs `db-ceiling`,
-#      `claim-ceiling`: the create's / claim+complete's exact statements in a raw loop on the
-#      same driver, pool size and durability, on a fresh migrated database, pinned like the
+#      `claim-ceiling`: the service's own create / claim+complete functions, one commit per
+#      call and no HTTP, on the same driver, pool size and durability, on a fresh migrated database, pinned like the
 #      server; on SQLite writes go through a one-connection writer pool as in api::db). combined
 #      = 1 / (1/L_http + 1/L_db). Ceilings are the best of their levels; so is each peak.
 #   7. CPU efficiency: ceiling CPU per operation / server CPU per operation, a ratio that is far
@@ -41,6 +41,8 @@
 #      and pgbench -M prepared with 8 clients running the same transaction as a script; the
 #      create is reported against 1/(1/L_http + 1/L_stock) (target >= 1.0: group commit beats
 #      any design that commits once per request, though the server runs synchronous=FULL);
+#      L_stock_claim is a claim of 10 and its 10 reports, one transaction each, the same way
+#      (target: worker items/s >= 1.0 x L_stock_claim);
 #   9. status polls: get_batch of one batch and /healthz of the same server, closed loop c=32.
 # On PostgreSQL it runs ANALYZE after each preload and warm-up (what autovacuum would have done;
 # this machine's PostgreSQL has autovacuum off, and a young database otherwise keeps the plans
@@ -121,7 +123,7 @@ print_report() { # JSON_FILE: prints the header line and the Markdown table
       | row("  closed loop c=\($b[$ks[0]].create.levels[$i].conc): req/s; p50 / p99 / p99.9 ms; errors";
             .create.levels[$i] | "\(.rps | r0); \(lat); \(.errors)") ),
     row("L_http (poem alone, same headers + JSON), req/s"; $root.l_http.peak | "\(.rps | r0) (c=\(.conc))"),
-    row("L_db (raw create statements, same driver), /s"; .l_db.peak | "\(.ops_per_s | r0) (c=\(.conc))"),
+    row("L_db (the service's create writes, one commit each, no HTTP), /s"; .l_db.peak | "\(.ops_per_s | r0) (c=\(.conc))"),
     ( range(0; $b[$ks[0]].l_db.levels | length) as $i
       | row("  L_db c=\($b[$ks[0]].l_db.levels[$i].conc): /s; p50 / p99 / p99.9 ms"; .l_db.levels[$i] | "\(.ops_per_s | r0); \(lat)") ),
     row("combined ceiling 1/(1/L_http + 1/L_db), /s"; .combined_ceiling | r0),
@@ -141,10 +143,12 @@ print_report() { # JSON_FILE: prints the header line and the Markdown table
     ( range(0; $b[$ks[0]].worker.levels | length) as $i
       | row("  \($b[$ks[0]].worker.levels[$i].conc) workers: items/s; per-request p50 / p99 / p99.9 ms; errors";
             .worker.levels[$i] | "\(.units_per_s | r0); \(lat); \(.errors)") ),
-    row("L_claim (raw claim + complete statements), items/s"; .l_claim.peak | "\(.units_per_s | r0) (c=\(.conc))"),
+    row("L_claim (the service's claim + complete, one commit each, no HTTP), items/s"; .l_claim.peak | "\(.units_per_s | r0) (c=\(.conc))"),
     ( range(0; $b[$ks[0]].l_claim.levels | length) as $i
       | row("  L_claim c=\($b[$ks[0]].l_claim.levels[$i].conc): items/s"; .l_claim.levels[$i] | "\(.units_per_s | r0)") ),
-    row("**claim / L_claim** (target ≥ 0.70)"; .claim_ratio | "\(r2) \(ok(. >= 0.7))"),
+    row("claim / L_claim"; .claim_ratio | r2),
+    row("L_stock_claim (claim 10 + 10 reports, 1 transaction each, stock driver), items/s"; .l_stock_claim | "\(.units_per_s | r0) (\(.driver))"),
+    row("**claim / L_stock_claim** (target ≥ 1.0)"; .claim_stock_ratio | "\(r2) \(ok(. >= 1.0))"),
     row("server CPU per create at peak level, ms"; .create.peak.cpu_ms_per_req | r3),
     row("  L_http CPU per request, ms"; $root.l_http.peak.cpu_ms_per_req | r3),
     row("server CPU per create at 50% of peak, ms"; .open_loop[0].cpu_ms_per_req | r3),
@@ -345,6 +349,42 @@ stock_ceiling() {
     fi
 }
 
+# stock_claim_ceiling NAME -> {"units_per_s", "driver"}: a worker's claim of 10 items and its 10
+# success reports, one transaction each, with a stock driver on a fresh database migrated by the
+# server and preloaded with $PRELOAD queued items: Python's sqlite3 (WAL, synchronous=NORMAL, one
+# connection) or pgbench (-M prepared, 8 clients; one script run = 10 items).
+stock_claim_ceiling() {
+    local name="$1" file db url key
+    if [[ $name == sqlite ]]; then
+        file="$TMP/stock-claim.db"
+        APP__DATABASE__URL="sqlite://$file?mode=rwc" "$BIN" migrate >/dev/null 2>&1
+        "${SRV[@]}" python3 "$ROOT/scripts/bench/stock_claim.py" "$file" "$WDUR" "$PRELOAD" \
+            | jq -c '{units_per_s, driver: "python sqlite3, WAL, synchronous=NORMAL"}'
+    else
+        db="vb_bench_stock_claim_$(date +%s)_$$"
+        psql "$PG_URL" -qAtc "CREATE DATABASE $db" >/dev/null
+        PG_DBS+=("$db")
+        url="${PG_URL%/*}/$db"
+        APP__DATABASE__URL="$url" "$BIN" migrate >/dev/null 2>&1
+        key="$(psql "$url" -qAtc "INSERT INTO api_key (name, key_sha256, disabled, created_at, updated_at) \
+            VALUES ('stock', repeat('0', 64), false, now(), now()) RETURNING id" | head -n1)"
+        psql "$url" -qAt >/dev/null <<SQL
+INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) VALUES ($key, 1000000000000000, $PRELOAD * 10, now());
+INSERT INTO batch_job (id, api_key_id, request_id, fingerprint, status, total_count, succeeded_count,
+  failed_count, cancelled_count, cost_per_video, required_credits, response, created_at, updated_at)
+  SELECT md5('b' || b)::uuid, $key, 'req_' || b, repeat('f', 64), 'queued', 100, 0, 0, 0, 10, 1000, '{}', now(), now()
+  FROM generate_series(0, ($PRELOAD - 1) / 100) b;
+INSERT INTO batch_item (id, batch_id, api_key_id, idx, prompt, status, attempts, fair_pos, created_at, updated_at)
+  SELECT gen_random_uuid(), md5('b' || (i / 100))::uuid, $key, i % 100, 'a red fox at dawn', 'queued', 0, i, now(), now()
+  FROM generate_series(0, $PRELOAD - 1) i;
+ANALYZE;
+SQL
+        "${GEN[@]}" pgbench -n -M prepared -c 8 -j 1 -T "$WDUR" -D "key=$key" \
+            -f "$ROOT/scripts/bench/stock_claim.pgbench" "$url" 2>/dev/null \
+            | awk '/^tps/ {print $3 * 10}' | jq -Rc '{units_per_s: tonumber, driver: "pgbench -M prepared -c 8"}'
+    fi
+}
+
 # ---- one backend: server run + raw ceilings --------------------------------------------------
 # run_backend NAME SERVER_DB_URL LDB_URL LCLAIM_URL: adds .NAME to BACKENDS. Runs in the main
 # shell (not in $(...)) so that the cleanup trap knows the server's process.
@@ -428,7 +468,7 @@ EOF
     stop_pid "$pid"
 
     conc_csv="$(IFS=,; echo "${LEVELS[*]}")"
-    log "$name: L_db (raw create statements) at concurrency $conc_csv"
+    log "$name: L_db (the service's create writes, one commit each) at concurrency $conc_csv"
     local ldb lclaim
     ldb="$(timeout 600 "${SRV[@]}" "$BENCH" db-ceiling --url "$ldb_url" --conc "$conc_csv" \
         --seconds "$DUR" --items 2 --max-connections "$MAX_CONN" --clk-tck "$CLK_TCK" | jq -sc .)"
@@ -438,14 +478,18 @@ EOF
     lstock="$(stock_ceiling "$name" "$ldb_url")"
     log "  $(jq -r '"\(.ops_per_s|floor)/s (\(.driver))"' <<<"$lstock")"
     conc_csv="$(IFS=,; echo "${WLEVELS[*]}")"
-    log "$name: L_claim (raw claim+complete statements) at concurrency $conc_csv"
+    log "$name: L_claim (the service's claim+complete, one commit each) at concurrency $conc_csv"
     lclaim="$(timeout 600 "${SRV[@]}" "$BENCH" claim-ceiling --url "$lclaim_url" --conc "$conc_csv" \
         --seconds "$WDUR" --preload "$PRELOAD" --batch-items 100 --max-connections "$MAX_CONN" --clk-tck "$CLK_TCK" | jq -sc .)"
     log "  $(jq -r 'map("conc \(.conc): \(.units_per_s|floor) items/s") | join(", ")' <<<"$lclaim")"
+    log "$name: L_stock_claim (claim 10 + 10 reports, one transaction each, stock driver)"
+    local lstockclaim
+    lstockclaim="$(stock_claim_ceiling "$name")"
+    log "  $(jq -r '"\(.units_per_s|floor) items/s (\(.driver))"' <<<"$lstockclaim")"
 
     BACKENDS="$(jq -c --arg name "$name" --argjson v "$(jq -nc --argjson create "$levels" --argjson open "$open" --argjson worker "$worker" \
         --argjson ldb "$ldb" --argjson lclaim "$lclaim" --argjson rss "$rss" --argjson http "$L_HTTP" \
-        --argjson stock "$lstock" --argjson gets "$gets" --argjson health "$health" '
+        --argjson stock "$lstock" --argjson stockclaim "$lstockclaim" --argjson gets "$gets" --argjson health "$health" '
         ($create | max_by(.rps)) as $peak | ($ldb | max_by(.ops_per_s)) as $db
         | ($worker | max_by(.units_per_s)) as $w | ($lclaim | max_by(.units_per_s)) as $lc
         | (1 / (1 / $http.peak.rps + 1 / $db.ops_per_s)) as $comb
@@ -456,6 +500,7 @@ EOF
             combined_ceiling: $comb, create_ratio: ($peak.rps / $comb),
             claim_ratio: ($w.units_per_s / $lc.units_per_s), peak_rss_mb: $rss,
             l_stock: $stock, combined_stock: $comb_stock, create_stock_ratio: ($peak.rps / $comb_stock),
+            l_stock_claim: $stockclaim, claim_stock_ratio: ($w.units_per_s / $stockclaim.units_per_s),
             get_batch: $gets, healthz: $health, get_ratio: ($gets.rps / $health.rps) }')" \
         '. + {($name): $v}' <<<"$BACKENDS")"
 }

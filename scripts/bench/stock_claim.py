@@ -69,14 +69,16 @@ def main() -> None:
             "ORDER BY fair_pos, created_at LIMIT 10) RETURNING id, batch_id, prompt, params, attempts, fair_pos",
             (token, worker, expires, now),
         ).fetchall()
+        if not claimed:
+            db.execute("COMMIT")
+            break
+        batches = sorted({r[1] for r in claimed})
         db.execute(
             "UPDATE batch_job SET status = 'processing', updated_at = ? WHERE id IN (%s) AND status = 'queued'"
-            % ", ".join("?" * len({r[1] for r in claimed}) or "NULL"),
-            (now, *{r[1] for r in claimed}),
+            % ", ".join("?" * len(batches)),
+            (now, *batches),
         )
         db.execute("COMMIT")
-        if not claimed:
-            break
         for item_id, batch_id, *_ in claimed:
             now = ts(datetime.now(timezone.utc))
             db.execute("BEGIN IMMEDIATE")
