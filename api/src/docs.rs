@@ -188,9 +188,6 @@ pub fn refine(spec: &str) -> String {
                         "from" | "to" => {
                             schema.insert("format".into(), json!("date"));
                         }
-                        "cursor" => {
-                            schema.insert("minLength".into(), json!(1));
-                        }
                         _ => {}
                     }
                 }

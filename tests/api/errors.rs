@@ -20,6 +20,7 @@ fn assert_error_shape(v: &Value, code: &str) {
 }
 
 both_backends!(
+    string_fields_refuse_numbers_and_booleans,
     error_shape_everywhere,
     request_id_is_echoed_or_generated,
     health_and_readiness
@@ -232,4 +233,45 @@ fn customer_document_has_only_customer_operations_with_readable_ids() {
     );
     let codes = &spec["components"]["schemas"]["ErrorCode"]["enum"];
     assert_eq!(codes.as_array().unwrap().len(), 12, "{codes}");
+}
+
+/// A field the documents declare `type: string` takes a JSON string and nothing else: a number
+/// or a boolean is refused as malformed, never turned into text.
+async fn string_fields_refuse_numbers_and_booleans(backend: Backend) {
+    let app = app(backend).await;
+    let key = app.key("acme").to_string();
+    let r = app
+        .create_batch(
+            &key,
+            &serde_json::json!({ "request_id": 42, "items": [{ "prompt": "a" }] }),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_error_shape(&v, "VALIDATION_ERROR");
+    let r = app
+        .create_batch(&key, &serde_json::json!({ "items": [{ "prompt": true }] }))
+        .await;
+    assert_eq!(r.status(), 400);
+    let r = app
+        .worker_post(
+            "/claim",
+            &serde_json::json!({ "worker_id": false, "max_items": 1 }),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_error_shape(&v, "VALIDATION_ERROR");
+    // Nothing was created by the refused calls.
+    let credits: Value = app
+        .client
+        .get(format!("{}/api/enterprise/credits", app.base))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(credits["held"], 0, "{credits}");
 }

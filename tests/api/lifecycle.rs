@@ -343,8 +343,16 @@ async fn list_pages_every_batch_once(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(v["data"].as_array().unwrap().len(), 1);
+    // Malformed (not the documents' 22 URL-safe base64 characters): refused.
     let r = app.list_batches(&key, "cursor=garbage").await;
-    assert_eq!(r.status(), 422);
+    assert_eq!(r.status(), 400);
+    // Well-formed: a position (here before every batch id), so an empty last page.
+    let r = app
+        .list_batches(&key, "cursor=AAAAAAAAAAAAAAAAAAAAAA")
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 0, "{v}");
 }
 
 async fn another_keys_batch_is_not_found(backend: Backend) {

@@ -111,8 +111,23 @@ async fn a_status_poll_carries_one_page_and_the_items_endpoint_pages_the_rest(ba
         .map(|i| i["item_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, want);
+    // A cursor is 6 URL-safe base64 characters (the documents' pattern): anything else is
+    // refused as malformed, and any string of that shape is a place to resume from.
     let (status, bad) = get_json(&app, &key, &format!("/video-batch/{id}/items?cursor=nope")).await;
-    assert_eq!(status, 422, "{bad}");
+    assert_eq!(status, 400, "{bad}");
+    assert_eq!(bad["error"], "VALIDATION_ERROR", "{bad}");
+    assert!(bad["message"].as_str().unwrap().contains("cursor"), "{bad}");
+    let (status, page) = get_json(
+        &app,
+        &key,
+        &format!("/video-batch/{id}/items?cursor=AAAAAA&limit=5"),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        page["data"][0]["index"], 1,
+        "AAAAAA is index 0: the page starts after it"
+    );
 }
 
 async fn the_results_export_streams_every_outcome_as_json_lines(backend: Backend) {

@@ -122,7 +122,7 @@ impl NewBatch {
                 .map(|p| bounded_json(&format!("items[{i}].params"), p))
                 .transpose()?;
             items.push(NewItem {
-                prompt: item.prompt.clone(),
+                prompt: item.prompt.to_string(),
                 params,
             });
         }

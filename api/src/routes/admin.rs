@@ -14,6 +14,7 @@ use crate::schemas::admin::{
     WebhookDeliveryView,
 };
 use crate::schemas::credits::Usage;
+use crate::schemas::text::Text;
 use crate::service::credits::{self, LedgerKind};
 use crate::service::{keys, usage};
 use crate::state::AppState;
@@ -188,7 +189,7 @@ impl AdminApi {
                 &key.0,
                 LedgerKind::Grant,
                 body.0.amount,
-                body.0.note,
+                body.0.note.map(Text::into_string),
                 idempotency_key.0,
             )
             .await?,
@@ -227,7 +228,7 @@ impl AdminApi {
                 &key.0,
                 LedgerKind::Adjust,
                 body.0.amount,
-                body.0.note,
+                body.0.note.map(Text::into_string),
                 idempotency_key.0,
             )
             .await?,
@@ -268,6 +269,10 @@ impl AdminApi {
     }
 
     /// Get a key's usage
+    ///
+    /// Calls and credits charged per UTC day, `from` to `to` inclusive (default: the last 30
+    /// days). `from` must not be after `to`, and the period spans at most 366 days (422
+    /// otherwise).
     #[oai(
         path = "/keys/:key/usage",
         method = "get",

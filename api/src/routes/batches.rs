@@ -193,7 +193,8 @@ impl CustomerApi {
         /// Page size, 1–1000 (default 100).
         #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<u32>>,
-        /// Cursor from the previous page.
+        /// `next_cursor` of the previous page.
+        #[oai(validator(pattern = r"^[A-Za-z0-9_-]{6}$"))]
         cursor: Query<Option<String>>,
     ) -> Result<Read<ItemPage>, ApiError> {
         crate::context::update(|s| s.batch_id = Some(batch_id.0));
@@ -254,7 +255,8 @@ impl CustomerApi {
         /// Page size, 1–100 (default 20).
         #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
         limit: Query<Option<u32>>,
-        /// Cursor from the previous page.
+        /// `next_cursor` of the previous page.
+        #[oai(validator(pattern = r"^[A-Za-z0-9_-]{22}$"))]
         cursor: Query<Option<String>>,
     ) -> Result<Read<BatchList>, ApiError> {
         let (data, next_cursor) = batches::list(
@@ -337,7 +339,8 @@ impl CustomerApi {
     /// Get usage
     ///
     /// The key's own calls and credits charged per UTC day, `from` to `to` inclusive
-    /// (default: the last 30 days).
+    /// (default: the last 30 days). `from` must not be after `to`, and the period spans at
+    /// most 366 days (422 otherwise).
     #[oai(
         path = "/usage",
         method = "get",

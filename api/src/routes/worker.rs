@@ -115,7 +115,7 @@ impl WorkerApi {
             auth.0,
             item_id.0,
             body.0.lease_token,
-            body.0.result_url,
+            body.0.result_url.into_string(),
             result,
         )
         .await?;
@@ -147,7 +147,7 @@ impl WorkerApi {
             auth.0,
             item_id.0,
             body.0.lease_token,
-            body.0.error,
+            body.0.error.into_string(),
             body.0.retryable,
         )
         .await?;

@@ -1,4 +1,5 @@
 //! Bodies of the admin API.
+use crate::schemas::text::Text;
 use poem_openapi::Object;
 
 use crate::schemas::credits::LedgerEntry;
@@ -11,7 +12,7 @@ pub struct GrantRequest {
     #[oai(validator(minimum(value = "1"), maximum(value = "1000000000000")))]
     pub amount: i64,
     /// Why (e.g. an invoice number).
-    pub note: Option<String>,
+    pub note: Option<Text>,
 }
 
 /// Adjust credits.
@@ -23,7 +24,7 @@ pub struct AdjustRequest {
     #[oai(validator(minimum(value = "-1000000000000"), maximum(value = "1000000000000")))]
     pub amount: i64,
     /// Why.
-    pub note: Option<String>,
+    pub note: Option<Text>,
 }
 
 /// A key's wallet.

@@ -1,6 +1,7 @@
 //! Bodies of the batch endpoints.
 use std::collections::BTreeMap;
 
+use crate::schemas::text::Text;
 use chrono::{DateTime, Utc};
 use poem_openapi::{Enum, Object};
 use serde_json::Value;
@@ -12,7 +13,7 @@ use uuid::Uuid;
 pub struct BatchItemInput {
     /// The prompt, 1 to the key's `max_prompt_chars` Unicode characters.
     #[oai(validator(min_length = 1))]
-    pub prompt: String,
+    pub prompt: Text,
     /// Renderer parameters, passed to the worker as given (e.g. `{"duration_s": 5}`).
     pub params: Option<BTreeMap<String, Value>>,
 }
@@ -24,12 +25,12 @@ pub struct CreateBatchRequest {
     /// Idempotency key, 1–255 of `[A-Za-z0-9._:-]`; also accepted as the `Idempotency-Key`
     /// header. Without one the server assigns an id and no deduplication applies.
     #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[A-Za-z0-9._:\-]+$"))]
-    pub request_id: Option<String>,
+    pub request_id: Option<Text>,
     /// The prompts: 1 to the key's `max_batch_items`.
     #[oai(validator(min_items = 1))]
     pub items: Vec<BatchItemInput>,
     /// Where to send this batch's webhooks instead of the key's URL (absolute https URL).
-    pub webhook_url: Option<String>,
+    pub webhook_url: Option<Text>,
     /// Small object (at most 4 KiB as JSON) returned as given.
     pub metadata: Option<BTreeMap<String, Value>>,
 }

@@ -2,4 +2,5 @@
 pub mod admin;
 pub mod batches;
 pub mod credits;
+pub mod text;
 pub mod worker;

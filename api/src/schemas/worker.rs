@@ -1,6 +1,7 @@
 //! Bodies of the worker API.
 use std::collections::BTreeMap;
 
+use crate::schemas::text::Text;
 use chrono::{DateTime, Utc};
 use poem_openapi::Object;
 use serde_json::Value;
@@ -14,7 +15,7 @@ use crate::schemas::batches::{BatchStatus, ItemStatus};
 pub struct ClaimRequest {
     /// Who is asking (for logs and leases).
     #[oai(validator(min_length = 1, max_length = 128))]
-    pub worker_id: String,
+    pub worker_id: Text,
     /// At most this many items (1–100).
     #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
     pub max_items: u32,
@@ -68,7 +69,7 @@ pub struct CompleteRequest {
     pub lease_token: Uuid,
     /// Where the video is.
     #[oai(validator(min_length = 1, max_length = 2048))]
-    pub result_url: String,
+    pub result_url: Text,
     /// Extra result data.
     pub result: Option<BTreeMap<String, Value>>,
 }
@@ -81,7 +82,7 @@ pub struct FailRequest {
     pub lease_token: Uuid,
     /// What went wrong.
     #[oai(validator(min_length = 1, max_length = 4096))]
-    pub error: String,
+    pub error: Text,
     /// Try again while attempts remain.
     pub retryable: bool,
 }

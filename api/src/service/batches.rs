@@ -54,7 +54,7 @@ pub async fn create(
     audit: AuditInfo,
 ) -> Result<CreateOutcome, ApiError> {
     let rid = match (&req.request_id, header_request_id) {
-        (Some(body), Some(header)) if body != header => {
+        (Some(body), Some(header)) if **body != *header => {
             return Err(ApiError::validation(
                 "request_id",
                 "differs from the Idempotency-Key header; send one or make them equal",
@@ -457,33 +457,49 @@ pub async fn list<C: ConnectionTrait>(
     ))
 }
 
+/// Cursors are URL-safe base64 without padding of a position: 16 bytes (a batch id, 22
+/// characters) or 4 (an item index, 6 characters). Any string of that shape decodes to a
+/// position (bits past the last byte are ignored), so every cursor the documents allow is a
+/// valid place to resume from.
+const CURSOR: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::RequireNone)
+        .with_decode_allow_trailing_bits(true),
+);
+
+fn bad_cursor() -> ApiError {
+    ApiError::validation("cursor", "is not a cursor returned by this endpoint")
+}
+
 fn encode_cursor(id: Uuid) -> String {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
-}
-
-fn encode_item_cursor(idx: i32) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("item:{idx}"))
-}
-
-fn decode_item_cursor(c: &str) -> Result<i32, ApiError> {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(c)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix("item:").and_then(|n| n.parse().ok()))
-        .ok_or_else(|| ApiError::validation("cursor", "is not a cursor returned by this endpoint"))
+    CURSOR.encode(id.as_bytes())
 }
 
 fn decode_cursor(c: &str) -> Result<Uuid, ApiError> {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
+    CURSOR
         .decode(c)
         .ok()
         .and_then(|b| Uuid::from_slice(&b).ok())
-        .ok_or_else(|| ApiError::validation("cursor", "is not a cursor returned by this endpoint"))
+        .ok_or_else(bad_cursor)
+}
+
+fn encode_item_cursor(idx: i32) -> String {
+    use base64::Engine;
+    CURSOR.encode(idx.to_be_bytes())
+}
+
+fn decode_item_cursor(c: &str) -> Result<i32, ApiError> {
+    use base64::Engine;
+    CURSOR
+        .decode(c)
+        .ok()
+        .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
+        .map(i32::from_be_bytes)
+        .ok_or_else(bad_cursor)
 }
 
 /// Cancels a batch: queued items become cancelled and their holds are released at once;
