@@ -19,10 +19,12 @@
 //!     The worker phase over HTTP: CONC workers each claim 10 items then complete them one by
 //!     one. One JSON line.
 //! bench webhooks      --url URL --key bench --receiver 127.0.0.1:PORT [--n 5000] [--rate 200] [--seconds 10]
+//!                     [--backlog 100000] [--backlog-seconds 10]
 //!     Webhook delivery of a running server whose key `bench` targets http://RECEIVER/hook: a
 //!     receiver answering 200 at once counts arrivals; N pending deliveries are written into the
 //!     outbox at once (throughput: deliveries/s until the last arrives), then RATE per second for
-//!     SECONDS (delay from commit to receipt, p50/p99). One JSON line.
+//!     SECONDS (delay from commit to receipt, p50/p99), then BACKLOG at once, received for
+//!     BACKLOG_SECONDS (the server's memory with that many pending). One JSON line.
 //! ```
 //! `db-ceiling` and `claim-ceiling` also take `--clk-tck N` (default 100) to report their own
 //! CPU time per operation. Both run the service's own functions (`write_new_batch`, `claim_in`,
@@ -239,12 +241,24 @@ async fn webhooks_bench(opts: &Opts) -> Result<()> {
             .get(((delays.len() as f64 * p).ceil() as usize).saturating_sub(1))
             .copied()
     };
+    let steady_received = count() - before;
+    // Backlog: BACKLOG more events at once, received for BACKLOG_SECONDS (the script reads the
+    // server's peak RSS afterwards: memory with that many deliveries pending).
+    let backlog: usize = opts.num("backlog", 0)?;
+    let backlog_seconds: u64 = opts.num("backlog-seconds", 10)?;
+    let before = count();
+    if backlog > 0 {
+        seed(backlog).await?;
+        tokio::time::sleep(Duration::from_secs(backlog_seconds)).await;
+    }
     println!(
         "{}",
         json!({
             "n": n, "delivered": delivered, "deliveries_per_s": per_s,
-            "steady_rate": rate, "steady_sent": sent, "steady_received": count() - before,
+            "steady_rate": rate, "steady_sent": sent, "steady_received": steady_received,
             "delay_p50_ms": pct(0.5), "delay_p99_ms": pct(0.99),
+            "backlog": backlog, "backlog_seconds": backlog_seconds,
+            "backlog_received": count() - before,
         })
     );
     Ok(())

@@ -5,9 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use entity::batch_item::{ActiveModel, Column, Entity, Model};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QuerySelect, Set};
 use uuid::Uuid;
 
 use super::sql::{limit, skip_locked, stmt};
@@ -378,14 +376,18 @@ pub async fn page<C: ConnectionTrait>(
     after: Option<i32>,
     max: u64,
 ) -> Result<Vec<Model>, DbErr> {
-    let mut q = Entity::find().filter(Column::BatchId.eq(batch_id));
-    if let Some(a) = after {
-        q = q.filter(Column::Idx.gt(a));
-    }
+    // Raw for its literal LIMIT (see `sql::limit`): every status poll runs this.
+    let mut sql = String::from("SELECT * FROM batch_item WHERE batch_id = $1 AND idx > $2");
+    let mut values = vec![batch_id.into(), after.unwrap_or(-1).into()];
     if let Some(s) = status {
-        q = q.filter(Column::Status.eq(s));
+        sql.push_str(" AND status = $3");
+        values.push(s.into());
     }
-    q.order_by_asc(Column::Idx).limit(max).all(db).await
+    sql.push_str(&format!(" ORDER BY idx {}", limit(max)));
+    Entity::find()
+        .from_raw_sql(stmt(db.get_database_backend(), &sql, values))
+        .all(db)
+        .await
 }
 
 /// Queued and running items of all batches (for the queue gauges), each counted through its

@@ -85,8 +85,13 @@ pub async fn owned<C: ConnectionTrait>(
     key_id: i64,
     id: Uuid,
 ) -> Result<Option<Model>, DbErr> {
-    Entity::find_by_id(id)
-        .filter(Column::ApiKeyId.eq(key_id))
+    // By primary key, so no LIMIT (see `sql::limit`): every status poll runs this.
+    Entity::find()
+        .from_raw_sql(stmt(
+            db.get_database_backend(),
+            "SELECT * FROM batch_job WHERE id = $1 AND api_key_id = $2",
+            [id.into(), key_id.into()],
+        ))
         .one(db)
         .await
 }

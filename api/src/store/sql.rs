@@ -20,8 +20,9 @@ pub fn skip_locked(backend: DbBackend) -> &'static str {
     }
 }
 
-/// The largest number of rows one statement reads or changes.
-pub const MAX_LIMIT: u64 = 1000;
+/// The largest `LIMIT` written (callers bound their pages far below it; a page asks for one
+/// row more than it returns, to know whether another follows).
+pub const MAX_LIMIT: u64 = 10_000;
 
 /// `LIMIT n` written into the SQL, clamped to `1..=MAX_LIMIT`. A `LIMIT` is never a bound
 /// parameter on a hot statement: SQLite re-prepares a statement whose `LIMIT` is bound every
@@ -38,7 +39,8 @@ mod tests {
     fn limits_are_clamped_literals() {
         assert_eq!(limit(0), "LIMIT 1");
         assert_eq!(limit(10), "LIMIT 10");
-        assert_eq!(limit(u64::MAX), "LIMIT 1000");
+        assert_eq!(limit(1001), "LIMIT 1001");
+        assert_eq!(limit(u64::MAX), "LIMIT 10000");
     }
 
     #[test]
