@@ -306,6 +306,22 @@ async fn defer(
     Ok(())
 }
 
+/// Gives several claimed deliveries back in one transaction (one commit), each due at its own
+/// time.
+async fn defer_all(
+    db: &DatabaseConnection,
+    back: &[(webhook_delivery::Model, chrono::DateTime<Utc>)],
+) -> Result<(), DbErr> {
+    if back.is_empty() {
+        return Ok(());
+    }
+    let txn = crate::db::begin_write(db).await?;
+    for (d, at) in back {
+        webhooks::give_back(&txn, d, *at).await?;
+    }
+    txn.commit().await
+}
+
 /// A finished send: its endpoint, the delivery and what happened.
 type Sent = (String, webhook_delivery::Model, Attempt);
 
@@ -350,6 +366,9 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
     let mut endpoints = Endpoints::default();
     // Claimed deliveries waiting for a slot of their endpoint (still leased to this node).
     let mut waiting: HashMap<String, VecDeque<webhook_delivery::Model>> = HashMap::new();
+    // Endpoints the last claim found with no room left, and when that claim ran (see below).
+    let mut full: std::collections::HashSet<String> = Default::default();
+    let mut last_claim = Instant::now();
     let spawn = |sends: &mut JoinSet<Sent>,
                  endpoints: &mut Endpoints,
                  ep: String,
@@ -386,17 +405,35 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
         }
         waiting.retain(|_, q| !q.is_empty());
         let held = sends.len() + waiting.values().map(VecDeque::len).sum::<usize>();
-        let room = (2 * concurrency).saturating_sub(held);
+        let mut room = (2 * concurrency).saturating_sub(held);
+        // After a claim met a full endpoint, claim again only once such an endpoint's queue
+        // has half drained (or a poll interval has passed, so that a stuck endpoint delays
+        // the others by that much at most), and at most one endpoint's worth: claims stay
+        // batches (one commit for many deliveries) instead of a claim and a give-back per
+        // finished send.
+        if !full.is_empty() {
+            let drained = full
+                .iter()
+                .any(|ep| waiting.get(ep).map_or(0, VecDeque::len) <= PER_ENDPOINT / 2);
+            if drained || last_claim.elapsed() >= POLL {
+                room = room.min(PER_ENDPOINT);
+            } else {
+                room = 0;
+            }
+        }
         // Claimed deliveries that were started or queued (not given back).
         let mut taken = 0;
         if room > 0 && sends.len() < concurrency {
             let lock_for = settings.timeout * 2 + std::time::Duration::from_secs(30);
+            last_claim = Instant::now();
             match claim_due(&state.writer, room as u32, lock_for).await {
                 Ok(batch) => {
+                    full.clear();
+                    let mut back = Vec::new();
                     for d in batch {
                         let ep = endpoint_of(&d.target_url);
                         let later = match endpoints.backing_off(&ep) {
-                            Some(until) => Some(until),
+                            Some(until) => until,
                             None if sends.len() < concurrency && endpoints.has_slot(&ep) => {
                                 spawn(&mut sends, &mut endpoints, ep, d);
                                 taken += 1;
@@ -408,16 +445,18 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
                                 continue;
                             }
                             // The endpoint has all it can take: the rest stays in the outbox.
-                            None => Some(Instant::now() + std::time::Duration::from_millis(250)),
-                        };
-                        if let Some(until) = later {
-                            let at = Utc::now()
-                                + chrono::Duration::from_std(until - Instant::now())
-                                    .unwrap_or_default();
-                            if let Err(e) = defer(&state.writer, &d, at).await {
-                                tracing::warn!(error = %e, "deferring a webhook delivery failed");
+                            None => {
+                                full.insert(ep);
+                                Instant::now() + POLL
                             }
-                        }
+                        };
+                        let at = Utc::now()
+                            + chrono::Duration::from_std(later - Instant::now())
+                                .unwrap_or_default();
+                        back.push((d, at));
+                    }
+                    if let Err(e) = defer_all(&state.writer, &back).await {
+                        tracing::warn!(error = %e, "deferring webhook deliveries failed");
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "claiming webhook deliveries failed"),
