@@ -1,15 +1,16 @@
 //! Typed settings: layered loading (base, environment, `--config` files, `APP__` variables),
 //! validation with messages that name the file and field, and the per-key policy merge.
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
+
+pub use crate::domain::policy::{KeyPolicy, PolicyLimits, Secret};
 
 /// The name of the key that `config/local.toml` ships for trying the service out.
 pub const DEMO_KEY_NAME: &str = "demo";
@@ -499,29 +500,6 @@ fn opt_string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Stri
 
 // ---------------------------------------------------------------- validated
 
-/// A secret value: never printed by `Debug` or `Display`.
-#[derive(Clone)]
-pub struct Secret(pub SecretString);
-
-impl Secret {
-    /// The plain value, for comparing or signing.
-    pub fn expose(&self) -> &str {
-        self.0.expose_secret()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(s: &str) -> Self {
-        Secret(SecretString::from(s.to_string()))
-    }
-}
-
 /// The whole, validated configuration.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -618,65 +596,6 @@ pub enum SqliteSynchronous {
     Full,
     /// WAL commits are fsynced at checkpoints.
     Normal,
-}
-
-/// Limits every key inherits from `[defaults]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PolicyLimits {
-    /// Credits per item.
-    pub cost_per_video: i64,
-    /// Batch creations per minute.
-    pub rate_limit_per_min: u32,
-    /// Other calls per minute.
-    pub read_rate_limit_per_min: u32,
-    /// Items per batch.
-    pub max_batch_items: u32,
-    /// Unicode characters per prompt.
-    pub max_prompt_chars: u32,
-    /// Allowed client networks; empty means any.
-    pub ip_allowlist: Vec<IpNet>,
-}
-
-/// The effective policy of one customer key.
-#[derive(Clone, Debug)]
-pub struct KeyPolicy {
-    /// Stable name, the key's identity.
-    pub name: String,
-    /// Lower-case hex SHA-256 of the key.
-    pub key_sha256: String,
-    /// Limits after merging `[defaults]`.
-    pub limits: PolicyLimits,
-    /// Default webhook target.
-    pub webhook_url: Option<String>,
-    /// `whsec_...` signing secret.
-    pub webhook_secret: Option<Secret>,
-    /// Previous secret, during rotation.
-    pub webhook_previous_secret: Option<Secret>,
-    /// Subscribed events.
-    pub webhook_events: Vec<String>,
-    /// Granted once when the key is first created.
-    pub initial_credits: i64,
-    /// Disabled keys are refused.
-    pub disabled: bool,
-}
-
-impl KeyPolicy {
-    /// True when a call from `ip` may use the key: any call when the allowlist is empty,
-    /// otherwise only calls whose client address is known and allowed (an address that could
-    /// not be determined never passes an allowlist).
-    pub fn allows_client(&self, ip: Option<IpAddr>) -> bool {
-        self.limits.ip_allowlist.is_empty() || ip.is_some_and(|ip| self.allows_ip(ip))
-    }
-
-    /// True when the address is allowed by the key's allowlist.
-    pub fn allows_ip(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.limits.ip_allowlist.is_empty()
-            || self.limits.ip_allowlist.iter().any(|n| n.contains(&ip))
-    }
 }
 
 /// `[worker]`.
@@ -788,7 +707,7 @@ impl Check<'_> {
 
     fn whsec(&self, field: &str, raw: &str) -> Result<Secret, ConfigError> {
         let secret = self.secret(field, raw)?;
-        crate::service::webhooks::decode_whsec(secret.expose()).map_err(|m| self.err(field, m))?;
+        crate::domain::secret::decode_whsec(secret.expose()).map_err(|m| self.err(field, m))?;
         Ok(secret)
     }
 }
@@ -963,12 +882,12 @@ impl RawSettings {
                     ));
                 }
             }
-            if !(0..=crate::service::credits::MAX_BALANCE).contains(&k.initial_credits) {
+            if !(0..=crate::domain::money::MAX_BALANCE).contains(&k.initial_credits) {
                 return Err(c.err(
                     &f("initial_credits"),
                     format!(
                         "must be between 0 and {}",
-                        crate::service::credits::MAX_BALANCE
+                        crate::domain::money::MAX_BALANCE
                     ),
                 ));
             }

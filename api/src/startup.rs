@@ -10,7 +10,6 @@ use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
 use crate::routes::{admin::AdminApi, batches::CustomerApi, health, worker::WorkerApi};
-use crate::schemas::admin::ReloadResult;
 use crate::settings::{ConfigSource, Settings};
 use crate::state::{AppState, Runtime};
 
@@ -253,48 +252,6 @@ pub async fn prepare_with_db(
     }))
 }
 
-/// Loads the configuration again; if it is valid, syncs keys and swaps the policy whole.
-pub async fn reload(state: &AppState) -> Result<ReloadResult, String> {
-    let _guard = state.reload_lock.lock().await;
-    let source = state.source.as_ref().ok_or_else(|| {
-        "this server was started with fixed settings; nothing to reload".to_string()
-    })?;
-    let mut source = source.clone();
-    if source.refresh_env {
-        // Secrets written as env: are read from the environment as it is now.
-        source.env = std::env::vars().collect();
-    }
-    let settings = source.load().map_err(|e| {
-        metrics::counter!("config_reloads_total", "outcome" => "rejected").increment(1);
-        tracing::error!(error = %e, "configuration reload rejected; the running configuration stays");
-        e.to_string()
-    })?;
-    let ids = crate::service::keys::sync(&state.writer, &settings)
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "key sync failed during reload");
-            "key sync failed; the running configuration stays".to_string()
-        })?;
-    if let Ok(revoked) = crate::service::keys::disabled_ids(&state.writer).await {
-        state.revoked.store(Arc::new(revoked));
-    }
-    crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));
-    let runtime = Runtime::new(settings, &ids);
-    let result = ReloadResult {
-        ok: true,
-        keys: runtime.by_name.len() as u32,
-        enabled_keys: runtime.by_hash.len() as u32,
-    };
-    state.runtime.store(Arc::new(runtime));
-    metrics::counter!("config_reloads_total", "outcome" => "applied").increment(1);
-    tracing::info!(
-        keys = result.keys,
-        enabled = result.enabled_keys,
-        "configuration reloaded"
-    );
-    Ok(result)
-}
-
 /// A bound, ready server: the public listener and, unless shared, the ops listener.
 pub struct Application {
     port: u16,
@@ -489,32 +446,12 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             }
             // Histograms keep their samples until drained: drain them even when nobody scrapes.
             crate::telemetry::metrics().run_upkeep();
-            if let Err(e) = sample_gauges(&state).await {
+            if let Err(e) = crate::telemetry::sample_gauges(&state).await {
                 tracing::warn!(error = %e, "sampling queue gauges failed");
             }
             crate::service::strangers::flush_finished(&state).await;
         }
     })
-}
-
-/// Queue depth gauges, read through the partial indexes.
-pub async fn sample_gauges(state: &AppState) -> Result<(), sea_orm::DbErr> {
-    use crate::store::{items, wallets, webhooks};
-    let (queued, running) = items::queue_depth(&state.db).await?;
-    metrics::gauge!("queue_items", "status" => "queued").set(queued as f64);
-    metrics::gauge!("queue_items", "status" => "running").set(running as f64);
-    metrics::gauge!("webhook_deliveries_pending")
-        .set(webhooks::pending_count(&state.db).await? as f64);
-    // The head of the fair queue (through its partial index): how long work has been waiting.
-    let age = items::queue_head_created_at(&state.db)
-        .await?
-        .map_or(0.0, |t| {
-            (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
-        });
-    metrics::gauge!("queue_oldest_item_age_seconds").set(age);
-    let held = wallets::total_held(&state.db).await?;
-    metrics::gauge!("credits_held").set(held as f64);
-    Ok(())
 }
 
 #[cfg(unix)]
@@ -527,7 +464,7 @@ fn spawn_sighup(state: Arc<AppState>) {
         };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP received: reloading configuration");
-            let _ = reload(&state).await;
+            let _ = state.reload().await;
         }
     });
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use sea_orm::{DatabaseConnection, DbBackend};
 
+use crate::schemas::admin::ReloadResult;
 use crate::settings::{ConfigSource, KeyPolicy, Settings};
 
 /// A configured key and its database id.
@@ -82,6 +83,49 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Loads the configuration again; if it is valid, syncs keys and swaps the policy whole.
+    pub async fn reload(&self) -> Result<ReloadResult, String> {
+        let state = self;
+        let _guard = state.reload_lock.lock().await;
+        let source = state.source.as_ref().ok_or_else(|| {
+            "this server was started with fixed settings; nothing to reload".to_string()
+        })?;
+        let mut source = source.clone();
+        if source.refresh_env {
+            // Secrets written as env: are read from the environment as it is now.
+            source.env = std::env::vars().collect();
+        }
+        let settings = source.load().map_err(|e| {
+            metrics::counter!("config_reloads_total", "outcome" => "rejected").increment(1);
+            tracing::error!(error = %e, "configuration reload rejected; the running configuration stays");
+            e.to_string()
+        })?;
+        let ids = crate::service::keys::sync(&state.writer, &settings)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "key sync failed during reload");
+                "key sync failed; the running configuration stays".to_string()
+            })?;
+        if let Ok(revoked) = crate::service::keys::disabled_ids(&state.writer).await {
+            state.revoked.store(Arc::new(revoked));
+        }
+        crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));
+        let runtime = Runtime::new(settings, &ids);
+        let result = ReloadResult {
+            ok: true,
+            keys: runtime.by_name.len() as u32,
+            enabled_keys: runtime.by_hash.len() as u32,
+        };
+        state.runtime.store(Arc::new(runtime));
+        metrics::counter!("config_reloads_total", "outcome" => "applied").increment(1);
+        tracing::info!(
+            keys = result.keys,
+            enabled = result.enabled_keys,
+            "configuration reloaded"
+        );
+        Ok(result)
+    }
+
     /// The database backend.
     pub fn backend(&self) -> DbBackend {
         self.db.get_database_backend()

@@ -1,5 +1,7 @@
 //! Typed values that can only be built valid ("parse, don't validate").
 pub mod money;
+pub mod policy;
+pub mod secret;
 pub mod target;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -7,9 +9,9 @@ use std::net::IpAddr;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::domain::policy::PolicyLimits;
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::batches::CreateBatchRequest;
-use crate::settings::PolicyLimits;
 
 /// Largest `params` or `metadata` object, as compact JSON.
 pub const MAX_JSON_OBJECT_BYTES: usize = 4096;

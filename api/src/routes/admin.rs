@@ -357,7 +357,7 @@ impl AdminApi {
         state: Data<&Arc<AppState>>,
         _auth: AdminAuth,
     ) -> Result<Json<ReloadResult>, ApiError> {
-        crate::startup::reload(&state).await.map(Json).map_err(|e| {
+        state.reload().await.map(Json).map_err(|e| {
             ApiError::new(
                 ErrorCode::ValidationError,
                 format!("configuration rejected: {e}"),

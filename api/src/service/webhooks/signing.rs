@@ -5,22 +5,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use uuid::Uuid;
 
-/// Decodes a `whsec_<base64>` secret to its key bytes (24–64 bytes).
-pub fn decode_whsec(secret: &str) -> Result<Vec<u8>, String> {
-    let b64 = secret
-        .strip_prefix("whsec_")
-        .ok_or_else(|| "must start with whsec_ (Standard Webhooks secret)".to_string())?;
-    let bytes = STANDARD
-        .decode(b64)
-        .map_err(|_| "the part after whsec_ must be base64".to_string())?;
-    if !(24..=64).contains(&bytes.len()) {
-        return Err(format!(
-            "decodes to {} bytes; 24 to 64 required",
-            bytes.len()
-        ));
-    }
-    Ok(bytes)
-}
+pub use crate::domain::secret::decode_whsec;
 
 /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
 pub fn sign(key: &[u8], msg_id: &str, timestamp: i64, body: &str) -> String {
