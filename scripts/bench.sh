@@ -322,6 +322,20 @@ wait_http_post() { # BASE: until the create route answers (any status), at most 
     echo "timed out waiting for $1" >&2; return 1
 }
 
+# stock_pg_db SUFFIX -> "URL KEY_ID": a fresh PostgreSQL database migrated by the server, with
+# one key named stock (its wallet is the caller's). Runs in a subshell: the caller adds the
+# database to PG_DBS, so that it is dropped on exit with the others.
+stock_pg_db() {
+    local db url key
+    db="vb_bench_$1_$(date +%s)_$$"
+    psql "$PG_URL" -qAtc "CREATE DATABASE $db" >/dev/null
+    url="${PG_URL%/*}/$db"
+    APP__DATABASE__URL="$url" "$BIN" migrate >/dev/null 2>&1
+    key="$(psql "$url" -qAtc "INSERT INTO api_key (name, key_sha256, disabled, created_at, updated_at) \
+        VALUES ('stock', repeat('0', 64), false, now(), now()) RETURNING id" | head -n1)"
+    echo "$url $key"
+}
+
 # stock_ceiling NAME URL -> {"ops_per_s", "driver"}: the create's writes (rate-limit upsert, batch
 # row, 2 item rows, hold ledger row, usage row, conditional wallet update) as one transaction per
 # create with a stock driver, on a fresh database migrated by the server: Python's sqlite3 (WAL,
@@ -334,13 +348,8 @@ stock_ceiling() {
         "${SRV[@]}" python3 "$ROOT/scripts/bench/stock_sqlite.py" "$file" "$DUR" \
             | jq -c '{ops_per_s, driver: "python sqlite3, WAL, synchronous=NORMAL"}'
     else
-        db="vb_bench_stock_$(date +%s)_$$"
-        psql "$PG_URL" -qAtc "CREATE DATABASE $db" >/dev/null
-        PG_DBS+=("$db")
-        url="${PG_URL%/*}/$db"
-        APP__DATABASE__URL="$url" "$BIN" migrate >/dev/null 2>&1
-        key="$(psql "$url" -qAtc "INSERT INTO api_key (name, key_sha256, disabled, created_at, updated_at) \
-            VALUES ('stock', repeat('0', 64), false, now(), now()) RETURNING id" | head -n1)"
+        read -r url key <<<"$(stock_pg_db stock)"
+        PG_DBS+=("${url##*/}")
         psql "$url" -qAtc "INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) \
             VALUES ($key, 1000000000000000, 0, now())" >/dev/null
         "${GEN[@]}" pgbench -n -M prepared -c 8 -j 1 -T "$DUR" -D "key=$key" \
@@ -361,13 +370,8 @@ stock_claim_ceiling() {
         "${SRV[@]}" python3 "$ROOT/scripts/bench/stock_claim.py" "$file" "$WDUR" "$PRELOAD" \
             | jq -c '{units_per_s, driver: "python sqlite3, WAL, synchronous=NORMAL"}'
     else
-        db="vb_bench_stock_claim_$(date +%s)_$$"
-        psql "$PG_URL" -qAtc "CREATE DATABASE $db" >/dev/null
-        PG_DBS+=("$db")
-        url="${PG_URL%/*}/$db"
-        APP__DATABASE__URL="$url" "$BIN" migrate >/dev/null 2>&1
-        key="$(psql "$url" -qAtc "INSERT INTO api_key (name, key_sha256, disabled, created_at, updated_at) \
-            VALUES ('stock', repeat('0', 64), false, now(), now()) RETURNING id" | head -n1)"
+        read -r url key <<<"$(stock_pg_db stock_claim)"
+        PG_DBS+=("${url##*/}")
         psql "$url" -qAt >/dev/null <<SQL
 INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) VALUES ($key, 1000000000000000, $PRELOAD * 10, now());
 INSERT INTO batch_job (id, api_key_id, request_id, fingerprint, status, total_count, succeeded_count,

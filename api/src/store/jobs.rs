@@ -63,13 +63,23 @@ pub async fn by_request_id<C: ConnectionTrait>(
     key_id: i64,
     request_id: &str,
 ) -> Result<Option<Model>, DbErr> {
-    // The pair is unique, so no LIMIT (see `sql::limit`): this is the create's hottest lookup.
+    // The create's hottest lookup.
+    unique(
+        db,
+        "SELECT * FROM batch_job WHERE api_key_id = $1 AND request_id = $2",
+        [key_id.into(), request_id.into()],
+    )
+    .await
+}
+
+/// The row a unique condition selects, without a LIMIT (see `sql::limit`).
+async fn unique<C: ConnectionTrait, const N: usize>(
+    db: &C,
+    sql: &str,
+    values: [sea_orm::Value; N],
+) -> Result<Option<Model>, DbErr> {
     Entity::find()
-        .from_raw_sql(stmt(
-            db.get_database_backend(),
-            "SELECT * FROM batch_job WHERE api_key_id = $1 AND request_id = $2",
-            [key_id.into(), request_id.into()],
-        ))
+        .from_raw_sql(stmt(db.get_database_backend(), sql, values))
         .one(db)
         .await
 }
@@ -85,15 +95,13 @@ pub async fn owned<C: ConnectionTrait>(
     key_id: i64,
     id: Uuid,
 ) -> Result<Option<Model>, DbErr> {
-    // By primary key, so no LIMIT (see `sql::limit`): every status poll runs this.
-    Entity::find()
-        .from_raw_sql(stmt(
-            db.get_database_backend(),
-            "SELECT * FROM batch_job WHERE id = $1 AND api_key_id = $2",
-            [id.into(), key_id.into()],
-        ))
-        .one(db)
-        .await
+    // Every status poll runs this.
+    unique(
+        db,
+        "SELECT * FROM batch_job WHERE id = $1 AND api_key_id = $2",
+        [id.into(), key_id.into()],
+    )
+    .await
 }
 
 /// Up to `limit` of a key's batches older than `before` (by id), newest first.
