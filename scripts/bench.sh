@@ -323,8 +323,8 @@ wait_http_post() { # BASE: until the create route answers (any status), at most 
 }
 
 # stock_pg_db SUFFIX -> "URL KEY_ID": a fresh PostgreSQL database migrated by the server, with
-# one key named stock (its wallet is the caller's). Runs in a subshell: the caller adds the
-# database to PG_DBS, so that it is dropped on exit with the others.
+# one key named stock (its wallet is the caller's). The stock ceilings run in a subshell (their
+# output is captured), where PG_DBS cannot reach the exit trap: they drop it themselves.
 stock_pg_db() {
     local db url key
     db="vb_bench_$1_$(date +%s)_$$"
@@ -336,12 +336,16 @@ stock_pg_db() {
     echo "$url $key"
 }
 
+drop_pg_db() { # URL
+    psql "$PG_URL" -qAtc "DROP DATABASE IF EXISTS ${1##*/}" >/dev/null 2>&1 || true
+}
+
 # stock_ceiling NAME URL -> {"ops_per_s", "driver"}: the create's writes (rate-limit upsert, batch
 # row, 2 item rows, hold ledger row, usage row, conditional wallet update) as one transaction per
 # create with a stock driver, on a fresh database migrated by the server: Python's sqlite3 (WAL,
 # synchronous=NORMAL, one connection) or pgbench (-M prepared, 8 clients, synchronous_commit on).
 stock_ceiling() {
-    local name="$1" url="$2" file db key
+    local name="$1" url="$2" file key
     if [[ $name == sqlite ]]; then
         file="$TMP/stock.db"
         APP__DATABASE__URL="sqlite://$file?mode=rwc" "$BIN" migrate >/dev/null 2>&1
@@ -349,12 +353,12 @@ stock_ceiling() {
             | jq -c '{ops_per_s, driver: "python sqlite3, WAL, synchronous=NORMAL"}'
     else
         read -r url key <<<"$(stock_pg_db stock)"
-        PG_DBS+=("${url##*/}")
         psql "$url" -qAtc "INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) \
             VALUES ($key, 1000000000000000, 0, now())" >/dev/null
         "${GEN[@]}" pgbench -n -M prepared -c 8 -j 1 -T "$DUR" -D "key=$key" \
             -f "$ROOT/scripts/bench/stock_create.pgbench" "$url" 2>/dev/null \
             | awk '/^tps/ {print $3}' | jq -Rc '{ops_per_s: tonumber, driver: "pgbench -M prepared -c 8"}'
+        drop_pg_db "$url"
     fi
 }
 
@@ -363,7 +367,7 @@ stock_ceiling() {
 # server and preloaded with $PRELOAD queued items: Python's sqlite3 (WAL, synchronous=NORMAL, one
 # connection) or pgbench (-M prepared, 8 clients; one script run = 10 items).
 stock_claim_ceiling() {
-    local name="$1" file db url key
+    local name="$1" file url key
     if [[ $name == sqlite ]]; then
         file="$TMP/stock-claim.db"
         APP__DATABASE__URL="sqlite://$file?mode=rwc" "$BIN" migrate >/dev/null 2>&1
@@ -371,7 +375,6 @@ stock_claim_ceiling() {
             | jq -c '{units_per_s, driver: "python sqlite3, WAL, synchronous=NORMAL"}'
     else
         read -r url key <<<"$(stock_pg_db stock_claim)"
-        PG_DBS+=("${url##*/}")
         psql "$url" -qAt >/dev/null <<SQL
 INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) VALUES ($key, 1000000000000000, $PRELOAD * 10, now());
 INSERT INTO batch_job (id, api_key_id, request_id, fingerprint, status, total_count, succeeded_count,
@@ -386,6 +389,7 @@ SQL
         "${GEN[@]}" pgbench -n -M prepared -c 8 -j 1 -T "$WDUR" -D "key=$key" \
             -f "$ROOT/scripts/bench/stock_claim.pgbench" "$url" 2>/dev/null \
             | awk '/^tps/ {print $3 * 10}' | jq -Rc '{units_per_s: tonumber, driver: "pgbench -M prepared -c 8"}'
+        drop_pg_db "$url"
     fi
 }
 
