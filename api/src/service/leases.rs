@@ -50,7 +50,7 @@ pub async fn claim_in(
         expires_at: now + lease,
     };
     items::requeue_expired(txn, now, max_attempts as i32).await?;
-    let rows = items::lease_queued(txn, lease, u64::from(max.clamp(1, 1000)), now).await?;
+    let mut rows = items::lease_queued(txn, lease, u64::from(max.clamp(1, 1000)), now).await?;
     metrics::counter!("worker_claims_total").increment(1);
     metrics::counter!("worker_claimed_items_total").increment(rows.len() as u64);
     let mut batches: Vec<Uuid> = rows.iter().map(|r| r.batch_id).collect();
@@ -60,7 +60,6 @@ pub async fn claim_in(
     // holds (that one marks the batch `processing` itself: see `jobs::lock_of_item`). A claim
     // never waits on a lock, so it can never be part of a deadlock.
     jobs::mark_processing(txn, &batches, now).await?;
-    let mut rows = rows;
     rows.sort_by_key(|r| (r.fair_pos, r.id));
     Ok(rows
         .into_iter()

@@ -89,7 +89,7 @@ pub async fn hit<C: ConnectionTrait>(
     limit: u32,
     now: DateTime<Utc>,
 ) -> Result<RateInfo, DbErr> {
-    let count = rate_limits::increment(db, key_id, scope, window_start(now), 1).await?;
+    let count = rate_limits::increment(db, key_id, scope, window_start(now)).await?;
     Ok(RateInfo::after(scope, limit, count, now))
 }
 

@@ -3,21 +3,20 @@ use sea_orm::{ConnectionTrait, DbErr};
 
 use super::sql::stmt;
 
-/// Counts `n` calls in a window in one atomic statement (an upsert): the count after them.
+/// Counts one call in a window in one atomic statement (an upsert): the count after it.
 /// Exact under any concurrency and on any number of nodes.
 pub async fn increment<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
     scope: &str,
     window_start: i64,
-    n: i64,
 ) -> Result<i64, DbErr> {
     db.query_one_raw(stmt(
         db.get_database_backend(),
-        "INSERT INTO rate_limit_window (api_key_id, scope, window_start, count) VALUES ($1, $2, $3, $4) \
+        "INSERT INTO rate_limit_window (api_key_id, scope, window_start, count) VALUES ($1, $2, $3, 1) \
          ON CONFLICT (api_key_id, scope, window_start) \
-         DO UPDATE SET count = rate_limit_window.count + $4 RETURNING count",
-        [key_id.into(), scope.into(), window_start.into(), n.into()],
+         DO UPDATE SET count = rate_limit_window.count + 1 RETURNING count",
+        [key_id.into(), scope.into(), window_start.into()],
     ))
     .await?
     .ok_or_else(|| DbErr::RecordNotFound("rate_limit_window".into()))?

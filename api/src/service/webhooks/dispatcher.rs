@@ -297,15 +297,6 @@ fn endpoint_of(url: &str) -> String {
 }
 
 /// Gives a claimed delivery back without counting an attempt, due again at `at`.
-async fn defer(
-    db: &DatabaseConnection,
-    d: &webhook_delivery::Model,
-    at: chrono::DateTime<Utc>,
-) -> Result<(), DbErr> {
-    webhooks::give_back(db, d, at).await?;
-    Ok(())
-}
-
 /// Gives several claimed deliveries back in one transaction (one commit), each due at its own
 /// time.
 async fn defer_all(
@@ -483,10 +474,10 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
     }
     // No new claims from here on. Deliveries still waiting go back to the outbox for any node;
     // the sends in flight finish (the caller bounds the wait).
-    for d in waiting.into_values().flatten() {
-        if let Err(e) = defer(&state.writer, &d, Utc::now()).await {
-            tracing::warn!(error = %e, "giving back a webhook delivery failed");
-        }
+    let now = Utc::now();
+    let back: Vec<_> = waiting.into_values().flatten().map(|d| (d, now)).collect();
+    if let Err(e) = defer_all(&state.writer, &back).await {
+        tracing::warn!(error = %e, "giving back webhook deliveries failed");
     }
     while let Some(done) = sends.join_next().await {
         finished(done, &mut endpoints, &mut records);
