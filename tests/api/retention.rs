@@ -24,7 +24,13 @@ async fn delivery(app: &TestApp, key_id: i64, status: &str, age_days: i64) {
         target_url: Set("https://hooks.example/x".into()),
         status: Set(status.into()),
         attempt_count: Set(1),
-        next_attempt_at: Set(at),
+        // A pending one waits for a retry due tomorrow: the test's own dispatcher (which looks
+        // for due deliveries every 100 ms) leaves it alone.
+        next_attempt_at: Set(if status == "pending" {
+            Utc::now() + TimeDelta::days(1)
+        } else {
+            at
+        }),
         locked_until: Set(None),
         last_status_code: Set(Some(200)),
         last_error: Set(None),
