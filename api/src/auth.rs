@@ -79,7 +79,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
     let key_id = key.id;
     let info = state
         .writes
-        .run(Some(key_id), move |txn| {
+        .run_quota(key_id, move |txn| {
             Box::pin(async move { Ok(rate_limit::hit(txn, key_id, scope, limit, now).await?) })
         })
         .await?;

@@ -87,6 +87,10 @@ pub fn describe() {
         "write_group_size",
         "Units of work committed together by one group commit"
     );
+    describe_counter!(
+        "write_conflicts_total",
+        "Units of work rolled back to their savepoint after a deadlock or serialization failure, and run again"
+    );
 }
 
 /// Exports every counter whose label values are known in advance at zero, so that alert rules
@@ -110,6 +114,7 @@ pub fn register_known_series<'a>(key_names: impl Iterator<Item = &'a str>) {
         "worker_claims_total",
         "worker_claimed_items_total",
         "unauthenticated_throttled_total",
+        "write_conflicts_total",
     ] {
         metrics::counter!(name).increment(0);
     }

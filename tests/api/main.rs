@@ -16,6 +16,7 @@ mod keys;
 mod lifecycle;
 mod ops;
 mod paging;
+mod pipeline;
 mod promises;
 mod reaper;
 mod retention;

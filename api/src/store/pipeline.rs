@@ -7,9 +7,12 @@
 //! Invariants stay exact because nothing changes about *what* each unit does: the rate-limit
 //! upsert, the conditional wallet update and the idempotency insert are the same statements,
 //! now run one after the other inside the group's transaction (arrival order per key). Units
-//! of one group are run ordered by key id, so groups of different nodes take row locks in the
-//! same order; a unit that still meets a deadlock or a serialization failure is rolled back to
-//! its savepoint and run again.
+//! of one group are run ordered by key id and, within a key, rate-limit hits before every other
+//! write of the key (each kind keeps its arrival order), so groups of different nodes take row
+//! locks in the same order: quota row, then wallet. A unit that still meets a deadlock or a
+//! serialization failure (rarer shapes, such as a cancel and a report of one batch on two
+//! nodes) is rolled back to its savepoint; the units of the group not yet run are not started,
+//! the group commits what it has, which releases its locks, and the rest runs again at once.
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -29,13 +32,19 @@ type Completion = Box<dyn FnOnce(Result<(), ApiError>) + Send>;
 type Work = Box<dyn for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, Completion> + Send>;
 
 struct Unit {
-    /// Units of a group run in this order (the key id; unkeyed work last).
-    order: i64,
+    /// Units of a group run in this order: the key id (unkeyed work last), then the rank of
+    /// the unit's kind within its key ([`RANK_QUOTA`] before [`RANK_KEY`]).
+    order: (i64, u8),
     /// Times this unit met a transient conflict.
     conflicts: u32,
     work: Work,
     fail: Box<dyn FnOnce(ApiError) + Send>,
 }
+
+/// Rate-limit hits: the first row lock a key's units take.
+const RANK_QUOTA: u8 = 0;
+/// Every other write of a key (wallet, batches, items, usage rows).
+const RANK_KEY: u8 = 1;
 
 /// Units gathered into one transaction at most.
 const MAX_GROUP: usize = 256;
@@ -47,6 +56,7 @@ const MAX_RETRIES: u32 = 8;
 pub struct Writes {
     lanes: Arc<Vec<mpsc::Sender<Unit>>>,
     commits: Arc<std::sync::atomic::AtomicU64>,
+    conflicts: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Writes {
@@ -61,17 +71,29 @@ impl Writes {
     /// Starts `lanes` lanes committing on `db` (SQLite: one lane on the one writer connection).
     pub fn start(db: DatabaseConnection, lanes: usize) -> Self {
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let conflicts = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let lanes = (0..lanes.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel::<Unit>(4096);
-                tokio::spawn(run_lane(db.clone(), rx, Arc::clone(&commits)));
+                let counters = Counters {
+                    commits: Arc::clone(&commits),
+                    conflicts: Arc::clone(&conflicts),
+                };
+                tokio::spawn(run_lane(db.clone(), rx, counters));
                 tx
             })
             .collect();
         Self {
             lanes: Arc::new(lanes),
             commits,
+            conflicts,
         }
+    }
+
+    /// Transient conflicts (deadlocks, serialization failures) met by units so far; each
+    /// unit that met one was rolled back to its savepoint and run again.
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Group transactions committed so far (one per group, however many units it held).
@@ -83,7 +105,26 @@ impl Writes {
     /// lane, so they are decided in arrival order) and returns its output once the group is
     /// committed. `work` may run more than once if it meets a transient conflict, always in a
     /// savepoint that was rolled back.
-    pub async fn run<T, F>(&self, key: Option<i64>, mut work: F) -> Result<T, ApiError>
+    pub async fn run<T, F>(&self, key: Option<i64>, work: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+    {
+        self.run_ranked(key, RANK_KEY, work).await
+    }
+
+    /// Like [`Writes::run`] for a unit that takes only the key's rate-limit row: it runs
+    /// before the key's other units of its group, so every group locks a key's quota row
+    /// before its wallet row and groups of different nodes cannot deadlock on the pair.
+    pub async fn run_quota<T, F>(&self, key: i64, work: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+    {
+        self.run_ranked(Some(key), RANK_QUOTA, work).await
+    }
+
+    async fn run_ranked<T, F>(&self, key: Option<i64>, rank: u8, mut work: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
@@ -125,7 +166,7 @@ impl Writes {
             None => rand::random_range(0..self.lanes.len()),
         };
         let unit = Unit {
-            order: key.unwrap_or(i64::MAX),
+            order: (key.unwrap_or(i64::MAX), rank),
             conflicts: 0,
             work: erased,
             fail: Box::new(fail),
@@ -138,11 +179,13 @@ impl Writes {
     }
 }
 
-async fn run_lane(
-    db: DatabaseConnection,
-    mut rx: mpsc::Receiver<Unit>,
+/// What a lane counts, shared by the lanes of a process.
+struct Counters {
     commits: Arc<std::sync::atomic::AtomicU64>,
-) {
+    conflicts: Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn run_lane(db: DatabaseConnection, mut rx: mpsc::Receiver<Unit>, counters: Counters) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -151,22 +194,21 @@ async fn run_lane(
                 Err(_) => break,
             }
         }
-        // Stable: the units of one key keep their arrival order.
+        // Stable: the units of one key and rank keep their arrival order.
         group.sort_by_key(|u| u.order);
         metrics::histogram!("write_group_size").record(group.len() as f64);
-        let mut deferred = run_group(&db, group).await;
-        commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // Units that met a deadlock or a serialization failure run again in a group of their
-        // own, after this group's commit has released every lock it held.
+        let mut deferred = run_group(&db, group, &counters).await;
+        // Units that met a deadlock or a serialization failure, and the units of their group
+        // not yet run, run again in a group of their own, after this group's commit has
+        // released every lock it held.
         while !deferred.is_empty() {
-            deferred = run_group(&db, deferred).await;
-            commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            deferred = run_group(&db, deferred, &counters).await;
         }
     }
 }
 
 /// Runs one group; returns the units to run again after a transient conflict.
-async fn run_group(db: &DatabaseConnection, group: Vec<Unit>) -> Vec<Unit> {
+async fn run_group(db: &DatabaseConnection, group: Vec<Unit>, counters: &Counters) -> Vec<Unit> {
     let txn = match crate::db::begin_write(db).await {
         Ok(t) => t,
         Err(e) => {
@@ -179,7 +221,8 @@ async fn run_group(db: &DatabaseConnection, group: Vec<Unit>) -> Vec<Unit> {
     };
     let mut done: Vec<Completion> = Vec::with_capacity(group.len());
     let mut again = Vec::new();
-    for mut unit in group {
+    let mut units = group.into_iter();
+    while let Some(mut unit) = units.next() {
         let sp = match txn.begin().await {
             Ok(sp) => sp,
             Err(e) => {
@@ -195,7 +238,16 @@ async fn run_group(db: &DatabaseConnection, group: Vec<Unit>) -> Vec<Unit> {
             Err(e) if e.transient && unit.conflicts < MAX_RETRIES => {
                 let _ = sp.rollback().await;
                 unit.conflicts += 1;
+                counters
+                    .conflicts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!("write_conflicts_total").increment(1);
                 again.push(unit);
+                // The group still holds the locks its earlier units took, so the units after
+                // this one would meet the same conflict (and wait for its detection) one by
+                // one. They run after this group's commit instead.
+                again.extend(units.by_ref());
+                break;
             }
             Err(e) => {
                 let _ = sp.rollback().await;
@@ -205,6 +257,9 @@ async fn run_group(db: &DatabaseConnection, group: Vec<Unit>) -> Vec<Unit> {
         }
     }
     let outcome = txn.commit().await.map_err(ApiError::from);
+    counters
+        .commits
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Err(e) = &outcome {
         tracing::error!(error = %e, units = done.len(), "group commit failed");
     }
