@@ -133,7 +133,7 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Openapi { yaml, write } => match write {
             Some(dir) => {
                 std::fs::create_dir_all(&dir)?;
-                for (name, spec) in crate::startup::specs() {
+                for (name, spec) in crate::routes::documents::specs() {
                     let path = dir.join(name);
                     std::fs::write(&path, format!("{spec}\n"))
                         .with_context(|| format!("writing {}", path.display()))?;
@@ -141,10 +141,11 @@ pub async fn run() -> anyhow::Result<()> {
                 }
             }
             None if yaml => {
-                let doc: serde_json::Value = serde_json::from_str(&crate::startup::specs()[0].1)?;
+                let doc: serde_json::Value =
+                    serde_json::from_str(&crate::routes::documents::specs()[0].1)?;
                 print!("{}", serde_yaml::to_string(&doc)?);
             }
-            None => println!("{}", crate::startup::specs()[0].1),
+            None => println!("{}", crate::routes::documents::specs()[0].1),
         },
         Command::Keys {
             command: KeysCommand::Generate { name },

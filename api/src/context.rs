@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use crate::error::ErrorCode;
-use crate::service::rate_limit::RateInfo;
+use crate::domain::error_code::ErrorCode;
+use crate::domain::quota::RateInfo;
 
 tokio::task_local! {
     static CTX: Arc<RequestCtx>;
@@ -96,3 +96,8 @@ pub fn call_request_id() -> Option<String> {
 pub fn note_error(code: ErrorCode) {
     update(|s| s.error_code = Some(code));
 }
+
+/// The usage-row template and start time the audit layer hands to the create handler, which
+/// writes the row in the create's own transaction.
+#[derive(Clone)]
+pub struct AuditTemplate(pub crate::domain::usage::UsageRow, pub std::time::Instant);

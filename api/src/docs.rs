@@ -203,8 +203,10 @@ mod tests {
 
     #[test]
     fn closed_bodies_dates_and_examples_are_declared() {
-        let doc: Value =
-            serde_json::from_str(&refine(&crate::startup::customer_service().spec())).unwrap();
+        let doc: Value = serde_json::from_str(&refine(
+            &crate::routes::documents::customer_service().spec(),
+        ))
+        .unwrap();
         let create = &doc["components"]["schemas"]["CreateBatchRequest"];
         assert_eq!(create["additionalProperties"], false);
         assert_eq!(create["example"]["items"][0]["prompt"], "a red fox at dawn");

@@ -16,6 +16,7 @@ pub mod settings;
 pub mod startup;
 pub mod state;
 pub mod store;
+pub mod strangers;
 pub mod telemetry;
 pub mod worker_client;
 

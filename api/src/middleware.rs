@@ -9,13 +9,13 @@ use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use serde_json::json;
 use tracing::Instrument;
 
-use crate::context::{self, RequestCtx};
+use crate::context::{self, AuditTemplate, RequestCtx};
 use crate::error::{ApiError, ErrorCode, catch_all};
 use crate::service::rate_limit::{self, RateInfo, SCOPE_BATCH, SCOPE_READ, SCOPE_UNAUTHENTICATED};
-use crate::service::strangers::Verdict;
 use crate::service::usage::{self, UsageRow};
 use crate::settings::ServerSettings;
 use crate::state::AppState;
+use crate::strangers::Verdict;
 
 /// Header carrying the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -161,7 +161,7 @@ pub async fn request_context<E: Endpoint>(
         };
         let mut resp = resp;
         if resp.status() == StatusCode::METHOD_NOT_ALLOWED
-            && let Some(allow) = crate::startup::allowed_methods(&path)
+            && let Some(allow) = crate::routes::documents::allowed_methods(&path)
             && let Ok(v) = HeaderValue::from_str(&allow)
         {
             resp.headers_mut().insert(poem::http::header::ALLOW, v);
@@ -368,10 +368,6 @@ pub async fn customer_audit<E: Endpoint>(
     )
     .await
 }
-
-/// The usage-row template and start time handed to the create handler.
-#[derive(Clone)]
-pub struct AuditTemplate(pub UsageRow, pub Instant);
 
 async fn finish(
     result: poem::Result<Response>,

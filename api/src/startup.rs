@@ -6,152 +6,12 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use poem::{EndpointExt, IntoEndpoint, Route, get};
-use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
-use crate::routes::{admin::AdminApi, batches::CustomerApi, health, worker::WorkerApi};
+use crate::routes::documents::{admin_service, customer_service, doc_endpoints, worker_service};
+use crate::routes::health;
 use crate::settings::{ConfigSource, Settings};
 use crate::state::{AppState, Runtime};
-
-/// Title shown in the documents.
-pub const TITLE: &str = "video-batch-api";
-
-/// The customer document (`/openapi.json`), served under `/api/enterprise`.
-pub fn customer_service() -> OpenApiService<CustomerApi, ()> {
-    OpenApiService::new(
-        CustomerApi,
-        format!("{TITLE} — customer API"),
-        env!("CARGO_PKG_VERSION"),
-    )
-    .description(
-        "Submit batches of video prompts, follow them, and read your credits and usage. \
-             Authenticate with the `x-api-key` header. Every error has the same JSON shape.",
-    )
-    .license(
-        poem_openapi::LicenseObject::new("Apache-2.0")
-            .url("https://www.apache.org/licenses/LICENSE-2.0"),
-    )
-    .server("/api/enterprise")
-}
-
-/// The worker document (`/worker/openapi.json`), served under `/api/internal/worker`.
-pub fn worker_service() -> OpenApiService<WorkerApi, ()> {
-    OpenApiService::new(
-        WorkerApi,
-        format!("{TITLE} — worker API"),
-        env!("CARGO_PKG_VERSION"),
-    )
-    .description("Internal API of the GPU workers: claim items under a lease and report outcomes.")
-    .license(
-        poem_openapi::LicenseObject::new("Apache-2.0")
-            .url("https://www.apache.org/licenses/LICENSE-2.0"),
-    )
-    .server("/api/internal/worker")
-}
-
-/// The admin document (`/admin/openapi.json`), served under `/api/admin`.
-pub fn admin_service() -> OpenApiService<AdminApi, ()> {
-    OpenApiService::new(
-        AdminApi,
-        format!("{TITLE} — admin API"),
-        env!("CARGO_PKG_VERSION"),
-    )
-    .description("Operators' API: credits, keys, usage and configuration reload.")
-    .license(
-        poem_openapi::LicenseObject::new("Apache-2.0")
-            .url("https://www.apache.org/licenses/LICENSE-2.0"),
-    )
-    .server("/api/admin")
-}
-
-/// The three documents as pretty JSON, refined (see [`crate::docs`]): (customer, worker, admin).
-pub fn specs() -> [(&'static str, String); 3] {
-    [
-        (
-            "openapi.json",
-            crate::docs::refine(&customer_service().spec()),
-        ),
-        (
-            "openapi-worker.json",
-            crate::docs::refine(&worker_service().spec()),
-        ),
-        (
-            "openapi-admin.json",
-            crate::docs::refine(&admin_service().spec()),
-        ),
-    ]
-}
-
-/// The refined document at its URL and Swagger UI showing it, for one API.
-fn doc_endpoints<T: poem_openapi::OpenApi>(
-    service: &OpenApiService<T, ()>,
-) -> (
-    poem::endpoint::BoxEndpoint<'static>,
-    poem::endpoint::BoxEndpoint<'static>,
-) {
-    let raw = service.spec();
-    let refined = crate::docs::refine(&raw);
-    let html = service.swagger_ui_html().replace(&raw, &refined);
-    let ui = Route::new()
-        .at(
-            "/",
-            poem::endpoint::make_sync(move |_| poem::web::Html(html.clone())),
-        )
-        .map_to_response()
-        .boxed();
-    let doc = poem::endpoint::make_sync(move |_| {
-        poem::Response::builder()
-            .content_type("application/json; charset=utf-8")
-            .body(refined.clone())
-    })
-    .map_to_response()
-    .boxed();
-    (ui, doc)
-}
-
-/// The methods a path of the three APIs accepts, for the `Allow` header of a 405 (RFC 9110),
-/// read once from the documents themselves so that they never disagree.
-pub fn allowed_methods(path: &str) -> Option<String> {
-    static ROUTES: std::sync::OnceLock<Vec<(Vec<String>, Vec<String>)>> =
-        std::sync::OnceLock::new();
-    let routes = ROUTES.get_or_init(|| {
-        let mut out = Vec::new();
-        for (prefix, spec) in [
-            ("/api/enterprise", customer_service().spec()),
-            ("/api/internal/worker", worker_service().spec()),
-            ("/api/admin", admin_service().spec()),
-        ] {
-            let doc: serde_json::Value = serde_json::from_str(&spec).unwrap_or_default();
-            let Some(paths) = doc["paths"].as_object() else {
-                continue;
-            };
-            for (template, ops) in paths {
-                let segments = format!("{prefix}{template}")
-                    .split('/')
-                    .map(str::to_string)
-                    .collect();
-                let mut methods: Vec<String> = ops
-                    .as_object()
-                    .map(|o| o.keys().map(|m| m.to_ascii_uppercase()).collect())
-                    .unwrap_or_default();
-                methods.sort();
-                out.push((segments, methods));
-            }
-        }
-        out
-    });
-    let parts: Vec<&str> = path.split('/').collect();
-    routes
-        .iter()
-        .find(|(segments, _)| {
-            segments.len() == parts.len()
-                && segments
-                    .iter()
-                    .zip(&parts)
-                    .all(|(t, p)| t == p || (t.starts_with('{') && !p.is_empty()))
-        })
-        .map(|(_, methods)| methods.join(", "))
-}
 
 /// Every public route, wrapped in the request-context layer. `/metrics` is among them only
 /// when `server.ops_bind` equals `server.bind` (otherwise it lives on the ops listener).
@@ -226,8 +86,7 @@ pub async fn prepare_with_db(
     let ids = crate::service::keys::sync(&writer, &settings)
         .await
         .context("syncing keys")?;
-    let strangers =
-        crate::service::strangers::Strangers::new(settings.server.unauthenticated_per_min);
+    let strangers = crate::strangers::Strangers::new(settings.server.unauthenticated_per_min);
     let revoked = crate::service::keys::disabled_ids(&db)
         .await
         .context("reading disabled keys")?;
@@ -365,7 +224,7 @@ impl Application {
             stop.notify_one();
             let _ = tokio::time::timeout(grace, d).await;
         }
-        crate::service::strangers::flush_all(&self.state).await;
+        self.state.strangers.flush_all(&self.state.writes).await;
         result
     }
 
@@ -446,10 +305,10 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             }
             // Histograms keep their samples until drained: drain them even when nobody scrapes.
             crate::telemetry::metrics().run_upkeep();
-            if let Err(e) = crate::telemetry::sample_gauges(&state).await {
+            if let Err(e) = crate::telemetry::sample_gauges(&state.db).await {
                 tracing::warn!(error = %e, "sampling queue gauges failed");
             }
-            crate::service::strangers::flush_finished(&state).await;
+            state.strangers.flush_finished(&state.writes).await;
         }
     })
 }

@@ -79,7 +79,7 @@ pub struct AppState {
     /// "Now" for rate-limit windows, audit minutes and "today" (tests may freeze it).
     pub clock: crate::clock::Clock,
     /// This node's budget and aggregated audit of calls without a valid key.
-    pub strangers: crate::service::strangers::Strangers,
+    pub strangers: crate::strangers::Strangers,
 }
 
 impl AppState {
@@ -100,13 +100,13 @@ impl AppState {
             tracing::error!(error = %e, "configuration reload rejected; the running configuration stays");
             e.to_string()
         })?;
-        let ids = crate::service::keys::sync(&state.writer, &settings)
+        let ids = crate::store::keys::sync(&state.writer, &settings)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "key sync failed during reload");
                 "key sync failed; the running configuration stays".to_string()
             })?;
-        if let Ok(revoked) = crate::service::keys::disabled_ids(&state.writer).await {
+        if let Ok(revoked) = crate::store::keys::disabled_ids(&state.writer).await {
             state.revoked.store(Arc::new(revoked));
         }
         crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));

@@ -132,21 +132,18 @@ pub fn register_known_series<'a>(key_names: impl Iterator<Item = &'a str>) {
 }
 
 /// Queue depth gauges, read through the partial indexes.
-pub async fn sample_gauges(state: &crate::state::AppState) -> Result<(), sea_orm::DbErr> {
+pub async fn sample_gauges(db: &sea_orm::DatabaseConnection) -> Result<(), sea_orm::DbErr> {
     use crate::store::{items, wallets, webhooks};
-    let (queued, running) = items::queue_depth(&state.db).await?;
+    let (queued, running) = items::queue_depth(db).await?;
     metrics::gauge!("queue_items", "status" => "queued").set(queued as f64);
     metrics::gauge!("queue_items", "status" => "running").set(running as f64);
-    metrics::gauge!("webhook_deliveries_pending")
-        .set(webhooks::pending_count(&state.db).await? as f64);
+    metrics::gauge!("webhook_deliveries_pending").set(webhooks::pending_count(db).await? as f64);
     // The head of the fair queue (through its partial index): how long work has been waiting.
-    let age = items::queue_head_created_at(&state.db)
-        .await?
-        .map_or(0.0, |t| {
-            (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
-        });
+    let age = items::queue_head_created_at(db).await?.map_or(0.0, |t| {
+        (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+    });
     metrics::gauge!("queue_oldest_item_age_seconds").set(age);
-    let held = wallets::total_held(&state.db).await?;
+    let held = wallets::total_held(db).await?;
     metrics::gauge!("credits_held").set(held as f64);
     Ok(())
 }

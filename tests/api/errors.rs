@@ -198,7 +198,7 @@ async fn health_and_readiness(backend: Backend) {
 #[test]
 fn exported_openapi_documents_match_the_code() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("api");
-    for (name, spec) in api::startup::specs() {
+    for (name, spec) in api::routes::documents::specs() {
         let committed = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
         assert!(
             committed.trim_end() == spec.trim_end(),
@@ -209,7 +209,8 @@ fn exported_openapi_documents_match_the_code() {
 
 #[test]
 fn customer_document_has_only_customer_operations_with_readable_ids() {
-    let spec: Value = serde_json::from_str(&api::startup::customer_service().spec()).unwrap();
+    let spec: Value =
+        serde_json::from_str(&api::routes::documents::customer_service().spec()).unwrap();
     let mut ids: Vec<String> = spec["paths"]
         .as_object()
         .unwrap()

@@ -315,7 +315,10 @@ async fn refused_calls_are_aggregated_into_one_row_per_address_and_outcome(backe
             .unwrap();
         assert!(matches!(r.status().as_u16(), 401 | 429));
     }
-    api::service::strangers::flush_all(&app.state()).await;
+    {
+        let state = app.state();
+        state.strangers.flush_all(&state.writes).await;
+    };
     let answered = usage_rows(&app, "status = 401").await;
     let aggregated = app
         .scalar("SELECT COUNT(*) AS v FROM usage_event WHERE status = 429")

@@ -1,17 +1,34 @@
 //! Typed values that can only be built valid ("parse, don't validate").
+pub mod error_code;
 pub mod money;
 pub mod policy;
+pub mod quota;
 pub mod secret;
 pub mod target;
+pub mod usage;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
-use crate::domain::policy::PolicyLimits;
-use crate::error::{ApiError, ErrorCode};
-use crate::schemas::batches::CreateBatchRequest;
+/// A value that breaks a rule: which field and why (a 422 `VALIDATION_ERROR` on the wire).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    /// The field, as the client wrote it (`items[3].prompt`).
+    pub field: String,
+    /// Why it is refused.
+    pub message: String,
+}
+
+impl Invalid {
+    /// `field` breaks a rule for the reason `message`.
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+}
 
 /// Largest `params` or `metadata` object, as compact JSON.
 pub const MAX_JSON_OBJECT_BYTES: usize = 4096;
@@ -24,15 +41,15 @@ pub struct RequestId(String);
 
 impl RequestId {
     /// Validates a client-supplied id.
-    pub fn parse(field: &str, s: &str) -> Result<Self, ApiError> {
+    pub fn parse(field: &str, s: &str) -> Result<Self, Invalid> {
         if s.is_empty() || s.len() > 255 {
-            return Err(ApiError::validation(field, "must be 1 to 255 characters"));
+            return Err(Invalid::new(field, "must be 1 to 255 characters"));
         }
         if !s
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
         {
-            return Err(ApiError::validation(
+            return Err(Invalid::new(
                 field,
                 "may only contain A-Z, a-z, 0-9, '.', '_', ':' and '-'",
             ));
@@ -71,91 +88,17 @@ pub struct NewBatch {
     pub metadata: Option<String>,
 }
 
-impl NewBatch {
-    /// Checks the body against the key's limits (422 `VALIDATION_ERROR` / `BATCH_TOO_LARGE`).
-    pub fn parse(
-        req: &CreateBatchRequest,
-        limits: &PolicyLimits,
-        allow_http_webhooks: bool,
-    ) -> Result<Self, ApiError> {
-        let cap = limits.max_batch_items as usize;
-        if req.items.is_empty() {
-            return Err(ApiError::validation("items", "must hold at least one item"));
-        }
-        if req.items.len() > cap {
-            return Err(ApiError::new(
-                ErrorCode::BatchTooLarge,
-                format!(
-                    "batch has {} items; this key allows at most {cap}",
-                    req.items.len()
-                ),
-            )
-            .with_details(
-                serde_json::json!({ "max_batch_items": cap, "total_count": req.items.len() }),
-            ));
-        }
-        let mut items = Vec::with_capacity(req.items.len());
-        for (i, item) in req.items.iter().enumerate() {
-            let chars = item.prompt.chars().count();
-            if chars == 0 || item.prompt.trim().is_empty() {
-                return Err(ApiError::validation(
-                    &format!("items[{i}].prompt"),
-                    "must not be empty",
-                ));
-            }
-            if chars > limits.max_prompt_chars as usize {
-                return Err(ApiError::validation(
-                    &format!("items[{i}].prompt"),
-                    format!(
-                        "has {chars} characters; at most {} allowed",
-                        limits.max_prompt_chars
-                    ),
-                ));
-            }
-            if item.prompt.chars().any(|c| c == '\0') {
-                return Err(ApiError::validation(
-                    &format!("items[{i}].prompt"),
-                    "must not contain NUL characters",
-                ));
-            }
-            let params = item
-                .params
-                .as_ref()
-                .map(|p| bounded_json(&format!("items[{i}].params"), p))
-                .transpose()?;
-            items.push(NewItem {
-                prompt: item.prompt.to_string(),
-                params,
-            });
-        }
-        let webhook_url = match &req.webhook_url {
-            Some(u) => Some(parse_webhook_url(u, allow_http_webhooks)?),
-            None => None,
-        };
-        let metadata = req
-            .metadata
-            .as_ref()
-            .map(|m| bounded_json("metadata", m))
-            .transpose()?;
-        Ok(Self {
-            items,
-            webhook_url,
-            metadata,
-        })
-    }
-}
-
-fn parse_webhook_url(u: &str, allow_http: bool) -> Result<String, ApiError> {
+pub fn parse_webhook_url(u: &str, allow_http: bool) -> Result<String, Invalid> {
     // `allow_http` is the `allow_private_targets` switch: local testing only.
-    let url = url::Url::parse(u)
-        .map_err(|_| ApiError::validation("webhook_url", "must be an absolute URL"))?;
+    let url =
+        url::Url::parse(u).map_err(|_| Invalid::new("webhook_url", "must be an absolute URL"))?;
     match url.scheme() {
         "https" => {}
         "http" if allow_http => {}
-        _ => return Err(ApiError::validation("webhook_url", "must be an https URL")),
+        _ => return Err(Invalid::new("webhook_url", "must be an https URL")),
     }
     if url.host().is_none() || u.len() > 2048 {
-        return Err(ApiError::validation(
+        return Err(Invalid::new(
             "webhook_url",
             "must have a host and at most 2048 characters",
         ));
@@ -170,7 +113,7 @@ fn parse_webhook_url(u: &str, allow_http: bool) -> Result<String, ApiError> {
         && let Some(ip) = literal
         && let Some(why) = target::refuse_reason(ip)
     {
-        return Err(ApiError::validation(
+        return Err(Invalid::new(
             "webhook_url",
             format!("{ip} is a {why} address; webhooks go to public addresses only"),
         ));
@@ -186,16 +129,16 @@ fn depth(v: &Value) -> usize {
     }
 }
 
-fn bounded_json(field: &str, map: &BTreeMap<String, Value>) -> Result<String, ApiError> {
+pub fn bounded_json(field: &str, map: &BTreeMap<String, Value>) -> Result<String, Invalid> {
     if map.values().map(depth).max().unwrap_or(0) + 1 > MAX_JSON_DEPTH {
-        return Err(ApiError::validation(
+        return Err(Invalid::new(
             field,
             format!("is nested deeper than {MAX_JSON_DEPTH} levels"),
         ));
     }
     let text = canonical_json(&Value::Object(map.clone().into_iter().collect()));
     if text.len() > MAX_JSON_OBJECT_BYTES {
-        return Err(ApiError::validation(
+        return Err(Invalid::new(
             field,
             format!(
                 "is {} bytes as JSON; at most {MAX_JSON_OBJECT_BYTES} allowed",
@@ -240,26 +183,6 @@ pub fn canonical_json(v: &Value) -> String {
     let mut out = String::new();
     write(v, &mut out);
     out
-}
-
-/// SHA-256 over the canonical request (items, webhook_url, metadata); the id itself is excluded.
-pub fn fingerprint(req: &CreateBatchRequest) -> String {
-    let items: Vec<Value> = req
-        .items
-        .iter()
-        .map(|i| {
-            serde_json::json!({
-                "prompt": i.prompt,
-                "params": i.params.as_ref().map(|p| Value::Object(p.clone().into_iter().collect())),
-            })
-        })
-        .collect();
-    let canon = canonical_json(&serde_json::json!({
-        "items": items,
-        "webhook_url": req.webhook_url,
-        "metadata": req.metadata.as_ref().map(|m| Value::Object(m.clone().into_iter().collect())),
-    }));
-    hex::encode(Sha256::digest(canon.as_bytes()))
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use poem_openapi::{ApiResponse, OpenApi, Tags};
 use uuid::Uuid;
 
 use crate::auth::CustomerKey;
+use crate::context::AuditTemplate;
 use crate::error::ApiError;
-use crate::middleware::AuditTemplate;
 use crate::schemas::batches::{
     Batch, BatchCreated, BatchList, BatchStatusFilter, CreateBatchRequest, ItemPage, ItemStatus,
 };

@@ -1,5 +1,6 @@
 //! HTTP routes, one file per resource; `startup.rs` mounts them.
 pub mod admin;
 pub mod batches;
+pub mod documents;
 pub mod health;
 pub mod worker;

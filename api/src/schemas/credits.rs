@@ -75,8 +75,8 @@ pub struct UsageDay {
     pub credits_charged: i64,
 }
 
-impl From<crate::service::usage::DayUsage> for UsageDay {
-    fn from(d: crate::service::usage::DayUsage) -> Self {
+impl From<crate::domain::usage::DayUsage> for UsageDay {
+    fn from(d: crate::domain::usage::DayUsage) -> Self {
         Self {
             date: d.date.format("%Y-%m-%d").to_string(),
             calls: d.calls,

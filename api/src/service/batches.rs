@@ -65,14 +65,18 @@ pub async fn create(
         (None, None) => RequestId::generate(),
     };
     crate::context::update(|s| s.call_request_id = Some(rid.as_str().to_string()));
-    let fingerprint = crate::domain::fingerprint(req);
+    let fingerprint = crate::service::validate::fingerprint(req);
 
     if let Some(existing) = jobs::by_request_id(db, key.id, rid.as_str()).await? {
         return replay(db, key.id, existing, &fingerprint).await;
     }
 
     let limits = &key.policy.limits;
-    let batch = NewBatch::parse(req, limits, runtime.settings.webhooks.allow_private_targets)?;
+    let batch = crate::service::validate::new_batch(
+        req,
+        limits,
+        runtime.settings.webhooks.allow_private_targets,
+    )?;
     if batch.webhook_url.is_some() && key.policy.webhook_secret.is_none() {
         return Err(ApiError::validation(
             "webhook_url",

@@ -1,24 +1,10 @@
 //! Wallet movements: every change of `balance` or `held` is one conditional update plus one
 //! append-only ledger row, inside the caller's transaction.
-use chrono::Utc;
 use sea_orm::{ConnectionTrait, DbErr};
 
 pub use crate::domain::money::{LedgerKind, MAX_BALANCE, Wallet};
-pub use crate::store::ledger::NewEntry;
+pub use crate::store::ledger::{NewEntry, apply};
 use crate::store::{ledger, wallets};
-
-/// Moves the entry's credits and appends it to the ledger. Returns false (and changes
-/// nothing) when the wallet's rule would break: overdraft on hold, below held on adjust.
-pub async fn apply<C: ConnectionTrait>(txn: &C, entry: NewEntry<'_>) -> Result<bool, DbErr> {
-    let now = Utc::now();
-    if !wallets::apply(txn, entry.key_id, entry.kind, entry.amount, now).await? {
-        return Ok(false);
-    }
-    metrics::counter!("credits_total", "kind" => entry.kind.as_str())
-        .increment(entry.amount.unsigned_abs());
-    entry.insert(txn, now).await?;
-    Ok(true)
-}
 
 /// The ledger row an admin movement with this Idempotency-Key wrote, if any.
 pub async fn by_idempotency_key<C: ConnectionTrait>(

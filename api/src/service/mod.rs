@@ -5,6 +5,6 @@ pub mod keys;
 pub mod leases;
 pub mod rate_limit;
 pub mod retention;
-pub mod strangers;
 pub mod usage;
+pub mod validate;
 pub mod webhooks;

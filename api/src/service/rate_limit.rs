@@ -4,13 +4,7 @@ use sea_orm::{ConnectionTrait, DbErr};
 
 use crate::store::rate_limits;
 
-/// The quota scope of batch creation.
-pub const SCOPE_BATCH: &str = "batch";
-/// The quota scope of every other customer call.
-pub const SCOPE_READ: &str = "read";
-
-/// The budget of calls that carry no valid key, per client address (see `service::strangers`).
-pub const SCOPE_UNAUTHENTICATED: &str = "unauthenticated";
+pub use crate::domain::quota::{SCOPE_BATCH, SCOPE_READ, SCOPE_UNAUTHENTICATED};
 
 /// The quota scope a customer call counts against: creating a batch is `batch`, every other
 /// customer call `read`. The one place that decides it.
@@ -22,62 +16,10 @@ pub fn scope_of(method: &poem::http::Method, path: &str) -> &'static str {
     }
 }
 
-/// The state of a key's quota after a call.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RateInfo {
-    /// `batch` or `read`.
-    pub scope: &'static str,
-    /// Calls allowed per window.
-    pub limit: u32,
-    /// Calls left in this window.
-    pub remaining: u32,
-    /// Seconds until the window ends.
-    pub reset_secs: u32,
-    /// This call was refused.
-    pub exceeded: bool,
-}
-
-impl RateInfo {
-    /// The quota once `count` calls were counted in the window of `now`.
-    fn after(scope: &'static str, limit: u32, count: i64, now: DateTime<Utc>) -> Self {
-        Self {
-            scope,
-            limit,
-            remaining: (i64::from(limit) - count).max(0) as u32,
-            reset_secs: reset_secs(now),
-            exceeded: count > i64::from(limit),
-        }
-    }
-
-    /// The per-address budget of unauthenticated calls, used up.
-    pub fn strangers_exhausted(limit: u32, retry_after: u32) -> Self {
-        Self {
-            scope: SCOPE_UNAUTHENTICATED,
-            limit,
-            remaining: 0,
-            reset_secs: retry_after,
-            exceeded: true,
-        }
-    }
-
-    /// A view of an untouched quota (calls that consumed none).
-    pub fn untouched(scope: &'static str, limit: u32, now: DateTime<Utc>) -> Self {
-        Self {
-            scope,
-            limit,
-            remaining: limit,
-            reset_secs: reset_secs(now),
-            exceeded: false,
-        }
-    }
-}
+pub use crate::domain::quota::RateInfo;
 
 fn window_start(now: DateTime<Utc>) -> i64 {
     now.timestamp() - now.timestamp().rem_euclid(60)
-}
-
-fn reset_secs(now: DateTime<Utc>) -> u32 {
-    (60 - now.timestamp().rem_euclid(60)) as u32
 }
 
 /// Counts one call and tells whether it is admitted. One statement, atomic on both backends:

@@ -1,26 +1,9 @@
 //! The usage audit of customer calls, and the per-day report of the usage API.
-use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use chrono::{NaiveDate, TimeDelta};
 use sea_orm::ConnectionTrait;
 
-pub use crate::store::usage::{DayUsage, UsageRow, minute_bucket};
-use crate::store::usage::{daily, insert};
-
-/// Writes one audit row through the write pipeline (committed with the group it joins).
-pub async fn record_through(
-    writes: &crate::store::pipeline::Writes,
-    row: UsageRow,
-    now: DateTime<Utc>,
-) -> Result<(), crate::error::ApiError> {
-    writes
-        .run(row.api_key_id, move |txn| {
-            let row = row.clone();
-            Box::pin(async move {
-                insert(txn, &row, now).await?;
-                Ok(())
-            })
-        })
-        .await
-}
+use crate::store::usage::daily;
+pub use crate::store::usage::{DayUsage, UsageRow, minute_bucket, record_through};
 
 /// A key's usage for the UTC days `from..=to` (default: the 30 days up to `today`), as served.
 pub async fn report<C: ConnectionTrait>(

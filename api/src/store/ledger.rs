@@ -139,3 +139,16 @@ pub async fn charged_per_day<C: ConnectionTrait>(
         })
         .collect()
 }
+
+/// Moves the entry's credits and appends it to the ledger. Returns false (and changes
+/// nothing) when the wallet's rule would break: overdraft on hold, below held on adjust.
+pub async fn apply<C: ConnectionTrait>(txn: &C, entry: NewEntry<'_>) -> Result<bool, DbErr> {
+    let now = chrono::Utc::now();
+    if !super::wallets::apply(txn, entry.key_id, entry.kind, entry.amount, now).await? {
+        return Ok(false);
+    }
+    metrics::counter!("credits_total", "kind" => entry.kind.as_str())
+        .increment(entry.amount.unsigned_abs());
+    entry.insert(txn, now).await?;
+    Ok(true)
+}

@@ -6,6 +6,7 @@
 //! same functions.
 pub mod items;
 pub mod jobs;
+pub mod keys;
 pub mod ledger;
 pub mod pipeline;
 pub mod rate_limits;

@@ -2,40 +2,9 @@
 //! strangers' calls, with a count), and its per-day summaries.
 use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr};
-use uuid::Uuid;
 
 use super::sql::{limit, stmt};
-
-/// One customer call, as audited. Never holds a key or secret.
-#[derive(Clone, Debug, Default)]
-pub struct UsageRow {
-    /// Authenticated key, if any.
-    pub api_key_id: Option<i64>,
-    /// The call's request id.
-    pub request_id: Option<String>,
-    /// HTTP method.
-    pub method: String,
-    /// Path without query.
-    pub path: String,
-    /// HTTP status.
-    pub status: u16,
-    /// Error code, if refused.
-    pub error_code: Option<String>,
-    /// Client address.
-    pub client_ip: Option<String>,
-    /// User-Agent header.
-    pub user_agent: Option<String>,
-    /// Microseconds spent.
-    pub latency_us: i64,
-    /// Batch touched.
-    pub batch_id: Option<Uuid>,
-    /// Items created.
-    pub items: i32,
-    /// Credits held.
-    pub credits: i64,
-    /// Calls the row stands for; 0 is read as 1 (aggregated rows carry more).
-    pub count: i64,
-}
+pub use crate::domain::usage::{DayUsage, UsageRow};
 
 /// The UTC minute containing `t`.
 pub fn minute_bucket(t: DateTime<Utc>) -> DateTime<Utc> {
@@ -77,29 +46,6 @@ pub async fn insert<C: ConnectionTrait>(
     ))
     .await?;
     Ok(())
-}
-
-/// One day of a key's usage.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DayUsage {
-    /// UTC date.
-    pub date: NaiveDate,
-    /// All calls.
-    pub calls: i64,
-    /// 2xx calls.
-    pub calls_2xx: i64,
-    /// 4xx calls.
-    pub calls_4xx: i64,
-    /// 5xx calls.
-    pub calls_5xx: i64,
-    /// Calls refused by the rate limit.
-    pub rate_limited: i64,
-    /// Batches created.
-    pub batches: i64,
-    /// Items in created batches.
-    pub items: i64,
-    /// Credits charged for succeeded items.
-    pub credits_charged: i64,
 }
 
 /// The UTC date (`YYYY-MM-DD`) of a timestamp column, as SQL.
@@ -179,4 +125,21 @@ pub async fn delete_older_than<C: ConnectionTrait>(
         .execute_raw(stmt(db.get_database_backend(), &sql, [cutoff.into()]))
         .await?;
     Ok(r.rows_affected())
+}
+
+/// Writes one audit row through the write pipeline (committed with the group it joins).
+pub async fn record_through(
+    writes: &crate::store::pipeline::Writes,
+    row: UsageRow,
+    now: DateTime<Utc>,
+) -> Result<(), crate::error::ApiError> {
+    writes
+        .run(row.api_key_id, move |txn| {
+            let row = row.clone();
+            Box::pin(async move {
+                insert(txn, &row, now).await?;
+                Ok(())
+            })
+        })
+        .await
 }

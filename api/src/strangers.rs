@@ -11,8 +11,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::service::usage::{self, UsageRow};
-use crate::state::AppState;
+use crate::store::pipeline::Writes;
+use crate::store::usage::{self, UsageRow};
 
 /// Distinct (address, minute, outcome) groups kept before further addresses share one group.
 const MAX_GROUPS: usize = 10_000;
@@ -153,7 +153,7 @@ impl Strangers {
     }
 }
 
-async fn write(state: &AppState, groups: Vec<(Group, i64)>) {
+async fn write(writes: &Writes, groups: Vec<(Group, i64)>) {
     for (g, count) in groups {
         let at = Utc
             .timestamp_opt(g.minute, 0)
@@ -168,24 +168,26 @@ async fn write(state: &AppState, groups: Vec<(Group, i64)>) {
             count,
             ..Default::default()
         };
-        if let Err(e) = usage::record_through(&state.writes, row, at).await {
+        if let Err(e) = usage::record_through(writes, row, at).await {
             tracing::error!(error = %e, calls = count, "writing an aggregated usage row failed");
         }
     }
 }
 
-/// Writes the groups of finished minutes: one row per (address, minute, outcome) and node.
-pub async fn flush_finished(state: &AppState) {
-    let now = usage::minute_bucket(Utc::now()).timestamp();
-    let groups = state.strangers.take(Some(now));
-    write(state, groups).await;
-    state.strangers.forget_idle();
-}
+impl Strangers {
+    /// Writes the groups of finished minutes: one row per (address, minute, outcome) and node.
+    pub async fn flush_finished(&self, writes: &Writes) {
+        let now = usage::minute_bucket(Utc::now()).timestamp();
+        let groups = self.take(Some(now));
+        write(writes, groups).await;
+        self.forget_idle();
+    }
 
-/// Writes every group (at shutdown).
-pub async fn flush_all(state: &AppState) {
-    let groups = state.strangers.take(None);
-    write(state, groups).await;
+    /// Writes every group (at shutdown).
+    pub async fn flush_all(&self, writes: &Writes) {
+        let groups = self.take(None);
+        write(writes, groups).await;
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,57 @@
+//! The audit of customer calls: one call as audited, and a day of a key's usage.
+use chrono::NaiveDate;
+use uuid::Uuid;
+
+/// One customer call, as audited. Never holds a key or secret.
+#[derive(Clone, Debug, Default)]
+pub struct UsageRow {
+    /// Authenticated key, if any.
+    pub api_key_id: Option<i64>,
+    /// The call's request id.
+    pub request_id: Option<String>,
+    /// HTTP method.
+    pub method: String,
+    /// Path without query.
+    pub path: String,
+    /// HTTP status.
+    pub status: u16,
+    /// Error code, if refused.
+    pub error_code: Option<String>,
+    /// Client address.
+    pub client_ip: Option<String>,
+    /// User-Agent header.
+    pub user_agent: Option<String>,
+    /// Microseconds spent.
+    pub latency_us: i64,
+    /// Batch touched.
+    pub batch_id: Option<Uuid>,
+    /// Items created.
+    pub items: i32,
+    /// Credits held.
+    pub credits: i64,
+    /// Calls the row stands for; 0 is read as 1 (aggregated rows carry more).
+    pub count: i64,
+}
+
+/// One day of a key's usage.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DayUsage {
+    /// UTC date.
+    pub date: NaiveDate,
+    /// All calls.
+    pub calls: i64,
+    /// 2xx calls.
+    pub calls_2xx: i64,
+    /// 4xx calls.
+    pub calls_4xx: i64,
+    /// 5xx calls.
+    pub calls_5xx: i64,
+    /// Calls refused by the rate limit.
+    pub rate_limited: i64,
+    /// Batches created.
+    pub batches: i64,
+    /// Items in created batches.
+    pub items: i64,
+    /// Credits charged for succeeded items.
+    pub credits_charged: i64,
+}
