@@ -1,0 +1,72 @@
+//! The effective configuration as text with secrets redacted (`config check`).
+use super::{Settings, redact_url};
+
+impl Settings {
+    /// The effective policy as TOML-like text with secrets redacted (`config check`).
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "environment = {:?}", self.environment);
+        let _ = writeln!(out, "server.bind = {:?}", self.server.bind);
+        let _ = writeln!(out, "server.ops_bind = {:?}", self.server.ops_bind);
+        let _ = writeln!(
+            out,
+            "server.trusted_proxies = {:?}",
+            self.server
+                .trusted_proxies
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+        );
+        let _ = writeln!(
+            out,
+            "database = {:?}",
+            redact_url(self.database.url.expose())
+        );
+        let _ = writeln!(
+            out,
+            "worker.secret = \"[redacted]\"  admin.token = \"[redacted]\""
+        );
+        let _ = writeln!(
+            out,
+            "retention.usage_days = {}  retention.webhook_days = {}",
+            self.retention.usage_days, self.retention.webhook_days
+        );
+        for k in self.keys.values() {
+            let l = &k.limits;
+            let _ = writeln!(out, "\n[keys.{}]", k.name);
+            let _ = writeln!(out, "key_sha256 = \"{}…\"", &k.key_sha256[..12]);
+            let _ = writeln!(out, "disabled = {}", k.disabled);
+            let _ = writeln!(out, "cost_per_video = {}", l.cost_per_video);
+            let _ = writeln!(out, "rate_limit_per_min = {}", l.rate_limit_per_min);
+            let _ = writeln!(
+                out,
+                "read_rate_limit_per_min = {}",
+                l.read_rate_limit_per_min
+            );
+            let _ = writeln!(out, "max_batch_items = {}", l.max_batch_items);
+            let _ = writeln!(out, "max_prompt_chars = {}", l.max_prompt_chars);
+            let _ = writeln!(
+                out,
+                "ip_allowlist = {:?}",
+                l.ip_allowlist
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+            );
+            let _ = writeln!(out, "webhook_url = {:?}", k.webhook_url);
+            let _ = writeln!(
+                out,
+                "webhook_secret = {}",
+                if k.webhook_secret.is_some() {
+                    "\"[redacted]\""
+                } else {
+                    "none"
+                }
+            );
+            let _ = writeln!(out, "webhook_events = {:?}", k.webhook_events);
+            let _ = writeln!(out, "initial_credits = {}", k.initial_credits);
+        }
+        out
+    }
+}

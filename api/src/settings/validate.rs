@@ -1,0 +1,410 @@
+//! Validation: the raw configuration checked field by field (messages name the file and the
+//! field) and turned into [`Settings`], with `[defaults]` merged into every key.
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use secrecy::SecretString;
+
+use super::load::Origins;
+use super::raw::*;
+use super::*;
+
+struct Check<'a> {
+    origins: &'a Origins<'a>,
+    env: &'a HashMap<String, String>,
+}
+
+impl Check<'_> {
+    fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            origin: self.origins.of(field),
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn positive(&self, field: &str, v: i64) -> Result<u32, ConfigError> {
+        if v <= 0 {
+            return Err(self.err(field, format!("must be a positive number, got {v}")));
+        }
+        u32::try_from(v).map_err(|_| self.err(field, format!("is too large: {v}")))
+    }
+
+    fn secret(&self, field: &str, raw: &str) -> Result<Secret, ConfigError> {
+        let value = match raw.strip_prefix("env:") {
+            Some(var) => match self.env.get(var) {
+                Some(v) if !v.is_empty() => v.clone(),
+                Some(_) => {
+                    return Err(self.err(field, format!("environment variable {var} is empty")));
+                }
+                None => {
+                    return Err(self.err(field, format!("environment variable {var} is not set")));
+                }
+            },
+            None => raw.to_string(),
+        };
+        if value.is_empty() {
+            return Err(self.err(field, "must not be empty"));
+        }
+        Ok(Secret(SecretString::from(value)))
+    }
+
+    fn cidrs(&self, field: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+        list.iter()
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| self.err(field, format!("{s:?} is not an IP address or CIDR")))
+            })
+            .collect()
+    }
+
+    fn webhook_url(&self, field: &str, url: &str) -> Result<(), ConfigError> {
+        match url::Url::parse(url) {
+            Ok(u) if (u.scheme() == "https" || u.scheme() == "http") && u.host().is_some() => {
+                Ok(())
+            }
+            _ => Err(self.err(field, format!("{url:?} is not an absolute http(s) URL"))),
+        }
+    }
+
+    fn whsec(&self, field: &str, raw: &str) -> Result<Secret, ConfigError> {
+        let secret = self.secret(field, raw)?;
+        crate::domain::secret::decode_whsec(secret.expose()).map_err(|m| self.err(field, m))?;
+        Ok(secret)
+    }
+}
+
+impl RawSettings {
+    pub(super) fn validate(
+        self,
+        environment: &str,
+        origins: &Origins<'_>,
+        env: &HashMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
+        let c = Check { origins, env };
+        if self.server.bind.parse::<std::net::SocketAddr>().is_err() {
+            return Err(c.err(
+                "server.bind",
+                format!("{:?} is not host:port", self.server.bind),
+            ));
+        }
+        if self
+            .server
+            .ops_bind
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
+            return Err(c.err(
+                "server.ops_bind",
+                format!("{:?} is not host:port", self.server.ops_bind),
+            ));
+        }
+        let trusted_proxies = c.cidrs("server.trusted_proxies", &self.server.trusted_proxies)?;
+        let header_timeout = c.positive(
+            "server.header_timeout_seconds",
+            self.server.header_timeout_seconds,
+        )?;
+        let body_timeout = c.positive(
+            "server.body_timeout_seconds",
+            self.server.body_timeout_seconds,
+        )?;
+        let idle_timeout = c.positive(
+            "server.idle_timeout_seconds",
+            self.server.idle_timeout_seconds,
+        )?;
+        let server_connections =
+            c.positive("server.max_connections", self.server.max_connections)?;
+        let unauthenticated_per_min = c.positive(
+            "server.unauthenticated_per_min",
+            self.server.unauthenticated_per_min,
+        )?;
+        let max_body = c.positive("server.max_body_bytes", self.server.max_body_bytes)?;
+        let grace = c.positive(
+            "server.shutdown_grace_seconds",
+            self.server.shutdown_grace_seconds,
+        )?;
+        let url = c.secret("database.url", &self.database.url)?;
+        let u = url.expose();
+        if !(u.starts_with("sqlite:")
+            || u.starts_with("postgres://")
+            || u.starts_with("postgresql://"))
+        {
+            return Err(c.err(
+                "database.url",
+                "must start with sqlite:, postgres:// or postgresql://",
+            ));
+        }
+        let database = DatabaseSettings {
+            url,
+            max_connections: c
+                .positive("database.max_connections", self.database.max_connections)?,
+            write_lanes: c.positive("database.write_lanes", self.database.write_lanes)?,
+            sqlite_synchronous: match self.database.sqlite_synchronous.as_str() {
+                "full" => SqliteSynchronous::Full,
+                "normal" => SqliteSynchronous::Normal,
+                other => {
+                    return Err(c.err(
+                        "database.sqlite_synchronous",
+                        format!("{other:?} is not full or normal"),
+                    ));
+                }
+            },
+        };
+        let d = &self.defaults;
+        let defaults = PolicyLimits {
+            cost_per_video: c.positive("defaults.cost_per_video", d.cost_per_video)? as i64,
+            rate_limit_per_min: c.positive("defaults.rate_limit_per_min", d.rate_limit_per_min)?,
+            read_rate_limit_per_min: c.positive(
+                "defaults.read_rate_limit_per_min",
+                d.read_rate_limit_per_min,
+            )?,
+            max_batch_items: c.positive("defaults.max_batch_items", d.max_batch_items)?,
+            max_prompt_chars: c.positive("defaults.max_prompt_chars", d.max_prompt_chars)?,
+            ip_allowlist: c.cidrs("defaults.ip_allowlist", &d.ip_allowlist)?,
+        };
+
+        let mut keys = BTreeMap::new();
+        let mut hashes: HashMap<String, String> = HashMap::new();
+        for (name, k) in self.keys {
+            let f = |field: &str| format!("keys.{name}.{field}");
+            if name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|ch| {
+                    ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-'
+                })
+            {
+                return Err(c.err(
+                    &format!("keys.{name}"),
+                    "key names are 1-64 characters of a-z, 0-9, _ and -",
+                ));
+            }
+            let hash = k.key_sha256.to_ascii_lowercase();
+            if hash.len() != 64 || !hash.chars().all(|ch| ch.is_ascii_hexdigit()) {
+                return Err(c.err(
+                    &f("key_sha256"),
+                    "must be 64 hexadecimal characters (SHA-256 of the key)",
+                ));
+            }
+            if let Some(other) = hashes.insert(hash.clone(), name.clone()) {
+                return Err(c.err(
+                    &f("key_sha256"),
+                    format!("the same key is already configured as {other:?}"),
+                ));
+            }
+            let limits = PolicyLimits {
+                cost_per_video: c.positive(
+                    &f("cost_per_video"),
+                    k.cost_per_video.unwrap_or(defaults.cost_per_video),
+                )? as i64,
+                rate_limit_per_min: match k.rate_limit_per_min {
+                    Some(v) => c.positive(&f("rate_limit_per_min"), v)?,
+                    None => defaults.rate_limit_per_min,
+                },
+                read_rate_limit_per_min: match k.read_rate_limit_per_min {
+                    Some(v) => c.positive(&f("read_rate_limit_per_min"), v)?,
+                    None => defaults.read_rate_limit_per_min,
+                },
+                max_batch_items: match k.max_batch_items {
+                    Some(v) => c.positive(&f("max_batch_items"), v)?,
+                    None => defaults.max_batch_items,
+                },
+                max_prompt_chars: match k.max_prompt_chars {
+                    Some(v) => c.positive(&f("max_prompt_chars"), v)?,
+                    None => defaults.max_prompt_chars,
+                },
+                ip_allowlist: match &k.ip_allowlist {
+                    Some(list) => c.cidrs(&f("ip_allowlist"), list)?,
+                    None => defaults.ip_allowlist.clone(),
+                },
+            };
+            if let Some(url) = &k.webhook_url {
+                c.webhook_url(&f("webhook_url"), url)?;
+            }
+            let webhook_secret = k
+                .webhook_secret
+                .as_deref()
+                .map(|s| c.whsec(&f("webhook_secret"), s))
+                .transpose()?;
+            let webhook_previous_secret = k
+                .webhook_previous_secret
+                .as_deref()
+                .map(|s| c.whsec(&f("webhook_previous_secret"), s))
+                .transpose()?;
+            if k.webhook_url.is_some() && webhook_secret.is_none() {
+                return Err(c.err(&f("webhook_secret"), "is required when webhook_url is set"));
+            }
+            let webhook_events = k
+                .webhook_events
+                .unwrap_or_else(|| vec!["batch.completed".into(), "batch.cancelled".into()]);
+            for e in &webhook_events {
+                if !WEBHOOK_EVENTS.contains(&e.as_str()) {
+                    return Err(c.err(
+                        &f("webhook_events"),
+                        format!("unknown event {e:?}; known: {}", WEBHOOK_EVENTS.join(", ")),
+                    ));
+                }
+            }
+            if !(0..=crate::domain::money::MAX_BALANCE).contains(&k.initial_credits) {
+                return Err(c.err(
+                    &f("initial_credits"),
+                    format!(
+                        "must be between 0 and {}",
+                        crate::domain::money::MAX_BALANCE
+                    ),
+                ));
+            }
+            keys.insert(
+                name.clone(),
+                Arc::new(KeyPolicy {
+                    name,
+                    key_sha256: hash,
+                    limits,
+                    webhook_url: k.webhook_url,
+                    webhook_secret,
+                    webhook_previous_secret,
+                    webhook_events,
+                    initial_credits: k.initial_credits,
+                    disabled: k.disabled,
+                }),
+            );
+        }
+
+        let worker = WorkerSettings {
+            secret: c.secret("worker.secret", &self.worker.secret)?,
+            lease_seconds: c.positive("worker.lease_seconds", self.worker.lease_seconds)?,
+            max_attempts: c.positive("worker.max_attempts", self.worker.max_attempts)?,
+        };
+        let mut retry_schedule = Vec::new();
+        for s in &self.webhooks.retry_schedule {
+            let d = humantime::parse_duration(s).map_err(|e| {
+                c.err(
+                    "webhooks.retry_schedule",
+                    format!("{s:?} is not a duration like 5s, 5m or 2h: {e}"),
+                )
+            })?;
+            retry_schedule.push(d);
+        }
+        let webhooks = WebhookSettings {
+            timeout: Duration::from_secs(
+                c.positive("webhooks.timeout_seconds", self.webhooks.timeout_seconds)?
+                    .into(),
+            ),
+            retry_schedule,
+            allow_private_targets: self.webhooks.allow_private_targets,
+            dispatch: self.webhooks.dispatch,
+            concurrency: c.positive("webhooks.concurrency", self.webhooks.concurrency)?,
+        };
+        let admin = AdminSettings {
+            token: c.secret("admin.token", &self.admin.token)?,
+        };
+        let log = LogSettings {
+            json: match self.log.format.as_deref() {
+                None | Some("text") => false,
+                Some("json") => true,
+                Some(other) => {
+                    return Err(c.err("log.format", format!("{other:?} is not text or json")));
+                }
+            },
+        };
+        let days = |field: &str, v: i64| {
+            u32::try_from(v)
+                .ok()
+                .filter(|d| *d <= 36_500)
+                .ok_or_else(|| c.err(field, format!("must be 0 (keep) to 36500 days, got {v}")))
+        };
+        let retention = RetentionSettings {
+            usage_days: days("retention.usage_days", self.retention.usage_days)?,
+            webhook_days: days("retention.webhook_days", self.retention.webhook_days)?,
+        };
+        let settings = Settings {
+            environment: environment.to_string(),
+            retention,
+            server: ServerSettings {
+                bind: self.server.bind,
+                trusted_proxies,
+                max_body_bytes: max_body as usize,
+                shutdown_grace: Duration::from_secs(grace.into()),
+                ops_bind: self.server.ops_bind,
+                header_timeout: Duration::from_secs(header_timeout.into()),
+                body_timeout: Duration::from_secs(body_timeout.into()),
+                idle_timeout: Duration::from_secs(idle_timeout.into()),
+                max_connections: server_connections,
+                unauthenticated_per_min,
+            },
+            database,
+            keys,
+            defaults,
+            worker,
+            webhooks,
+            admin,
+            log,
+        };
+        if environment == "production" {
+            settings.check_production(&c)?;
+        }
+        if environment == "local" {
+            settings.check_local(&c)?;
+        }
+        Ok(settings)
+    }
+}
+
+impl Settings {
+    fn check_production(&self, c: &Check<'_>) -> Result<(), ConfigError> {
+        for k in self.keys.values() {
+            if k.name == DEMO_KEY_NAME || k.key_sha256 == DEMO_KEY_SHA256 {
+                return Err(c.err(
+                    &format!("keys.{}", k.name),
+                    "the demo key must not be configured in production",
+                ));
+            }
+        }
+        if self.worker.secret.expose().len() < 32 {
+            return Err(c.err(
+                "worker.secret",
+                "must be at least 32 characters in production",
+            ));
+        }
+        if self.admin.token.expose().len() < 32 {
+            return Err(c.err(
+                "admin.token",
+                "must be at least 32 characters in production",
+            ));
+        }
+        if self.webhooks.allow_private_targets {
+            return Err(c.err(
+                "webhooks.allow_private_targets",
+                "must be false in production",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The demo key is public: `local` serves it on loopback addresses only.
+    fn check_local(&self, c: &Check<'_>) -> Result<(), ConfigError> {
+        let has_demo = self
+            .keys
+            .values()
+            .any(|k| !k.disabled && (k.name == DEMO_KEY_NAME || k.key_sha256 == DEMO_KEY_SHA256));
+        let loopback = self
+            .server
+            .bind
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if has_demo && !loopback {
+            return Err(c.err(
+                "server.bind",
+                format!(
+                    "{:?} is reachable from other machines while the public demo key is configured; \
+                     bind 127.0.0.1 or remove keys.{DEMO_KEY_NAME}",
+                    self.server.bind
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
