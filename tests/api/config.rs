@@ -265,3 +265,47 @@ fn empty_env_secret_is_refused() {
         "{msg}"
     );
 }
+
+/// A folder's base.toml may set only what it changes: every other value comes from the
+/// shipped `config/base.toml`, compiled in as the first layer, and is the same value the
+/// shipped file gives.
+#[test]
+fn values_not_written_come_from_the_shipped_base_toml() {
+    let minimal = tempfile::tempdir().unwrap();
+    write(minimal.path(), "base.toml", &base());
+    write(minimal.path(), "local.toml", "");
+    let vars = [
+        ("WORKER_SECRET", "s3cret"),
+        ("INTERNAL_WORKER_SECRET", "s3cret"),
+        ("ADMIN_TOKEN", "admin-token"),
+    ];
+    let got = source(minimal.path(), "local", &vars).load().unwrap();
+
+    let shipped = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/base.toml");
+    write(
+        shipped.path(),
+        "base.toml",
+        &std::fs::read_to_string(repo).unwrap(),
+    );
+    write(shipped.path(), "local.toml", "");
+    let want = source(shipped.path(), "local", &vars).load().unwrap();
+
+    assert_eq!(got.webhooks.retry_schedule, want.webhooks.retry_schedule);
+    assert_eq!(got.webhooks.concurrency, want.webhooks.concurrency);
+    assert_eq!(got.worker.lease_seconds, want.worker.lease_seconds);
+    assert_eq!(got.worker.max_attempts, want.worker.max_attempts);
+    assert_eq!(got.database.write_lanes, want.database.write_lanes);
+    assert_eq!(
+        got.database.sqlite_synchronous,
+        want.database.sqlite_synchronous
+    );
+    assert_eq!(got.server.ops_bind, want.server.ops_bind);
+    assert_eq!(got.retention.usage_days, want.retention.usage_days);
+    assert_eq!(
+        format!("{:?}", got.defaults),
+        format!("{:?}", want.defaults)
+    );
+    // What the minimal folder did write wins.
+    assert_eq!(got.database.url.expose(), "sqlite::memory:");
+}

@@ -5,6 +5,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::Settings;
+
+/// `config/base.toml` as shipped, compiled in: the one place every default is written.
+const BUILT_IN_BASE: &str = include_str!("../../../config/base.toml");
+/// How the built-in layer is named in error messages.
+const BUILT_IN_NAME: &str = "built-in defaults (config/base.toml)";
 use super::raw::RawSettings;
 
 /// A configuration problem, naming where it comes from and which field is wrong.
@@ -77,7 +82,12 @@ impl ConfigSource {
             });
         }
         let files = self.files();
-        let mut layers = Vec::new();
+        // The built-in layer: every value a deployment starts from, so that a folder's
+        // base.toml (or a test's) may set only what it changes.
+        let built_in: toml::Table = BUILT_IN_BASE
+            .parse()
+            .expect("the built-in config/base.toml is valid TOML");
+        let mut layers = vec![(PathBuf::from(BUILT_IN_NAME), built_in)];
         for (i, path) in files.iter().enumerate() {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 let message = if i == 1 && e.kind() == std::io::ErrorKind::NotFound {
@@ -106,8 +116,11 @@ impl ConfigSource {
             layers.push((path.clone(), table));
         }
 
-        let mut builder = config::Config::builder();
-        for (path, _) in &layers {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            BUILT_IN_BASE,
+            config::FileFormat::Toml,
+        ));
+        for (path, _) in &layers[1..] {
             builder = builder.add_source(config::File::new(
                 &path.to_string_lossy(),
                 config::FileFormat::Toml,
@@ -186,7 +199,8 @@ impl Origins<'_> {
             }
         }
         self.layers
-            .first()
+            .get(1)
+            .or(self.layers.first())
             .map(|(p, _)| p.display().to_string())
             .unwrap_or_else(|| "configuration".into())
     }
