@@ -13,7 +13,7 @@ pub struct Model {
     pub prompt: String,
     /// JSON object, as given.
     pub params: Option<String>,
-    pub status: String,
+    pub status: crate::status::ItemState,
     pub attempts: i32,
     /// Position in the fair queue (start-time fair queuing across keys).
     pub fair_pos: i64,

@@ -11,7 +11,7 @@ pub struct Model {
     pub request_id: String,
     /// SHA-256 of the canonical request, for idempotency.
     pub fingerprint: String,
-    pub status: String,
+    pub status: crate::status::BatchState,
     pub total_count: i32,
     pub succeeded_count: i32,
     pub failed_count: i32,

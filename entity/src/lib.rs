@@ -6,6 +6,7 @@ pub mod credit_ledger;
 pub mod credit_wallet;
 pub mod prelude;
 pub mod rate_limit_window;
+pub mod status;
 pub mod usage_event;
 pub mod webhook_attempt;
 pub mod webhook_delivery;

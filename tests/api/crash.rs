@@ -255,9 +255,9 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
             .unwrap()
             .expect("reported item exists");
         let (status, kind) = if *what == "complete" {
-            ("succeeded", "charge")
+            (entity::status::ItemState::Succeeded, "charge")
         } else {
-            ("failed", "release")
+            (entity::status::ItemState::Failed, "release")
         };
         assert_eq!(item.status, status, "acknowledged {what} of item {id}");
         let rows = entity::credit_ledger::Entity::find()

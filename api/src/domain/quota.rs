@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 pub const SCOPE_BATCH: &str = "batch";
 /// The quota scope of every other customer call.
 pub const SCOPE_READ: &str = "read";
-/// The budget of calls that carry no valid key, per client address (see `crate::strangers`).
+/// The budget of calls that carry no valid key, per client address (see the strangers module).
 pub const SCOPE_UNAUTHENTICATED: &str = "unauthenticated";
 
 /// The state of a key's quota after a call.

@@ -47,14 +47,13 @@ impl AdminApi {
         limit: u64,
         before: Option<i64>,
     ) -> Result<AdminWallet, ApiError> {
-        let w = credits::wallet(&state.db, key_id).await?;
-        let ledger = credits::ledger(&state.db, key_id, limit, before).await?;
+        let view = credits::view(&state.db, key_id, limit, before).await?;
         Ok(AdminWallet {
             key: name.to_string(),
-            balance: w.balance,
-            held: w.held,
-            available: w.available(),
-            ledger: ledger.into_iter().map(Into::into).collect(),
+            balance: view.balance,
+            held: view.held,
+            available: view.available,
+            ledger: view.ledger,
         })
     }
 

@@ -325,15 +325,10 @@ impl CustomerApi {
         limit: Query<Option<u32>>,
     ) -> Result<Read<Credits>, ApiError> {
         let key_id = auth.0.key.id;
-        let w = credits::wallet(&state.db, key_id).await?;
-        let ledger =
-            credits::ledger(&state.db, key_id, u64::from(limit.0.unwrap_or(50)), None).await?;
-        Ok(Read::Ok(Json(Credits {
-            balance: w.balance,
-            held: w.held,
-            available: w.available(),
-            ledger: ledger.into_iter().map(Into::into).collect(),
-        })))
+        let limit = u64::from(limit.0.unwrap_or(50));
+        Ok(Read::Ok(Json(
+            credits::view(&state.db, key_id, limit, None).await?,
+        )))
     }
 
     /// Get usage

@@ -49,15 +49,29 @@ pub enum BatchStatus {
     Cancelled,
 }
 
-impl BatchStatus {
-    /// Parses the stored name.
-    pub fn parse(s: &str) -> Self {
+impl From<entity::status::BatchState> for BatchStatus {
+    fn from(s: entity::status::BatchState) -> Self {
+        use entity::status::BatchState as S;
         match s {
-            "processing" => Self::Processing,
-            "completed" => Self::Completed,
-            "cancelled" => Self::Cancelled,
-            _ => Self::Queued,
+            S::Queued => Self::Queued,
+            S::Processing => Self::Processing,
+            S::Completed => Self::Completed,
+            S::Cancelled => Self::Cancelled,
         }
+    }
+}
+
+impl BatchStatus {
+    /// The status of a wire name; `None` for any other name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [
+            Self::Queued,
+            Self::Processing,
+            Self::Completed,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
     }
 
     /// The stored name.
@@ -87,18 +101,20 @@ pub enum ItemStatus {
     Cancelled,
 }
 
-impl ItemStatus {
-    /// Parses the stored name.
-    pub fn parse(s: &str) -> Self {
+impl From<entity::status::ItemState> for ItemStatus {
+    fn from(s: entity::status::ItemState) -> Self {
+        use entity::status::ItemState as S;
         match s {
-            "running" => Self::Running,
-            "succeeded" => Self::Succeeded,
-            "failed" => Self::Failed,
-            "cancelled" => Self::Cancelled,
-            _ => Self::Queued,
+            S::Queued => Self::Queued,
+            S::Running => Self::Running,
+            S::Succeeded => Self::Succeeded,
+            S::Failed => Self::Failed,
+            S::Cancelled => Self::Cancelled,
         }
     }
+}
 
+impl ItemStatus {
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -148,7 +164,9 @@ mod status_serde {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BatchStatus, D::Error> {
-        Ok(BatchStatus::parse(&String::deserialize(d)?))
+        let name = String::deserialize(d)?;
+        BatchStatus::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown batch status {name:?}")))
     }
 }
 

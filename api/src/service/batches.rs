@@ -268,7 +268,7 @@ pub fn view(job: &batch_job::Model, open: (i64, i64), items: Option<Vec<BatchIte
     Batch {
         batch_id: job.id,
         request_id: job.request_id.clone(),
-        status: BatchStatus::parse(&job.status),
+        status: BatchStatus::from(job.status),
         counts: BatchCounts {
             total: job.total_count.into(),
             queued: open.0,
@@ -297,7 +297,7 @@ pub fn item_view(m: &batch_item::Model) -> BatchItemView {
         index: m.idx,
         prompt: m.prompt.clone(),
         params: parse_json(m.params.as_deref()),
-        status: ItemStatus::parse(&m.status),
+        status: ItemStatus::from(m.status),
         attempts: m.attempts,
         result_url: m.result_url.clone(),
         result: parse_json(m.result.as_deref()),
@@ -403,7 +403,7 @@ pub fn results_stream(
                 let line = json!({
                     "item_id": r.id,
                     "index": r.idx,
-                    "status": r.status,
+                    "status": ItemStatus::from(r.status).as_str(),
                     "attempts": r.attempts,
                     "result_url": r.result_url,
                     "result": parse_json(r.result.as_deref()),
@@ -531,7 +531,12 @@ async fn cancel_in(
     batch_id: Uuid,
 ) -> Result<(), ApiError> {
     let now = Utc::now();
-    let is_final = |status: &str| status == "completed" || status == "cancelled";
+    let is_final = |status: &entity::status::BatchState| {
+        matches!(
+            status,
+            entity::status::BatchState::Completed | entity::status::BatchState::Cancelled
+        )
+    };
     // A final batch is answered as it is, with nothing written.
     let seen = jobs::owned(txn, key_id, batch_id)
         .await?
@@ -580,7 +585,7 @@ pub async fn finalize_if_done<C: ConnectionTrait + TransactionTrait>(
     let job = jobs::by_id(txn, batch_id)
         .await?
         .ok_or_else(|| DbErr::RecordNotFound(format!("batch_job {batch_id}")))?;
-    let event = if job.status == "cancelled" {
+    let event = if job.status == entity::status::BatchState::Cancelled {
         "batch.cancelled"
     } else {
         "batch.completed"

@@ -29,3 +29,21 @@ pub async fn ledger<C: ConnectionTrait>(
 ) -> Result<Vec<entity::credit_ledger::Model>, DbErr> {
     ledger::page(db, key_id, before, limit).await
 }
+
+/// The wallet as customers and admins see it: balance, held, available and the newest
+/// ledger rows (newest first; `before` pages by id). The one place the view is built.
+pub async fn view<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    limit: u64,
+    before: Option<i64>,
+) -> Result<crate::schemas::credits::Credits, DbErr> {
+    let w = wallet(db, key_id).await?;
+    let rows = ledger(db, key_id, limit, before).await?;
+    Ok(crate::schemas::credits::Credits {
+        balance: w.balance,
+        held: w.held,
+        available: w.available(),
+        ledger: rows.into_iter().map(Into::into).collect(),
+    })
+}

@@ -174,7 +174,7 @@ async fn lock_batch_of(
         key_id: b.key_id,
         cost: b.cost_per_video,
         cancel_requested: b.cancel_requested,
-        status: BatchStatus::parse(&b.status),
+        status: BatchStatus::from(b.status),
         open: b.open,
     })
 }
@@ -190,7 +190,7 @@ impl LockedBatch {
         if self.open <= 1
             && let Some(job) = finalize_if_done(txn, runtime, self.id, now).await?
         {
-            return Ok(BatchStatus::parse(&job.status));
+            return Ok(BatchStatus::from(job.status));
         }
         Ok(self.current())
     }
@@ -207,7 +207,7 @@ impl LockedBatch {
 async fn batch_status<C: ConnectionTrait>(db: &C, batch_id: Uuid) -> Result<BatchStatus, ApiError> {
     Ok(jobs::by_id(db, batch_id)
         .await?
-        .map(|b| BatchStatus::parse(&b.status))
+        .map(|b| BatchStatus::from(b.status))
         .unwrap_or(BatchStatus::Queued))
 }
 
@@ -369,10 +369,17 @@ async fn fail_in(
     let Some((status, attempts)) = items::settle_failure(txn, item_id, failure, now).await? else {
         return Err(ApiError::lease_lost(item_id));
     };
-    let (status, outcome) = match status.as_str() {
-        "queued" => ("queued", None),
-        "cancelled" => ("cancelled", Some(jobs::Outcome::Cancelled)),
-        _ => ("failed", Some(jobs::Outcome::Failed)),
+    let status = ItemStatus::from(status);
+    let outcome = match status {
+        ItemStatus::Queued => None,
+        ItemStatus::Cancelled => Some(jobs::Outcome::Cancelled),
+        ItemStatus::Failed => Some(jobs::Outcome::Failed),
+        other => {
+            return Err(ApiError::internal(format!(
+                "a failure report left item {item_id} {}",
+                other.as_str()
+            )));
+        }
     };
     let batch_status = if let Some(outcome) = outcome {
         jobs::count_outcome(txn, batch.id, outcome).await?;
@@ -383,7 +390,7 @@ async fn fail_in(
                 "release failed for item {item_id}: held too small"
             )));
         }
-        if status == "failed" {
+        if status == ItemStatus::Failed {
             crate::service::webhooks::enqueue_item_event(
                 txn,
                 runtime,
@@ -401,7 +408,7 @@ async fn fail_in(
     };
     Ok(ItemState {
         item_id,
-        status: ItemStatus::parse(status),
+        status,
         attempts,
         lease_expires_at: None,
         batch_status,

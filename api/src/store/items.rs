@@ -54,7 +54,7 @@ pub async fn insert_queued<C: ConnectionTrait>(
             idx: Set(i as i32),
             prompt: Set(item.prompt.clone()),
             params: Set(item.params.clone()),
-            status: Set("queued".into()),
+            status: Set(entity::status::ItemState::Queued),
             attempts: Set(0),
             fair_pos: Set(start_pos + i as i64),
             lease_token: Set(None),
@@ -285,7 +285,7 @@ pub async fn settle_failure<C: ConnectionTrait>(
     id: Uuid,
     f: Failure<'_>,
     now: DateTime<Utc>,
-) -> Result<Option<(String, i32)>, DbErr> {
+) -> Result<Option<(entity::status::ItemState, i32)>, DbErr> {
     match txn
         .query_one_raw(stmt(
             txn.get_database_backend(),

@@ -35,7 +35,7 @@ impl NewJob<'_> {
             api_key_id: Set(self.key_id),
             request_id: Set(self.request_id.to_string()),
             fingerprint: Set(self.fingerprint.to_string()),
-            status: Set("queued".into()),
+            status: Set(entity::status::BatchState::Queued),
             total_count: Set(self.total),
             succeeded_count: Set(0),
             failed_count: Set(0),
@@ -212,7 +212,7 @@ pub struct LockedJob {
     pub cost_per_video: i64,
     pub cancel_requested: bool,
     /// The stored status (`queued` is already turned into `processing` by the lock).
-    pub status: String,
+    pub status: entity::status::BatchState,
     /// Items still open (queued or running) before this transition.
     pub open: i64,
 }
