@@ -36,6 +36,24 @@ fn add(
     })
 }
 
+/// A fresh PostgreSQL database with rows 1 and 2 of table `t` at zero, and two pipelines of
+/// one lane each on it (two nodes' groups). `None` without `TEST_DATABASE_URL`.
+async fn two_pipelines() -> Option<(PgDatabase, DatabaseConnection, Writes, Writes)> {
+    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+        return None;
+    };
+    let pg = PgDatabase::create(&url, "vb_pipe").await;
+    let db = api::db::connect_url(&pg.url, 4, None).await.unwrap();
+    db.execute_unprepared(
+        "CREATE TABLE t (id BIGINT PRIMARY KEY, v BIGINT NOT NULL); INSERT INTO t VALUES (1, 0), (2, 0)",
+    )
+    .await
+    .unwrap();
+    let a = Writes::start(db.clone(), 1);
+    let b = Writes::start(db.clone(), 1);
+    Some((pg, db, a, b))
+}
+
 async fn value(db: &DatabaseConnection, id: i64) -> i64 {
     db.query_one_raw(Statement::from_sql_and_values(
         db.get_database_backend(),
@@ -56,18 +74,9 @@ async fn value(db: &DatabaseConnection, id: i64) -> i64 {
 /// the rest again. Every unit is applied exactly once.
 #[tokio::test(flavor = "current_thread")]
 async fn a_deadlock_between_groups_costs_one_conflict_and_loses_no_unit() {
-    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+    let Some((pg, db, a, b)) = two_pipelines().await else {
         return;
     };
-    let pg = PgDatabase::create(&url, "vb_pipe").await;
-    let db = api::db::connect_url(&pg.url, 4, None).await.unwrap();
-    db.execute_unprepared(
-        "CREATE TABLE t (id BIGINT PRIMARY KEY, v BIGINT NOT NULL); INSERT INTO t VALUES (1, 0), (2, 0)",
-    )
-    .await
-    .unwrap();
-    let a = Writes::start(db.clone(), 1);
-    let b = Writes::start(db.clone(), 1);
     // On one thread every unit below is queued before either lane runs, so each pipeline
     // gathers its six units into one group, in this order.
     let mut calls = Vec::new();
@@ -96,18 +105,9 @@ async fn a_deadlock_between_groups_costs_one_conflict_and_loses_no_unit() {
 /// orders lock the two rows in the same order and never deadlock.
 #[tokio::test(flavor = "current_thread")]
 async fn quota_units_lock_before_the_keys_other_units() {
-    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+    let Some((pg, db, a, b)) = two_pipelines().await else {
         return;
     };
-    let pg = PgDatabase::create(&url, "vb_pipe").await;
-    let db = api::db::connect_url(&pg.url, 4, None).await.unwrap();
-    db.execute_unprepared(
-        "CREATE TABLE t (id BIGINT PRIMARY KEY, v BIGINT NOT NULL); INSERT INTO t VALUES (1, 0), (2, 0)",
-    )
-    .await
-    .unwrap();
-    let a = Writes::start(db.clone(), 1);
-    let b = Writes::start(db.clone(), 1);
     // Row 2 plays the quota row, row 1 the wallet. Group a receives the wallet write first.
     let results = join_all([
         Box::pin(bump(&a, 1, 0.0)) as std::pin::Pin<Box<dyn std::future::Future<Output = _>>>,
