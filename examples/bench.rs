@@ -530,12 +530,15 @@ async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
             items,
             webhook_url: None,
             metadata: Some(r#"{"campaign":"bench"}"#.to_string()),
+            completion_window: None,
         },
         batch_id: Uuid::now_v7(),
         n: n_items as i64,
         cost: COST,
         need: n_items as i64 * COST,
         now,
+        // As the service does with the default window of config/base.toml.
+        expires_at: Some(now + chrono::Duration::hours(24)),
         audit: AuditInfo {
             row: UsageRow {
                 method: "POST".into(),
@@ -646,6 +649,7 @@ async fn raw_claim(p: &Pools, worker: &str, max: u32) -> Result<Vec<Claimed>> {
         max,
         chrono::Duration::seconds(300),
         MAX_ATTEMPTS,
+        &Default::default(),
     )
     .await
     .map_err(|e| anyhow!("{e}"))?;

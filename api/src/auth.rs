@@ -46,16 +46,18 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
     let state = state(req)?;
     let runtime = state.runtime();
     let hash = sha256_hex(presented);
-    let Some(key) = runtime
-        .by_hash
-        .get(&hash)
-        .filter(|k| !state.revoked.load().contains(&k.id))
-        .cloned()
+    let Some((key, version)) = runtime
+        .authenticate(&hash, state.clock.now())
+        .filter(|(k, _)| !state.revoked.load().contains(&k.id))
+        .map(|(k, v)| (k.clone(), v))
     else {
         return Err(ApiError::unauthorized("invalid or disabled API key"));
     };
     let ctx = crate::context::current();
-    crate::context::update(|s| s.key_id = Some(key.id));
+    crate::context::update(|s| {
+        s.key_id = Some(key.id);
+        s.key_version = Some(version.as_str());
+    });
     let scope = rate_limit::scope_of(req.method(), req.original_uri().path());
     let limit = if scope == SCOPE_BATCH {
         key.policy.limits.rate_limit_per_min

@@ -65,6 +65,15 @@ pub enum KeysCommand {
         /// Stable key name (a-z, 0-9, _ and -).
         name: String,
     },
+    /// Rotate a configured key: prints a new key once, and the TOML lines that make it the
+    /// key while the old one keeps working until the overlap ends.
+    Rotate {
+        /// Name of a configured key.
+        name: String,
+        /// How long the old key keeps working (e.g. 24h, 7d, 30m).
+        #[arg(long, default_value = "24h")]
+        overlap: String,
+    },
 }
 
 /// `credits` commands.
@@ -155,6 +164,35 @@ pub async fn run() -> anyhow::Result<()> {
             println!("{key}");
             eprintln!("\nAdd to your config:\n");
             eprintln!("[keys.{name}]\nkey_sha256 = \"{hash}\"");
+        }
+        Command::Keys {
+            command: KeysCommand::Rotate { name, overlap },
+        } => {
+            let (settings, _) = load(&cli.config)?;
+            let Some(current) = settings.key(&name) else {
+                anyhow::bail!("no key named {name:?} is configured");
+            };
+            let overlap = humantime::parse_duration(&overlap)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--overlap {overlap:?} is not a duration like 24h, 7d or 30m")
+                })?;
+            let until =
+                (chrono::Utc::now() + overlap).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let (key, hash) = crate::service::keys::generate();
+            eprintln!("New API key for {name:?} (shown once; store it now):");
+            println!("{key}");
+            eprintln!(
+                "\nReplace the key's lines in your config with these, then reload \
+                 (the old key works until {until}):\n"
+            );
+            eprintln!(
+                "[keys.{name}]\nkey_sha256 = \"{hash}\"\nprevious_key_sha256 = \"{}\"\n\
+                 previous_key_expires_at = \"{until}\"",
+                current.key_sha256
+            );
         }
         Command::Credits { command } => {
             let (settings, _) = load(&cli.config)?;

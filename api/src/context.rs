@@ -29,6 +29,8 @@ pub struct CallState {
     pub call_request_id: Option<String>,
     /// Authenticated key.
     pub key_id: Option<i64>,
+    /// Which of the key's secrets authenticated the call (`current` or `previous`).
+    pub key_version: Option<&'static str>,
     /// Quota consulted for this call.
     pub rate: Option<RateInfo>,
     /// Error code of the response.

@@ -24,12 +24,13 @@ fn examples() -> Vec<(&'static str, Value)> {
         "params": { "duration_s": 5 }, "status": "succeeded", "attempts": 1,
         "result_url": "https://cdn.example.com/renders/fox.mp4", "result": null, "error": null
     });
-    let counts = json!({ "total": 2, "queued": 0, "running": 1, "succeeded": 1, "failed": 0, "cancelled": 0 });
+    let counts = json!({ "total": 2, "queued": 0, "running": 1, "succeeded": 1, "failed": 0, "cancelled": 0, "expired": 0 });
     let batch = json!({
         "batch_id": batch_id, "request_id": "order-42", "status": "processing", "counts": counts,
         "cost_per_video": 10, "required_credits": 20, "webhook_url": null,
         "metadata": { "campaign": "q4" }, "created_at": "2026-11-24T12:00:00Z",
-        "updated_at": "2026-11-24T12:00:05Z", "cancel_requested_at": null, "completed_at": null
+        "updated_at": "2026-11-24T12:00:05Z", "cancel_requested_at": null, "completed_at": null,
+        "expires_at": "2026-11-25T12:00:00Z"
     });
     let mut batch_with_items = batch.clone();
     batch_with_items["items"] = json!([item]);
@@ -55,7 +56,8 @@ fn examples() -> Vec<(&'static str, Value)> {
                 "ok": true, "request_id": "order-42", "batch_id": batch_id,
                 "idempotent_replay": false, "status": "queued", "total_count": 2,
                 "cost_per_video": 10, "required_credits": 20, "available_credits": 1000,
-                "remaining_credits": 980, "created_at": "2026-11-24T12:00:00Z"
+                "remaining_credits": 980, "created_at": "2026-11-24T12:00:00Z",
+                "expires_at": "2026-11-25T12:00:00Z"
             }),
         ),
         ("BatchCounts", counts),

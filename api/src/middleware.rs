@@ -246,8 +246,8 @@ async fn audit_refusal(
         .headers()
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
-        .and_then(|k| runtime.by_hash.get(&crate::service::keys::sha256_hex(k)))
-        .map(|k| k.id);
+        .and_then(|k| runtime.authenticate(&crate::service::keys::sha256_hex(k), state.clock.now()))
+        .map(|(k, _)| k.id);
     let path = req.original_uri().path().to_string();
     let scope = rate_limit::scope_of(req.method(), &path);
     let mut resp = if key_id.is_none()
@@ -417,6 +417,7 @@ async fn finish(
     if !call.audited {
         let row = UsageRow {
             api_key_id: call.key_id,
+            key_version: call.key_version,
             request_id: call
                 .call_request_id
                 .clone()

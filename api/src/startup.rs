@@ -252,7 +252,8 @@ fn spawn_revocation_watch(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
 }
 
 /// Every [`REAP_INTERVAL`], settles expired leases (requeue, fail the last attempt, cancel those
-/// of cancelled batches), whether or not any worker claims.
+/// of cancelled batches), whether or not any worker claims, and enforces the completion
+/// windows that ended (queued items expire and are released).
 fn spawn_reaper(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(REAP_INTERVAL);
@@ -271,6 +272,14 @@ fn spawn_reaper(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "reaping expired leases failed"),
+            }
+            match crate::service::batches::expire_due(&state.db, &state.writes, &runtime).await {
+                Ok(n) if n > 0 => {
+                    state.webhook_wakeup.notify_one();
+                    tracing::info!(batches = n, "completion windows enforced");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "enforcing completion windows failed"),
             }
         }
     })
@@ -307,6 +316,15 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             crate::telemetry::metrics().run_upkeep();
             if let Err(e) = crate::telemetry::sample_gauges(&state.db).await {
                 tracing::warn!(error = %e, "sampling queue gauges failed");
+            }
+            let thresholds: Vec<(i64, i64)> = state
+                .runtime()
+                .by_id
+                .iter()
+                .filter_map(|(id, k)| k.policy.low_credit_threshold.map(|t| (*id, t)))
+                .collect();
+            if let Err(e) = crate::telemetry::sample_low_credits(&state.db, &thresholds).await {
+                tracing::warn!(error = %e, "sampling low-credit gauge failed");
             }
             state.strangers.flush_finished(&state.writes).await;
         }

@@ -28,6 +28,10 @@ pub struct Runtime {
     pub by_id: HashMap<i64, KeyEntry>,
     /// Configured keys by name.
     pub by_name: HashMap<String, KeyEntry>,
+    /// `max_running_items` of the keys that have one, by key id.
+    pub running_caps: HashMap<i64, u32>,
+    /// Enabled keys by the hash of the key they replaced, with the end of the overlap.
+    pub by_previous_hash: HashMap<String, (KeyEntry, chrono::DateTime<chrono::Utc>)>,
 }
 
 impl Runtime {
@@ -36,6 +40,8 @@ impl Runtime {
         let mut by_hash = HashMap::new();
         let mut by_id = HashMap::new();
         let mut by_name = HashMap::new();
+        let mut by_previous_hash = HashMap::new();
+        let mut running_caps = HashMap::new();
         for (name, policy) in &settings.keys {
             let Some(&id) = ids.get(name) else { continue };
             let entry = KeyEntry {
@@ -44,6 +50,15 @@ impl Runtime {
             };
             if !policy.disabled {
                 by_hash.insert(policy.key_sha256.clone(), entry.clone());
+                if let Some(previous) = &policy.previous_key {
+                    by_previous_hash.insert(
+                        previous.key_sha256.clone(),
+                        (entry.clone(), previous.expires_at),
+                    );
+                }
+            }
+            if let Some(cap) = policy.max_running_items {
+                running_caps.insert(id, cap);
             }
             by_id.insert(id, entry.clone());
             by_name.insert(name.clone(), entry);
@@ -53,7 +68,26 @@ impl Runtime {
             by_hash,
             by_id,
             by_name,
+            by_previous_hash,
+            running_caps,
         }
+    }
+
+    /// The enabled key whose secret hashes to `hash` at `now`, and which of its two secrets it
+    /// is: the current one, or the one it replaced while the rotation overlap lasts.
+    pub fn authenticate(
+        &self,
+        hash: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<(&KeyEntry, crate::settings::KeyVersion)> {
+        use crate::settings::KeyVersion;
+        if let Some(k) = self.by_hash.get(hash) {
+            return Some((k, KeyVersion::Current));
+        }
+        self.by_previous_hash
+            .get(hash)
+            .filter(|(_, until)| now < *until)
+            .map(|(k, _)| (k, KeyVersion::Previous))
     }
 }
 

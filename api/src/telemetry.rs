@@ -83,6 +83,18 @@ pub fn describe() {
         "Age of the item at the head of the queue (0 when nothing is queued)"
     );
     describe_gauge!("credits_held", "Credits held across all wallets");
+    describe_gauge!(
+        "credit_keys_below_threshold",
+        "Keys whose available credits are below their low_credit_threshold"
+    );
+    describe_counter!(
+        "items_expired_total",
+        "Queued items expired because their batch's completion window ended"
+    );
+    describe_counter!(
+        "credits_low_events_total",
+        "Crossings below a key's low_credit_threshold (each one credits.low event)"
+    );
     describe_histogram!(
         "write_group_size",
         "Units of work committed together by one group commit"
@@ -115,6 +127,8 @@ pub fn register_known_series<'a>(key_names: impl Iterator<Item = &'a str>) {
         "worker_claimed_items_total",
         "unauthenticated_throttled_total",
         "write_conflicts_total",
+        "credits_low_events_total",
+        "items_expired_total",
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -145,5 +159,21 @@ pub async fn sample_gauges(db: &sea_orm::DatabaseConnection) -> Result<(), sea_o
     metrics::gauge!("queue_oldest_item_age_seconds").set(age);
     let held = wallets::total_held(db).await?;
     metrics::gauge!("credits_held").set(held as f64);
+    Ok(())
+}
+
+/// Keys whose available credits are below their `low_credit_threshold` (`thresholds`: key
+/// id and threshold of every key that has one).
+pub async fn sample_low_credits(
+    db: &sea_orm::DatabaseConnection,
+    thresholds: &[(i64, i64)],
+) -> Result<(), sea_orm::DbErr> {
+    let mut below = 0u32;
+    for (key_id, threshold) in thresholds {
+        if crate::store::wallets::read(db, *key_id).await?.available() < *threshold {
+            below += 1;
+        }
+    }
+    metrics::gauge!("credit_keys_below_threshold").set(f64::from(below));
     Ok(())
 }

@@ -27,6 +27,11 @@ pub struct Model {
     pub updated_at: DateTimeUtc,
     pub cancel_requested_at: Option<DateTimeUtc>,
     pub completed_at: Option<DateTimeUtc>,
+    /// The end of the batch's completion window (none: no window).
+    pub expires_at: Option<DateTimeUtc>,
+    /// When the window was enforced: its queued items expired, the batch ends `expired`.
+    pub expired_at: Option<DateTimeUtc>,
+    pub expired_count: i32,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

@@ -14,6 +14,8 @@ pub enum BatchState {
     Completed,
     #[sea_orm(string_value = "cancelled")]
     Cancelled,
+    #[sea_orm(string_value = "expired")]
+    Expired,
 }
 
 /// `batch_item.status`.
@@ -30,6 +32,8 @@ pub enum ItemState {
     Failed,
     #[sea_orm(string_value = "cancelled")]
     Cancelled,
+    #[sea_orm(string_value = "expired")]
+    Expired,
 }
 
 #[cfg(test)]

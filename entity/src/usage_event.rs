@@ -8,6 +8,8 @@ pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
     pub api_key_id: Option<i64>,
+    /// `current` or `previous`: which of the key's secrets the call used.
+    pub key_version: Option<String>,
     pub request_id: Option<String>,
     pub method: String,
     pub path: String,

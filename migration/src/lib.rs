@@ -4,6 +4,8 @@ pub use sea_orm_migration::prelude::*;
 mod m20261124_000001_create_tables;
 mod m20261125_000001_usage_count;
 mod m20261125_000002_retention_indexes;
+mod m20261126_000001_key_policies;
+mod m20261126_000002_completion_windows;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -15,6 +17,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_create_tables::Migration),
             Box::new(m20261125_000001_usage_count::Migration),
             Box::new(m20261125_000002_retention_indexes::Migration),
+            Box::new(m20261126_000001_key_policies::Migration),
+            Box::new(m20261126_000002_completion_windows::Migration),
         ]
     }
 }

@@ -24,6 +24,57 @@ fn keys_generate_prints_a_key_once_and_its_hash() {
     );
 }
 
+/// `keys rotate demo --overlap 48h` prints a new key once and the lines that keep the current
+/// key working as the previous one until the overlap ends; the lines load as configuration.
+#[test]
+fn keys_rotate_prints_a_new_key_and_the_overlap_lines() {
+    let out = bin()
+        .args(["keys", "rotate", "demo", "--overlap", "48h"])
+        .env("APP_ENVIRONMENT", "local")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("vb_") && key.len() >= 40, "{key}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    let toml_start = err.find("[keys.demo]").expect("TOML lines");
+    let lines: toml::Table = err[toml_start..].parse().expect("the lines are TOML");
+    let demo = &lines["keys"]["demo"];
+    assert_eq!(
+        demo["key_sha256"].as_str(),
+        Some(crate::helpers::sha256(&key).as_str())
+    );
+    assert_eq!(
+        demo["previous_key_sha256"].as_str(),
+        Some(api::settings::DEMO_KEY_SHA256),
+        "the current key becomes the previous one"
+    );
+    let until =
+        chrono::DateTime::parse_from_rfc3339(demo["previous_key_expires_at"].as_str().unwrap())
+            .unwrap();
+    let hours = (until.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_minutes();
+    assert!(
+        (47 * 60..=48 * 60).contains(&hours),
+        "{hours} minutes of overlap"
+    );
+    assert!(
+        !err.contains(&key),
+        "the key itself is printed once, on stdout"
+    );
+
+    let unknown = bin()
+        .args(["keys", "rotate", "nobody"])
+        .env("APP_ENVIRONMENT", "local")
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no key named"));
+}
+
 #[test]
 fn config_check_prints_the_policy_without_secrets() {
     let out = bin()

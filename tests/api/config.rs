@@ -309,3 +309,55 @@ fn values_not_written_come_from_the_shipped_base_toml() {
     // What the minimal folder did write wins.
     assert_eq!(got.database.url.expose(), "sqlite::memory:");
 }
+
+/// The rotation, alert, window and cap fields of a key are checked like every other field.
+#[test]
+fn key_policy_fields_are_checked() {
+    let key = |lines: &str| format!("[keys.acme]\nkey_sha256 = \"{HASH}\"\n{lines}\n");
+    let other = "a".repeat(64);
+    for (lines, field, why) in [
+        (
+            format!("previous_key_sha256 = \"{other}\""),
+            "previous_key_expires_at",
+            "is required",
+        ),
+        (
+            "previous_key_expires_at = \"2026-12-01T00:00:00Z\"".to_string(),
+            "previous_key_sha256",
+            "is required",
+        ),
+        (
+            format!("previous_key_sha256 = \"{other}\"\nprevious_key_expires_at = \"tomorrow\""),
+            "previous_key_expires_at",
+            "RFC 3339",
+        ),
+        (
+            format!(
+                "previous_key_sha256 = \"{HASH}\"\nprevious_key_expires_at = \"2026-12-01T00:00:00Z\""
+            ),
+            "previous_key_sha256",
+            "already configured",
+        ),
+        (
+            "low_credit_threshold = 0".to_string(),
+            "low_credit_threshold",
+            "between 1",
+        ),
+        (
+            "max_running_items = 0".to_string(),
+            "max_running_items",
+            "positive",
+        ),
+        (
+            "completion_window = \"soon\"".to_string(),
+            "completion_window",
+            "not a duration",
+        ),
+    ] {
+        let msg = refused(&key(&lines), &[]);
+        assert!(
+            msg.contains(&format!("keys.acme.{field}")) && msg.contains(why),
+            "{lines}: {msg}"
+        );
+    }
+}

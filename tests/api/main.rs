@@ -17,6 +17,7 @@ mod lifecycle;
 mod ops;
 mod paging;
 mod pipeline;
+mod policies;
 mod promises;
 mod reaper;
 mod retention;

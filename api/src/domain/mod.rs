@@ -86,6 +86,8 @@ pub struct NewBatch {
     pub webhook_url: Option<String>,
     /// Metadata as compact JSON.
     pub metadata: Option<String>,
+    /// The window the request asked for (None: the key's).
+    pub completion_window: Option<std::time::Duration>,
 }
 
 pub fn parse_webhook_url(u: &str, allow_http: bool) -> Result<String, Invalid> {

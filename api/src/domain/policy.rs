@@ -29,6 +29,34 @@ impl From<&str> for Secret {
     }
 }
 
+/// The key a rotated key replaced: it still authenticates as the same key until `expires_at`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreviousKey {
+    /// Lower-case hex SHA-256 of the old key.
+    pub key_sha256: String,
+    /// When the old key stops working (on every node, by the clock: no reload needed).
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Which of a key's two secrets a call used (stored on its usage row, never the key itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyVersion {
+    /// `key_sha256`.
+    Current,
+    /// `previous_key_sha256`, during the rotation overlap.
+    Previous,
+}
+
+impl KeyVersion {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyVersion::Current => "current",
+            KeyVersion::Previous => "previous",
+        }
+    }
+}
+
 /// Limits every key inherits from `[defaults]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyLimits {
@@ -44,6 +72,29 @@ pub struct PolicyLimits {
     pub max_prompt_chars: u32,
     /// Allowed client networks; empty means any.
     pub ip_allowlist: Vec<IpNet>,
+    /// Queued items of a batch still waiting this long after its creation expire (None: no
+    /// window).
+    pub completion_window: Option<std::time::Duration>,
+}
+
+/// The longest completion window a key or a batch may have.
+pub const MAX_COMPLETION_WINDOW: std::time::Duration = std::time::Duration::from_secs(366 * 86_400);
+
+/// A completion window as written in the configuration or a request (`24h`, `30m`, `7d`);
+/// `0` is no window. `Err` says why it is refused.
+pub fn parse_completion_window(s: &str) -> Result<Option<std::time::Duration>, String> {
+    if s.trim() == "0" {
+        return Ok(None);
+    }
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|_| format!("{s:?} is not a duration like 24h, 30m or 7d"))?;
+    if d.is_zero() {
+        return Ok(None);
+    }
+    if d < std::time::Duration::from_secs(1) || d > MAX_COMPLETION_WINDOW {
+        return Err(format!("{s:?} must be between 1s and 366d"));
+    }
+    Ok(Some(d))
 }
 
 /// The effective policy of one customer key.
@@ -67,6 +118,12 @@ pub struct KeyPolicy {
     pub initial_credits: i64,
     /// Disabled keys are refused.
     pub disabled: bool,
+    /// The key this one replaced, during a rotation overlap.
+    pub previous_key: Option<PreviousKey>,
+    /// A `credits.low` event is sent when available credits cross below this.
+    pub low_credit_threshold: Option<i64>,
+    /// At most this many of the key's items run at once (None: unlimited).
+    pub max_running_items: Option<u32>,
 }
 
 impl KeyPolicy {

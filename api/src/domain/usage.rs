@@ -7,6 +7,8 @@ use uuid::Uuid;
 pub struct UsageRow {
     /// Authenticated key, if any.
     pub api_key_id: Option<i64>,
+    /// Which of the key's secrets was used: `current`, or `previous` during a rotation.
+    pub key_version: Option<&'static str>,
     /// The call's request id.
     pub request_id: Option<String>,
     /// HTTP method.

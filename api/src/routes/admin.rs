@@ -69,12 +69,14 @@ impl AdminApi {
             crate::domain::RequestId::parse("Idempotency-Key", k)?;
         }
         let key_id = Self::key_id(state, name).await?;
+        let runtime = state.runtime();
         let applied = state
             .writes
             .run(Some(key_id), {
                 let (note, idem) = (note.clone(), idem.clone());
                 move |txn| {
                     let (note, idem) = (note.clone(), idem.clone());
+                    let runtime = Arc::clone(&runtime);
                     Box::pin(async move {
                         if let Some(k) = idem.as_deref()
                             && let Some(earlier) =
@@ -86,7 +88,19 @@ impl AdminApi {
                             .note(note.as_deref())
                             .idempotency_key(idem.as_deref());
                         match credits::apply(txn, entry).await {
-                            Ok(true) => Ok(()),
+                            Ok(true) => {
+                                let w = credits::wallet(txn, key_id).await?;
+                                crate::service::webhooks::outbox::enqueue_low_credits(
+                                    txn,
+                                    &runtime,
+                                    key_id,
+                                    w.available() - amount,
+                                    w.available(),
+                                    chrono::Utc::now(),
+                                )
+                                .await?;
+                                Ok(())
+                            }
                             Ok(false) => {
                                 let w = credits::wallet(txn, key_id).await?;
                                 Err(ApiError::new(
@@ -336,6 +350,9 @@ impl AdminApi {
                     webhook_url: k.webhook_url.clone(),
                     webhook_secret_set: k.webhook_secret.is_some(),
                     webhook_events: k.webhook_events.clone(),
+                    previous_key_expires_at: k.previous_key.as_ref().map(|p| p.expires_at),
+                    low_credit_threshold: k.low_credit_threshold,
+                    max_running_items: k.max_running_items,
                 })
                 .collect(),
         ))

@@ -125,11 +125,12 @@ impl CustomerApi {
     ) -> Result<CreateBatchResponse, ApiError> {
         let caller = auth.0;
         crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
-        let template = req
+        let mut template = req
             .extensions()
             .get::<AuditTemplate>()
             .cloned()
             .unwrap_or_else(|| AuditTemplate(Default::default(), std::time::Instant::now()));
+        template.0.key_version = crate::context::current().and_then(|c| c.snapshot().key_version);
         let out = batches::create(
             &state.db,
             &state.writes,

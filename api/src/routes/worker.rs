@@ -49,10 +49,10 @@ impl WorkerApi {
             .unwrap_or(auth.0.settings.worker.lease_seconds);
         let items = leases::claim(
             &state.writes,
+            Arc::clone(&auth.0),
             &body.0.worker_id,
             body.0.max_items,
             Duration::seconds(secs.into()),
-            auth.0.settings.worker.max_attempts,
         )
         .await?;
         Ok(Json(ClaimResponse { items }))

@@ -70,6 +70,15 @@ pub struct KeyInfo {
     pub webhook_secret_set: bool,
     /// Subscribed events.
     pub webhook_events: Vec<String>,
+    /// During a rotation: when the key it replaced stops working.
+    #[oai(nullable)]
+    pub previous_key_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `credits.low` is sent when available credits cross below this.
+    #[oai(nullable)]
+    pub low_credit_threshold: Option<i64>,
+    /// At most this many of the key's items run at once (null: unlimited).
+    #[oai(nullable)]
+    pub max_running_items: Option<u32>,
 }
 
 /// Outcome of a reload.

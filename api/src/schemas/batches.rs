@@ -33,6 +33,11 @@ pub struct CreateBatchRequest {
     pub webhook_url: Option<Text>,
     /// Small object (at most 4 KiB as JSON) returned as given.
     pub metadata: Option<BTreeMap<String, Value>>,
+    /// How long queued items may wait before they expire (e.g. `24h`, `30m`), at most the
+    /// key's `completion_window` (the default). When it ends, queued items become `expired`
+    /// and are released; running items may finish; the batch ends `expired`.
+    #[oai(validator(min_length = 1, max_length = 32))]
+    pub completion_window: Option<Text>,
 }
 
 /// Lifecycle of a batch.
@@ -47,6 +52,9 @@ pub enum BatchStatus {
     Completed,
     /// Cancelled by the customer; running items were allowed to finish.
     Cancelled,
+    /// Its completion window ended first: queued items expired (released), running items
+    /// were allowed to finish.
+    Expired,
 }
 
 impl From<entity::status::BatchState> for BatchStatus {
@@ -57,6 +65,7 @@ impl From<entity::status::BatchState> for BatchStatus {
             S::Processing => Self::Processing,
             S::Completed => Self::Completed,
             S::Cancelled => Self::Cancelled,
+            S::Expired => Self::Expired,
         }
     }
 }
@@ -69,6 +78,7 @@ impl BatchStatus {
             Self::Processing,
             Self::Completed,
             Self::Cancelled,
+            Self::Expired,
         ]
         .into_iter()
         .find(|v| v.as_str() == s)
@@ -81,6 +91,7 @@ impl BatchStatus {
             Self::Processing => "processing",
             Self::Completed => "completed",
             Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
         }
     }
 }
@@ -99,6 +110,8 @@ pub enum ItemStatus {
     Failed,
     /// Cancelled before it ran; its hold is released.
     Cancelled,
+    /// Still queued when its batch's completion window ended; its hold is released.
+    Expired,
 }
 
 impl From<entity::status::ItemState> for ItemStatus {
@@ -110,6 +123,7 @@ impl From<entity::status::ItemState> for ItemStatus {
             S::Succeeded => Self::Succeeded,
             S::Failed => Self::Failed,
             S::Cancelled => Self::Cancelled,
+            S::Expired => Self::Expired,
         }
     }
 }
@@ -123,6 +137,7 @@ impl ItemStatus {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
         }
     }
 }
@@ -153,6 +168,10 @@ pub struct BatchCreated {
     pub remaining_credits: i64,
     /// Creation time (UTC).
     pub created_at: DateTime<Utc>,
+    /// When the completion window ends: items still queued then expire (null: no window).
+    #[oai(nullable)]
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 mod status_serde {
@@ -185,6 +204,8 @@ pub struct BatchCounts {
     pub failed: i64,
     /// Cancelled.
     pub cancelled: i64,
+    /// Still queued when the completion window ended (released).
+    pub expired: i64,
 }
 
 /// One item of a batch.
@@ -242,6 +263,9 @@ pub struct Batch {
     /// When every item became final.
     #[oai(nullable)]
     pub completed_at: Option<DateTime<Utc>>,
+    /// When the completion window ends (null: no window).
+    #[oai(nullable)]
+    pub expires_at: Option<DateTime<Utc>>,
     /// The first items in request order (only when reading one batch; at most 100).
     #[oai(skip_serializing_if_is_none)]
     pub items: Option<Vec<BatchItemView>>,

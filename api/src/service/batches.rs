@@ -47,7 +47,7 @@ pub struct AuditInfo {
 pub async fn create(
     db: &DatabaseConnection,
     writes: &Writes,
-    runtime: &Runtime,
+    runtime: &Arc<Runtime>,
     key: &KeyEntry,
     req: &CreateBatchRequest,
     header_request_id: Option<&str>,
@@ -88,6 +88,17 @@ pub async fn create(
     let need = n * cost;
     let now = audit.now;
     let batch_id = Uuid::now_v7();
+    let expires_at = batch
+        .completion_window
+        .or(limits.completion_window)
+        .and_then(|w| chrono::Duration::from_std(w).ok())
+        // Whole microseconds: what both stores keep, so the answer equals the stored value.
+        .map(|w| {
+            use chrono::DurationRound;
+            let at = now + w;
+            at.duration_trunc(chrono::TimeDelta::microseconds(1))
+                .unwrap_or(at)
+        });
 
     let unit = Arc::new(NewBatchUnit {
         key_id: key.id,
@@ -99,12 +110,29 @@ pub async fn create(
         cost,
         need,
         now,
+        expires_at,
         audit,
     });
+    let watch = Arc::clone(runtime);
     let written = writes
         .run(Some(key.id), move |txn| {
             let unit = Arc::clone(&unit);
-            Box::pin(async move { write_new_batch(txn, &unit).await })
+            let runtime = Arc::clone(&watch);
+            Box::pin(async move {
+                let created = write_new_batch(txn, &unit).await?;
+                if let Some(c) = &created {
+                    crate::service::webhooks::outbox::enqueue_low_credits(
+                        txn,
+                        &runtime,
+                        unit.key_id,
+                        c.available_credits,
+                        c.remaining_credits,
+                        unit.now,
+                    )
+                    .await?;
+                }
+                Ok(created)
+            })
         })
         .await?;
     let Some(response) = written else {
@@ -142,6 +170,8 @@ pub struct NewBatchUnit {
     /// Credits to hold: `n * cost`.
     pub need: i64,
     pub now: DateTime<Utc>,
+    /// The end of the batch's completion window, if it has one.
+    pub expires_at: Option<DateTime<Utc>>,
     pub audit: AuditInfo,
 }
 
@@ -163,6 +193,7 @@ pub async fn write_new_batch(
         cost,
         need,
         now,
+        expires_at,
         ref audit,
     } = *u;
     let start_pos = items::fair_start(txn, key_id).await?;
@@ -180,6 +211,7 @@ pub async fn write_new_batch(
         available_credits: 0,
         remaining_credits: 0,
         created_at: now,
+        expires_at,
     };
     let response_json = serde_json::to_string(&response).map_err(ApiError::internal)?;
 
@@ -195,6 +227,7 @@ pub async fn write_new_batch(
         metadata: batch.metadata.clone(),
         response: response_json,
         now,
+        expires_at,
     }
     .insert_if_absent(txn)
     .await?;
@@ -276,6 +309,7 @@ pub fn view(job: &batch_job::Model, open: (i64, i64), items: Option<Vec<BatchIte
             succeeded: job.succeeded_count.into(),
             failed: job.failed_count.into(),
             cancelled: job.cancelled_count.into(),
+            expired: job.expired_count.into(),
         },
         cost_per_video: job.cost_per_video,
         required_credits: job.required_credits,
@@ -285,6 +319,7 @@ pub fn view(job: &batch_job::Model, open: (i64, i64), items: Option<Vec<BatchIte
         updated_at: job.updated_at,
         cancel_requested_at: job.cancel_requested_at,
         completed_at: job.completed_at,
+        expires_at: job.expires_at,
         items,
         items_next_cursor: None,
     }
@@ -534,7 +569,9 @@ async fn cancel_in(
     let is_final = |status: &entity::status::BatchState| {
         matches!(
             status,
-            entity::status::BatchState::Completed | entity::status::BatchState::Cancelled
+            entity::status::BatchState::Completed
+                | entity::status::BatchState::Cancelled
+                | entity::status::BatchState::Expired
         )
     };
     // A final batch is answered as it is, with nothing written.
@@ -585,11 +622,75 @@ pub async fn finalize_if_done<C: ConnectionTrait + TransactionTrait>(
     let job = jobs::by_id(txn, batch_id)
         .await?
         .ok_or_else(|| DbErr::RecordNotFound(format!("batch_job {batch_id}")))?;
-    let event = if job.status == entity::status::BatchState::Cancelled {
-        "batch.cancelled"
-    } else {
-        "batch.completed"
+    let event = match job.status {
+        entity::status::BatchState::Cancelled => "batch.cancelled",
+        entity::status::BatchState::Expired => "batch.expired",
+        _ => "batch.completed",
     };
     webhooks::enqueue_batch_event(txn, runtime, &job, event, now).await?;
     Ok(Some(job))
+}
+
+/// Enforces the completion windows that ended by now (up to 100 batches a pass): each batch's
+/// queued items become `expired` and their holds are released at once; running items may
+/// still finish and are charged; the batch ends `expired` (with its `batch.expired` event)
+/// once nothing runs. Each batch in its key's write lane, under its row lock. Returns how
+/// many batches were handled.
+pub async fn expire_due(
+    db: &DatabaseConnection,
+    writes: &Writes,
+    runtime: &Arc<Runtime>,
+) -> Result<usize, ApiError> {
+    let now = Utc::now();
+    let due = jobs::due_to_expire(db, now, 100).await?;
+    let n = due.len();
+    for (batch_id, key_id) in due {
+        let runtime = Arc::clone(runtime);
+        let result = writes
+            .run(Some(key_id), move |txn| {
+                let runtime = Arc::clone(&runtime);
+                Box::pin(async move { expire_in(txn, &runtime, key_id, batch_id, now).await })
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(%batch_id, error = %e, "enforcing a completion window failed");
+        }
+    }
+    Ok(n)
+}
+
+async fn expire_in(
+    txn: &DatabaseTransaction,
+    runtime: &Runtime,
+    key_id: i64,
+    batch_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    use entity::status::BatchState;
+    if !jobs::lock_owned(txn, key_id, batch_id, now).await? {
+        return Ok(());
+    }
+    let Some(job) = jobs::by_id(txn, batch_id).await? else {
+        return Ok(());
+    };
+    let open = matches!(job.status, BatchState::Queued | BatchState::Processing);
+    if !open || job.expires_at.is_none_or(|at| at > now) {
+        return Ok(());
+    }
+    let n = items::expire_queued(txn, batch_id, now).await? as i64;
+    if n > 0 {
+        let amount = n * job.cost_per_video;
+        let release = NewEntry::new(key_id, LedgerKind::Release, amount)
+            .batch(batch_id)
+            .note(Some("expired: completion window ended"));
+        if !credits::apply(txn, release).await? {
+            return Err(ApiError::internal(format!(
+                "release of {amount} failed for batch {batch_id}"
+            )));
+        }
+        metrics::counter!("items_expired_total").increment(n as u64);
+    }
+    jobs::record_expiry(txn, batch_id, n as i32, now).await?;
+    finalize_if_done(txn, runtime, batch_id, now).await?;
+    Ok(())
 }

@@ -73,10 +73,40 @@ pub fn new_batch(
         .as_ref()
         .map(|m| bounded_json("metadata", m))
         .transpose()?;
+    let completion_window = match &req.completion_window {
+        None => None,
+        Some(w) => {
+            let asked = crate::domain::policy::parse_completion_window(w)
+                .map_err(|m| ApiError::validation("completion_window", m))?;
+            match (asked, limits.completion_window) {
+                (Some(a), Some(max)) if a > max => {
+                    return Err(ApiError::validation(
+                        "completion_window",
+                        format!(
+                            "{:?} is longer than this key's window of {}",
+                            w.to_string(),
+                            humantime::format_duration(max)
+                        ),
+                    ));
+                }
+                (None, Some(max)) => {
+                    return Err(ApiError::validation(
+                        "completion_window",
+                        format!(
+                            "this key's batches have a window of at most {}",
+                            humantime::format_duration(max)
+                        ),
+                    ));
+                }
+                (a, _) => a,
+            }
+        }
+    };
     Ok(NewBatch {
         items,
         webhook_url,
         metadata,
+        completion_window,
     })
 }
 
@@ -92,10 +122,15 @@ pub fn fingerprint(req: &CreateBatchRequest) -> String {
             })
         })
         .collect();
-    let canon = canonical_json(&serde_json::json!({
+    let mut body = serde_json::json!({
         "items": items,
         "webhook_url": req.webhook_url,
         "metadata": req.metadata.as_ref().map(|m| Value::Object(m.clone().into_iter().collect())),
-    }));
+    });
+    // Only when given, so that the fingerprints of requests without it never change.
+    if let Some(w) = &req.completion_window {
+        body["completion_window"] = Value::String(w.to_string());
+    }
+    let canon = canonical_json(&body);
     hex::encode(Sha256::digest(canon.as_bytes()))
 }

@@ -48,6 +48,13 @@ impl Settings {
             let _ = writeln!(out, "max_prompt_chars = {}", l.max_prompt_chars);
             let _ = writeln!(
                 out,
+                "completion_window = {:?}",
+                l.completion_window
+                    .map_or("0".to_string(), |w| humantime::format_duration(w)
+                        .to_string())
+            );
+            let _ = writeln!(
+                out,
                 "ip_allowlist = {:?}",
                 l.ip_allowlist
                     .iter()
@@ -66,6 +73,26 @@ impl Settings {
             );
             let _ = writeln!(out, "webhook_events = {:?}", k.webhook_events);
             let _ = writeln!(out, "initial_credits = {}", k.initial_credits);
+            if let Some(p) = &k.previous_key {
+                let _ = writeln!(
+                    out,
+                    "previous_key_expires_at = {:?}",
+                    p.expires_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "low_credit_threshold = {}",
+                k.low_credit_threshold
+                    .map_or("none".to_string(), |t| t.to_string())
+            );
+            let _ = writeln!(
+                out,
+                "max_running_items = {}",
+                k.max_running_items
+                    .map_or("unlimited".to_string(), |m| m.to_string())
+            );
         }
         out
     }

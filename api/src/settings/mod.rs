@@ -12,7 +12,7 @@ mod load;
 mod raw;
 mod validate;
 
-pub use crate::domain::policy::{KeyPolicy, PolicyLimits, Secret};
+pub use crate::domain::policy::{KeyPolicy, KeyVersion, PolicyLimits, PreviousKey, Secret};
 pub use load::{ConfigError, ConfigSource};
 
 /// The name of the key that `config/local.toml` ships for trying the service out.
@@ -160,11 +160,22 @@ pub struct LogSettings {
 }
 
 /// Events a key may subscribe to.
-pub const WEBHOOK_EVENTS: [&str; 4] = [
+pub const WEBHOOK_EVENTS: [&str; 6] = [
     "batch.completed",
     "batch.cancelled",
+    "batch.expired",
     "item.succeeded",
     "item.failed",
+    "credits.low",
+];
+
+/// Events of a key that does not list `webhook_events` (`credits.low` is sent only to keys
+/// with a `low_credit_threshold`).
+pub const DEFAULT_WEBHOOK_EVENTS: [&str; 4] = [
+    "batch.completed",
+    "batch.cancelled",
+    "batch.expired",
+    "credits.low",
 ];
 
 impl Settings {

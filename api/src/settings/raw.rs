@@ -63,6 +63,7 @@ pub(super) struct RawDefaults {
     pub(super) max_prompt_chars: i64,
     #[serde(deserialize_with = "string_or_list")]
     pub(super) ip_allowlist: Vec<String>,
+    pub(super) completion_window: String,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +86,11 @@ pub(super) struct RawKey {
     pub(super) initial_credits: i64,
     #[serde(default)]
     pub(super) disabled: bool,
+    pub(super) previous_key_sha256: Option<String>,
+    pub(super) previous_key_expires_at: Option<String>,
+    pub(super) low_credit_threshold: Option<i64>,
+    pub(super) max_running_items: Option<i64>,
+    pub(super) completion_window: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -165,6 +165,8 @@ impl RawSettings {
             max_batch_items: c.positive("defaults.max_batch_items", d.max_batch_items)?,
             max_prompt_chars: c.positive("defaults.max_prompt_chars", d.max_prompt_chars)?,
             ip_allowlist: c.cidrs("defaults.ip_allowlist", &d.ip_allowlist)?,
+            completion_window: crate::domain::policy::parse_completion_window(&d.completion_window)
+                .map_err(|m| c.err("defaults.completion_window", m))?,
         };
 
         let mut keys = BTreeMap::new();
@@ -220,6 +222,11 @@ impl RawSettings {
                     Some(list) => c.cidrs(&f("ip_allowlist"), list)?,
                     None => defaults.ip_allowlist.clone(),
                 },
+                completion_window: match &k.completion_window {
+                    Some(w) => crate::domain::policy::parse_completion_window(w)
+                        .map_err(|m| c.err(&f("completion_window"), m))?,
+                    None => defaults.completion_window,
+                },
             };
             if let Some(url) = &k.webhook_url {
                 c.webhook_url(&f("webhook_url"), url)?;
@@ -239,7 +246,7 @@ impl RawSettings {
             }
             let webhook_events = k
                 .webhook_events
-                .unwrap_or_else(|| vec!["batch.completed".into(), "batch.cancelled".into()]);
+                .unwrap_or_else(|| DEFAULT_WEBHOOK_EVENTS.map(String::from).to_vec());
             for e in &webhook_events {
                 if !WEBHOOK_EVENTS.contains(&e.as_str()) {
                     return Err(c.err(
@@ -248,6 +255,67 @@ impl RawSettings {
                     ));
                 }
             }
+            let previous_key = match (&k.previous_key_sha256, &k.previous_key_expires_at) {
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(c.err(
+                        &f("previous_key_expires_at"),
+                        "is required when previous_key_sha256 is set (RFC 3339, e.g. 2026-12-01T00:00:00Z)",
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(c.err(
+                        &f("previous_key_sha256"),
+                        "is required when previous_key_expires_at is set",
+                    ));
+                }
+                (Some(old), Some(until)) => {
+                    let old = old.to_ascii_lowercase();
+                    if old.len() != 64 || !old.chars().all(|ch| ch.is_ascii_hexdigit()) {
+                        return Err(c.err(
+                            &f("previous_key_sha256"),
+                            "must be 64 hexadecimal characters (SHA-256 of the old key)",
+                        ));
+                    }
+                    if let Some(other) = hashes.insert(old.clone(), name.clone()) {
+                        return Err(c.err(
+                            &f("previous_key_sha256"),
+                            format!("the same key is already configured as {other:?}"),
+                        ));
+                    }
+                    let expires_at = chrono::DateTime::parse_from_rfc3339(until)
+                        .map_err(|_| {
+                            c.err(
+                                &f("previous_key_expires_at"),
+                                format!(
+                                    "{until:?} is not an RFC 3339 time like 2026-12-01T00:00:00Z"
+                                ),
+                            )
+                        })?
+                        .with_timezone(&chrono::Utc);
+                    Some(PreviousKey {
+                        key_sha256: old,
+                        expires_at,
+                    })
+                }
+            };
+            let low_credit_threshold = match k.low_credit_threshold {
+                None => None,
+                Some(v) if (1..=crate::domain::money::MAX_BALANCE).contains(&v) => Some(v),
+                Some(v) => {
+                    return Err(c.err(
+                        &f("low_credit_threshold"),
+                        format!(
+                            "must be between 1 and {}, got {v}",
+                            crate::domain::money::MAX_BALANCE
+                        ),
+                    ));
+                }
+            };
+            let max_running_items = k
+                .max_running_items
+                .map(|v| c.positive(&f("max_running_items"), v))
+                .transpose()?;
             if !(0..=crate::domain::money::MAX_BALANCE).contains(&k.initial_credits) {
                 return Err(c.err(
                     &f("initial_credits"),
@@ -269,6 +337,9 @@ impl RawSettings {
                     webhook_events,
                     initial_credits: k.initial_credits,
                     disabled: k.disabled,
+                    previous_key,
+                    low_credit_threshold,
+                    max_running_items,
                 }),
             );
         }

@@ -122,18 +122,100 @@ pub async fn lease_queued<C: ConnectionTrait>(
             ],
         ))
         .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(Leased {
-                id: r.try_get("", "id")?,
-                batch_id: r.try_get("", "batch_id")?,
-                prompt: r.try_get("", "prompt")?,
-                params: r.try_get("", "params")?,
-                attempts: r.try_get("", "attempts")?,
-                fair_pos: r.try_get("", "fair_pos")?,
-            })
-        })
+    rows.into_iter().map(leased).collect()
+}
+
+/// Running items of each of `keys` (through the partial index of running items per key).
+pub async fn running_counts<C: ConnectionTrait>(
+    txn: &C,
+    keys: &[i64],
+) -> Result<std::collections::HashMap<i64, i64>, DbErr> {
+    if keys.is_empty() {
+        return Ok(Default::default());
+    }
+    let backend = txn.get_database_backend();
+    let sql = format!(
+        "SELECT api_key_id, COUNT(*) AS n FROM batch_item WHERE status = 'running' \
+         AND api_key_id IN ({}) GROUP BY api_key_id",
+        super::sql::id_list(keys)
+    );
+    txn.query_all_raw(stmt(backend, &sql, []))
+        .await?
+        .into_iter()
+        .map(|r| Ok((r.try_get("", "api_key_id")?, r.try_get("", "n")?)))
         .collect()
+}
+
+/// The head of the fair queue without the items of `exclude` (no lock: candidates for
+/// [`lease_ids`]), as (item, key).
+pub async fn queued_head<C: ConnectionTrait>(
+    txn: &C,
+    exclude: &[i64],
+    max: u64,
+) -> Result<Vec<(Uuid, i64)>, DbErr> {
+    let backend = txn.get_database_backend();
+    let filter = if exclude.is_empty() {
+        String::new()
+    } else {
+        format!(" AND api_key_id NOT IN ({})", super::sql::id_list(exclude))
+    };
+    let sql = format!(
+        "SELECT id, api_key_id FROM batch_item WHERE status = 'queued'{filter} \
+         ORDER BY fair_pos, created_at {}",
+        limit(max)
+    );
+    txn.query_all_raw(stmt(backend, &sql, []))
+        .await?
+        .into_iter()
+        .map(|r| Ok((r.try_get("", "id")?, r.try_get("", "api_key_id")?)))
+        .collect()
+}
+
+/// Leases the items of `ids` that are still queued and that no other transaction holds.
+pub async fn lease_ids<C: ConnectionTrait>(
+    txn: &C,
+    lease: Lease<'_>,
+    ids: &[Uuid],
+    now: DateTime<Utc>,
+) -> Result<Vec<Leased>, DbErr> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = txn.get_database_backend();
+    let marks = (0..ids.len())
+        .map(|i| format!("${}", i + 5))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $1, \
+         worker_id = $2, lease_expires_at = $3, updated_at = $4 \
+         WHERE id IN (SELECT id FROM batch_item WHERE id IN ({marks}) AND status = 'queued'{}) \
+         RETURNING id, batch_id, prompt, params, attempts, fair_pos",
+        skip_locked(backend)
+    );
+    let mut values: Vec<sea_orm::Value> = vec![
+        lease.token.into(),
+        lease.worker_id.into(),
+        lease.expires_at.into(),
+        now.into(),
+    ];
+    values.extend(ids.iter().map(|id| (*id).into()));
+    txn.query_all_raw(stmt(backend, &sql, values))
+        .await?
+        .into_iter()
+        .map(leased)
+        .collect()
+}
+
+fn leased(r: sea_orm::QueryResult) -> Result<Leased, DbErr> {
+    Ok(Leased {
+        id: r.try_get("", "id")?,
+        batch_id: r.try_get("", "batch_id")?,
+        prompt: r.try_get("", "prompt")?,
+        params: r.try_get("", "params")?,
+        attempts: r.try_get("", "attempts")?,
+        fair_pos: r.try_get("", "fair_pos")?,
+    })
 }
 
 /// Puts running items whose lease ended before `now` back in the queue when attempts remain
@@ -328,6 +410,23 @@ pub async fn cancel_queued<C: ConnectionTrait>(
         .execute_raw(stmt(
             txn.get_database_backend(),
             "UPDATE batch_item SET status = 'cancelled', updated_at = $2 \
+             WHERE batch_id = $1 AND status = 'queued'",
+            [batch_id.into(), now.into()],
+        ))
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// Queued items of a batch become `expired` (its completion window ended): how many.
+pub async fn expire_queued<C: ConnectionTrait>(
+    txn: &C,
+    batch_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<u64, DbErr> {
+    let r = txn
+        .execute_raw(stmt(
+            txn.get_database_backend(),
+            "UPDATE batch_item SET status = 'expired', updated_at = $2 \
              WHERE batch_id = $1 AND status = 'queued'",
             [batch_id.into(), now.into()],
         ))

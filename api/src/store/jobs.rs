@@ -7,7 +7,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::sql::{skip_locked, stmt};
+use super::sql::{limit, skip_locked, stmt};
 
 /// A batch row as a create writes it.
 pub struct NewJob<'a> {
@@ -24,6 +24,8 @@ pub struct NewJob<'a> {
     /// The create's response as JSON, replayed to repeats of the request id.
     pub response: String,
     pub now: DateTime<Utc>,
+    /// The end of the completion window, if any.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl NewJob<'_> {
@@ -49,6 +51,9 @@ impl NewJob<'_> {
             updated_at: Set(self.now),
             cancel_requested_at: Set(None),
             completed_at: Set(None),
+            expires_at: Set(self.expires_at),
+            expired_at: Set(None),
+            expired_count: Set(0),
         })
         .on_conflict_do_nothing_on([Column::ApiKeyId, Column::RequestId])
         .exec(txn)
@@ -140,6 +145,46 @@ pub async fn lock_owned<C: ConnectionTrait>(
     Ok(r.rows_affected() == 1)
 }
 
+/// Counts `expired` more expired items and records that the window was enforced (its first
+/// time).
+pub async fn record_expiry<C: ConnectionTrait>(
+    txn: &C,
+    id: Uuid,
+    expired: i32,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    txn.execute_raw(stmt(
+        txn.get_database_backend(),
+        "UPDATE batch_job SET expired_count = expired_count + $2, \
+         expired_at = COALESCE(expired_at, $3), updated_at = $3 WHERE id = $1",
+        [id.into(), expired.into(), now.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Open batches whose completion window ended by `now` and that still have to be enforced:
+/// never enforced yet, or holding queued items again (a retry after the window), as
+/// (batch, key), oldest window first.
+pub async fn due_to_expire<C: ConnectionTrait>(
+    db: &C,
+    now: DateTime<Utc>,
+    max: u64,
+) -> Result<Vec<(Uuid, i64)>, DbErr> {
+    let sql = format!(
+        "SELECT id, api_key_id FROM batch_job WHERE status IN ('queued', 'processing') \
+         AND expires_at <= $1 AND (expired_at IS NULL OR EXISTS \
+         (SELECT 1 FROM batch_item WHERE batch_item.batch_id = batch_job.id \
+         AND batch_item.status = 'queued')) ORDER BY expires_at {}",
+        limit(max)
+    );
+    db.query_all_raw(stmt(db.get_database_backend(), &sql, [now.into()]))
+        .await?
+        .into_iter()
+        .map(|r| Ok((r.try_get("", "id")?, r.try_get("", "api_key_id")?)))
+        .collect()
+}
+
 /// Counts `cancelled` more cancelled items and records the cancel request (its first time).
 pub async fn record_cancel<C: ConnectionTrait>(
     txn: &C,
@@ -157,8 +202,8 @@ pub async fn record_cancel<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Marks the batch final (`cancelled` after a cancel request, else `completed`) when no item
-/// is open: true when this call did it.
+/// Marks the batch final (`cancelled` after a cancel request, `expired` after its window was
+/// enforced, else `completed`) when no item is open: true when this call did it.
 pub async fn finish_if_done<C: ConnectionTrait>(
     txn: &C,
     id: Uuid,
@@ -168,10 +213,11 @@ pub async fn finish_if_done<C: ConnectionTrait>(
         .execute_raw(stmt(
             txn.get_database_backend(),
             "UPDATE batch_job SET \
-             status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'completed' END, \
+             status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
+             WHEN expired_at IS NOT NULL THEN 'expired' ELSE 'completed' END, \
              completed_at = $2, updated_at = $2 \
              WHERE id = $1 AND status IN ('queued', 'processing') \
-             AND succeeded_count + failed_count + cancelled_count = total_count",
+             AND succeeded_count + failed_count + cancelled_count + expired_count = total_count",
             [id.into(), now.into()],
         ))
         .await?;
@@ -231,7 +277,7 @@ pub async fn lock_of_item<C: ConnectionTrait>(
              status = CASE WHEN status = 'queued' THEN 'processing' ELSE status END \
              WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1) \
              RETURNING id, api_key_id, cost_per_video, cancel_requested_at, status, \
-             total_count - succeeded_count - failed_count - cancelled_count AS open",
+             total_count - succeeded_count - failed_count - cancelled_count - expired_count AS open",
             [item_id.into(), now.into()],
         ))
         .await?

@@ -119,3 +119,22 @@ pub async fn id_by_name<C: ConnectionTrait>(db: &C, name: &str) -> Result<Option
         .await?
         .map(|k| k.id))
 }
+
+/// Takes the rows of `ids` that no other transaction holds, for a claim that counts and
+/// leases those keys' items alone (see `service::leases`); returns the ids taken. Never waits.
+pub async fn lock_for_claim<C: ConnectionTrait>(txn: &C, ids: &[i64]) -> Result<Vec<i64>, DbErr> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = txn.get_database_backend();
+    let sql = format!(
+        "SELECT id FROM api_key WHERE id IN ({}) ORDER BY id{}",
+        super::sql::id_list(ids),
+        super::sql::skip_locked_no_key(backend)
+    );
+    txn.query_all_raw(super::sql::stmt(backend, &sql, []))
+        .await?
+        .into_iter()
+        .map(|r| r.try_get::<i64>("", "id"))
+        .collect()
+}

@@ -20,6 +20,25 @@ pub fn skip_locked(backend: DbBackend) -> &'static str {
     }
 }
 
+/// ` FOR NO KEY UPDATE SKIP LOCKED` where the store has it: a claim takes a key's row to
+/// count and lease its items alone (per-key running caps) without waiting for, or blocking,
+/// the `KEY SHARE` locks that inserts referring to the key take. Empty on SQLite (one writer).
+pub fn skip_locked_no_key(backend: DbBackend) -> &'static str {
+    if backend == DbBackend::Postgres {
+        " FOR NO KEY UPDATE SKIP LOCKED"
+    } else {
+        ""
+    }
+}
+
+/// `a, b, c` of integers, for an `IN (...)` list (ids we hold, never client text).
+pub fn id_list(ids: &[i64]) -> String {
+    ids.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The largest `LIMIT` written (callers bound their pages far below it; a page asks for one
 /// row more than it returns, to know whether another follows).
 pub const MAX_LIMIT: u64 = 10_000;

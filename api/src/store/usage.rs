@@ -24,8 +24,8 @@ pub async fn insert<C: ConnectionTrait>(
     db.execute_raw(stmt(
         db.get_database_backend(),
         "INSERT INTO usage_event (api_key_id, request_id, method, path, status, error_code, client_ip, \
-         user_agent, minute_bucket, latency_us, batch_id, items, credits, count, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+         user_agent, minute_bucket, latency_us, batch_id, items, credits, count, created_at, key_version) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         [
             row.api_key_id.into(),
             row.request_id.clone().into(),
@@ -42,6 +42,7 @@ pub async fn insert<C: ConnectionTrait>(
             row.credits.into(),
             row.count.max(1).into(),
             now.into(),
+            row.key_version.into(),
         ],
     ))
     .await?;

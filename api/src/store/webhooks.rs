@@ -14,7 +14,8 @@ use super::sql::{limit, skip_locked, stmt};
 /// An event to deliver, written in the transaction of the change that causes it.
 pub struct NewDelivery<'a> {
     pub key_id: i64,
-    pub batch_id: Uuid,
+    /// The batch the event is about (none for key events such as `credits.low`).
+    pub batch_id: Option<Uuid>,
     pub event_type: &'a str,
     /// The signed body.
     pub payload: String,

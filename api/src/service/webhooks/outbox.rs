@@ -13,7 +13,7 @@ use crate::store::{items, jobs};
 async fn enqueue<C: ConnectionTrait>(
     txn: &C,
     key_id: i64,
-    batch_id: Uuid,
+    batch_id: Option<Uuid>,
     target: &str,
     event: &str,
     data: serde_json::Value,
@@ -55,7 +55,7 @@ pub async fn enqueue_batch_event<C: ConnectionTrait>(
     let view = crate::service::batches::view(job, (0, 0), None);
     let data =
         serde_json::to_value(poem_openapi::types::ToJSON::to_json(&view)).unwrap_or_default();
-    enqueue(txn, job.api_key_id, job.id, &url, event, data, now).await
+    enqueue(txn, job.api_key_id, Some(job.id), &url, event, data, now).await
 }
 
 /// Records `item.succeeded` / `item.failed` for keys that subscribe to them.
@@ -92,5 +92,39 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
     .unwrap_or_default();
     data["item"] = poem_openapi::types::ToJSON::to_json(&crate::service::batches::item_view(&item))
         .unwrap_or_default();
-    enqueue(txn, job.api_key_id, job.id, &url, event, data, now).await
+    enqueue(txn, job.api_key_id, Some(job.id), &url, event, data, now).await
+}
+
+/// Records `credits.low` when a movement took the key's available credits from at or above
+/// its `low_credit_threshold` to below it: once per crossing, whatever the concurrency, since
+/// every movement of a wallet runs under its row lock and sees the exact amounts before and
+/// after. Crossing back above needs no record: the next crossing below is a crossing again.
+pub async fn enqueue_low_credits<C: ConnectionTrait>(
+    txn: &C,
+    runtime: &Runtime,
+    key_id: i64,
+    before: i64,
+    after: i64,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    let Some(key) = runtime.by_id.get(&key_id) else {
+        return Ok(());
+    };
+    let Some(threshold) = key.policy.low_credit_threshold else {
+        return Ok(());
+    };
+    if !(before >= threshold && after < threshold) {
+        return Ok(());
+    }
+    metrics::counter!("credits_low_events_total").increment(1);
+    tracing::info!(key = %key.policy.name, available = after, threshold, "credits low");
+    let Some(url) = target(runtime, key_id, None, "credits.low") else {
+        return Ok(());
+    };
+    let data = json!({
+        "key": key.policy.name,
+        "threshold": threshold,
+        "available": after,
+    });
+    enqueue(txn, key_id, None, &url, "credits.low", data, now).await
 }
