@@ -237,7 +237,7 @@ pub async fn run() -> anyhow::Result<()> {
                             "  #{:<6} {} {:<8} {:>10}  {}{}",
                             row.id,
                             row.created_at.format("%Y-%m-%d %H:%M:%S"),
-                            row.kind,
+                            row.kind.as_str(),
                             row.amount,
                             row.batch_id
                                 .map(|b| format!("batch {b} "))

@@ -9,7 +9,7 @@ pub struct Model {
     pub id: i64,
     pub api_key_id: i64,
     /// grant, hold, charge, release or adjust.
-    pub kind: String,
+    pub kind: crate::status::LedgerKind,
     pub amount: i64,
     pub batch_id: Option<Uuid>,
     pub item_id: Option<Uuid>,

@@ -4,33 +4,8 @@
 /// would silently turn an overflowing integer into a float).
 pub const MAX_BALANCE: i64 = 1 << 53;
 
-/// Kinds of ledger rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LedgerKind {
-    /// Credits bought or granted: balance += amount.
-    Grant,
-    /// Credits reserved for a batch: held += amount.
-    Hold,
-    /// A succeeded item: balance -= amount, held -= amount.
-    Charge,
-    /// A failed or cancelled item: held -= amount.
-    Release,
-    /// Admin correction (may be negative): balance += amount, never below held.
-    Adjust,
-}
-
-impl LedgerKind {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LedgerKind::Grant => "grant",
-            LedgerKind::Hold => "hold",
-            LedgerKind::Charge => "charge",
-            LedgerKind::Release => "release",
-            LedgerKind::Adjust => "adjust",
-        }
-    }
-}
+/// Kinds of ledger rows, stored through sea-orm (an unknown stored kind is refused).
+pub use entity::status::LedgerKind;
 
 /// A wallet's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -156,8 +156,7 @@ fn same_movement(
     note: Option<&str>,
     key: &str,
 ) -> Result<(), ApiError> {
-    if earlier.kind == kind.as_str() && earlier.amount == amount && earlier.note.as_deref() == note
-    {
+    if earlier.kind == kind && earlier.amount == amount && earlier.note.as_deref() == note {
         Ok(())
     } else {
         Err(ApiError::new(

@@ -29,7 +29,7 @@ impl From<entity::credit_ledger::Model> for LedgerEntry {
     fn from(m: entity::credit_ledger::Model) -> Self {
         Self {
             id: m.id,
-            kind: m.kind,
+            kind: m.kind.as_str().to_string(),
             amount: m.amount,
             batch_id: m.batch_id,
             item_id: m.item_id,

@@ -69,7 +69,7 @@ impl<'a> NewEntry<'a> {
     ) -> Result<(), DbErr> {
         Entity::insert(ActiveModel {
             api_key_id: Set(self.key_id),
-            kind: Set(self.kind.as_str().to_string()),
+            kind: Set(self.kind),
             amount: Set(self.amount),
             batch_id: Set(self.batch_id),
             item_id: Set(self.item_id),
