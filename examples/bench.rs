@@ -670,8 +670,8 @@ async fn raw_complete(p: &Pools, item_id: Uuid, token: Uuid) -> Result<()> {
     complete_in(
         &txn,
         &p.runtime,
-        item_id,
-        token,
+        api::domain::ids::ItemId(item_id),
+        api::domain::ids::LeaseToken(token),
         "https://cdn.example/v.mp4",
         None,
     )

@@ -1,5 +1,6 @@
 //! Typed values that can only be built valid ("parse, don't validate").
 pub mod error_code;
+pub mod ids;
 pub mod money;
 pub mod policy;
 pub mod quota;

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::auth::CustomerKey;
 use crate::context::AuditTemplate;
+use crate::domain::ids::{BatchId, KeyId};
 use crate::error::ApiError;
 use crate::schemas::batches::{
     Batch, BatchCreated, BatchList, BatchStatusFilter, CreateBatchRequest, ItemPage, ItemStatus,
@@ -170,7 +171,7 @@ impl CustomerApi {
     ) -> Result<Read<Batch>, ApiError> {
         crate::context::update(|s| s.batch_id = Some(batch_id.0));
         Ok(Read::Ok(Json(
-            batches::get(&state.db, auth.0.key.id, batch_id.0).await?,
+            batches::get(&state.db, KeyId(auth.0.key.id), BatchId(batch_id.0)).await?,
         )))
     }
 
@@ -201,8 +202,8 @@ impl CustomerApi {
         crate::context::update(|s| s.batch_id = Some(batch_id.0));
         let (data, next_cursor) = batches::items_page(
             &state.db,
-            auth.0.key.id,
-            batch_id.0,
+            KeyId(auth.0.key.id),
+            BatchId(batch_id.0),
             status.0,
             u64::from(limit.0.unwrap_or(100)),
             cursor.0.as_deref(),
@@ -233,7 +234,7 @@ impl CustomerApi {
         batch_id: Path<Uuid>,
     ) -> Result<Results, ApiError> {
         crate::context::update(|s| s.batch_id = Some(batch_id.0));
-        batches::check_owner(&state.db, auth.0.key.id, batch_id.0).await?;
+        batches::check_owner(&state.db, KeyId(auth.0.key.id), BatchId(batch_id.0)).await?;
         let stream = batches::results_stream(state.db.clone(), batch_id.0);
         Ok(Results::Ok(Binary(Body::from_bytes_stream(stream))))
     }
@@ -298,8 +299,8 @@ impl CustomerApi {
                 &state.db,
                 &state.writes,
                 caller.runtime,
-                caller.key.id,
-                batch_id.0,
+                KeyId(caller.key.id),
+                BatchId(batch_id.0),
             )
             .await?;
             // A cancel may have finished the batch: its event is sent at once.

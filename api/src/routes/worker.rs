@@ -9,6 +9,7 @@ use poem_openapi::{OpenApi, Tags};
 use uuid::Uuid;
 
 use crate::auth::WorkerAuth;
+use crate::domain::ids::{ItemId, LeaseToken};
 use crate::error::ApiError;
 use crate::schemas::worker::{
     ClaimRequest, ClaimResponse, CompleteRequest, FailRequest, HeartbeatRequest, ItemState,
@@ -80,8 +81,8 @@ impl WorkerApi {
             leases::heartbeat(
                 &state.db,
                 &state.writes,
-                item_id.0,
-                body.0.lease_token,
+                ItemId(item_id.0),
+                LeaseToken(body.0.lease_token),
                 Duration::seconds(secs.into()),
             )
             .await?,
@@ -113,8 +114,8 @@ impl WorkerApi {
             &state.db,
             &state.writes,
             auth.0,
-            item_id.0,
-            body.0.lease_token,
+            ItemId(item_id.0),
+            LeaseToken(body.0.lease_token),
             body.0.result_url.into_string(),
             result,
         )
@@ -145,8 +146,8 @@ impl WorkerApi {
             &state.db,
             &state.writes,
             auth.0,
-            item_id.0,
-            body.0.lease_token,
+            ItemId(item_id.0),
+            LeaseToken(body.0.lease_token),
             body.0.error.into_string(),
             body.0.retryable,
         )

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use std::sync::Arc;
 
+use crate::domain::ids::{BatchId, KeyId};
 use crate::domain::{NewBatch, RequestId};
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::batches::{
@@ -343,9 +344,10 @@ pub fn item_view(m: &batch_item::Model) -> BatchItemView {
 /// One batch of a key, with its items; another key's batch is not found.
 pub async fn get<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
-    batch_id: Uuid,
+    key: KeyId,
+    batch: BatchId,
 ) -> Result<Batch, ApiError> {
+    let (key_id, batch_id) = (key.0, batch.0);
     let job = owned_batch(db, key_id, batch_id).await?;
     let open = items::open_counts(db, &[batch_id])
         .await?
@@ -401,12 +403,13 @@ async fn items_after<C: ConnectionTrait>(
 /// A page of a batch's items in request order, optionally of one status.
 pub async fn items_page<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
-    batch_id: Uuid,
+    key: KeyId,
+    batch: BatchId,
     status: Option<ItemStatus>,
     limit: u64,
     cursor: Option<&str>,
 ) -> Result<(Vec<BatchItemView>, Option<String>), ApiError> {
+    let (key_id, batch_id) = (key.0, batch.0);
     owned_batch(db, key_id, batch_id).await?;
     let after = cursor.map(decode_item_cursor).transpose()?;
     items_after(db, batch_id, status, after, limit).await
@@ -456,9 +459,10 @@ pub fn results_stream(
 /// 404 unless the batch belongs to the key.
 pub async fn check_owner<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
-    batch_id: Uuid,
+    key: KeyId,
+    batch: BatchId,
 ) -> Result<(), ApiError> {
+    let (key_id, batch_id) = (key.0, batch.0);
     owned_batch(db, key_id, batch_id).await.map(|_| ())
 }
 
@@ -547,16 +551,17 @@ pub async fn cancel(
     db: &DatabaseConnection,
     writes: &Writes,
     runtime: Arc<Runtime>,
-    key_id: i64,
-    batch_id: Uuid,
+    key: KeyId,
+    batch: BatchId,
 ) -> Result<Batch, ApiError> {
+    let (key_id, batch_id) = (key.0, batch.0);
     writes
         .run(Some(key_id), move |txn| {
             let runtime = Arc::clone(&runtime);
             Box::pin(async move { cancel_in(txn, &runtime, key_id, batch_id).await })
         })
         .await?;
-    get(db, key_id, batch_id).await
+    get(db, key, batch).await
 }
 
 async fn cancel_in(

@@ -7,6 +7,7 @@ use chrono::{DateTime, Duration, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction};
 use uuid::Uuid;
 
+use crate::domain::ids::{ItemId, LeaseToken};
 use crate::error::ApiError;
 use crate::schemas::batches::{BatchStatus, ItemStatus};
 use crate::schemas::worker::{ClaimedItem, ItemState};
@@ -228,7 +229,16 @@ pub async fn reap_expired(
                 move |txn| {
                     let runtime = Arc::clone(&runtime);
                     Box::pin(async move {
-                        fail_in(txn, &runtime, id, token, "lease expired", true, at).await
+                        fail_in(
+                            txn,
+                            &runtime,
+                            ItemId(id),
+                            LeaseToken(token),
+                            "lease expired",
+                            true,
+                            at,
+                        )
+                        .await
                     })
                 }
             })
@@ -311,27 +321,28 @@ async fn batch_status<C: ConnectionTrait>(db: &C, batch_id: Uuid) -> Result<Batc
 pub async fn heartbeat(
     db: &DatabaseConnection,
     writes: &Writes,
-    item_id: Uuid,
-    token: Uuid,
+    item: ItemId,
+    token: LeaseToken,
     lease: Duration,
 ) -> Result<ItemState, ApiError> {
-    let key = key_of(db, item_id).await?;
+    let key = key_of(db, item.0).await?;
     writes
         .run(Some(key), move |txn| {
-            Box::pin(async move { heartbeat_in(txn, item_id, token, lease).await })
+            Box::pin(async move { heartbeat_in(txn, item, token, lease).await })
         })
         .await
 }
 
 async fn heartbeat_in(
     txn: &DatabaseTransaction,
-    item_id: Uuid,
-    token: Uuid,
+    item: ItemId,
+    token: LeaseToken,
     lease: Duration,
 ) -> Result<ItemState, ApiError> {
+    let item_id = item.0;
     let now = Utc::now();
     let expires = now + lease;
-    let Some((batch_id, attempts)) = items::extend_lease(txn, item_id, token, expires, now).await?
+    let Some((batch_id, attempts)) = items::extend_lease(txn, item, token, expires, now).await?
     else {
         return Err(lease_error(txn, item_id).await);
     };
@@ -357,19 +368,19 @@ pub async fn complete(
     db: &DatabaseConnection,
     writes: &Writes,
     runtime: Arc<Runtime>,
-    item_id: Uuid,
-    token: Uuid,
+    item: ItemId,
+    token: LeaseToken,
     result_url: String,
     result: Option<String>,
 ) -> Result<ItemState, ApiError> {
-    let key = key_of(db, item_id).await?;
+    let key = key_of(db, item.0).await?;
     writes
         .run(Some(key), move |txn| {
             let (runtime, result_url, result) =
                 (Arc::clone(&runtime), result_url.clone(), result.clone());
-            Box::pin(async move {
-                complete_in(txn, &runtime, item_id, token, &result_url, result).await
-            })
+            Box::pin(
+                async move { complete_in(txn, &runtime, item, token, &result_url, result).await },
+            )
         })
         .await
 }
@@ -379,14 +390,15 @@ pub async fn complete(
 pub async fn complete_in(
     txn: &DatabaseTransaction,
     runtime: &Runtime,
-    item_id: Uuid,
-    token: Uuid,
+    item: ItemId,
+    token: LeaseToken,
     result_url: &str,
     result: Option<String>,
 ) -> Result<ItemState, ApiError> {
+    let item_id = item.0;
     let now = Utc::now();
     let batch = lock_batch_of(txn, item_id, now).await?;
-    let Some(attempts) = items::succeed(txn, item_id, token, result_url, result, now).await? else {
+    let Some(attempts) = items::succeed(txn, item, token, result_url, result, now).await? else {
         return Err(ApiError::lease_lost(item_id));
     };
     jobs::count_outcome(txn, batch.id, jobs::Outcome::Succeeded).await?;
@@ -423,17 +435,17 @@ pub async fn fail(
     db: &DatabaseConnection,
     writes: &Writes,
     runtime: Arc<Runtime>,
-    item_id: Uuid,
-    token: Uuid,
+    item: ItemId,
+    token: LeaseToken,
     error: String,
     retryable: bool,
 ) -> Result<ItemState, ApiError> {
-    let key = key_of(db, item_id).await?;
+    let key = key_of(db, item.0).await?;
     writes
         .run(Some(key), move |txn| {
             let (runtime, error) = (Arc::clone(&runtime), error.clone());
             Box::pin(async move {
-                fail_in(txn, &runtime, item_id, token, &error, retryable, Utc::now()).await
+                fail_in(txn, &runtime, item, token, &error, retryable, Utc::now()).await
             })
         })
         .await
@@ -444,12 +456,13 @@ pub async fn fail(
 async fn fail_in(
     txn: &DatabaseTransaction,
     runtime: &Runtime,
-    item_id: Uuid,
-    token: Uuid,
+    item: ItemId,
+    token: LeaseToken,
     error: &str,
     retryable: bool,
     live_at: DateTime<Utc>,
 ) -> Result<ItemState, ApiError> {
+    let item_id = item.0;
     let now = Utc::now();
     let batch = lock_batch_of(txn, item_id, now).await?;
     // One conditional update on item and token decides the outcome; a stale token matches no
@@ -462,7 +475,7 @@ async fn fail_in(
         cancel_requested: batch.cancel_requested,
         live_at,
     };
-    let Some((status, attempts)) = items::settle_failure(txn, item_id, failure, now).await? else {
+    let Some((status, attempts)) = items::settle_failure(txn, item, failure, now).await? else {
         return Err(ApiError::lease_lost(item_id));
     };
     let status = ItemStatus::from(status);

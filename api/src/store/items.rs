@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::sql::{limit, skip_locked, stmt};
 use crate::domain::NewItem;
+use crate::domain::ids::{ItemId, LeaseToken};
 
 /// Where a key's new batch starts in the fair queue: right after the key's own queued items,
 /// but never before the queue's head, so a key's backlog cannot delay another key's batch.
@@ -296,8 +297,8 @@ pub async fn key_of<C: ConnectionTrait>(db: &C, id: Uuid) -> Result<Option<i64>,
 /// still holds the lease at `now`.
 pub async fn extend_lease<C: ConnectionTrait>(
     txn: &C,
-    id: Uuid,
-    token: Uuid,
+    id: ItemId,
+    token: LeaseToken,
     expires_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<Option<(Uuid, i32)>, DbErr> {
@@ -322,8 +323,8 @@ pub async fn extend_lease<C: ConnectionTrait>(
 /// Records a success when the token still holds a live lease at `now`: the item's attempts.
 pub async fn succeed<C: ConnectionTrait>(
     txn: &C,
-    id: Uuid,
-    token: Uuid,
+    id: ItemId,
+    token: LeaseToken,
     result_url: &str,
     result: Option<String>,
     now: DateTime<Utc>,
@@ -347,7 +348,7 @@ pub async fn succeed<C: ConnectionTrait>(
 /// A failure report, decided in one statement.
 #[derive(Clone, Copy, Debug)]
 pub struct Failure<'a> {
-    pub token: Uuid,
+    pub token: LeaseToken,
     pub error: &'a str,
     /// The worker says another attempt may succeed.
     pub retryable: bool,
@@ -364,7 +365,7 @@ pub struct Failure<'a> {
 /// request) or failed. Returns the new status and the attempts.
 pub async fn settle_failure<C: ConnectionTrait>(
     txn: &C,
-    id: Uuid,
+    id: ItemId,
     f: Failure<'_>,
     now: DateTime<Utc>,
 ) -> Result<Option<(entity::status::ItemState, i32)>, DbErr> {
