@@ -300,18 +300,6 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             n += 1;
-            if n % 12 == 1 {
-                let now = chrono::Utc::now();
-                if let Err(e) = crate::service::rate_limit::prune(&state.writer, now).await {
-                    tracing::warn!(error = %e, "pruning rate-limit windows failed");
-                }
-                let retention = state.runtime().settings.retention;
-                if let Err(e) =
-                    crate::service::retention::prune(&state.writer, &retention, now).await
-                {
-                    tracing::warn!(error = %e, "retention pruning failed");
-                }
-            }
             // Histograms keep their samples until drained: drain them even when nobody scrapes.
             crate::telemetry::metrics().run_upkeep();
             if let Err(e) = crate::telemetry::sample_gauges(&state.db).await {
@@ -325,6 +313,19 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                 .collect();
             if let Err(e) = crate::telemetry::sample_low_credits(&state.db, &thresholds).await {
                 tracing::warn!(error = %e, "sampling low-credit gauge failed");
+            }
+            // Pruning last: the gauges are exported first, also at start.
+            if n % 12 == 1 {
+                let now = chrono::Utc::now();
+                if let Err(e) = crate::service::rate_limit::prune(&state.writer, now).await {
+                    tracing::warn!(error = %e, "pruning rate-limit windows failed");
+                }
+                let retention = state.runtime().settings.retention;
+                if let Err(e) =
+                    crate::service::retention::prune(&state.writer, &retention, now).await
+                {
+                    tracing::warn!(error = %e, "retention pruning failed");
+                }
             }
             state.strangers.flush_finished(&state.writes).await;
         }

@@ -26,7 +26,7 @@ async fn grant_is_idempotent_and_adjust_never_goes_below_held(backend: Backend) 
         assert_eq!(r.status(), 200);
     }
     let key = app.key("acme").to_string();
-    assert_eq!(app.credits(&key).await["balance"], 150, "granted once");
+    assert_eq!(app.wallet(&key).await.balance, 150, "granted once");
     app.create_batch(&key, &TestApp::batch_body(Some("x"), 10))
         .await;
     let r = app
@@ -180,8 +180,8 @@ async fn huge_grants_are_refused_not_overflowed(backend: Backend) {
         if r.status() == 409 {
             let v: Value = r.json().await.unwrap();
             assert_eq!(v["error"], "CONFLICT");
-            let c = app.credits(app.key("acme")).await;
-            assert!(c["balance"].as_i64().unwrap() <= api::service::credits::MAX_BALANCE);
+            let c = app.wallet(app.key("acme")).await;
+            assert!(c.balance <= api::service::credits::MAX_BALANCE);
             app.assert_ledger_invariant().await;
             return;
         }

@@ -89,10 +89,10 @@ async fn no_overdraft_under_concurrency(backend: Backend) {
     let statuses = join_all(calls).await;
     assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 10);
     assert_eq!(statuses.iter().filter(|s| **s == 402).count(), 40);
-    let c = app.credits(&key).await;
-    assert_eq!(c["balance"], 200);
-    assert_eq!(c["held"], 200);
-    assert_eq!(c["available"], 0);
+    let c = app.wallet(&key).await;
+    assert_eq!(c.balance, 200);
+    assert_eq!(c.held, 200);
+    assert_eq!(c.available, 0);
     app.assert_ledger_invariant().await;
 }
 
@@ -139,7 +139,7 @@ async fn one_batch_per_request_id_under_concurrency(backend: Backend) {
             .await,
         1
     );
-    assert_eq!(app.credits(&key).await["held"], 20);
+    assert_eq!(app.wallet(&key).await.held, 20);
 
     let other = TestApp::batch_body(Some("order-42"), 3);
     let r = app.create_batch(&key, &other).await;

@@ -465,7 +465,19 @@ impl TestApp {
             .expect("request")
     }
 
-    /// GET /api/enterprise/credits as JSON.
+    /// The key's wallet (`GET /api/enterprise/credits`, which must answer 200), typed.
+    pub async fn wallet(&self, key: &str) -> crate::wire::Credits {
+        let r = self
+            .client
+            .get(format!("{}/api/enterprise/credits?limit=200", self.base))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("request");
+        crate::wire::expect(r, 200).await
+    }
+
+    /// GET /api/enterprise/credits as JSON, whatever the status (for refusals).
     pub async fn credits(&self, key: &str) -> Value {
         self.client
             .get(format!("{}/api/enterprise/credits?limit=200", self.base))

@@ -76,9 +76,9 @@ async fn concurrent_workers_claim_each_item_once(backend: Backend) {
             .await,
         500
     );
-    let c = app.credits(&key).await;
-    assert_eq!(c["held"], 0);
-    assert_eq!(c["balance"], 100000 - 500 * 10);
+    let c = app.wallet(&key).await;
+    assert_eq!(c.held, 0);
+    assert_eq!(c.balance, 100000 - 500 * 10);
     for b in batches {
         let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();
         assert_eq!(v["status"], "completed");
@@ -147,9 +147,9 @@ async fn stale_reports_change_nothing(backend: Backend) {
             .await,
         1
     );
-    let cr = app.credits(&key).await;
-    assert_eq!(cr["balance"], 980);
-    assert_eq!(cr["held"], 0);
+    let cr = app.wallet(&key).await;
+    assert_eq!(cr.balance, 980);
+    assert_eq!(cr.held, 0);
     app.assert_ledger_invariant().await;
 
     // Wrong worker secret and a customer key are refused by the worker API.
@@ -221,7 +221,7 @@ async fn random_mix_keeps_the_ledger_exact(backend: Backend) {
     app.assert_ledger_invariant().await;
     for k in &keys {
         assert_eq!(
-            app.credits(k).await["held"],
+            app.wallet(k).await.held,
             0,
             "nothing held once every batch is final"
         );
@@ -279,20 +279,20 @@ async fn cancel_releases_queued_items_and_is_idempotent(backend: Backend) {
     assert_eq!(v["counts"]["cancelled"], 3);
     assert_eq!(v["counts"]["running"], 2);
     assert_eq!(v["status"], "processing", "running items may finish");
-    let c = app.credits(&key).await;
-    assert_eq!(c["held"], 20, "3 queued items released at once");
+    let c = app.wallet(&key).await;
+    assert_eq!(c.held, 20, "3 queued items released at once");
     let again: Value = app.cancel_batch(&key, &b).await.json().await.unwrap();
     assert_eq!(again["counts"]["cancelled"], 3, "idempotent");
-    assert_eq!(app.credits(&key).await["held"], 20);
+    assert_eq!(app.wallet(&key).await.held, 20);
     assert_eq!(app.complete(&running[0]).await.status(), 200);
     assert_eq!(app.fail(&running[1], true).await.status(), 200);
     let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();
     assert_eq!(v["status"], "cancelled");
     assert_eq!(v["counts"]["succeeded"], 1);
     assert_eq!(v["counts"]["cancelled"], 4);
-    let c = app.credits(&key).await;
-    assert_eq!(c["held"], 0);
-    assert_eq!(c["balance"], 990);
+    let c = app.wallet(&key).await;
+    assert_eq!(c.held, 0);
+    assert_eq!(c.balance, 990);
     app.assert_ledger_invariant().await;
     // The final transition recorded nothing to send: this key has no webhook URL.
     assert_eq!(
@@ -402,7 +402,7 @@ async fn reference_worker_runs_a_batch_end_to_end(backend: Backend) {
         let id = item["item_id"].as_str().unwrap();
         assert_eq!(item["result_url"], format!("https://cdn.example/{id}.mp4"));
     }
-    assert_eq!(app.credits(&key).await["balance"], 970);
+    assert_eq!(app.wallet(&key).await.balance, 970);
 }
 
 /// The reference worker keeps going through a server restart: claims and reports that fail
@@ -447,7 +447,7 @@ async fn reference_worker_survives_a_server_restart(backend: Backend) {
     };
     worker.abort();
     assert_eq!(v["counts"]["succeeded"], 6, "{v}");
-    assert_eq!(app.credits(&key).await["held"], 0);
+    assert_eq!(app.wallet(&key).await.held, 0);
     app.assert_ledger_invariant().await;
 }
 
@@ -491,7 +491,7 @@ async fn expired_last_attempt_fails_the_item_and_releases_it(backend: Backend) {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         };
         assert_eq!(v["counts"]["failed"], 1);
-        assert_eq!(app.credits(&key).await["held"], 0);
+        assert_eq!(app.wallet(&key).await.held, 0);
         assert_eq!(
             app.complete(&last).await.status(),
             409,

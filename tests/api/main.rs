@@ -25,3 +25,4 @@ mod security;
 mod targets;
 mod two_nodes;
 mod webhooks;
+mod wire;

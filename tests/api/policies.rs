@@ -208,9 +208,9 @@ async fn a_batch_whose_window_ends_expires_its_queued_items_and_lets_running_one
     };
     assert_eq!(batch["status"], "processing", "a running item is still out");
     assert_eq!(batch["expires_at"], created["expires_at"]);
-    let credits = app.credits(&key).await;
+    let credits = app.wallet(&key).await;
     assert_eq!(
-        credits["held"], 10,
+        credits.held, 10,
         "the expired items' holds are released at once"
     );
 
@@ -218,9 +218,9 @@ async fn a_batch_whose_window_ends_expires_its_queued_items_and_lets_running_one
     let b: Value = app.get_batch(&key, &batch_id).await.json().await.unwrap();
     assert_eq!(b["status"], "expired");
     assert_eq!(b["counts"]["succeeded"], 1);
-    let credits = app.credits(&key).await;
-    assert_eq!(credits["balance"], 990, "the running item is charged");
-    assert_eq!(credits["held"], 0);
+    let credits = app.wallet(&key).await;
+    assert_eq!(credits.balance, 990, "the running item is charged");
+    assert_eq!(credits.held, 0);
     let items: Value = app
         .client
         .get(format!(

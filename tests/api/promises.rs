@@ -139,11 +139,8 @@ async fn a_retryable_failure_requeues_until_max_attempts(backend: Backend) {
     let b: Value = app.get_batch(&key, &id).await.json().await.unwrap();
     assert_eq!(b["status"], "completed");
     assert_eq!(b["counts"]["failed"], 1);
-    let credits = app.credits(&key).await;
-    assert_eq!(
-        (credits["held"].clone(), credits["balance"].clone()),
-        (json!(0), json!(100))
-    );
+    let credits = app.wallet(&key).await;
+    assert_eq!((credits.held, credits.balance), (0, 100));
 }
 
 /// A batch's own `webhook_url` receives its events; the key's URL gets none.
@@ -294,7 +291,7 @@ async fn an_admin_idempotency_key_reused_with_another_body_is_refused(backend: B
             .await,
         1
     );
-    assert_eq!(app.credits(app.key("acme")).await["balance"], 50);
+    assert_eq!(app.wallet(app.key("acme")).await.balance, 50);
 }
 
 /// A 302 from the endpoint is an unsuccessful attempt; the redirect target is never called.

@@ -78,9 +78,9 @@ async fn an_expired_lease_of_a_cancelled_batch_is_cancelled_never_billed(backend
     );
     let late = app.complete(&claimed[0]).await;
     assert_eq!(late.status(), 409, "the old lease cannot be completed");
-    let credits = app.credits(&key).await;
-    assert_eq!(credits["held"], 0);
-    assert_eq!(credits["balance"], 100, "nothing charged");
+    let credits = app.wallet(&key).await;
+    assert_eq!(credits.held, 0);
+    assert_eq!(credits.balance, 100, "nothing charged");
     assert_eq!(
         app.scalar("SELECT COUNT(*) AS v FROM credit_ledger WHERE kind = 'charge'")
             .await,
@@ -104,12 +104,12 @@ async fn an_exhausted_lease_is_reaped_without_any_claim(backend: Backend) {
         .unwrap();
     let id = created["batch_id"].as_str().unwrap().to_string();
     assert_eq!(claim_with_lease(&app, 1, 1).await.len(), 1);
-    assert_eq!(app.credits(&key).await["held"], 10);
+    assert_eq!(app.wallet(&key).await.held, 10);
     let b = wait_for_status(&app, &key, &id, "completed", Duration::from_secs(8)).await;
     assert_eq!(b["counts"]["failed"], 1, "{b}");
-    let credits = app.credits(&key).await;
-    assert_eq!(credits["held"], 0, "the hold is released");
-    assert_eq!(credits["balance"], 100);
+    let credits = app.wallet(&key).await;
+    assert_eq!(credits.held, 0, "the hold is released");
+    assert_eq!(credits.balance, 100);
     app.assert_ledger_invariant().await;
 }
 
@@ -167,5 +167,5 @@ async fn a_row_the_reaper_cannot_settle_fails_neither_claims_nor_other_rows(back
         still["counts"]["running"], 1,
         "the poisoned row is skipped, not half-done: {still}"
     );
-    assert_eq!(app.credits(&healthy).await["held"], 0);
+    assert_eq!(app.wallet(&healthy).await.held, 0);
 }

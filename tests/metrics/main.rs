@@ -2,13 +2,18 @@
 //! traffic, so every change is asserted exactly. The two backends take turns.
 #[path = "../api/helpers.rs"]
 mod helpers;
+#[path = "../api/wire.rs"]
+mod wire;
 
 use helpers::{Backend, TestApp};
 
 /// The two variants of the test run one after the other, never at once.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-both_backends!(metrics_parse_and_move_with_traffic);
+both_backends!(
+    metrics_parse_and_move_with_traffic,
+    a_key_below_its_low_credit_threshold_is_counted
+);
 
 /// Parses Prometheus text exposition; panics on a malformed line. Returns (series, value).
 fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
@@ -97,10 +102,48 @@ async fn metrics_parse_and_move_with_traffic(backend: Backend) {
         1.0
     );
     assert_eq!(delta("credits_total", &["kind=\"hold\""]), 20.0);
-    assert!(
-        after.iter().any(|(s, _)| s.starts_with("queue_items")),
-        "queue depth is exported"
+    // The gauges are sampled in the background (every 5 s, the first time at start).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(12);
+    while !scrape()
+        .await
+        .iter()
+        .any(|(s, _)| s.starts_with("queue_items"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queue depth is exported"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Crossing below `low_credit_threshold` counts one `credits_low_events_total` and, at the next
+/// sample, one key in `credit_keys_below_threshold`.
+async fn a_key_below_its_low_credit_threshold_is_counted(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("low", "initial_credits = 100\nlow_credit_threshold = 50")
+        .build()
+        .await;
+    let scrape = || async { parse_prometheus(&app.metrics_text().await) };
+    let _serial = SERIAL.lock().await;
+    let before = sum(&scrape().await, "credits_low_events_total", &[]);
+    // 6 items × 10 credits: 100 → 40 available.
+    let r = app
+        .create_batch(app.key("low"), &TestApp::batch_body(Some("low-1"), 6))
+        .await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        sum(&scrape().await, "credits_low_events_total", &[]) - before,
+        1.0
     );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(12);
+    while sum(&scrape().await, "credit_keys_below_threshold", &[]) != 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key below its threshold is counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// The metric names a PromQL expression reads: identifiers that are not functions,
