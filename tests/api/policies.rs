@@ -22,6 +22,14 @@ both_backends!(
 /// The key a rotated test key replaced.
 const OLD_KEY: &str = "vb_test_rot_old_secret_value";
 
+/// A key's TOML `lines` plus the receiver as its signed webhook target.
+fn hooked(lines: &str, receiver: &Receiver) -> String {
+    format!(
+        "{lines}\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"",
+        receiver.url()
+    )
+}
+
 async fn status_with(app: &TestApp, key: &str) -> u16 {
     app.client
         .get(format!("{}/api/enterprise/credits", app.base))
@@ -59,17 +67,11 @@ async fn old_and_new_keys_work_during_the_overlap_and_the_old_one_stops_after_it
             "old key in the overlap"
         );
     }
-    let old_wallet: Value = app
-        .client
-        .get(format!("{}/api/enterprise/credits", app.base))
-        .header("x-api-key", OLD_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(old_wallet["balance"], 100, "the old key is the same key");
+    assert_eq!(
+        app.wallet(OLD_KEY).await.balance,
+        100,
+        "the old key is the same key"
+    );
     let previous = app
         .scalar("SELECT COUNT(*) AS v FROM usage_event WHERE key_version = 'previous'")
         .await;
@@ -106,10 +108,9 @@ async fn one_credits_low_event_per_crossing_under_concurrent_creates_on_two_node
     let app = TestApp::builder(backend)
         .key(
             "low",
-            &format!(
-                "initial_credits = 1000\nrate_limit_per_min = 1000\nlow_credit_threshold = 500\n\
-                 webhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"",
-                receiver.url()
+            &hooked(
+                "initial_credits = 1000\nrate_limit_per_min = 1000\nlow_credit_threshold = 500",
+                &receiver,
             ),
         )
         .build()
@@ -166,10 +167,9 @@ async fn a_batch_whose_window_ends_expires_its_queued_items_and_lets_running_one
     let app = TestApp::builder(backend)
         .key(
             "win",
-            &format!(
-                "initial_credits = 1000\ncompletion_window = \"1h\"\n\
-                 webhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"",
-                receiver.url()
+            &hooked(
+                "initial_credits = 1000\ncompletion_window = \"1h\"",
+                &receiver,
             ),
         )
         .build()

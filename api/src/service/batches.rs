@@ -596,7 +596,8 @@ async fn cancel_in(
     if is_final(&job.status) {
         return Ok(());
     }
-    let n = items::cancel_queued(txn, batch_id, now).await? as i64;
+    let n =
+        items::close_queued(txn, batch_id, entity::status::ItemState::Cancelled, now).await? as i64;
     if n > 0 {
         let amount = n * job.cost_per_video;
         let release = NewEntry::new(key_id, LedgerKind::Release, amount)
@@ -682,7 +683,8 @@ async fn expire_in(
     if !open || job.expires_at.is_none_or(|at| at > now) {
         return Ok(());
     }
-    let n = items::expire_queued(txn, batch_id, now).await? as i64;
+    let n =
+        items::close_queued(txn, batch_id, entity::status::ItemState::Expired, now).await? as i64;
     if n > 0 {
         let amount = n * job.cost_per_video;
         let release = NewEntry::new(key_id, LedgerKind::Release, amount)

@@ -401,35 +401,20 @@ pub async fn exists<C: ConnectionTrait>(db: &C, id: Uuid) -> Result<bool, DbErr>
     Ok(key_of(db, id).await?.is_some())
 }
 
-/// Cancels a batch's queued items: how many.
-pub async fn cancel_queued<C: ConnectionTrait>(
+/// Closes a batch's queued items as `status` (`cancelled` on a cancel, `expired` when its
+/// completion window ended): how many.
+pub async fn close_queued<C: ConnectionTrait>(
     txn: &C,
     batch_id: Uuid,
+    status: entity::status::ItemState,
     now: DateTime<Utc>,
 ) -> Result<u64, DbErr> {
     let r = txn
         .execute_raw(stmt(
             txn.get_database_backend(),
-            "UPDATE batch_item SET status = 'cancelled', updated_at = $2 \
+            "UPDATE batch_item SET status = $3, updated_at = $2 \
              WHERE batch_id = $1 AND status = 'queued'",
-            [batch_id.into(), now.into()],
-        ))
-        .await?;
-    Ok(r.rows_affected())
-}
-
-/// Queued items of a batch become `expired` (its completion window ended): how many.
-pub async fn expire_queued<C: ConnectionTrait>(
-    txn: &C,
-    batch_id: Uuid,
-    now: DateTime<Utc>,
-) -> Result<u64, DbErr> {
-    let r = txn
-        .execute_raw(stmt(
-            txn.get_database_backend(),
-            "UPDATE batch_item SET status = 'expired', updated_at = $2 \
-             WHERE batch_id = $1 AND status = 'queued'",
-            [batch_id.into(), now.into()],
+            [batch_id.into(), now.into(), status.into()],
         ))
         .await?;
     Ok(r.rows_affected())
