@@ -113,11 +113,12 @@ pub struct TestAppBuilder {
     backend: Backend,
     keys: Vec<(String, String)>,
     extra: String,
-    webhooks: String,
-    server: String,
-    worker: String,
+    tweaks: Vec<Tweak>,
     public_targets_only: bool,
 }
+
+/// A change to the loaded, typed settings of a test app (applied on every start).
+pub type Tweak = Arc<dyn Fn(&mut api::settings::Settings) + Send + Sync>;
 
 impl TestAppBuilder {
     /// Webhook targets must be public addresses, as in production (test apps allow private
@@ -127,17 +128,13 @@ impl TestAppBuilder {
         self
     }
 
-    /// Extra lines of the `[worker]` section (e.g. `max_attempts = 1`).
-    pub fn worker(mut self, lines: &str) -> Self {
-        self.worker.push_str(lines);
-        self.worker.push('\n');
-        self
-    }
-
-    /// Extra lines of the `[server]` section (e.g. `header_timeout_seconds = 1`).
-    pub fn server(mut self, lines: &str) -> Self {
-        self.server.push_str(lines);
-        self.server.push('\n');
+    /// Changes the typed settings after they are loaded, as a test needs them (e.g.
+    /// `.settings(|s| s.worker.max_attempts = 1)`); kept for restarts and peers.
+    pub fn settings(
+        mut self,
+        tweak: impl Fn(&mut api::settings::Settings) + Send + Sync + 'static,
+    ) -> Self {
+        self.tweaks.push(Arc::new(tweak));
         self
     }
 
@@ -151,12 +148,6 @@ impl TestAppBuilder {
     pub fn config(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
         self.extra.push('\n');
-        self
-    }
-
-    /// Lines of the `[webhooks]` section (default: a 1 s, 1 s retry schedule).
-    pub fn webhooks(mut self, lines: &str) -> Self {
-        self.webhooks = lines.to_string();
         self
     }
 
@@ -201,9 +192,7 @@ impl TestAppBuilder {
             state: None,
             shutdown: None,
             handle: None,
-            webhooks: self.webhooks.clone(),
-            server: self.server.clone(),
-            worker: self.worker.clone(),
+            tweaks: self.tweaks.clone(),
             public_targets_only: self.public_targets_only,
         };
         app.write_config(&self.keys, &self.extra);
@@ -233,9 +222,7 @@ pub struct TestApp {
     state: Option<Arc<AppState>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    webhooks: String,
-    server: String,
-    worker: String,
+    tweaks: Vec<Tweak>,
     public_targets_only: bool,
 }
 
@@ -251,9 +238,7 @@ impl TestApp {
             backend,
             keys: Vec::new(),
             extra: String::new(),
-            webhooks: "retry_schedule = [\"1s\", \"1s\"]".into(),
-            server: String::new(),
-            worker: String::new(),
+            tweaks: Vec::new(),
             public_targets_only: false,
         }
     }
@@ -261,10 +246,10 @@ impl TestApp {
     /// Writes the config folder (base.toml with everything, empty test.toml).
     pub fn write_config(&self, keys: &[(String, String)], extra: &str) {
         let mut toml = format!(
-            "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n{}\n[database]\nurl = \"{}\"\nmax_connections = 16\n\n\
-             [worker]\nsecret = \"{WORKER_SECRET}\"\n{}\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n\
-             [webhooks]\nallow_private_targets = {}\n{}\n\n",
-            self.server, self.store.url, self.worker, !self.public_targets_only, self.webhooks
+            "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n[database]\nurl = \"{}\"\nmax_connections = 16\n\n\
+             [worker]\nsecret = \"{WORKER_SECRET}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n\
+             [webhooks]\nallow_private_targets = {}\nretry_schedule = [\"1s\", \"1s\"]\n\n",
+            self.store.url, !self.public_targets_only
         );
         for (name, lines) in keys {
             toml.push_str(&format!(
@@ -302,7 +287,10 @@ impl TestApp {
 
     /// Starts the application on `port` (0: any free port).
     async fn start_on(&mut self, port: u16) {
-        let settings = self.source().load().expect("valid test config");
+        let mut settings = self.source().load().expect("valid test config");
+        for tweak in &self.tweaks {
+            tweak(&mut settings);
+        }
         let db = self.connect().await;
         let state = api::startup::prepare_with_db(settings, Some(self.source()), db)
             .await
@@ -334,9 +322,7 @@ impl TestApp {
             state: None,
             shutdown: None,
             handle: None,
-            webhooks: self.webhooks.clone(),
-            server: self.server.clone(),
-            worker: self.worker.clone(),
+            tweaks: self.tweaks.clone(),
             public_targets_only: self.public_targets_only,
         };
         peer.start().await;

@@ -123,7 +123,10 @@ async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<St
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_header_clients_are_disconnected_while_others_are_served() {
     let mut app = TestApp::builder(Backend::Sqlite)
-        .server("header_timeout_seconds = 1\nshutdown_grace_seconds = 30")
+        .settings(|s| {
+            s.server.header_timeout = std::time::Duration::from_secs(1);
+            s.server.shutdown_grace = std::time::Duration::from_secs(30);
+        })
         .build()
         .await;
     let addr = format!("127.0.0.1:{}", app.port);
@@ -185,7 +188,7 @@ async fn slow_header_clients_are_disconnected_while_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_body_clients_get_408_and_are_disconnected() {
     let app = TestApp::builder(Backend::Sqlite)
-        .server("body_timeout_seconds = 1")
+        .settings(|s| s.server.body_timeout = std::time::Duration::from_secs(1))
         .key("acme", "initial_credits = 10")
         .build()
         .await;
@@ -208,7 +211,10 @@ async fn slow_body_clients_get_408_and_are_disconnected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_beyond_the_cap_wait_instead_of_failing() {
     let app = TestApp::builder(Backend::Sqlite)
-        .server("max_connections = 2\nheader_timeout_seconds = 1")
+        .settings(|s| {
+            s.server.max_connections = 2;
+            s.server.header_timeout = std::time::Duration::from_secs(1);
+        })
         .build()
         .await;
     let addr = format!("127.0.0.1:{}", app.port);
@@ -301,7 +307,7 @@ async fn bad_key_flood_is_throttled_without_a_row_per_call(backend: Backend) {
 
 async fn refused_calls_are_aggregated_into_one_row_per_address_and_outcome(backend: Backend) {
     let app = TestApp::builder(backend)
-        .server("unauthenticated_per_min = 5")
+        .settings(|s| s.server.unauthenticated_per_min = 5)
         .build()
         .await;
     for _ in 0..200 {
@@ -338,7 +344,7 @@ async fn refused_calls_are_aggregated_into_one_row_per_address_and_outcome(backe
 
 async fn oversize_bodies_leave_a_usage_row(backend: Backend) {
     let app = TestApp::builder(backend)
-        .server("max_body_bytes = 1024")
+        .settings(|s| s.server.max_body_bytes = 1024)
         .key("acme", "initial_credits = 10")
         .build()
         .await;
@@ -426,7 +432,7 @@ async fn via_proxy(app: &TestApp, key: &str, forwarded: Option<&[u8]>) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forwarded_addresses_fail_closed() {
     let app = TestApp::builder(Backend::Sqlite)
-        .server("trusted_proxies = [\"127.0.0.1/32\"]")
+        .settings(|s| s.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()])
         .key("client", "ip_allowlist = [\"198.51.100.7/32\"]")
         .key("proxyaddr", "ip_allowlist = [\"127.0.0.1/32\"]")
         .key("open", "")

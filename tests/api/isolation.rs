@@ -40,7 +40,10 @@ async fn a_tarpit_endpoint_does_not_delay_other_endpoints(backend: Backend) {
                 receiver.url()
             ),
         )
-        .webhooks("retry_schedule = [\"30s\"]\ntimeout_seconds = 10")
+        .settings(|s| {
+            s.webhooks.retry_schedule = vec![std::time::Duration::from_secs(30)];
+            s.webhooks.timeout = std::time::Duration::from_secs(10);
+        })
         .build()
         .await;
     let slow = app.key("slow").to_string();

@@ -114,7 +114,7 @@ async fn a_heartbeat_extends_the_lease(backend: Backend) {
 /// good and its hold is released.
 async fn a_retryable_failure_requeues_until_max_attempts(backend: Backend) {
     let app = TestApp::builder(backend)
-        .worker("max_attempts = 2")
+        .settings(|s| s.worker.max_attempts = 2)
         .key("acme", "initial_credits = 100")
         .build()
         .await;
@@ -308,7 +308,7 @@ async fn redirects_are_not_followed_by_webhooks(backend: Backend) {
                 redirecting.url()
             ),
         )
-        .webhooks("retry_schedule = [\"1s\"]")
+        .settings(|s| s.webhooks.retry_schedule = vec![std::time::Duration::from_secs(1)])
         .build()
         .await;
     let key = app.key("acme").to_string();

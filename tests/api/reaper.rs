@@ -91,7 +91,7 @@ async fn an_expired_lease_of_a_cancelled_batch_is_cancelled_never_billed(backend
 
 async fn an_exhausted_lease_is_reaped_without_any_claim(backend: Backend) {
     let app = TestApp::builder(backend)
-        .worker("max_attempts = 1")
+        .settings(|s| s.worker.max_attempts = 1)
         .key("acme", "initial_credits = 100")
         .build()
         .await;
@@ -118,7 +118,7 @@ async fn an_exhausted_lease_is_reaped_without_any_claim(backend: Backend) {
 /// claims keep answering.
 async fn a_row_the_reaper_cannot_settle_fails_neither_claims_nor_other_rows(backend: Backend) {
     let app = TestApp::builder(backend)
-        .worker("max_attempts = 1")
+        .settings(|s| s.worker.max_attempts = 1)
         .key("poisoned", "initial_credits = 100")
         .key("healthy", "initial_credits = 100")
         .build()

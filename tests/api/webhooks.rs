@@ -163,13 +163,19 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn app_for(backend: Backend, url: &str, schedule: &str) -> TestApp {
+/// An app whose key `acme` sends its webhooks to `url`, retried after each of `schedule`
+/// seconds.
+async fn app_for(backend: Backend, url: &str, schedule: &[u64]) -> TestApp {
+    let schedule: Vec<Duration> = schedule.iter().map(|s| Duration::from_secs(*s)).collect();
     TestApp::builder(backend)
         .key(
             "acme",
             &format!("initial_credits = 10000\nrate_limit_per_min = 1000\nwebhook_url = \"{url}\"\nwebhook_secret = \"{SECRET}\""),
         )
-        .webhooks(&format!("retry_schedule = {schedule}\ntimeout_seconds = 5"))
+        .settings(move |s| {
+            s.webhooks.retry_schedule = schedule.clone();
+            s.webhooks.timeout = Duration::from_secs(5);
+        })
         .build()
         .await
 }
@@ -284,7 +290,7 @@ async fn item_events_for_subscribed_keys_and_rotation_signatures(backend: Backen
 
 async fn reference_worker_batch_is_signed_and_retried_until_success(backend: Backend) {
     let receiver = Receiver::start(0, &[(500, None), (500, None)]).await;
-    let app = app_for(backend, &receiver.url(), "[\"1s\", \"1s\", \"1s\"]").await;
+    let app = app_for(backend, &receiver.url(), &[1, 1, 1]).await;
     let r = app
         .create_batch(app.key("acme"), &TestApp::batch_body(Some("wh-1"), 2))
         .await;
@@ -342,7 +348,7 @@ async fn pending_delivery_survives_a_restart(backend: Backend) {
     let mut app = app_for(
         backend,
         &format!("http://127.0.0.1:{port}/hook"),
-        "[\"1s\", \"1s\", \"1s\", \"1s\", \"1s\"]",
+        &[1, 1, 1, 1, 1],
     )
     .await;
     complete_batch(&app, "restart-1", 1).await;
@@ -366,7 +372,7 @@ async fn pending_delivery_survives_a_restart(backend: Backend) {
 
 async fn two_dispatchers_send_each_attempt_once(backend: Backend) {
     let receiver = Receiver::start(0, &[]).await;
-    let app = app_for(backend, &receiver.url(), "[\"1s\"]").await;
+    let app = app_for(backend, &receiver.url(), &[1]).await;
     let peer = app.peer().await;
     for i in 0..20 {
         complete_batch(
@@ -393,7 +399,7 @@ async fn two_dispatchers_send_each_attempt_once(backend: Backend) {
 async fn gone_stops_retry_after_delays_exhaustion_fails_and_redelivery_succeeds(backend: Backend) {
     // 410 stops at once.
     let gone = Receiver::start(0, &[(410, None)]).await;
-    let app = app_for(backend.clone(), &gone.url(), "[\"1s\", \"1s\"]").await;
+    let app = app_for(backend.clone(), &gone.url(), &[1, 1]).await;
     complete_batch(&app, "gone", 1).await;
     let d = wait_status(&app, "failed", Duration::from_secs(10)).await;
     assert_eq!(d["attempt_count"], 1);
@@ -402,7 +408,7 @@ async fn gone_stops_retry_after_delays_exhaustion_fails_and_redelivery_succeeds(
 
     // Retry-After later than the schedule is honoured.
     let slow = Receiver::start(0, &[(503, Some("3"))]).await;
-    let app = app_for(backend.clone(), &slow.url(), "[\"1s\"]").await;
+    let app = app_for(backend.clone(), &slow.url(), &[1]).await;
     complete_batch(&app, "slow", 1).await;
     let got = slow.wait_for(2, Duration::from_secs(15)).await;
     assert!(
@@ -413,7 +419,7 @@ async fn gone_stops_retry_after_delays_exhaustion_fails_and_redelivery_succeeds(
 
     // Exhaustion, then redelivery with the same webhook-id.
     let mut flaky = Receiver::start(0, &[(500, None), (500, None)]).await;
-    let app = app_for(backend, &flaky.url(), "[\"1s\"]").await;
+    let app = app_for(backend, &flaky.url(), &[1]).await;
     complete_batch(&app, "flaky", 1).await;
     let d = wait_status(&app, "failed", Duration::from_secs(10)).await;
     assert_eq!(d["attempt_count"], 2);
