@@ -10,6 +10,7 @@ use crate::helpers::{Backend, TestApp};
 both_backends!(
     concurrent_workers_claim_each_item_once,
     stale_reports_change_nothing,
+    a_customer_key_is_refused_by_the_worker_api,
     random_mix_keeps_the_ledger_exact,
     small_batch_is_not_starved_by_a_huge_one,
     cancel_releases_queued_items_and_is_idempotent,
@@ -88,6 +89,8 @@ async fn concurrent_workers_claim_each_item_once(backend: Backend) {
     app.assert_ledger_invariant().await;
 }
 
+/// A report with a token that is no longer the item's (reported twice, re-leased after its
+/// lease expired, or failed for good) is 409 `LEASE_LOST` and moves no credit.
 async fn stale_reports_change_nothing(backend: Backend) {
     let app = TestApp::builder(backend)
         .key("acme", "initial_credits = 1000")
@@ -151,8 +154,16 @@ async fn stale_reports_change_nothing(backend: Backend) {
     assert_eq!(cr.balance, 980);
     assert_eq!(cr.held, 0);
     app.assert_ledger_invariant().await;
+}
 
-    // Wrong worker secret and a customer key are refused by the worker API.
+/// A customer key is not a worker secret: the worker API refuses it with 401.
+async fn a_customer_key_is_refused_by_the_worker_api(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 1000")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    create(&app, &key, "k-1", 1).await;
     let r = app
         .client
         .post(format!("{}/api/internal/worker/claim", app.base))
