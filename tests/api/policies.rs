@@ -235,6 +235,13 @@ async fn a_batch_whose_window_ends_expires_its_queued_items_and_lets_running_one
         .await
         .unwrap();
     assert_eq!(items["data"].as_array().unwrap().len(), 2);
+    let listed: Value = app
+        .list_batches(&key, "status=expired")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["data"][0]["batch_id"], batch_id.as_str());
 
     let got = receiver.wait_for(1, Duration::from_secs(15)).await;
     assert!(verify(SECRET, &got[0]));

@@ -311,6 +311,8 @@ pub enum BatchStatusFilter {
     Completed,
     /// Cancelled batches.
     Cancelled,
+    /// Batches whose completion window ended.
+    Expired,
 }
 
 impl From<BatchStatusFilter> for BatchStatus {
@@ -320,6 +322,7 @@ impl From<BatchStatusFilter> for BatchStatus {
             BatchStatusFilter::Processing => BatchStatus::Processing,
             BatchStatusFilter::Completed => BatchStatus::Completed,
             BatchStatusFilter::Cancelled => BatchStatus::Cancelled,
+            BatchStatusFilter::Expired => BatchStatus::Expired,
         }
     }
 }
