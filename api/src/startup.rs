@@ -273,7 +273,7 @@ fn spawn_reaper(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "reaping expired leases failed"),
             }
-            match crate::service::batches::expire_due(&state.db, &state.writes, &runtime).await {
+            match crate::service::windows::expire_due(&state.db, &state.writes, &runtime).await {
                 Ok(n) if n > 0 => {
                     state.webhook_wakeup.notify_one();
                     tracing::info!(batches = n, "completion windows enforced");

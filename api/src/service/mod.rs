@@ -1,6 +1,7 @@
 //! Business logic, callable without HTTP: each function takes a connection or transaction.
 pub mod batches;
 pub mod credits;
+pub mod fair_share;
 pub mod keys;
 pub mod leases;
 pub mod rate_limit;
@@ -8,3 +9,4 @@ pub mod retention;
 pub mod usage;
 pub mod validate;
 pub mod webhooks;
+pub mod windows;
