@@ -18,6 +18,13 @@ pub enum BatchState {
     Expired,
 }
 
+impl BatchState {
+    /// True once the batch can change no more (`completed`, `cancelled`, `expired`).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Cancelled | Self::Expired)
+    }
+}
+
 /// `batch_item.status`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum)]
 #[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]

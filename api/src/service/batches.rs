@@ -571,19 +571,11 @@ async fn cancel_in(
     batch_id: Uuid,
 ) -> Result<(), ApiError> {
     let now = Utc::now();
-    let is_final = |status: &entity::status::BatchState| {
-        matches!(
-            status,
-            entity::status::BatchState::Completed
-                | entity::status::BatchState::Cancelled
-                | entity::status::BatchState::Expired
-        )
-    };
     // A final batch is answered as it is, with nothing written.
     let seen = jobs::owned(txn, key_id, batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
-    if is_final(&seen.status) {
+    if seen.status.is_final() {
         return Ok(());
     }
     // Lock the batch row first: every transition of this batch serialises on it.
@@ -593,25 +585,45 @@ async fn cancel_in(
     let job = jobs::by_id(txn, batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
-    if is_final(&job.status) {
+    if job.status.is_final() {
         return Ok(());
     }
-    let n =
-        items::close_queued(txn, batch_id, entity::status::ItemState::Cancelled, now).await? as i64;
-    if n > 0 {
-        let amount = n * job.cost_per_video;
-        let release = NewEntry::new(key_id, LedgerKind::Release, amount)
-            .batch(batch_id)
-            .note(Some("cancelled before running"));
-        if !credits::apply(txn, release).await? {
-            return Err(ApiError::internal(format!(
-                "release of {amount} failed for batch {batch_id}"
-            )));
-        }
-    }
+    let n = close_queued(
+        txn,
+        &job,
+        entity::status::ItemState::Cancelled,
+        "cancelled before running",
+        now,
+    )
+    .await?;
     jobs::record_cancel(txn, batch_id, n as i32, now).await?;
     finalize_if_done(txn, runtime, batch_id, now).await?;
     Ok(())
+}
+
+/// Closes a batch's queued items as `status` (`cancelled`, `expired`) and releases their holds
+/// in one ledger row noted `note`: how many. Call with the batch row locked.
+pub(crate) async fn close_queued(
+    txn: &DatabaseTransaction,
+    job: &batch_job::Model,
+    status: entity::status::ItemState,
+    note: &str,
+    now: DateTime<Utc>,
+) -> Result<i64, ApiError> {
+    let n = items::close_queued(txn, job.id, status, now).await? as i64;
+    if n > 0 {
+        let amount = n * job.cost_per_video;
+        let release = NewEntry::new(job.api_key_id, LedgerKind::Release, amount)
+            .batch(job.id)
+            .note(Some(note));
+        if !credits::apply(txn, release).await? {
+            return Err(ApiError::internal(format!(
+                "release of {amount} failed for batch {}",
+                job.id
+            )));
+        }
+    }
+    Ok(n)
 }
 
 /// Marks the batch final when no item is open, and records its webhook event in the same

@@ -7,11 +7,10 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::service::batches::finalize_if_done;
-use crate::service::credits::{self, LedgerKind, NewEntry};
+use crate::service::batches::{close_queued, finalize_if_done};
 use crate::state::Runtime;
+use crate::store::jobs;
 use crate::store::pipeline::Writes;
-use crate::store::{items, jobs};
 
 /// Enforces the completion windows that ended by now (up to 100 batches a pass): each batch's
 /// queued items become `expired` and their holds are released at once; running items may
@@ -48,31 +47,24 @@ async fn expire_in(
     batch_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    use entity::status::BatchState;
     if !jobs::lock_owned(txn, key_id, batch_id, now).await? {
         return Ok(());
     }
     let Some(job) = jobs::by_id(txn, batch_id).await? else {
         return Ok(());
     };
-    let open = matches!(job.status, BatchState::Queued | BatchState::Processing);
-    if !open || job.expires_at.is_none_or(|at| at > now) {
+    if job.status.is_final() || job.expires_at.is_none_or(|at| at > now) {
         return Ok(());
     }
-    let n =
-        items::close_queued(txn, batch_id, entity::status::ItemState::Expired, now).await? as i64;
-    if n > 0 {
-        let amount = n * job.cost_per_video;
-        let release = NewEntry::new(key_id, LedgerKind::Release, amount)
-            .batch(batch_id)
-            .note(Some("expired: completion window ended"));
-        if !credits::apply(txn, release).await? {
-            return Err(ApiError::internal(format!(
-                "release of {amount} failed for batch {batch_id}"
-            )));
-        }
-        metrics::counter!("items_expired_total").increment(n as u64);
-    }
+    let n = close_queued(
+        txn,
+        &job,
+        entity::status::ItemState::Expired,
+        "expired: completion window ended",
+        now,
+    )
+    .await?;
+    metrics::counter!("items_expired_total").increment(n as u64);
     jobs::record_expiry(txn, batch_id, n as i32, now).await?;
     finalize_if_done(txn, runtime, batch_id, now).await?;
     Ok(())
