@@ -183,10 +183,7 @@ pub async fn lease_ids<C: ConnectionTrait>(
         return Ok(Vec::new());
     }
     let backend = txn.get_database_backend();
-    let marks = (0..ids.len())
-        .map(|i| format!("${}", i + 5))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let marks = super::sql::placeholders(5, ids.len());
     let sql = format!(
         "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $1, \
          worker_id = $2, lease_expires_at = $3, updated_at = $4 \

@@ -235,10 +235,7 @@ pub async fn mark_processing<C: ConnectionTrait>(
         return Ok(());
     }
     let backend = txn.get_database_backend();
-    let marks = (0..ids.len())
-        .map(|i| format!("${}", i + 2))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let marks = super::sql::placeholders(2, ids.len());
     let sql = format!(
         "UPDATE batch_job SET status = 'processing', updated_at = $1 WHERE id IN \
          (SELECT id FROM batch_job WHERE id IN ({marks}) AND status = 'queued'{})",

@@ -31,6 +31,14 @@ pub fn skip_locked_no_key(backend: DbBackend) -> &'static str {
     }
 }
 
+/// `$first, $first+1, …`: `n` placeholders for the values bound after the first `first - 1`.
+pub fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `a, b, c` of integers, for an `IN (...)` list (ids we hold, never client text).
 pub fn id_list(ids: &[i64]) -> String {
     ids.iter()
@@ -53,6 +61,12 @@ pub fn limit(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_number_the_values_after_the_first_ones() {
+        assert_eq!(placeholders(5, 3), "$5, $6, $7");
+        assert_eq!(placeholders(2, 1), "$2");
+    }
 
     #[test]
     fn limits_are_clamped_literals() {
