@@ -15,6 +15,7 @@
 //! the group commits what it has, which releases its locks, and the rest runs again at once.
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
@@ -55,8 +56,7 @@ const MAX_RETRIES: u32 = 8;
 #[derive(Clone)]
 pub struct Writes {
     lanes: Arc<Vec<mpsc::Sender<Unit>>>,
-    commits: Arc<std::sync::atomic::AtomicU64>,
-    conflicts: Arc<std::sync::atomic::AtomicU64>,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Writes {
@@ -70,35 +70,29 @@ impl std::fmt::Debug for Writes {
 impl Writes {
     /// Starts `lanes` lanes committing on `db` (SQLite: one lane on the one writer connection).
     pub fn start(db: DatabaseConnection, lanes: usize) -> Self {
-        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let conflicts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counters = Arc::new(Counters::default());
         let lanes = (0..lanes.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel::<Unit>(4096);
-                let counters = Counters {
-                    commits: Arc::clone(&commits),
-                    conflicts: Arc::clone(&conflicts),
-                };
-                tokio::spawn(run_lane(db.clone(), rx, counters));
+                tokio::spawn(run_lane(db.clone(), rx, Arc::clone(&counters)));
                 tx
             })
             .collect();
         Self {
             lanes: Arc::new(lanes),
-            commits,
-            conflicts,
+            counters,
         }
     }
 
     /// Transient conflicts (deadlocks, serialization failures) met by units so far; each
     /// unit that met one was rolled back to its savepoint and run again.
     pub fn conflicts(&self) -> u64 {
-        self.conflicts.load(std::sync::atomic::Ordering::Relaxed)
+        self.counters.conflicts.load(Ordering::Relaxed)
     }
 
     /// Group transactions committed so far (one per group, however many units it held).
     pub fn commits(&self) -> u64 {
-        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+        self.counters.commits.load(Ordering::Relaxed)
     }
 
     /// Runs `work` in the next group of the lane of `key` (units of one key always share a
@@ -180,12 +174,13 @@ impl Writes {
 }
 
 /// What a lane counts, shared by the lanes of a process.
+#[derive(Default)]
 struct Counters {
-    commits: Arc<std::sync::atomic::AtomicU64>,
-    conflicts: Arc<std::sync::atomic::AtomicU64>,
+    commits: AtomicU64,
+    conflicts: AtomicU64,
 }
 
-async fn run_lane(db: DatabaseConnection, mut rx: mpsc::Receiver<Unit>, counters: Counters) {
+async fn run_lane(db: DatabaseConnection, mut rx: mpsc::Receiver<Unit>, counters: Arc<Counters>) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -238,9 +233,7 @@ async fn run_group(db: &DatabaseConnection, group: Vec<Unit>, counters: &Counter
             Err(e) if e.transient && unit.conflicts < MAX_RETRIES => {
                 let _ = sp.rollback().await;
                 unit.conflicts += 1;
-                counters
-                    .conflicts
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                counters.conflicts.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("write_conflicts_total").increment(1);
                 again.push(unit);
                 // The group still holds the locks its earlier units took, so the units after
@@ -257,9 +250,7 @@ async fn run_group(db: &DatabaseConnection, group: Vec<Unit>, counters: &Counter
         }
     }
     let outcome = txn.commit().await.map_err(ApiError::from);
-    counters
-        .commits
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    counters.commits.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = &outcome {
         tracing::error!(error = %e, units = done.len(), "group commit failed");
     }
