@@ -78,13 +78,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
             ),
         ));
     }
-    let key_id = key.id;
-    let info = state
-        .writes
-        .run_quota(key_id, move |txn| {
-            Box::pin(async move { Ok(rate_limit::hit(txn, key_id, scope, limit, now).await?) })
-        })
-        .await?;
+    let info = rate_limit::admit(&state.writes, key.id, scope, limit, now).await?;
     crate::context::update(|s| s.rate = Some(info.clone()));
     if info.exceeded {
         metrics_rate_limited(&key.policy.name, scope);

@@ -11,9 +11,9 @@ async fn bump(writes: &Writes, id: i64, pause: f64) -> Result<(), api::error::Ap
     writes.run(Some(1), move |txn| add(txn, id, pause)).await
 }
 
-/// [`bump`] as a rate-limit unit of key 1.
-async fn bump_quota(writes: &Writes, id: i64, pause: f64) -> Result<(), api::error::ApiError> {
-    writes.run_quota(1, move |txn| add(txn, id, pause)).await
+/// A rate-limit hit of key 1 in the current window of scope `batch`.
+async fn hit(writes: &Writes) -> Result<i64, api::error::ApiError> {
+    writes.hit(1, "batch", 0).await
 }
 
 fn add(
@@ -45,7 +45,9 @@ async fn two_pipelines() -> Option<(PgDatabase, DatabaseConnection, Writes, Writ
     let pg = PgDatabase::create(&url, "vb_pipe").await;
     let db = api::db::connect_url(&pg.url, 4, None).await.unwrap();
     db.execute_unprepared(
-        "CREATE TABLE t (id BIGINT PRIMARY KEY, v BIGINT NOT NULL); INSERT INTO t VALUES (1, 0), (2, 0)",
+        "CREATE TABLE t (id BIGINT PRIMARY KEY, v BIGINT NOT NULL); INSERT INTO t VALUES (1, 0), (2, 0); \
+         CREATE TABLE rate_limit_window (api_key_id BIGINT, scope VARCHAR(16), window_start BIGINT, \
+         count BIGINT NOT NULL, PRIMARY KEY (api_key_id, scope, window_start))",
     )
     .await
     .unwrap();
@@ -73,7 +75,7 @@ async fn value(db: &DatabaseConnection, id: i64) -> i64 {
 /// after it (each would wait for its own deadlock detection), commits what it has, and runs
 /// the rest again. Every unit is applied exactly once.
 #[tokio::test(flavor = "current_thread")]
-async fn a_deadlock_between_groups_costs_one_conflict_and_loses_no_unit() {
+async fn on_postgres_a_deadlock_between_groups_costs_one_conflict_and_loses_no_unit() {
     let Some((pg, db, a, b)) = two_pipelines().await else {
         return;
     };
@@ -100,26 +102,54 @@ async fn a_deadlock_between_groups_costs_one_conflict_and_loses_no_unit() {
     pg.drop_now().await;
 }
 
-/// A key's rate-limit units run before its other units in a group, whatever their arrival
-/// order: two groups that received a wallet-like write and a quota-like write in opposite
-/// orders lock the two rows in the same order and never deadlock.
+/// Rate-limit hits run before every other write of a group, whatever their arrival order:
+/// two groups that received a wallet-like write and a hit in opposite orders lock the quota
+/// row and the other row in the same order and never deadlock. (In arrival order, group a
+/// would hold row 1 and wait for the quota row while group b held the quota row and waited
+/// for row 1.)
 #[tokio::test(flavor = "current_thread")]
-async fn quota_units_lock_before_the_keys_other_units() {
+async fn on_postgres_rate_limit_hits_lock_before_the_groups_other_writes() {
     let Some((pg, db, a, b)) = two_pipelines().await else {
         return;
     };
-    // Row 2 plays the quota row, row 1 the wallet. Group a receives the wallet write first.
-    let results = join_all([
-        Box::pin(bump(&a, 1, 0.0)) as std::pin::Pin<Box<dyn std::future::Future<Output = _>>>,
-        Box::pin(bump_quota(&a, 2, 0.5)),
-        Box::pin(bump_quota(&b, 2, 0.0)),
-        Box::pin(bump(&b, 1, 0.5)),
-    ])
-    .await;
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let (wallet_a, hit_a, hit_b, wallet_b) =
+        tokio::join!(bump(&a, 1, 0.5), hit(&a), hit(&b), bump(&b, 1, 1.0));
+    wallet_a.unwrap();
+    wallet_b.unwrap();
+    let mut counts = [hit_a.unwrap(), hit_b.unwrap()];
+    counts.sort();
+    assert_eq!(counts, [1, 2], "each hit counted once, in turn");
     assert_eq!(value(&db, 1).await, 2);
-    assert_eq!(value(&db, 2).await, 2);
     assert_eq!(a.conflicts() + b.conflicts(), 0, "no deadlock");
+    drop(db);
+    pg.drop_now().await;
+}
+
+/// The hits of one group are one statement: a burst of hits on two nodes admits each count
+/// exactly once, in arrival order within a node.
+#[tokio::test(flavor = "current_thread")]
+async fn on_postgres_hits_of_two_nodes_count_each_call_once() {
+    let Some((pg, db, a, b)) = two_pipelines().await else {
+        return;
+    };
+    // On one thread, spawned tasks first run in spawn order: the hits reach each node's lane
+    // in index order.
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let writes = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { hit(&writes).await.unwrap() })
+        })
+        .collect();
+    let mut counts = Vec::new();
+    for t in tasks {
+        counts.push(t.await.unwrap());
+    }
+    // Within one node, arrival order is admission order.
+    let node_a: Vec<i64> = counts.iter().step_by(2).copied().collect();
+    assert!(node_a.windows(2).all(|w| w[0] < w[1]), "{node_a:?}");
+    counts.sort();
+    assert_eq!(counts, (1..=100).collect::<Vec<_>>(), "every count once");
+    assert!(a.commits() + b.commits() < 20, "hits shared commits");
     drop(db);
     pg.drop_now().await;
 }

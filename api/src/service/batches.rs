@@ -348,12 +348,9 @@ pub async fn get<C: ConnectionTrait>(
     batch: BatchId,
 ) -> Result<Batch, ApiError> {
     let (key_id, batch_id) = (key.0, batch.0);
-    let job = owned_batch(db, key_id, batch_id).await?;
-    let open = items::open_counts(db, &[batch_id])
+    let (job, open) = jobs::owned_with_open(db, key_id, batch_id)
         .await?
-        .get(&batch_id)
-        .copied()
-        .unwrap_or_default();
+        .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
     let (items, next) = items_after(db, batch_id, None, None, ITEMS_PAGE).await?;
     let mut batch = view(&job, open, Some(items));
     batch.items_next_cursor = next;

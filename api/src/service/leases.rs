@@ -95,11 +95,21 @@ pub async fn claim_in(
         .collect())
 }
 
-/// The key an item belongs to: its reports run in that key's write lane, ordered with the
-/// key's other writes. Unknown items are 404.
-async fn key_of(db: &DatabaseConnection, item_id: Uuid) -> Result<i64, ApiError> {
+/// The lane an item's report runs in: its key's, so that the report is ordered with the key's
+/// other writes and takes its row locks in the group's key order. Unknown items are 404.
+/// Where writes take no row locks (SQLite: one writer, one lane) the key decides nothing and
+/// is not read; an unknown item is then 404 from the report's own unit.
+async fn lane_of(
+    db: &DatabaseConnection,
+    writes: &Writes,
+    item_id: Uuid,
+) -> Result<Option<i64>, ApiError> {
+    if !writes.orders_by_key() {
+        return Ok(None);
+    }
     items::key_of(db, item_id)
         .await?
+        .map(Some)
         .ok_or_else(|| ApiError::not_found("item", item_id))
 }
 
@@ -248,9 +258,9 @@ pub async fn heartbeat(
     token: LeaseToken,
     lease: Duration,
 ) -> Result<ItemState, ApiError> {
-    let key = key_of(db, item.0).await?;
+    let key = lane_of(db, writes, item.0).await?;
     writes
-        .run(Some(key), move |txn| {
+        .run(key, move |txn| {
             Box::pin(async move { heartbeat_in(txn, item, token, lease).await })
         })
         .await
@@ -296,9 +306,9 @@ pub async fn complete(
     result_url: String,
     result: Option<String>,
 ) -> Result<ItemState, ApiError> {
-    let key = key_of(db, item.0).await?;
+    let key = lane_of(db, writes, item.0).await?;
     writes
-        .run(Some(key), move |txn| {
+        .run(key, move |txn| {
             let (runtime, result_url, result) =
                 (Arc::clone(&runtime), result_url.clone(), result.clone());
             Box::pin(
@@ -363,9 +373,9 @@ pub async fn fail(
     error: String,
     retryable: bool,
 ) -> Result<ItemState, ApiError> {
-    let key = key_of(db, item.0).await?;
+    let key = lane_of(db, writes, item.0).await?;
     writes
-        .run(Some(key), move |txn| {
+        .run(key, move |txn| {
             let (runtime, error) = (Arc::clone(&runtime), error.clone());
             Box::pin(async move {
                 fail_in(txn, &runtime, item, token, &error, retryable, Utc::now()).await

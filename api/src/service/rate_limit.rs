@@ -2,6 +2,8 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr};
 
+use crate::error::ApiError;
+use crate::store::pipeline::Writes;
 use crate::store::rate_limits;
 
 pub use crate::domain::quota::{SCOPE_BATCH, SCOPE_READ, SCOPE_UNAUTHENTICATED};
@@ -20,6 +22,20 @@ pub use crate::domain::quota::RateInfo;
 
 fn window_start(now: DateTime<Utc>) -> i64 {
     now.timestamp() - now.timestamp().rem_euclid(60)
+}
+
+/// Counts one call through the write pipeline and tells whether it is admitted, once the
+/// count is committed. The hits of a group are one upsert, admitted in arrival order, so under
+/// any concurrency and on any number of nodes exactly `limit` calls are admitted.
+pub async fn admit(
+    writes: &Writes,
+    key_id: i64,
+    scope: &'static str,
+    limit: u32,
+    now: DateTime<Utc>,
+) -> Result<RateInfo, ApiError> {
+    let count = writes.hit(key_id, scope, window_start(now)).await?;
+    Ok(RateInfo::after(scope, limit, count, now))
 }
 
 /// Counts one call and tells whether it is admitted. One statement, atomic on both backends:

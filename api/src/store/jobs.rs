@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use entity::batch_job::{ActiveModel, Column, Entity, Model};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, Set,
 };
 use uuid::Uuid;
 
@@ -107,6 +108,34 @@ pub async fn owned<C: ConnectionTrait>(
         [id.into(), key_id.into()],
     )
     .await
+}
+
+/// A batch by id, if it belongs to the key, with its queued and running item counts: one
+/// statement, as every status poll runs it.
+pub async fn owned_with_open<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    id: Uuid,
+) -> Result<Option<(Model, (i64, i64))>, DbErr> {
+    let row = db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "SELECT b.*, \
+             (SELECT COUNT(*) FROM batch_item i WHERE i.batch_id = b.id AND i.status = 'queued') AS open_queued, \
+             (SELECT COUNT(*) FROM batch_item i WHERE i.batch_id = b.id AND i.status = 'running') AS open_running \
+             FROM batch_job b WHERE b.id = $1 AND b.api_key_id = $2",
+            [id.into(), key_id.into()],
+        ))
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let job = Model::from_query_result(&row, "")?;
+    let open = (
+        row.try_get::<i64>("", "open_queued")?,
+        row.try_get::<i64>("", "open_running")?,
+    );
+    Ok(Some((job, open)))
 }
 
 /// Up to `limit` of a key's batches older than `before` (by id), newest first.

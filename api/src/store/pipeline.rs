@@ -1,26 +1,37 @@
-//! Group commit. Every write of a request is a unit of work handed to a lane; a lane runs the
-//! work that arrived while its previous group was committing as one transaction, each unit in a
-//! savepoint of its own, and answers every request only after that one commit. So a burst of
-//! requests costs one durable commit (one fsync) instead of one each, and a unit that fails
-//! rolls back to its savepoint without failing the others of its group.
+//! Group commit. Every write of a request is handed to a lane; a lane runs the writes that
+//! arrived while its previous group was committing as one transaction and answers every
+//! request only after that one commit. So a burst of requests costs one durable commit (one
+//! fsync) instead of one each.
 //!
-//! Invariants stay exact because nothing changes about *what* each unit does: the rate-limit
-//! upsert, the conditional wallet update and the idempotency insert are the same statements,
-//! now run one after the other inside the group's transaction (arrival order per key). Units
-//! of one group are run ordered by key id and, within a key, rate-limit hits before every other
-//! write of the key (each kind keeps its arrival order), so groups of different nodes take row
-//! locks in the same order: quota row, then wallet. A unit that still meets a deadlock or a
-//! serialization failure (rarer shapes, such as a cancel and a report of one batch on two
-//! nodes) is rolled back to its savepoint; the units of the group not yet run are not started,
-//! the group commits what it has, which releases its locks, and the rest runs again at once.
+//! A group runs, in this order:
+//! 1. every rate-limit hit of the group as **one** multi-row upsert: the hits of one (key,
+//!    scope, window) add `n` to its row at once and are admitted in arrival order (the i-th
+//!    of them sees the count before the statement plus i), rows listed by key id;
+//! 2. the other units of work (creates, cancels, claims, reports, grants...), each in a
+//!    savepoint of its own, ordered by key id (arrival order within a key): a unit that fails
+//!    rolls back to its savepoint without failing the others;
+//! 3. every audit row of the group as one multi-row insert (on a failure, one by one, so a
+//!    bad row fails alone).
+//!
+//! Invariants stay exact because nothing changes about *what* is decided: the rate-limit
+//! count, the conditional wallet update and the idempotency insert are the same statements,
+//! under the same row locks. Every group takes its locks in one order (quota rows by key,
+//! then the other rows by key), so groups of different nodes cannot deadlock on them. A unit
+//! that still meets a deadlock or a serialization failure (rarer shapes, such as a cancel and
+//! a report of one batch on two nodes) is rolled back to its savepoint; the units of the group
+//! not yet run are not started, the group commits what it has, which releases its locks, and
+//! the rest runs again at once.
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use chrono::{DateTime, Utc};
 use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::domain::usage::UsageRow;
 use crate::error::ApiError;
 
 /// A unit's future, borrowing the transaction it runs in.
@@ -32,31 +43,52 @@ type Completion = Box<dyn FnOnce(Result<(), ApiError>) + Send>;
 /// Work erased of its output type, runnable again after a transient conflict.
 type Work = Box<dyn for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, Completion> + Send>;
 
+/// What a lane receives.
+enum Job {
+    Unit(Unit),
+    Hit(Hit),
+    Audit(Audit),
+}
+
 struct Unit {
-    /// Units of a group run in this order: the key id (unkeyed work last), then the rank of
-    /// the unit's kind within its key ([`RANK_QUOTA`] before [`RANK_KEY`]).
-    order: (i64, u8),
+    /// Units of a group run ordered by key id (unkeyed work last).
+    order: i64,
     /// Times this unit met a transient conflict.
     conflicts: u32,
     work: Work,
     fail: Box<dyn FnOnce(ApiError) + Send>,
 }
 
-/// Rate-limit hits: the first row lock a key's units take.
-const RANK_QUOTA: u8 = 0;
-/// Every other write of a key (wallet, batches, items, usage rows).
-const RANK_KEY: u8 = 1;
+/// One call counted against a rate-limit window; answered with the window's count after it.
+struct Hit {
+    key: i64,
+    scope: &'static str,
+    window_start: i64,
+    conflicts: u32,
+    reply: oneshot::Sender<Result<i64, ApiError>>,
+}
 
-/// Units gathered into one transaction at most.
+/// One audit row to write.
+struct Audit {
+    row: UsageRow,
+    at: DateTime<Utc>,
+    conflicts: u32,
+    reply: oneshot::Sender<Result<(), ApiError>>,
+}
+
+/// Jobs gathered into one transaction at most.
 const MAX_GROUP: usize = 256;
-/// Times a unit is run again after a transient conflict (each time in a later group).
+/// Times a job is run again after a transient conflict (each time in a later group).
 const MAX_RETRIES: u32 = 8;
 
 /// The write lanes of this process.
 #[derive(Clone)]
 pub struct Writes {
-    lanes: Arc<Vec<mpsc::Sender<Unit>>>,
+    lanes: Arc<Vec<mpsc::Sender<Job>>>,
     counters: Arc<Counters>,
+    /// Whether groups take row locks that other processes also take (PostgreSQL), so that
+    /// the order of a group's units (by key id) matters.
+    row_locks: bool,
 }
 
 impl std::fmt::Debug for Writes {
@@ -73,52 +105,95 @@ impl Writes {
         let counters = Arc::new(Counters::default());
         let lanes = (0..lanes.max(1))
             .map(|_| {
-                let (tx, rx) = mpsc::channel::<Unit>(4096);
+                let (tx, rx) = mpsc::channel::<Job>(4096);
                 tokio::spawn(run_lane(db.clone(), rx, Arc::clone(&counters)));
                 tx
             })
             .collect();
         Self {
+            row_locks: db.get_database_backend() == sea_orm::DbBackend::Postgres,
             lanes: Arc::new(lanes),
             counters,
         }
     }
 
-    /// Transient conflicts (deadlocks, serialization failures) met by units so far; each
-    /// unit that met one was rolled back to its savepoint and run again.
+    /// Whether a unit's key decides anything beyond its lane: on PostgreSQL every group runs
+    /// its units by key id, the lock order that keeps nodes from deadlocking; SQLite has one
+    /// writer and one lane, where every unit runs in arrival order and takes no lock another
+    /// process could hold.
+    pub fn orders_by_key(&self) -> bool {
+        self.row_locks || self.lanes.len() > 1
+    }
+
+    /// Transient conflicts (deadlocks, serialization failures) met so far; each job that met
+    /// one was rolled back and run again.
     pub fn conflicts(&self) -> u64 {
         self.counters.conflicts.load(Ordering::Relaxed)
     }
 
-    /// Group transactions committed so far (one per group, however many units it held).
+    /// Group transactions committed so far (one per group, however many jobs it held).
     pub fn commits(&self) -> u64 {
         self.counters.commits.load(Ordering::Relaxed)
+    }
+
+    fn lane(&self, key: Option<i64>) -> &mpsc::Sender<Job> {
+        let i = match key {
+            Some(k) => k.rem_euclid(self.lanes.len() as i64) as usize,
+            None => rand::random_range(0..self.lanes.len()),
+        };
+        &self.lanes[i]
+    }
+
+    async fn send(&self, key: Option<i64>, job: Job) -> Result<(), ApiError> {
+        self.lane(key)
+            .send(job)
+            .await
+            .map_err(|_| ApiError::internal("the write pipeline has stopped"))
+    }
+
+    /// Counts one call of `key` in the rate-limit window `(scope, window_start)` and returns
+    /// the window's count after it, once committed. The hits of a group are one statement;
+    /// hits of one key keep their arrival order (they share a lane).
+    pub async fn hit(
+        &self,
+        key: i64,
+        scope: &'static str,
+        window_start: i64,
+    ) -> Result<i64, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        let hit = Hit {
+            key,
+            scope,
+            window_start,
+            conflicts: 0,
+            reply,
+        };
+        self.send(Some(key), Job::Hit(hit)).await?;
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::internal("a rate-limit hit was dropped")))
+    }
+
+    /// Writes one audit row with the next group (one statement for the group's rows) and
+    /// returns once it is committed.
+    pub async fn audit(&self, row: UsageRow, at: DateTime<Utc>) -> Result<(), ApiError> {
+        let (reply, rx) = oneshot::channel();
+        let key = row.api_key_id;
+        let audit = Audit {
+            row,
+            at,
+            conflicts: 0,
+            reply,
+        };
+        self.send(key, Job::Audit(audit)).await?;
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::internal("an audit row was dropped")))
     }
 
     /// Runs `work` in the next group of the lane of `key` (units of one key always share a
     /// lane, so they are decided in arrival order) and returns its output once the group is
     /// committed. `work` may run more than once if it meets a transient conflict, always in a
     /// savepoint that was rolled back.
-    pub async fn run<T, F>(&self, key: Option<i64>, work: F) -> Result<T, ApiError>
-    where
-        T: Send + 'static,
-        F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
-    {
-        self.run_ranked(key, RANK_KEY, work).await
-    }
-
-    /// Like [`Writes::run`] for a unit that takes only the key's rate-limit row: it runs
-    /// before the key's other units of its group, so every group locks a key's quota row
-    /// before its wallet row and groups of different nodes cannot deadlock on the pair.
-    pub async fn run_quota<T, F>(&self, key: i64, work: F) -> Result<T, ApiError>
-    where
-        T: Send + 'static,
-        F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
-    {
-        self.run_ranked(Some(key), RANK_QUOTA, work).await
-    }
-
-    async fn run_ranked<T, F>(&self, key: Option<i64>, rank: u8, mut work: F) -> Result<T, ApiError>
+    pub async fn run<T, F>(&self, key: Option<i64>, mut work: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
@@ -155,19 +230,13 @@ impl Writes {
                 Ok(done)
             })
         });
-        let lane = match key {
-            Some(k) => k.rem_euclid(self.lanes.len() as i64) as usize,
-            None => rand::random_range(0..self.lanes.len()),
-        };
         let unit = Unit {
-            order: (key.unwrap_or(i64::MAX), rank),
+            order: key.unwrap_or(i64::MAX),
             conflicts: 0,
             work: erased,
             fail: Box::new(fail),
         };
-        if self.lanes[lane].send(unit).await.is_err() {
-            return Err(ApiError::internal("the write pipeline has stopped"));
-        }
+        self.send(key, Job::Unit(unit)).await?;
         rx.await
             .unwrap_or_else(|_| Err(ApiError::internal("a write unit was dropped")))
     }
@@ -180,7 +249,14 @@ struct Counters {
     conflicts: AtomicU64,
 }
 
-async fn run_lane(db: DatabaseConnection, mut rx: mpsc::Receiver<Unit>, counters: Arc<Counters>) {
+impl Counters {
+    fn conflict(&self) {
+        self.conflicts.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("write_conflicts_total").increment(1);
+    }
+}
+
+async fn run_lane(db: DatabaseConnection, mut rx: mpsc::Receiver<Job>, counters: Arc<Counters>) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -189,11 +265,9 @@ async fn run_lane(db: DatabaseConnection, mut rx: mpsc::Receiver<Unit>, counters
                 Err(_) => break,
             }
         }
-        // Stable: the units of one key and rank keep their arrival order.
-        group.sort_by_key(|u| u.order);
         metrics::histogram!("write_group_size").record(group.len() as f64);
         let mut deferred = run_group(&db, group, &counters).await;
-        // Units that met a deadlock or a serialization failure, and the units of their group
+        // Jobs that met a deadlock or a serialization failure, and the units of their group
         // not yet run, run again in a group of their own, after this group's commit has
         // released every lock it held.
         while !deferred.is_empty() {
@@ -202,21 +276,103 @@ async fn run_lane(db: DatabaseConnection, mut rx: mpsc::Receiver<Unit>, counters
     }
 }
 
-/// Runs one group; returns the units to run again after a transient conflict.
-async fn run_group(db: &DatabaseConnection, group: Vec<Unit>, counters: &Counters) -> Vec<Unit> {
+/// A group's jobs by kind, each kind in arrival order.
+#[derive(Default)]
+struct Group {
+    hits: Vec<Hit>,
+    units: Vec<Unit>,
+    audits: Vec<Audit>,
+}
+
+impl Group {
+    fn of(jobs: Vec<Job>) -> Self {
+        let mut g = Group::default();
+        for job in jobs {
+            match job {
+                Job::Hit(h) => g.hits.push(h),
+                Job::Unit(u) => g.units.push(u),
+                Job::Audit(a) => g.audits.push(a),
+            }
+        }
+        // Stable: the units of one key keep their arrival order.
+        g.units.sort_by_key(|u| u.order);
+        g
+    }
+
+    fn fail(self, e: &ApiError) {
+        for h in self.hits {
+            let _ = h.reply.send(Err(e.clone()));
+        }
+        for u in self.units {
+            (u.fail)(e.clone());
+        }
+        for a in self.audits {
+            let _ = a.reply.send(Err(e.clone()));
+        }
+    }
+}
+
+/// Runs one group; returns the jobs to run again after a transient conflict.
+async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters) -> Vec<Job> {
+    let Group {
+        hits,
+        units,
+        audits,
+    } = Group::of(jobs);
     let txn = match crate::db::begin_write(db).await {
         Ok(t) => t,
         Err(e) => {
             let e = ApiError::from(e);
-            for u in group {
-                (u.fail)(e.clone());
+            Group {
+                hits,
+                units,
+                audits,
             }
+            .fail(&e);
             return Vec::new();
         }
     };
-    let mut done: Vec<Completion> = Vec::with_capacity(group.len());
-    let mut again = Vec::new();
-    let mut units = group.into_iter();
+    let mut done: Vec<Completion> = Vec::with_capacity(hits.len() + units.len() + audits.len());
+    let mut again: Vec<Job> = Vec::new();
+
+    // 1. The rate-limit hits, first: every group locks quota rows before any other row.
+    if !hits.is_empty() {
+        match count_hits(&txn, &hits).await {
+            Ok(counts) => {
+                for (hit, count) in hits.into_iter().zip(counts) {
+                    done.push(Box::new(move |outcome| {
+                        let _ = hit.reply.send(outcome.map(|()| count));
+                    }));
+                }
+            }
+            Err(e) if e.transient => {
+                // Nothing of this group ran yet: run all of it again once this (empty)
+                // transaction is gone.
+                counters.conflict();
+                let _ = txn.rollback().await;
+                let mut retry = Vec::new();
+                for mut h in hits {
+                    h.conflicts += 1;
+                    if h.conflicts > MAX_RETRIES {
+                        let _ = h.reply.send(Err(e.clone()));
+                    } else {
+                        retry.push(Job::Hit(h));
+                    }
+                }
+                retry.extend(units.into_iter().map(Job::Unit));
+                retry.extend(audits.into_iter().map(Job::Audit));
+                return retry;
+            }
+            Err(e) => {
+                for h in hits {
+                    let _ = h.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    // 2. The units of work, each in its savepoint.
+    let mut units = units.into_iter();
     while let Some(mut unit) = units.next() {
         let sp = match txn.begin().await {
             Ok(sp) => sp,
@@ -233,13 +389,12 @@ async fn run_group(db: &DatabaseConnection, group: Vec<Unit>, counters: &Counter
             Err(e) if e.transient && unit.conflicts < MAX_RETRIES => {
                 let _ = sp.rollback().await;
                 unit.conflicts += 1;
-                counters.conflicts.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("write_conflicts_total").increment(1);
-                again.push(unit);
+                counters.conflict();
+                again.push(Job::Unit(unit));
                 // The group still holds the locks its earlier units took, so the units after
                 // this one would meet the same conflict (and wait for its detection) one by
                 // one. They run after this group's commit instead.
-                again.extend(units.by_ref());
+                again.extend(units.by_ref().map(Job::Unit));
                 break;
             }
             Err(e) => {
@@ -249,15 +404,130 @@ async fn run_group(db: &DatabaseConnection, group: Vec<Unit>, counters: &Counter
             }
         }
     }
+
+    // 3. The audit rows: inserts that wait for no lock of another group.
+    if !audits.is_empty() {
+        write_audits(&txn, audits, &mut done, &mut again, counters).await;
+    }
+
     let outcome = txn.commit().await.map_err(ApiError::from);
     counters.commits.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = &outcome {
-        tracing::error!(error = %e, units = done.len(), "group commit failed");
+        tracing::error!(error = %e, jobs = done.len(), "group commit failed");
     }
     for d in done {
         d(outcome.clone());
     }
     again
+}
+
+/// Runs the hits of a group as one upsert, in a savepoint; the count each hit sees, in the
+/// order of `hits`.
+async fn count_hits(txn: &DatabaseTransaction, hits: &[Hit]) -> Result<Vec<i64>, ApiError> {
+    // Hits per window, the windows by key id (the lock order of every group).
+    let mut per_window: BTreeMap<(i64, &'static str, i64), i64> = BTreeMap::new();
+    for h in hits {
+        *per_window
+            .entry((h.key, h.scope, h.window_start))
+            .or_default() += 1;
+    }
+    let windows: Vec<(i64, &str, i64, i64)> = per_window
+        .iter()
+        .map(|(&(key, scope, start), &n)| (key, scope, start, n))
+        .collect();
+    let sp = txn.begin().await?;
+    let after = match super::rate_limits::add_many(&sp, &windows).await {
+        Ok(after) => after,
+        Err(e) => {
+            let _ = sp.rollback().await;
+            return Err(e.into());
+        }
+    };
+    sp.commit().await?;
+    // The i-th hit of a window, in arrival order, sees the count before the statement plus i.
+    let mut next: HashMap<(i64, &'static str, i64), i64> = per_window
+        .keys()
+        .zip(&after)
+        .map(|(w, count)| (*w, count - per_window[w]))
+        .collect();
+    Ok(hits
+        .iter()
+        .map(|h| {
+            let c = next
+                .get_mut(&(h.key, h.scope, h.window_start))
+                .expect("every hit's window was counted");
+            *c += 1;
+            *c
+        })
+        .collect())
+}
+
+/// Writes a group's audit rows in one statement; when that fails, one by one in savepoints,
+/// so that only a row that cannot be written fails.
+async fn write_audits(
+    txn: &DatabaseTransaction,
+    audits: Vec<Audit>,
+    done: &mut Vec<Completion>,
+    again: &mut Vec<Job>,
+    counters: &Counters,
+) {
+    let rows: Vec<(&UsageRow, DateTime<Utc>)> = audits.iter().map(|a| (&a.row, a.at)).collect();
+    let all = async {
+        let sp = txn.begin().await?;
+        match super::usage::insert_many(&sp, &rows).await {
+            Ok(()) => sp.commit().await,
+            Err(e) => {
+                let _ = sp.rollback().await;
+                Err(e)
+            }
+        }
+    }
+    .await;
+    drop(rows);
+    let failure = match all {
+        Ok(()) => {
+            for a in audits {
+                done.push(Box::new(move |outcome| {
+                    let _ = a.reply.send(outcome);
+                }));
+            }
+            return;
+        }
+        Err(e) => ApiError::from(e),
+    };
+    if failure.transient {
+        counters.conflict();
+        for mut a in audits {
+            a.conflicts += 1;
+            if a.conflicts > MAX_RETRIES {
+                let _ = a.reply.send(Err(failure.clone()));
+            } else {
+                again.push(Job::Audit(a));
+            }
+        }
+        return;
+    }
+    for a in audits {
+        let one = async {
+            let sp = txn.begin().await?;
+            match super::usage::insert(&sp, &a.row, a.at).await {
+                Ok(()) => sp.commit().await,
+                Err(e) => {
+                    let _ = sp.rollback().await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        match one {
+            Ok(()) => done.push(Box::new(move |outcome| {
+                let _ = a.reply.send(outcome);
+            })),
+            Err(e) => {
+                let _ = a.reply.send(Err(e.into()));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -345,5 +615,91 @@ mod tests {
         );
         let n = rows(&db).await;
         assert_eq!(n, 400);
+    }
+
+    /// A migrated SQLite database with one key (id 1) and a one-lane pipeline on it.
+    async fn migrated() -> (tempfile::TempDir, DatabaseConnection, Writes) {
+        let (dir, db) = sqlite().await;
+        crate::db::migrate(&db).await.unwrap();
+        db.execute_unprepared(
+            "INSERT INTO api_key (id, name, key_sha256, created_at, updated_at) \
+             VALUES (1, 'k', 'h', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+        )
+        .await
+        .unwrap();
+        let writes = Writes::start(db.clone(), 1);
+        (dir, db, writes)
+    }
+
+    /// On one thread, tasks first run in the order they were spawned, so the hits below reach
+    /// the lane in index order.
+    #[tokio::test(flavor = "current_thread")]
+    async fn hits_are_counted_once_each_in_arrival_order_per_key() {
+        let (_dir, _db, writes) = migrated().await;
+        // Three windows of one key, interleaved; most hits are queued before the lane runs,
+        // so groups hold hits of several windows.
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let writes = writes.clone();
+                tokio::spawn(async move {
+                    let (scope, start) = [("batch", 60), ("read", 60), ("batch", 120)][i % 3];
+                    (i % 3, writes.hit(1, scope, start).await.unwrap())
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        for w in 0..3 {
+            let seen: Vec<i64> = results
+                .iter()
+                .filter(|(k, _)| *k == w)
+                .map(|(_, c)| *c)
+                .collect();
+            assert_eq!(seen, (1..=100).collect::<Vec<_>>(), "window {w}");
+        }
+        assert!(writes.commits() < 100, "{} commits", writes.commits());
+    }
+
+    fn audit_row(status: u16) -> UsageRow {
+        UsageRow {
+            api_key_id: Some(1),
+            method: "GET".into(),
+            path: "/api/enterprise/video-batch".into(),
+            status,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_audit_row_that_cannot_be_written_fails_alone() {
+        let (_dir, db, writes) = migrated().await;
+        // A key id that does not exist breaks the foreign key: that row alone fails.
+        let calls = (0..50).map(|i| {
+            let writes = writes.clone();
+            async move {
+                let mut row = audit_row(200);
+                if i == 25 {
+                    row.api_key_id = Some(999);
+                }
+                writes.audit(row, chrono::Utc::now()).await
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        for (i, r) in results.iter().enumerate() {
+            assert_eq!(r.is_ok(), i != 25, "row {i}: {r:?}");
+        }
+        let n = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM usage_event".to_string(),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap();
+        assert_eq!(n, 49);
     }
 }

@@ -3,7 +3,7 @@
 use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr};
 
-use super::sql::{limit, stmt};
+use super::sql::{limit, placeholders, stmt};
 pub use crate::domain::usage::{DayUsage, UsageRow};
 
 /// The UTC minute containing `t`.
@@ -17,36 +17,59 @@ pub async fn insert<C: ConnectionTrait>(
     row: &UsageRow,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
+    insert_many(db, &[(row, now)]).await
+}
+
+/// Columns of an audit row, in the order [`row_values`] binds them.
+const COLUMNS: &str = "api_key_id, request_id, method, path, status, error_code, client_ip, \
+    user_agent, minute_bucket, latency_us, batch_id, items, credits, count, created_at, key_version";
+const N_COLUMNS: usize = 16;
+
+/// Writes audit rows, each with the time it was written, in one statement.
+pub async fn insert_many<C: ConnectionTrait>(
+    db: &C,
+    rows: &[(&UsageRow, DateTime<Utc>)],
+) -> Result<(), DbErr> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tuples = (0..rows.len())
+        .map(|i| format!("({})", placeholders(N_COLUMNS * i + 1, N_COLUMNS)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("INSERT INTO usage_event ({COLUMNS}) VALUES {tuples}");
+    let values = rows
+        .iter()
+        .flat_map(|(row, now)| row_values(row, *now))
+        .collect::<Vec<_>>();
+    db.execute_raw(stmt(db.get_database_backend(), &sql, values))
+        .await?;
+    Ok(())
+}
+
+fn row_values(row: &UsageRow, now: DateTime<Utc>) -> [sea_orm::Value; N_COLUMNS] {
     let ua = row
         .user_agent
         .as_ref()
         .map(|s| s.chars().take(512).collect::<String>());
-    db.execute_raw(stmt(
-        db.get_database_backend(),
-        "INSERT INTO usage_event (api_key_id, request_id, method, path, status, error_code, client_ip, \
-         user_agent, minute_bucket, latency_us, batch_id, items, credits, count, created_at, key_version) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-        [
-            row.api_key_id.into(),
-            row.request_id.clone().into(),
-            row.method.chars().take(16).collect::<String>().into(),
-            row.path.chars().take(1024).collect::<String>().into(),
-            i32::from(row.status).into(),
-            row.error_code.clone().into(),
-            row.client_ip.clone().into(),
-            ua.into(),
-            minute_bucket(now).into(),
-            row.latency_us.into(),
-            row.batch_id.into(),
-            row.items.into(),
-            row.credits.into(),
-            row.count.max(1).into(),
-            now.into(),
-            row.key_version.into(),
-        ],
-    ))
-    .await?;
-    Ok(())
+    [
+        row.api_key_id.into(),
+        row.request_id.clone().into(),
+        row.method.chars().take(16).collect::<String>().into(),
+        row.path.chars().take(1024).collect::<String>().into(),
+        i32::from(row.status).into(),
+        row.error_code.clone().into(),
+        row.client_ip.clone().into(),
+        ua.into(),
+        minute_bucket(now).into(),
+        row.latency_us.into(),
+        row.batch_id.into(),
+        row.items.into(),
+        row.credits.into(),
+        row.count.max(1).into(),
+        now.into(),
+        row.key_version.into(),
+    ]
 }
 
 /// The UTC date (`YYYY-MM-DD`) of a timestamp column, as SQL.
@@ -128,19 +151,12 @@ pub async fn delete_older_than<C: ConnectionTrait>(
     Ok(r.rows_affected())
 }
 
-/// Writes one audit row through the write pipeline (committed with the group it joins).
+/// Writes one audit row through the write pipeline: with the other audit rows of the group
+/// it joins, in one statement, committed with that group.
 pub async fn record_through(
     writes: &crate::store::pipeline::Writes,
     row: UsageRow,
     now: DateTime<Utc>,
 ) -> Result<(), crate::error::ApiError> {
-    writes
-        .run(row.api_key_id, move |txn| {
-            let row = row.clone();
-            Box::pin(async move {
-                insert(txn, &row, now).await?;
-                Ok(())
-            })
-        })
-        .await
+    writes.audit(row, now).await
 }
