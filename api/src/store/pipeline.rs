@@ -65,6 +65,8 @@ struct Hit {
     scope: &'static str,
     window_start: i64,
     conflicts: u32,
+    /// Counted in a statement of its own (after the group's one statement failed).
+    alone: bool,
     reply: oneshot::Sender<Result<i64, ApiError>>,
 }
 
@@ -166,6 +168,7 @@ impl Writes {
             scope,
             window_start,
             conflicts: 0,
+            alone: false,
             reply,
         };
         self.send(Some(key), Job::Hit(hit)).await?;
@@ -335,7 +338,10 @@ async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters)
     let mut done: Vec<Completion> = Vec::with_capacity(hits.len() + units.len() + audits.len());
     let mut again: Vec<Job> = Vec::new();
 
-    // 1. The rate-limit hits, first: every group locks quota rows before any other row.
+    // 1. The rate-limit hits, first: every group locks quota rows before any other row. The
+    //    statement is the first of the transaction, so it needs no savepoint: when it fails,
+    //    nothing else is lost by rolling the whole transaction back.
+    let (hits, alone): (Vec<Hit>, Vec<Hit>) = hits.into_iter().partition(|h| !h.alone);
     if !hits.is_empty() {
         match count_hits(&txn, &hits).await {
             Ok(counts) => {
@@ -345,28 +351,57 @@ async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters)
                     }));
                 }
             }
-            Err(e) if e.transient => {
-                // Nothing of this group ran yet: run all of it again once this (empty)
-                // transaction is gone.
-                counters.conflict();
+            Err(e) => {
                 let _ = txn.rollback().await;
+                if e.transient {
+                    counters.conflict();
+                }
                 let mut retry = Vec::new();
                 for mut h in hits {
-                    h.conflicts += 1;
-                    if h.conflicts > MAX_RETRIES {
-                        let _ = h.reply.send(Err(e.clone()));
+                    if e.transient {
+                        h.conflicts += 1;
+                        if h.conflicts > MAX_RETRIES {
+                            let _ = h.reply.send(Err(e.clone()));
+                            continue;
+                        }
                     } else {
-                        retry.push(Job::Hit(h));
+                        // One of them cannot be counted: each is counted on its own next, so
+                        // that only that one fails.
+                        h.alone = true;
                     }
+                    retry.push(Job::Hit(h));
                 }
+                // The rest of the group runs at once, in a transaction of its own.
+                retry.extend(alone.into_iter().map(Job::Hit));
                 retry.extend(units.into_iter().map(Job::Unit));
                 retry.extend(audits.into_iter().map(Job::Audit));
                 return retry;
             }
-            Err(e) => {
-                for h in hits {
-                    let _ = h.reply.send(Err(e.clone()));
+        }
+    }
+    for hit in alone {
+        let one = async {
+            let sp = txn.begin().await?;
+            match super::rate_limits::add_many(&sp, &[(hit.key, hit.scope, hit.window_start, 1)])
+                .await
+            {
+                Ok(after) => {
+                    sp.commit().await?;
+                    Ok(after[0])
                 }
+                Err(e) => {
+                    let _ = sp.rollback().await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        match one {
+            Ok(count) => done.push(Box::new(move |outcome| {
+                let _ = hit.reply.send(outcome.map(|()| count));
+            })),
+            Err(e) => {
+                let _ = hit.reply.send(Err(e.into()));
             }
         }
     }
@@ -421,8 +456,7 @@ async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters)
     again
 }
 
-/// Runs the hits of a group as one upsert, in a savepoint; the count each hit sees, in the
-/// order of `hits`.
+/// Runs the hits of a group as one upsert; the count each hit sees, in the order of `hits`.
 async fn count_hits(txn: &DatabaseTransaction, hits: &[Hit]) -> Result<Vec<i64>, ApiError> {
     // Hits per window, the windows by key id (the lock order of every group).
     let mut per_window: BTreeMap<(i64, &'static str, i64), i64> = BTreeMap::new();
@@ -435,15 +469,7 @@ async fn count_hits(txn: &DatabaseTransaction, hits: &[Hit]) -> Result<Vec<i64>,
         .iter()
         .map(|(&(key, scope, start), &n)| (key, scope, start, n))
         .collect();
-    let sp = txn.begin().await?;
-    let after = match super::rate_limits::add_many(&sp, &windows).await {
-        Ok(after) => after,
-        Err(e) => {
-            let _ = sp.rollback().await;
-            return Err(e.into());
-        }
-    };
-    sp.commit().await?;
+    let after = super::rate_limits::add_many(txn, &windows).await?;
     // The i-th hit of a window, in arrival order, sees the count before the statement plus i.
     let mut next: HashMap<(i64, &'static str, i64), i64> = per_window
         .keys()
@@ -701,5 +727,35 @@ mod tests {
             .try_get::<i64>("", "n")
             .unwrap();
         assert_eq!(n, 49);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_hit_that_cannot_be_counted_fails_alone() {
+        let (_dir, db, writes) = migrated().await;
+        // Key 999 does not exist: its window breaks the foreign key, which fails the group's
+        // one statement; every other hit and the unit of the group still commit.
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let writes = writes.clone();
+                tokio::spawn(async move {
+                    let key = if i == 10 { 999 } else { 1 };
+                    writes.hit(key, "read", 60).await
+                })
+            })
+            .collect();
+        let unit = tokio::spawn({
+            let writes = writes.clone();
+            async move { insert(&writes, 5, 5).await }
+        });
+        let mut counts = Vec::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let r = t.await.unwrap();
+            assert_eq!(r.is_ok(), i != 10, "hit {i}: {r:?}");
+            counts.extend(r.ok());
+        }
+        assert_eq!(unit.await.unwrap().unwrap(), 5);
+        counts.sort();
+        assert_eq!(counts, (1..=29).collect::<Vec<_>>());
+        assert_eq!(rows(&db).await, 1);
     }
 }
