@@ -573,10 +573,15 @@ mod tests {
         (dir, db)
     }
 
+    /// Rows of table `t`.
     async fn rows(db: &DatabaseConnection) -> i64 {
+        rows_of(db, "t").await
+    }
+
+    async fn rows_of(db: &DatabaseConnection, table: &str) -> i64 {
         db.query_one_raw(Statement::from_string(
             db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM t".to_string(),
+            format!("SELECT COUNT(*) AS n FROM {table}"),
         ))
         .await
         .unwrap()
@@ -657,22 +662,27 @@ mod tests {
         (dir, db, writes)
     }
 
-    /// On one thread, tasks first run in the order they were spawned, so the hits below reach
-    /// the lane in index order.
+    /// `n` tasks running `f(i)`, spawned in index order. On one thread, tasks first run in
+    /// the order they were spawned, so their writes reach a lane in index order.
+    fn spawn_each<T, F, Fut>(writes: &Writes, n: usize, f: F) -> Vec<tokio::task::JoinHandle<T>>
+    where
+        T: Send + 'static,
+        F: Fn(Writes, usize) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        (0..n).map(|i| tokio::spawn(f(writes.clone(), i))).collect()
+    }
+
+    /// The hits below reach the lane in index order.
     #[tokio::test(flavor = "current_thread")]
     async fn hits_are_counted_once_each_in_arrival_order_per_key() {
         let (_dir, _db, writes) = migrated().await;
         // Three windows of one key, interleaved; most hits are queued before the lane runs,
         // so groups hold hits of several windows.
-        let tasks: Vec<_> = (0..300)
-            .map(|i| {
-                let writes = writes.clone();
-                tokio::spawn(async move {
-                    let (scope, start) = [("batch", 60), ("read", 60), ("batch", 120)][i % 3];
-                    (i % 3, writes.hit(1, scope, start).await.unwrap())
-                })
-            })
-            .collect();
+        let tasks = spawn_each(&writes, 300, |writes, i| async move {
+            let (scope, start) = [("batch", 60), ("read", 60), ("batch", 120)][i % 3];
+            (i % 3, writes.hit(1, scope, start).await.unwrap())
+        });
         let mut results = Vec::new();
         for t in tasks {
             results.push(t.await.unwrap());
@@ -716,17 +726,7 @@ mod tests {
         for (i, r) in results.iter().enumerate() {
             assert_eq!(r.is_ok(), i != 25, "row {i}: {r:?}");
         }
-        let n = db
-            .query_one_raw(Statement::from_string(
-                db.get_database_backend(),
-                "SELECT COUNT(*) AS n FROM usage_event".to_string(),
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get::<i64>("", "n")
-            .unwrap();
-        assert_eq!(n, 49);
+        assert_eq!(rows_of(&db, "usage_event").await, 49);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -734,15 +734,10 @@ mod tests {
         let (_dir, db, writes) = migrated().await;
         // Key 999 does not exist: its window breaks the foreign key, which fails the group's
         // one statement; every other hit and the unit of the group still commit.
-        let tasks: Vec<_> = (0..30)
-            .map(|i| {
-                let writes = writes.clone();
-                tokio::spawn(async move {
-                    let key = if i == 10 { 999 } else { 1 };
-                    writes.hit(key, "read", 60).await
-                })
-            })
-            .collect();
+        let tasks = spawn_each(&writes, 30, |writes, i| async move {
+            let key = if i == 10 { 999 } else { 1 };
+            writes.hit(key, "read", 60).await
+        });
         let unit = tokio::spawn({
             let writes = writes.clone();
             async move { insert(&writes, 5, 5).await }
