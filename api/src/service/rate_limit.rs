@@ -38,8 +38,9 @@ pub async fn admit(
     Ok(RateInfo::after(scope, limit, count, now))
 }
 
-/// Counts one call and tells whether it is admitted. One statement, atomic on both backends:
-/// under any concurrency and on any number of nodes exactly `limit` calls are admitted.
+/// Counts one call in `db` (outside the pipeline: the benchmark's one-commit-per-create loop)
+/// and tells whether it is admitted. One statement, atomic on both backends: under any
+/// concurrency and on any number of nodes exactly `limit` calls are admitted.
 pub async fn hit<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
