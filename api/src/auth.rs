@@ -5,9 +5,9 @@ use std::sync::Arc;
 use poem::Request;
 use poem_openapi::SecurityScheme;
 use poem_openapi::auth::{ApiKey, Bearer};
-use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::context::PendingQuota;
 use crate::error::{ApiError, ErrorCode};
 use crate::service::keys::sha256_hex;
 use crate::service::rate_limit::{self, SCOPE_BATCH};
@@ -78,27 +78,26 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
             ),
         ));
     }
+    if req.method() == poem::http::Method::GET || scope == SCOPE_BATCH {
+        // Counted later, in one commit with what the call writes: a read with its usage row
+        // once answered, a create with its batch (`service::batches::create`). Both are
+        // answered 429 then if over the quota; what ran before the count only read.
+        crate::context::update(|s| {
+            s.pending_quota = Some(PendingQuota {
+                key_name: key.policy.name.clone(),
+                scope,
+                limit,
+                at: now,
+            })
+        });
+        return Ok(Caller { key, runtime });
+    }
     let info = rate_limit::admit(&state.writes, key.id, scope, limit, now).await?;
     crate::context::update(|s| s.rate = Some(info.clone()));
     if info.exceeded {
-        metrics_rate_limited(&key.policy.name, scope);
-        return Err(ApiError::new(
-            ErrorCode::RateLimitExceeded,
-            format!(
-                "rate limit of {limit} {scope} calls per minute exceeded; retry in {}s",
-                info.reset_secs
-            ),
-        )
-        .with_details(json!({ "limit": limit, "scope": scope, "reset_seconds": info.reset_secs }))
-        .with_header("Retry-After", info.reset_secs.to_string()));
+        return Err(rate_limit::refusal(&key.policy.name, &info));
     }
     Ok(Caller { key, runtime })
-}
-
-fn metrics_rate_limited(key: &str, scope: &'static str) {
-    metrics::counter!("rate_limit_rejections_total", "key" => key.to_string(), "scope" => scope)
-        .increment(1);
-    tracing::info!(key, scope, "rate limit exceeded");
 }
 
 /// Worker secret, sent as `Authorization: Bearer <secret>`.

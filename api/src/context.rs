@@ -33,6 +33,8 @@ pub struct CallState {
     pub key_version: Option<&'static str>,
     /// Quota consulted for this call.
     pub rate: Option<RateInfo>,
+    /// A read's quota, counted with its audit row once it has been answered.
+    pub pending_quota: Option<PendingQuota>,
     /// Error code of the response.
     pub error_code: Option<ErrorCode>,
     /// Batch touched.
@@ -43,6 +45,21 @@ pub struct CallState {
     pub credits: i64,
     /// The usage row was already written inside the create transaction.
     pub audited: bool,
+}
+
+/// The quota a read counts against, left for the audit layer to count in the same commit as
+/// the call's usage row. Only calls that change nothing are counted late: a refused one has
+/// done nothing but read, and is answered 429 as if refused first.
+#[derive(Debug, Clone)]
+pub struct PendingQuota {
+    /// The key's name (for the rejection metric).
+    pub key_name: String,
+    /// The quota scope.
+    pub scope: &'static str,
+    /// Calls allowed per window.
+    pub limit: u32,
+    /// When the call was authenticated: its window.
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 impl RequestCtx {
@@ -92,6 +109,13 @@ pub fn call_request_id() -> Option<String> {
             .call_request_id
             .unwrap_or_else(|| ctx.x_request_id.clone())
     })
+}
+
+/// Takes the current call's pending quota: whoever takes it counts the call.
+pub fn take_pending_quota() -> Option<PendingQuota> {
+    let mut taken = None;
+    update(|s| taken = s.pending_quota.take());
+    taken
 }
 
 /// Records the error code of the response being built.

@@ -399,12 +399,78 @@ async fn finish(
     {
         return Ok(throttle_stranger(state, ctx.client_ip, retry_after));
     }
-    let runtime = state.runtime();
-    let rate = call.rate.clone().unwrap_or_else(|| {
+    if call.audited {
+        set_rate_headers(&mut resp, &call_rate(state, &call, &method, &path));
+        return Ok(resp);
+    }
+    let row = UsageRow {
+        api_key_id: call.key_id,
+        key_version: call.key_version,
+        request_id: call
+            .call_request_id
+            .clone()
+            .or_else(|| Some(ctx.x_request_id.clone())),
+        method: method.clone(),
+        path: path.clone(),
+        status: resp.status().as_u16(),
+        error_code: call.error_code.map(|c| c.as_str().to_string()),
+        client_ip: ctx.client_ip.map(|i| i.to_string()),
+        user_agent,
+        latency_us: started.elapsed().as_micros() as i64,
+        batch_id: call.batch_id,
+        count: 1,
+        ..Default::default()
+    };
+    let audited = match (&call.pending_quota, call.key_id) {
+        (Some(q), Some(key_id)) => {
+            // A read: its count and its row in one commit; over the quota it becomes a 429.
+            let refused_id = ctx.x_request_id.clone();
+            match rate_limit::admit_and_audit(&state.writes, key_id, q, row, refused_id).await {
+                Ok((info, audited)) => {
+                    if info.exceeded {
+                        resp = keep_operation(
+                            &resp,
+                            rate_limit::refusal(&q.key_name, &info).into_response(),
+                        );
+                    }
+                    set_rate_headers(&mut resp, &info);
+                    audited
+                }
+                Err(e) => {
+                    let mut failed = keep_operation(&resp, e.into_response());
+                    set_rate_headers(&mut failed, &call_rate(state, &call, &method, &path));
+                    return Ok(failed);
+                }
+            }
+        }
+        _ => {
+            set_rate_headers(&mut resp, &call_rate(state, &call, &method, &path));
+            usage::record_through(&state.writes, row, state.clock.now()).await
+        }
+    };
+    if let Err(e) = audited {
+        tracing::error!(error = %e, "writing usage row failed");
+    }
+    Ok(resp)
+}
+
+/// `next` with the operation id of `resp` kept, for the metrics of the outer layer.
+fn keep_operation(resp: &Response, mut next: Response) -> Response {
+    if let Some(op) = resp.data::<poem_openapi::OperationId>() {
+        next.set_data(poem_openapi::OperationId(op.0));
+    }
+    next
+}
+
+/// The quota a call's headers report: what it consulted, else the untouched default quota of
+/// its scope.
+fn call_rate(state: &AppState, call: &context::CallState, method: &str, path: &str) -> RateInfo {
+    call.rate.clone().unwrap_or_else(|| {
         let scope = match method.parse::<Method>() {
-            Ok(m) => rate_limit::scope_of(&m, &path),
+            Ok(m) => rate_limit::scope_of(&m, path),
             Err(_) => SCOPE_READ,
         };
+        let runtime = state.runtime();
         let d = &runtime.settings.defaults;
         let limit = if scope == SCOPE_BATCH {
             d.rate_limit_per_min
@@ -412,32 +478,7 @@ async fn finish(
             d.read_rate_limit_per_min
         };
         RateInfo::untouched(scope, limit, state.clock.now())
-    });
-    set_rate_headers(&mut resp, &rate);
-    if !call.audited {
-        let row = UsageRow {
-            api_key_id: call.key_id,
-            key_version: call.key_version,
-            request_id: call
-                .call_request_id
-                .clone()
-                .or_else(|| Some(ctx.x_request_id.clone())),
-            method,
-            path,
-            status: resp.status().as_u16(),
-            error_code: call.error_code.map(|c| c.as_str().to_string()),
-            client_ip: ctx.client_ip.map(|i| i.to_string()),
-            user_agent,
-            latency_us: started.elapsed().as_micros() as i64,
-            batch_id: call.batch_id,
-            count: 1,
-            ..Default::default()
-        };
-        if let Err(e) = usage::record_through(&state.writes, row, state.clock.now()).await {
-            tracing::error!(error = %e, "writing usage row failed");
-        }
-    }
-    Ok(resp)
+    })
 }
 
 fn set_rate_headers(resp: &mut Response, r: &RateInfo) {

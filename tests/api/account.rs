@@ -7,6 +7,8 @@ use crate::helpers::{Backend, TestApp};
 both_backends!(
     usage_counts_calls_batches_items_and_charges,
     read_calls_use_the_read_quota,
+    concurrent_reads_on_two_nodes_admit_exactly_the_read_quota,
+    a_read_is_counted_and_audited_in_one_commit,
     old_rate_windows_are_pruned
 );
 
@@ -166,4 +168,93 @@ async fn old_rate_windows_are_pruned(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(pruned, 1, "ended windows go");
+}
+
+/// Reads are counted after their handler ran, with their usage row: 60 concurrent reads on two
+/// nodes against a quota of 25 are exactly 25 answers and 35 refusals, and every call leaves
+/// one row that says which (a refused read is audited as the 429 it was answered).
+async fn concurrent_reads_on_two_nodes_admit_exactly_the_read_quota(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key(
+            "acme",
+            "initial_credits = 100\nread_rate_limit_per_min = 25",
+        )
+        .build()
+        .await;
+    let peer = app.peer().await;
+    let at = app.freeze_clock();
+    peer.freeze_clock_at(at);
+    let key = app.key("acme").to_string();
+    let calls = (0..60).map(|i| {
+        let base = if i % 2 == 0 { &app.base } else { &peer.base };
+        let (client, key) = (app.client.clone(), key.clone());
+        let url = format!("{base}/api/enterprise/credits");
+        async move {
+            let r = client
+                .get(url)
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let remaining = r.headers()["x-ratelimit-remaining"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            if status == 429 {
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["error"], "RATE_LIMIT_EXCEEDED", "{body}");
+                assert_eq!(remaining, "0");
+            } else {
+                assert_eq!(status, 200);
+            }
+            status
+        }
+    });
+    let statuses = futures::future::join_all(calls).await;
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    assert_eq!((ok, statuses.len() - ok), (25, 35), "{statuses:?}");
+    let rows = |status: u16| {
+        format!(
+            "SELECT COUNT(*) AS v FROM usage_event WHERE path = '/api/enterprise/credits' \
+             AND status = {status}"
+        )
+    };
+    assert_eq!(app.scalar(&rows(200)).await, 25);
+    assert_eq!(app.scalar(&rows(429)).await, 35);
+    assert_eq!(
+        app.scalar(
+            "SELECT COUNT(*) AS v FROM usage_event WHERE status = 429 \
+             AND error_code = 'RATE_LIMIT_EXCEEDED'"
+        )
+        .await,
+        35
+    );
+}
+
+/// A read waits for one group commit, not two: its count and its usage row are written
+/// together. 20 reads one after another make at most 25 commits (one each, plus any background
+/// work), where counting first and auditing after made 40.
+async fn a_read_is_counted_and_audited_in_one_commit(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 100")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    let (commits, ()) = app
+        .commits_during(async {
+            for _ in 0..20 {
+                assert_eq!(app.credits_status(&key).await, 200);
+            }
+        })
+        .await;
+    assert!(
+        (20..=25).contains(&commits),
+        "{commits} commits for 20 reads"
+    );
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM usage_event WHERE path = '/api/enterprise/credits'")
+            .await,
+        20
+    );
 }

@@ -12,6 +12,8 @@ both_backends!(
     every_error_code_of_the_create_path,
     ip_allowlist_and_trusted_proxies,
     audit_rows_for_every_outcome,
+    a_create_over_the_quota_is_429_whatever_else_is_wrong,
+    a_create_is_counted_and_written_in_one_commit,
 );
 
 /// With PostgreSQL, a second node shares the database; requests alternate between nodes.
@@ -452,4 +454,98 @@ async fn audit_rows_for_every_outcome(backend: Backend) {
     // 401 and 403 used no quota: 5 admitted calls (201, 200, 409, 422, 402), then 429.
     let text = format!("{rows:?}");
     assert!(!text.contains(&key), "the key never reaches the audit");
+}
+
+/// The quota comes before idempotency, validation and credits, even though a create is counted
+/// in the group that writes its batch: once the window is used up, a replay, a conflicting
+/// reuse, a batch too large and a batch beyond the wallet are all 429, hold nothing and are
+/// audited as 429 with the call's `x-request-id`.
+async fn a_create_over_the_quota_is_429_whatever_else_is_wrong(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key(
+            "acme",
+            "initial_credits = 30\nrate_limit_per_min = 2\nmax_batch_items = 2",
+        )
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    app.freeze_clock();
+    let post = |body: Value, trace: &str| {
+        let r = app
+            .client
+            .post(format!("{}/api/enterprise/video-batch", app.base))
+            .header("x-api-key", &key)
+            .header("x-request-id", trace)
+            .json(&body);
+        async move { r.send().await.unwrap() }
+    };
+    assert_eq!(
+        post(TestApp::batch_body(Some("q1"), 1), "t1")
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        post(TestApp::batch_body(Some("q2"), 1), "t2")
+            .await
+            .status(),
+        201
+    );
+    let refused = [
+        (TestApp::batch_body(Some("q1"), 1), "replay"),
+        (TestApp::batch_body(Some("q1"), 2), "conflict"),
+        (TestApp::batch_body(Some("q3"), 3), "too-large"),
+        (TestApp::batch_body(Some("q4"), 2), "no-credits"),
+        (TestApp::batch_body(Some("q5"), 1), "fine"),
+    ];
+    for (body, trace) in refused {
+        let r = post(body, trace).await;
+        assert_eq!(r.status(), 429, "{trace}");
+        assert!(r.headers().get("idempotent-replayed").is_none(), "{trace}");
+        assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "RATE_LIMIT_EXCEEDED", "{trace}: {v}");
+        assert_eq!(v["request_id"], trace, "{trace}: {v}");
+    }
+    let w = app.wallet(&key).await;
+    assert_eq!(
+        (w.balance, w.held),
+        (30, 20),
+        "only the two admitted batches hold"
+    );
+    assert_eq!(app.scalar("SELECT COUNT(*) AS v FROM batch_job").await, 2);
+    assert_eq!(
+        app.scalar(
+            "SELECT COUNT(*) AS v FROM usage_event WHERE status = 429 \
+             AND error_code = 'RATE_LIMIT_EXCEEDED' AND batch_id IS NULL \
+             AND request_id IN ('replay', 'conflict', 'too-large', 'no-credits', 'fine')"
+        )
+        .await,
+        5
+    );
+}
+
+/// A create waits for one group commit, not two: its rate-limit count and its batch are
+/// written together. 20 creates one after another make at most 25 commits (one each, plus any
+/// background work), where counting first and writing after made 40.
+async fn a_create_is_counted_and_written_in_one_commit(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 1000\nrate_limit_per_min = 100")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    let (commits, ()) = app
+        .commits_during(async {
+            for i in 0..20 {
+                let body = TestApp::batch_body(Some(&format!("one-{i}")), 1);
+                assert_eq!(app.create_batch(&key, &body).await.status(), 201);
+            }
+        })
+        .await;
+    assert!(
+        (20..=25).contains(&commits),
+        "{commits} commits for 20 creates"
+    );
+    assert_eq!(app.scalar("SELECT COUNT(*) AS v FROM batch_job").await, 20);
+    assert_eq!(app.wallet(&key).await.held, 200);
 }

@@ -372,6 +372,14 @@ impl TestApp {
         Arc::clone(self.state.as_ref().expect("started"))
     }
 
+    /// Group commits of this node's write pipeline while `calls` runs, and their output.
+    pub async fn commits_during<T>(&self, calls: impl Future<Output = T>) -> (u64, T) {
+        let state = self.state();
+        let before = state.writes.commits();
+        let out = calls.await;
+        (state.writes.commits() - before, out)
+    }
+
     /// The database.
     pub fn db(&self) -> DatabaseConnection {
         self.state().db.clone()

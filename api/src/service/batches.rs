@@ -16,10 +16,11 @@ use crate::schemas::batches::{
     Batch, BatchCounts, BatchCreated, BatchItemView, BatchStatus, CreateBatchRequest, ItemStatus,
 };
 use crate::service::credits::{self, LedgerKind, NewEntry};
+use crate::service::rate_limit;
 use crate::service::usage::UsageRow;
 use crate::service::webhooks;
 use crate::state::{KeyEntry, Runtime};
-use crate::store::pipeline::Writes;
+use crate::store::pipeline::{self, Writes};
 use crate::store::{items, jobs, usage, wallets};
 
 /// How a create ended.
@@ -115,27 +116,35 @@ pub async fn create(
         audit,
     });
     let watch = Arc::clone(runtime);
-    let written = writes
-        .run(Some(key.id), move |txn| {
-            let unit = Arc::clone(&unit);
-            let runtime = Arc::clone(&watch);
-            Box::pin(async move {
-                let created = write_new_batch(txn, &unit).await?;
-                if let Some(c) = &created {
-                    crate::service::webhooks::outbox::enqueue_low_credits(
-                        txn,
-                        &runtime,
-                        unit.key_id,
-                        c.available_credits,
-                        c.remaining_credits,
-                        unit.now,
-                    )
-                    .await?;
-                }
-                Ok(created)
-            })
+    let work = pipeline::work(move |txn| {
+        let unit = Arc::clone(&unit);
+        let runtime = Arc::clone(&watch);
+        Box::pin(async move {
+            let created = write_new_batch(txn, &unit).await?;
+            if let Some(c) = &created {
+                crate::service::webhooks::outbox::enqueue_low_credits(
+                    txn,
+                    &runtime,
+                    unit.key_id,
+                    c.available_credits,
+                    c.remaining_credits,
+                    unit.now,
+                )
+                .await?;
+            }
+            Ok(created)
         })
-        .await?;
+    });
+    // The call's quota, when the authentication left it to be counted here: counted in the
+    // group that writes the batch (one commit for both); over the quota nothing is written.
+    let written = match crate::context::take_pending_quota() {
+        Some(q) => {
+            let (info, written) = rate_limit::admit_and_run(writes, key.id, &q, work).await?;
+            crate::context::update(|s| s.rate = Some(info.clone()));
+            written.ok_or_else(|| rate_limit::refusal(&q.key_name, &info))?
+        }
+        None => writes.run(Some(key.id), work).await?,
+    };
     let Some(response) = written else {
         let existing = jobs::by_request_id(db, key.id, rid.as_str())
             .await?

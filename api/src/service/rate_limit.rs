@@ -1,9 +1,13 @@
 //! Hard per-key rate limits: fixed UTC minute windows counted by an atomic upsert.
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr};
+use serde_json::json;
 
+use crate::context::PendingQuota;
+use crate::domain::error_code::ErrorCode;
+use crate::domain::usage::UsageRow;
 use crate::error::ApiError;
-use crate::store::pipeline::Writes;
+use crate::store::pipeline::{UnitFuture, Writes};
 use crate::store::rate_limits;
 
 pub use crate::domain::quota::{SCOPE_BATCH, SCOPE_READ, SCOPE_UNAUTHENTICATED};
@@ -36,6 +40,84 @@ pub async fn admit(
 ) -> Result<RateInfo, ApiError> {
     let count = writes.hit(key_id, scope, window_start(now)).await?;
     Ok(RateInfo::after(scope, limit, count, now))
+}
+
+/// Counts a call that changed nothing (a read, or a create refused before writing) and writes
+/// its audit row in the same group commit: `admitted` as given when the call is within the
+/// quota, else as the 429 it becomes, which carries `refused_request_id` (a refused call is
+/// refused before its body is read). One commit instead of two (count, then row), and the
+/// limit stays exact: the count is the same atomic upsert in arrival order. Returns the quota
+/// after the call and, apart, whether the row was written.
+pub async fn admit_and_audit(
+    writes: &Writes,
+    key_id: i64,
+    quota: &PendingQuota,
+    admitted: UsageRow,
+    refused_request_id: String,
+) -> Result<(RateInfo, Result<(), ApiError>), ApiError> {
+    let &PendingQuota {
+        scope, limit, at, ..
+    } = quota;
+    let row = move |count: i64| {
+        if count > i64::from(limit) {
+            UsageRow {
+                request_id: Some(refused_request_id),
+                status: 429,
+                error_code: Some(ErrorCode::RateLimitExceeded.as_str().to_string()),
+                batch_id: None,
+                items: 0,
+                credits: 0,
+                ..admitted
+            }
+        } else {
+            admitted
+        }
+    };
+    let (count, audited) = writes
+        .hit_and_audit(key_id, scope, window_start(at), row, at)
+        .await?;
+    Ok((RateInfo::after(scope, limit, count, at), audited))
+}
+
+/// Counts a call that writes and runs its `work` in the same group commit when it is within the
+/// quota (nothing runs when it is over): one commit for both. Returns the quota after the call
+/// and the work's output (`None`: refused).
+pub async fn admit_and_run<T, F>(
+    writes: &Writes,
+    key_id: i64,
+    quota: &PendingQuota,
+    work: F,
+) -> Result<(RateInfo, Option<T>), ApiError>
+where
+    T: Send + 'static,
+    F: for<'a> FnMut(&'a sea_orm::DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+{
+    let &PendingQuota {
+        scope, limit, at, ..
+    } = quota;
+    let (count, out) = writes
+        .run_counted(key_id, scope, window_start(at), limit, work)
+        .await?;
+    Ok((RateInfo::after(scope, limit, count, at), out))
+}
+
+/// The 429 of a call over its key's quota (counted in the rejection metric). It carries the
+/// call's `x-request-id`, never a request id read from its body: the quota comes first.
+pub fn refusal(key: &str, info: &RateInfo) -> ApiError {
+    crate::context::update(|s| s.call_request_id = None);
+    metrics::counter!("rate_limit_rejections_total", "key" => key.to_string(), "scope" => info.scope)
+        .increment(1);
+    tracing::info!(key, scope = info.scope, "rate limit exceeded");
+    let (limit, scope) = (info.limit, info.scope);
+    ApiError::new(
+        ErrorCode::RateLimitExceeded,
+        format!(
+            "rate limit of {limit} {scope} calls per minute exceeded; retry in {}s",
+            info.reset_secs
+        ),
+    )
+    .with_details(json!({ "limit": limit, "scope": scope, "reset_seconds": info.reset_secs }))
+    .with_header("Retry-After", info.reset_secs.to_string())
 }
 
 /// Counts one call in `db` (outside the pipeline: the benchmark's one-commit-per-create loop)

@@ -13,6 +13,11 @@
 //! 3. every audit row of the group as one multi-row insert (on a failure, one by one, so a
 //!    bad row fails alone).
 //!
+//! A hit may carry what its call does next, so that the call waits for one commit: a create's
+//! work, run in step 2 of the same group only when its count is within the limit
+//! ([`Writes::run_counted`]), or a read's audit row, written in step 3 as admitted or refused
+//! ([`Writes::hit_and_audit`]).
+//!
 //! Invariants stay exact because nothing changes about *what* is decided: the rate-limit
 //! count, the conditional wallet update and the idempotency insert are the same statements,
 //! under the same row locks. Every group takes its locks in one order (quota rows by key,
@@ -67,7 +72,52 @@ struct Hit {
     conflicts: u32,
     /// Counted in a statement of its own (after the group's one statement failed).
     alone: bool,
+    /// The call's audit row, written in the same group once the count is known.
+    then_audit: Option<AuditAfter>,
+    /// The call's work and its quota: run in the same group when the count is within it.
+    then_unit: Option<(i64, Unit)>,
     reply: oneshot::Sender<Result<i64, ApiError>>,
+}
+
+/// A rate-limit window: key id, scope, start.
+type Window = (i64, &'static str, i64);
+
+impl Hit {
+    fn window(&self) -> Window {
+        (self.key, self.scope, self.window_start)
+    }
+
+    /// What the call does once counted: its audit row, and its work if within the limit (a
+    /// call over it is answered with the count alone, its work never run).
+    fn follow_up(&mut self, count: i64, units: &mut Vec<Unit>, audits: &mut Vec<Audit>) {
+        if let Some(then) = self.then_audit.take() {
+            audits.push(then.into_audit(count));
+        }
+        if let Some((limit, unit)) = self.then_unit.take()
+            && count <= limit
+        {
+            units.push(unit);
+        }
+    }
+}
+
+/// The audit row of a counted call whose row depends on the count (admitted or refused).
+struct AuditAfter {
+    row: Box<dyn FnOnce(i64) -> UsageRow + Send>,
+    at: DateTime<Utc>,
+    reply: oneshot::Sender<Result<(), ApiError>>,
+}
+
+impl AuditAfter {
+    /// The audit job of this row, once the call's count is known.
+    fn into_audit(self, count: i64) -> Audit {
+        Audit {
+            row: (self.row)(count),
+            at: self.at,
+            conflicts: 0,
+            reply: self.reply,
+        }
+    }
 }
 
 /// One audit row to write.
@@ -162,6 +212,16 @@ impl Writes {
         scope: &'static str,
         window_start: i64,
     ) -> Result<i64, ApiError> {
+        self.count((key, scope, window_start), None, None).await
+    }
+
+    /// Sends one hit, with what its call does next, and returns its count once committed.
+    async fn count(
+        &self,
+        (key, scope, window_start): Window,
+        then_audit: Option<AuditAfter>,
+        then_unit: Option<(i64, Unit)>,
+    ) -> Result<i64, ApiError> {
         let (reply, rx) = oneshot::channel();
         let hit = Hit {
             key,
@@ -169,11 +229,40 @@ impl Writes {
             window_start,
             conflicts: 0,
             alone: false,
+            then_audit,
+            then_unit,
             reply,
         };
         self.send(Some(key), Job::Hit(hit)).await?;
         rx.await
             .unwrap_or_else(|_| Err(ApiError::internal("a rate-limit hit was dropped")))
+    }
+
+    /// Counts one call like [`Writes::hit`] and writes its audit row in the same group, built
+    /// by `row` from the window's count after the call (so the row can say whether the call
+    /// was admitted): one commit for both. Returns the count and, apart, whether the row was
+    /// written; both are known only once committed.
+    pub async fn hit_and_audit(
+        &self,
+        key: i64,
+        scope: &'static str,
+        window_start: i64,
+        row: impl FnOnce(i64) -> UsageRow + Send + 'static,
+        at: DateTime<Utc>,
+    ) -> Result<(i64, Result<(), ApiError>), ApiError> {
+        let (reply, audit_rx) = oneshot::channel();
+        let then = AuditAfter {
+            row: Box::new(row),
+            at,
+            reply,
+        };
+        let count = self
+            .count((key, scope, window_start), Some(then), None)
+            .await?;
+        let audited = audit_rx
+            .await
+            .unwrap_or_else(|_| Err(ApiError::internal("an audit row was dropped")));
+        Ok((count, audited))
     }
 
     /// Writes one audit row with the next group (one statement for the group's rows) and
@@ -196,53 +285,102 @@ impl Writes {
     /// lane, so they are decided in arrival order) and returns its output once the group is
     /// committed. `work` may run more than once if it meets a transient conflict, always in a
     /// savepoint that was rolled back.
-    pub async fn run<T, F>(&self, key: Option<i64>, mut work: F) -> Result<T, ApiError>
+    pub async fn run<T, F>(&self, key: Option<i64>, work: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel::<Result<T, ApiError>>();
-        let tx = Arc::new(Mutex::new(Some(tx)));
-        let send = {
-            let tx = Arc::clone(&tx);
-            move |r: Result<T, ApiError>| {
-                if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
-                    let _ = tx.send(r);
-                }
-            }
-        };
-        let send = Arc::new(Mutex::new(Some(send)));
-        let fail = {
-            let send = Arc::clone(&send);
-            move |e: ApiError| {
-                if let Some(s) = send.lock().ok().and_then(|mut s| s.take()) {
-                    s(Err(e));
-                }
-            }
-        };
-        let erased: Work = Box::new(move |txn| {
-            let fut = work(txn);
-            let send = Arc::clone(&send);
-            Box::pin(async move {
-                let value = fut.await?;
-                let done: Completion = Box::new(move |outcome| {
-                    if let Some(s) = send.lock().ok().and_then(|mut s| s.take()) {
-                        s(outcome.map(|()| value));
-                    }
-                });
-                Ok(done)
-            })
-        });
-        let unit = Unit {
-            order: key.unwrap_or(i64::MAX),
-            conflicts: 0,
-            work: erased,
-            fail: Box::new(fail),
-        };
+        let (unit, rx) = unit(key, work);
         self.send(key, Job::Unit(unit)).await?;
         rx.await
             .unwrap_or_else(|_| Err(ApiError::internal("a write unit was dropped")))
     }
+
+    /// Counts one call of `key` like [`Writes::hit`] and, in the same group, runs `work` as
+    /// [`Writes::run`] does when the window's count after the call is at most `limit`: a call
+    /// that writes waits for one commit, not one for its count and one for its work. Returns
+    /// the count, and the work's output when it ran (`None`: over the limit, nothing ran).
+    pub async fn run_counted<T, F>(
+        &self,
+        key: i64,
+        scope: &'static str,
+        window_start: i64,
+        limit: u32,
+        work: F,
+    ) -> Result<(i64, Option<T>), ApiError>
+    where
+        T: Send + 'static,
+        F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+    {
+        let (work, rx) = unit(Some(key), work);
+        let then = (i64::from(limit), work);
+        let count = self
+            .count((key, scope, window_start), None, Some(then))
+            .await?;
+        if count > i64::from(limit) {
+            return Ok((count, None));
+        }
+        let out = rx
+            .await
+            .unwrap_or_else(|_| Err(ApiError::internal("a write unit was dropped")))?;
+        Ok((count, Some(out)))
+    }
+}
+
+/// `f` as it is: names a unit's work before it is handed over (a closure kept in a variable
+/// is only seen as taking a transaction of any lifetime when it meets this bound).
+pub fn work<T, F>(f: F) -> F
+where
+    F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+{
+    f
+}
+
+/// `work` as a unit of the lane of `key`, and where its output arrives once committed.
+fn unit<T, F>(key: Option<i64>, mut work: F) -> (Unit, oneshot::Receiver<Result<T, ApiError>>)
+where
+    T: Send + 'static,
+    F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel::<Result<T, ApiError>>();
+    let tx = Arc::new(Mutex::new(Some(tx)));
+    let send = {
+        let tx = Arc::clone(&tx);
+        move |r: Result<T, ApiError>| {
+            if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+                let _ = tx.send(r);
+            }
+        }
+    };
+    let send = Arc::new(Mutex::new(Some(send)));
+    let fail = {
+        let send = Arc::clone(&send);
+        move |e: ApiError| {
+            if let Some(s) = send.lock().ok().and_then(|mut s| s.take()) {
+                s(Err(e));
+            }
+        }
+    };
+    let erased: Work = Box::new(move |txn| {
+        let fut = work(txn);
+        let send = Arc::clone(&send);
+        Box::pin(async move {
+            let value = fut.await?;
+            let done: Completion = Box::new(move |outcome| {
+                if let Some(s) = send.lock().ok().and_then(|mut s| s.take()) {
+                    s(outcome.map(|()| value));
+                }
+            });
+            Ok(done)
+        })
+    });
+    let unit = Unit {
+        order: key.unwrap_or(i64::MAX),
+        conflicts: 0,
+        work: erased,
+        fail: Box::new(fail),
+    };
+    (unit, rx)
 }
 
 /// What a lane counts, shared by the lanes of a process.
@@ -297,8 +435,6 @@ impl Group {
                 Job::Audit(a) => g.audits.push(a),
             }
         }
-        // Stable: the units of one key keep their arrival order.
-        g.units.sort_by_key(|u| u.order);
         g
     }
 
@@ -319,8 +455,8 @@ impl Group {
 async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters) -> Vec<Job> {
     let Group {
         hits,
-        units,
-        audits,
+        mut units,
+        mut audits,
     } = Group::of(jobs);
     let txn = match crate::db::begin_write(db).await {
         Ok(t) => t,
@@ -343,9 +479,11 @@ async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters)
     //    nothing else is lost by rolling the whole transaction back.
     let (hits, alone): (Vec<Hit>, Vec<Hit>) = hits.into_iter().partition(|h| !h.alone);
     if !hits.is_empty() {
-        match count_hits(&txn, &hits).await {
+        let windows: Vec<Window> = hits.iter().map(Hit::window).collect();
+        match count_hits(&txn, &windows).await {
             Ok(counts) => {
-                for (hit, count) in hits.into_iter().zip(counts) {
+                for (mut hit, count) in hits.into_iter().zip(counts) {
+                    hit.follow_up(count, &mut units, &mut audits);
                     done.push(Box::new(move |outcome| {
                         let _ = hit.reply.send(outcome.map(|()| count));
                     }));
@@ -379,7 +517,7 @@ async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters)
             }
         }
     }
-    for hit in alone {
+    for mut hit in alone {
         let one = async {
             let sp = txn.begin().await?;
             match super::rate_limits::add_many(&sp, &[(hit.key, hit.scope, hit.window_start, 1)])
@@ -397,16 +535,21 @@ async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters)
         }
         .await;
         match one {
-            Ok(count) => done.push(Box::new(move |outcome| {
-                let _ = hit.reply.send(outcome.map(|()| count));
-            })),
+            Ok(count) => {
+                hit.follow_up(count, &mut units, &mut audits);
+                done.push(Box::new(move |outcome| {
+                    let _ = hit.reply.send(outcome.map(|()| count));
+                }))
+            }
             Err(e) => {
                 let _ = hit.reply.send(Err(e.into()));
             }
         }
     }
 
-    // 2. The units of work, each in its savepoint.
+    // 2. The units of work, each in its savepoint, by key id (counted calls' work has joined
+    //    them; stable: the units of one key keep their arrival order).
+    units.sort_by_key(|u| u.order);
     let mut units = units.into_iter();
     while let Some(mut unit) = units.next() {
         let sp = match txn.begin().await {
@@ -457,13 +600,11 @@ async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters)
 }
 
 /// Runs the hits of a group as one upsert; the count each hit sees, in the order of `hits`.
-async fn count_hits(txn: &DatabaseTransaction, hits: &[Hit]) -> Result<Vec<i64>, ApiError> {
+async fn count_hits(txn: &DatabaseTransaction, hits: &[Window]) -> Result<Vec<i64>, ApiError> {
     // Hits per window, the windows by key id (the lock order of every group).
-    let mut per_window: BTreeMap<(i64, &'static str, i64), i64> = BTreeMap::new();
-    for h in hits {
-        *per_window
-            .entry((h.key, h.scope, h.window_start))
-            .or_default() += 1;
+    let mut per_window: BTreeMap<Window, i64> = BTreeMap::new();
+    for &w in hits {
+        *per_window.entry(w).or_default() += 1;
     }
     let windows: Vec<(i64, &str, i64, i64)> = per_window
         .iter()
@@ -471,17 +612,15 @@ async fn count_hits(txn: &DatabaseTransaction, hits: &[Hit]) -> Result<Vec<i64>,
         .collect();
     let after = super::rate_limits::add_many(txn, &windows).await?;
     // The i-th hit of a window, in arrival order, sees the count before the statement plus i.
-    let mut next: HashMap<(i64, &'static str, i64), i64> = per_window
+    let mut next: HashMap<Window, i64> = per_window
         .keys()
         .zip(&after)
         .map(|(w, count)| (*w, count - per_window[w]))
         .collect();
     Ok(hits
         .iter()
-        .map(|h| {
-            let c = next
-                .get_mut(&(h.key, h.scope, h.window_start))
-                .expect("every hit's window was counted");
+        .map(|w| {
+            let c = next.get_mut(w).expect("every hit's window was counted");
             *c += 1;
             *c
         })
@@ -671,6 +810,41 @@ mod tests {
         Fut: Future<Output = T> + Send + 'static,
     {
         (0..n).map(|i| tokio::spawn(f(writes.clone(), i))).collect()
+    }
+
+    /// A counted unit runs in the group that counts its call, and only within the limit: of
+    /// 50 calls against a limit of 20 exactly the first 20 run (one of which fails alone,
+    /// having used its place), the other 30 write nothing; far fewer commits than calls.
+    #[tokio::test(flavor = "current_thread")]
+    async fn counted_units_run_only_within_the_limit() {
+        let (_dir, db, writes) = migrated().await;
+        let tasks = spawn_each(&writes, 50, |writes, i| async move {
+            let v: i64 = if i == 5 { -1 } else { 1 };
+            writes
+                .run_counted(1, "batch", 60, 20, move |txn| {
+                    Box::pin(async move {
+                        txn.execute_raw(Statement::from_sql_and_values(
+                            txn.get_database_backend(),
+                            "INSERT INTO t (id, v) VALUES ($1, $2)",
+                            [(i as i64).into(), v.into()],
+                        ))
+                        .await?;
+                        Ok(i)
+                    })
+                })
+                .await
+        });
+        for (i, t) in tasks.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Ok((count, ran)) => {
+                    assert_eq!(count, i as i64 + 1, "call {i} counted in arrival order");
+                    assert_eq!(ran, (i < 20).then_some(i), "call {i}");
+                }
+                Err(_) => assert_eq!(i, 5, "only the broken unit fails"),
+            }
+        }
+        assert_eq!(rows(&db).await, 19, "the 19 admitted units that hold");
+        assert!(writes.commits() < 50, "{} commits", writes.commits());
     }
 
     /// The hits below reach the lane in index order.
