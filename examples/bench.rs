@@ -18,13 +18,15 @@
 //! bench worker        --base http://127.0.0.1:PORT --secret S --conc 8 --seconds 5
 //!     The worker phase over HTTP: CONC workers each claim 10 items then complete them one by
 //!     one. One JSON line.
-//! bench webhooks      --url URL --key bench --receiver 127.0.0.1:PORT [--n 5000] [--rate 200] [--seconds 10]
+//! bench webhooks      --url URL --key bench --receiver 127.0.0.1:PORT [--n 5000] [--rate 200] [--seconds 10] [--tarpit 0]
 //!                     [--backlog 100000] [--backlog-seconds 10]
 //!     Webhook delivery of a running server whose key `bench` targets http://RECEIVER/hook: a
 //!     receiver answering 200 at once counts arrivals; N pending deliveries are written into the
 //!     outbox at once (throughput: deliveries/s until the last arrives), then RATE per second for
-//!     SECONDS (delay from commit to receipt, p50/p99), then BACKLOG at once, received for
-//!     BACKLOG_SECONDS (the server's memory with that many pending). One JSON line.
+//!     SECONDS (delay from commit to receipt, p50/p99), then TARPIT deliveries to a receiver that
+//!     accepts connections and never answers followed by N more to the fast one (deliveries/s of
+//!     those beside the dead endpoint), then BACKLOG at once, received for BACKLOG_SECONDS (the
+//!     server's memory with that many pending). One JSON line.
 //! ```
 //! `db-ceiling` and `claim-ceiling` also take `--clk-tck N` (default 100) to report their own
 //! CPU time per operation. Both run the service's own functions (`write_new_batch`, `claim_in`,
@@ -157,9 +159,9 @@ async fn webhooks_bench(opts: &Opts) -> Result<()> {
     let key_id = api::service::keys::id_by_name(&db, &key_name)
         .await?
         .ok_or_else(|| anyhow!("no key named {key_name}"))?;
-    let target = format!("http://{receiver}/hook");
-    let seed = |count: usize| {
-        let (db, target) = (db.clone(), target.clone());
+    let fast = format!("http://{receiver}/hook");
+    let seed_to = |count: usize, target: String| {
+        let db = db.clone();
         async move {
             let now = Utc::now();
             let rows: Vec<entity::webhook_delivery::ActiveModel> = (0..count)
@@ -197,6 +199,7 @@ async fn webhooks_bench(opts: &Opts) -> Result<()> {
             Ok::<_, anyhow::Error>(())
         }
     };
+    let seed = |count: usize| seed_to(count, fast.clone());
     let count = || arrivals.at.lock().map(|a| a.len()).unwrap_or(0);
     // Throughput: N events committed at once, delivered as fast as the receiver answers.
     let t0 = Instant::now();
@@ -242,6 +245,32 @@ async fn webhooks_bench(opts: &Opts) -> Result<()> {
             .copied()
     };
     let steady_received = count() - before;
+    // Isolation: a receiver that accepts connections and never answers holds TARPIT
+    // deliveries, committed first, while N more go to the fast receiver: their deliveries/s.
+    let tarpit: usize = opts.num("tarpit", 0)?;
+    let mut tarpit_per_s = None;
+    if tarpit > 0 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let dead = format!("http://{}/hook", listener.local_addr()?);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        seed_to(tarpit, dead).await?;
+        let before = count();
+        let t0 = Instant::now();
+        seed(n).await?;
+        let deadline = t0 + Duration::from_secs(300);
+        while count() < before + n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = count() - before;
+        let per_s = got as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+        eprintln!("webhooks beside a tarpit: {got} of {n} delivered, {per_s:.0}/s");
+        tarpit_per_s = Some(per_s);
+    }
     // Backlog: BACKLOG more events at once, received for BACKLOG_SECONDS (the script reads the
     // server's peak RSS afterwards: memory with that many deliveries pending).
     let backlog: usize = opts.num("backlog", 0)?;
@@ -257,6 +286,7 @@ async fn webhooks_bench(opts: &Opts) -> Result<()> {
             "n": n, "delivered": delivered, "deliveries_per_s": per_s,
             "steady_rate": rate, "steady_sent": sent, "steady_received": steady_received,
             "delay_p50_ms": pct(0.5), "delay_p99_ms": pct(0.99),
+            "tarpit": tarpit, "tarpit_deliveries_per_s": tarpit_per_s,
             "backlog": backlog, "backlog_seconds": backlog_seconds,
             "backlog_received": count() - before,
         })

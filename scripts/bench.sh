@@ -159,6 +159,7 @@ print_report() { # JSON_FILE: prints the header line and the Markdown table
     row("CPU efficiency, worker: L_claim CPU / server CPU per item"; (.l_claim.peak.cpu_ms_per_unit / .worker.peak.cpu_ms_per_item) | r2),
     row("**server peak RSS (VmHWM), MB** (target ≤ 150)"; .peak_rss_mb | "\(r0) \(ok(. <= 150))"),
     row("**webhook deliveries/s** to a local receiver (target ≥ 1000 SQLite, 500 PostgreSQL)"; .webhooks | "\(.deliveries_per_s | r0) (\(.delivered)/\(.n))"),
+    row("webhook deliveries/s beside a dead endpoint (200 deliveries to a receiver that never answers; target: no measurable cost)"; .webhooks | "\(.tarpit_deliveries_per_s | r0) (\(.tarpit_deliveries_per_s / .deliveries_per_s | r2) × without)"),
     row("**webhook delay commit → receipt at 200/s**, p50 / p99 ms (target p99 ≤ 1000)"; .webhooks | "\(.delay_p50_ms | r2) / \(.delay_p99_ms | r2)"),
     row("**server peak RSS during the webhook run, with 100,000 deliveries pending**, MB (target ≤ 150)"; .webhooks | "\(.peak_rss_mb | r0) \(ok(.peak_rss_mb <= 150)) (\(.backlog_received) of \(.backlog) sent in \(.backlog_seconds) s)")
   )' "$1")"
@@ -533,13 +534,13 @@ key_sha256 = "$KEY_SHA"
 webhook_url = "http://127.0.0.1:$rport/hook"
 webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 EOF
-    log "$name: webhook delivery ($WH_N at once, then 200/s for ${WH_SECONDS}s, then 100,000 pending for ${WH_SECONDS}s)"
+    log "$name: webhook delivery ($WH_N at once, then 200/s for ${WH_SECONDS}s, then $WH_N beside a dead endpoint, then 100,000 pending for ${WH_SECONDS}s)"
     APP__DATABASE__URL="$db_url" "${SRV[@]}" "$BIN" --config "$cfg" serve >"$TMP/server-wh-$name.log" 2>&1 &
     pid=$!; PIDS+=("$pid")
     wait_http "http://127.0.0.1:$port/readyz" || { tail -n 20 "$TMP/server-wh-$name.log" >&2; return 1; }
     out="$(timeout 600 "${GEN[@]}" "$BENCH" webhooks --url "$db_url" --key bench \
         --receiver "127.0.0.1:$rport" --n "$WH_N" --rate 200 --seconds "$WH_SECONDS" \
-        --backlog 100000 --backlog-seconds "$WH_SECONDS")"
+        --tarpit 200 --backlog 100000 --backlog-seconds "$WH_SECONDS")"
     rss="$(peak_rss_mb "$pid")"
     stop_pid "$pid"
     log "  $(jq -r '"\(.deliveries_per_s|floor) deliveries/s; at 200/s: p50 \(.delay_p50_ms) ms, p99 \(.delay_p99_ms) ms"' <<<"$out")"
