@@ -13,6 +13,7 @@ use crate::helpers::{Backend, TestApp};
 use crate::webhooks::{Receiver, SECRET};
 
 both_backends!(
+    a_claim_leaves_deliveries_of_full_endpoints_in_the_outbox,
     deliveries_reuse_connections,
     an_event_is_sent_at_once_when_the_dispatcher_is_idle,
     two_nodes_deliver_a_thousand_events_exactly_once,
@@ -132,4 +133,70 @@ async fn two_nodes_deliver_a_thousand_events_exactly_once(backend: Backend) {
     eprintln!("1,000 events from two nodes received in {took:?}");
     assert_eq!(per_id.len(), 1000, "every event arrived");
     assert!(per_id.values().all(|n| *n == 1), "no event arrived twice");
+}
+
+/// A claim that is told which target URLs have no room leases none of their deliveries: they
+/// stay pending and unleased, their attempt not counted, while every other due delivery is
+/// leased (so a stuck endpoint's backlog is not leased and given back over and over).
+async fn a_claim_leaves_deliveries_of_full_endpoints_in_the_outbox(backend: Backend) {
+    use sea_orm::{ActiveModelTrait, ActiveValue::Set};
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 100")
+        .settings(|s| s.webhooks.dispatch = false)
+        .build()
+        .await;
+    let db = app.state().writer.clone();
+    let key_id = api::service::keys::id_by_name(&db, "acme")
+        .await
+        .unwrap()
+        .unwrap();
+    let (stuck, other) = ("https://stuck.example/hook", "https://fine.example/hook");
+    let now = chrono::Utc::now() - chrono::TimeDelta::seconds(1);
+    for i in 0..20 {
+        entity::webhook_delivery::ActiveModel {
+            id: Set(uuid::Uuid::now_v7()),
+            api_key_id: Set(key_id),
+            batch_id: Set(None),
+            event_type: Set("batch.completed".into()),
+            payload: Set("{}".into()),
+            target_url: Set(if i % 2 == 0 { stuck } else { other }.into()),
+            status: Set("pending".into()),
+            attempt_count: Set(0),
+            next_attempt_at: Set(now),
+            locked_until: Set(None),
+            last_status_code: Set(None),
+            last_error: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+            delivered_at: Set(None),
+        }
+        .insert(&db)
+        .await
+        .unwrap();
+    }
+    let lock = Duration::from_secs(60);
+    let leased = api::service::webhooks::claim_due(&db, 100, lock, &[stuck.to_string()])
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 10);
+    assert!(leased.iter().all(|d| d.target_url == other), "{leased:?}");
+    let untouched = app
+        .scalar(&format!(
+            "SELECT COUNT(*) AS v FROM webhook_delivery WHERE target_url = '{stuck}' \
+             AND locked_until IS NULL AND attempt_count = 0"
+        ))
+        .await;
+    assert_eq!(
+        untouched, 10,
+        "the full endpoint's deliveries stay in the outbox"
+    );
+    let rest = api::service::webhooks::claim_due(&db, 100, lock, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.len(),
+        10,
+        "without the skip they are due like any other"
+    );
+    assert!(rest.iter().all(|d| d.target_url == stuck));
 }

@@ -9,7 +9,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::sql::{limit, skip_locked, stmt};
+use super::sql::{limit, placeholders, skip_locked, stmt};
 
 /// An event to deliver, written in the transaction of the change that causes it.
 pub struct NewDelivery<'a> {
@@ -50,26 +50,36 @@ impl NewDelivery<'_> {
 }
 
 /// Leases up to `max` due deliveries until `until`, counting their attempt, in one committed
-/// statement (rows another dispatcher holds are skipped); returns them, attempt counted.
+/// statement (rows another dispatcher holds are skipped, and so are rows for `skip_targets`,
+/// URLs the dispatcher cannot send to now); returns them, attempt counted.
 pub async fn lease_due(
     db: &DatabaseConnection,
     max: u64,
     now: DateTime<Utc>,
     until: DateTime<Utc>,
+    skip_targets: &[String],
 ) -> Result<Vec<Model>, DbErr> {
     let backend = db.get_database_backend();
+    let skip = if skip_targets.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "AND target_url NOT IN ({}) ",
+            placeholders(3, skip_targets.len())
+        )
+    };
     let sql = format!(
         "UPDATE webhook_delivery SET attempt_count = attempt_count + 1, locked_until = $2, updated_at = $1 \
          WHERE id IN (SELECT id FROM webhook_delivery WHERE status = 'pending' AND next_attempt_at <= $1 \
-         AND (locked_until IS NULL OR locked_until < $1) ORDER BY next_attempt_at {}{}) \
+         AND (locked_until IS NULL OR locked_until < $1) {skip}ORDER BY next_attempt_at {}{}) \
          RETURNING id",
         limit(max),
         skip_locked(backend)
     );
+    let mut values: Vec<sea_orm::Value> = vec![now.into(), until.into()];
+    values.extend(skip_targets.iter().map(|t| t.as_str().into()));
     let txn = crate::db::begin_write(db).await?;
-    let rows = txn
-        .query_all_raw(stmt(backend, &sql, [now.into(), until.into()]))
-        .await?;
+    let rows = txn.query_all_raw(stmt(backend, &sql, values)).await?;
     txn.commit().await?;
     let ids: Vec<Uuid> = rows
         .iter()

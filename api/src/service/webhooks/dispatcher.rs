@@ -168,14 +168,37 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
 
 /// Leases due deliveries to this dispatcher: one statement marks the attempt, so two
 /// dispatchers (on any nodes) never send the same attempt.
+/// Deliveries to `skip_targets` are left in the outbox (their endpoints have no room).
 pub async fn claim_due(
     db: &DatabaseConnection,
     limit: u32,
     lock_for: std::time::Duration,
+    skip_targets: &[String],
 ) -> Result<Vec<webhook_delivery::Model>, DbErr> {
     let now = Utc::now();
     let until = now + chrono::Duration::from_std(lock_for).unwrap_or(chrono::Duration::seconds(60));
-    webhooks::lease_due(db, u64::from(limit), now, until).await
+    webhooks::lease_due(db, u64::from(limit), now, until, skip_targets).await
+}
+
+/// The most target URLs a claim leaves out (the statement stays small).
+const MAX_SKIPPED_TARGETS: usize = 64;
+
+/// Target URLs of the endpoints that can take nothing more now: every slot busy and their
+/// waiting queue full. A claim leaves their deliveries in the outbox instead of leasing them
+/// only to give them back, so a stuck endpoint costs the others no claims.
+fn full_targets(
+    endpoints: &Endpoints,
+    waiting: &HashMap<String, VecDeque<webhook_delivery::Model>>,
+) -> Vec<String> {
+    let mut urls: Vec<String> = waiting
+        .iter()
+        .filter(|(ep, q)| q.len() >= PER_ENDPOINT && !endpoints.has_slot(ep))
+        .flat_map(|(_, q)| q.iter().map(|d| d.target_url.clone()))
+        .collect();
+    urls.sort_unstable();
+    urls.dedup();
+    urls.truncate(MAX_SKIPPED_TARGETS);
+    urls
 }
 
 fn jittered(d: std::time::Duration) -> chrono::Duration {
@@ -417,7 +440,8 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
         if room > 0 && sends.len() < concurrency {
             let lock_for = settings.timeout * 2 + std::time::Duration::from_secs(30);
             last_claim = Instant::now();
-            match claim_due(&state.writer, room as u32, lock_for).await {
+            let skip = full_targets(&endpoints, &waiting);
+            match claim_due(&state.writer, room as u32, lock_for, &skip).await {
                 Ok(batch) => {
                     full.clear();
                     let mut back = Vec::new();
