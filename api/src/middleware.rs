@@ -403,24 +403,27 @@ async fn finish(
         set_rate_headers(&mut resp, &call_rate(state, &call, &method, &path));
         return Ok(resp);
     }
-    let row = UsageRow {
+    // The call's usage row, as answered with `status` and `error_code`.
+    let row_of = |status: StatusCode, error_code: Option<ErrorCode>, request_id: String| UsageRow {
         api_key_id: call.key_id,
         key_version: call.key_version,
-        request_id: call
-            .call_request_id
-            .clone()
-            .or_else(|| Some(ctx.x_request_id.clone())),
+        request_id: Some(request_id),
         method: method.clone(),
         path: path.clone(),
-        status: resp.status().as_u16(),
-        error_code: call.error_code.map(|c| c.as_str().to_string()),
+        status: status.as_u16(),
+        error_code: error_code.map(|c| c.as_str().to_string()),
         client_ip: ctx.client_ip.map(|i| i.to_string()),
-        user_agent,
+        user_agent: user_agent.clone(),
         latency_us: started.elapsed().as_micros() as i64,
         batch_id: call.batch_id,
         count: 1,
         ..Default::default()
     };
+    let request_id = call
+        .call_request_id
+        .clone()
+        .unwrap_or_else(|| ctx.x_request_id.clone());
+    let row = row_of(resp.status(), call.error_code, request_id);
     let audited = match (&call.pending_quota, call.key_id) {
         (Some(q), Some(key_id)) => {
             // A read: its count and its row in one commit; over the quota it becomes a 429.
@@ -437,8 +440,22 @@ async fn finish(
                     audited
                 }
                 Err(e) => {
+                    // Not counted, so not admitted: a 500, audited as one if the store lets it.
                     let mut failed = keep_operation(&resp, e.into_response());
                     set_rate_headers(&mut failed, &call_rate(state, &call, &method, &path));
+                    let row = UsageRow {
+                        batch_id: None,
+                        ..row_of(
+                            failed.status(),
+                            Some(ErrorCode::Internal),
+                            ctx.x_request_id.clone(),
+                        )
+                    };
+                    if let Err(e) =
+                        usage::record_through(&state.writes, row, state.clock.now()).await
+                    {
+                        tracing::error!(error = %e, "writing usage row failed");
+                    }
                     return Ok(failed);
                 }
             }

@@ -139,7 +139,7 @@ async fn two_nodes_deliver_a_thousand_events_exactly_once(backend: Backend) {
 /// stay pending and unleased, their attempt not counted, while every other due delivery is
 /// leased (so a stuck endpoint's backlog is not leased and given back over and over).
 async fn a_claim_leaves_deliveries_of_full_endpoints_in_the_outbox(backend: Backend) {
-    use sea_orm::{ActiveModelTrait, ActiveValue::Set};
+    use sea_orm::ActiveModelTrait;
     let app = TestApp::builder(backend)
         .key("acme", "initial_credits = 100")
         .settings(|s| s.webhooks.dispatch = false)
@@ -153,26 +153,11 @@ async fn a_claim_leaves_deliveries_of_full_endpoints_in_the_outbox(backend: Back
     let (stuck, other) = ("https://stuck.example/hook", "https://fine.example/hook");
     let now = chrono::Utc::now() - chrono::TimeDelta::seconds(1);
     for i in 0..20 {
-        entity::webhook_delivery::ActiveModel {
-            id: Set(uuid::Uuid::now_v7()),
-            api_key_id: Set(key_id),
-            batch_id: Set(None),
-            event_type: Set("batch.completed".into()),
-            payload: Set("{}".into()),
-            target_url: Set(if i % 2 == 0 { stuck } else { other }.into()),
-            status: Set("pending".into()),
-            attempt_count: Set(0),
-            next_attempt_at: Set(now),
-            locked_until: Set(None),
-            last_status_code: Set(None),
-            last_error: Set(None),
-            created_at: Set(now),
-            updated_at: Set(now),
-            delivered_at: Set(None),
-        }
-        .insert(&db)
-        .await
-        .unwrap();
+        let target = if i % 2 == 0 { stuck } else { other };
+        crate::helpers::delivery_row(key_id, target, "pending", now, now)
+            .insert(&db)
+            .await
+            .unwrap();
     }
     let lock = Duration::from_secs(60);
     let leased = api::service::webhooks::claim_due(&db, 100, lock, &[stuck.to_string()])

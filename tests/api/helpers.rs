@@ -749,3 +749,32 @@ pub fn spawn_server(mut cmd: std::process::Command) -> (std::process::Child, u16
         .unwrap_or_else(|out| panic!("the server did not start:\n{out}"));
     (child, port)
 }
+
+/// A webhook delivery of `key_id` to `target` as the outbox holds it: `status`, due at `due`,
+/// written at `at`, no attempt yet (tests insert it straight into the outbox).
+pub fn delivery_row(
+    key_id: i64,
+    target: &str,
+    status: &str,
+    due: chrono::DateTime<chrono::Utc>,
+    at: chrono::DateTime<chrono::Utc>,
+) -> entity::webhook_delivery::ActiveModel {
+    use sea_orm::ActiveValue::Set;
+    entity::webhook_delivery::ActiveModel {
+        id: Set(uuid::Uuid::now_v7()),
+        api_key_id: Set(key_id),
+        batch_id: Set(None),
+        event_type: Set("batch.completed".into()),
+        payload: Set("{}".into()),
+        target_url: Set(target.into()),
+        status: Set(status.into()),
+        attempt_count: Set(0),
+        next_attempt_at: Set(due),
+        locked_until: Set(None),
+        last_status_code: Set(None),
+        last_error: Set(None),
+        created_at: Set(at),
+        updated_at: Set(at),
+        delivered_at: Set(None),
+    }
+}

@@ -15,28 +15,17 @@ both_backends!(
 
 async fn delivery(app: &TestApp, key_id: i64, status: &str, age_days: i64) {
     let at = Utc::now() - TimeDelta::days(age_days);
+    // A pending one waits for a retry due tomorrow: the test's own dispatcher (which looks
+    // for due deliveries every 100 ms) leaves it alone.
+    let due = if status == "pending" {
+        Utc::now() + TimeDelta::days(1)
+    } else {
+        at
+    };
     entity::webhook_delivery::ActiveModel {
-        id: Set(uuid::Uuid::now_v7()),
-        api_key_id: Set(key_id),
-        batch_id: Set(None),
-        event_type: Set("batch.completed".into()),
-        payload: Set("{}".into()),
-        target_url: Set("https://hooks.example/x".into()),
-        status: Set(status.into()),
         attempt_count: Set(1),
-        // A pending one waits for a retry due tomorrow: the test's own dispatcher (which looks
-        // for due deliveries every 100 ms) leaves it alone.
-        next_attempt_at: Set(if status == "pending" {
-            Utc::now() + TimeDelta::days(1)
-        } else {
-            at
-        }),
-        locked_until: Set(None),
         last_status_code: Set(Some(200)),
-        last_error: Set(None),
-        created_at: Set(at),
-        updated_at: Set(at),
-        delivered_at: Set(None),
+        ..crate::helpers::delivery_row(key_id, "https://hooks.example/x", status, due, at)
     }
     .insert(&app.state().writer)
     .await
