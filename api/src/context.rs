@@ -33,7 +33,8 @@ pub struct CallState {
     pub key_version: Option<&'static str>,
     /// Quota consulted for this call.
     pub rate: Option<RateInfo>,
-    /// A read's quota, counted with its audit row once it has been answered.
+    /// The call's quota when it is counted late: a read's with its usage row once answered,
+    /// a create's with its batch (whoever takes it counts the call).
     pub pending_quota: Option<PendingQuota>,
     /// Error code of the response.
     pub error_code: Option<ErrorCode>,
@@ -47,9 +48,10 @@ pub struct CallState {
     pub audited: bool,
 }
 
-/// The quota a read counts against, left for the audit layer to count in the same commit as
-/// the call's usage row. Only calls that change nothing are counted late: a refused one has
-/// done nothing but read, and is answered 429 as if refused first.
+/// The quota a call counts against, left by the authentication to be counted in the same
+/// commit as what the call writes: a read's usage row (the audit layer) or a create's batch
+/// (the create service; a create refused before writing is counted like a read). Whatever ran
+/// before the count only read, so a call over the quota is answered 429 as if refused first.
 #[derive(Debug, Clone)]
 pub struct PendingQuota {
     /// The key's name (for the rejection metric).

@@ -167,8 +167,8 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
 }
 
 /// Leases due deliveries to this dispatcher: one statement marks the attempt, so two
-/// dispatchers (on any nodes) never send the same attempt.
-/// Deliveries to `skip_targets` are left in the outbox (their endpoints have no room).
+/// dispatchers (on any nodes) never send the same attempt. Deliveries to `skip_targets` are
+/// left in the outbox (their endpoints have no room).
 pub async fn claim_due(
     db: &DatabaseConnection,
     limit: u32,
