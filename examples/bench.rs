@@ -52,6 +52,7 @@ use api::service::leases::{claim_in, complete_in};
 use api::service::rate_limit;
 use api::service::usage::UsageRow;
 use api::state::Runtime;
+use api::store::unit::{GroupMemo, Txn};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, Set};
 
 /// The body every create of the benchmark sends (two items, like the issue asks).
@@ -582,12 +583,16 @@ async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
         },
     };
     let txn = begin_write(w).await?;
-    let written = write_new_batch(&txn, &unit)
+    let memo = GroupMemo::default();
+    let t = Txn::new(&txn, &memo);
+    let written = write_new_batch(&t, &unit)
         .await
         .map_err(|e| anyhow!("{e}"))?;
     if written.is_none() {
         bail!("batch conflict");
     }
+    t.write_appended().await?;
+    drop(t);
     txn.commit().await?;
     Ok(())
 }
@@ -673,8 +678,10 @@ struct Claimed {
 /// its own.
 async fn raw_claim(p: &Pools, worker: &str, max: u32) -> Result<Vec<Claimed>> {
     let txn = begin_write(&p.writer).await?;
+    let memo = GroupMemo::default();
+    let t = Txn::new(&txn, &memo);
     let items = claim_in(
-        &txn,
+        &t,
         worker,
         max,
         chrono::Duration::seconds(300),
@@ -683,6 +690,8 @@ async fn raw_claim(p: &Pools, worker: &str, max: u32) -> Result<Vec<Claimed>> {
     )
     .await
     .map_err(|e| anyhow!("{e}"))?;
+    t.write_appended().await?;
+    drop(t);
     txn.commit().await?;
     Ok(items
         .into_iter()
@@ -697,8 +706,10 @@ async fn raw_claim(p: &Pools, worker: &str, max: u32) -> Result<Vec<Claimed>> {
 /// own.
 async fn raw_complete(p: &Pools, item_id: Uuid, token: Uuid) -> Result<()> {
     let txn = begin_write(&p.writer).await?;
+    let memo = GroupMemo::default();
+    let t = Txn::new(&txn, &memo);
     complete_in(
-        &txn,
+        &t,
         &p.runtime,
         api::domain::ids::ItemId(item_id),
         api::domain::ids::LeaseToken(token),
@@ -707,6 +718,8 @@ async fn raw_complete(p: &Pools, item_id: Uuid, token: Uuid) -> Result<()> {
     )
     .await
     .map_err(|e| anyhow!("{e}"))?;
+    t.write_appended().await?;
+    drop(t);
     txn.commit().await?;
     Ok(())
 }

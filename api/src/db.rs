@@ -64,6 +64,15 @@ pub async fn connect_url_with(
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(30))
         .sqlx_logging(false);
+    if url.starts_with("sqlite:") {
+        // A file on the local disk does not drop connections: no ping before each use (on
+        // SQLite every statement, the ping too, is a hand-off to the connection's thread).
+        opts.test_before_acquire(false);
+    } else {
+        // A ping is a round trip to the server: only for connections idle long enough that
+        // the server, a proxy or a firewall may have dropped them, not before every use.
+        opts.test_before_acquire_if_idle_for(Duration::from_secs(30));
+    }
     if let Some(schema) = schema {
         opts.set_schema_search_path(schema.to_string());
     }

@@ -16,11 +16,11 @@ async fn hit(writes: &Writes) -> Result<i64, api::error::ApiError> {
     writes.hit(1, "batch", 0).await
 }
 
-fn add(
-    txn: &sea_orm::DatabaseTransaction,
+fn add<'a>(
+    txn: &'a api::store::unit::Txn<'a>,
     id: i64,
     pause: f64,
-) -> api::store::pipeline::UnitFuture<'_, ()> {
+) -> api::store::pipeline::UnitFuture<'a, ()> {
     Box::pin(async move {
         if pause > 0.0 {
             txn.execute_unprepared(&format!("SELECT pg_sleep({pause})"))

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use entity::{batch_item, batch_job};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -21,7 +21,8 @@ use crate::service::usage::UsageRow;
 use crate::service::webhooks;
 use crate::state::{KeyEntry, Runtime};
 use crate::store::pipeline::{self, Writes};
-use crate::store::{items, jobs, usage, wallets};
+use crate::store::unit::Txn;
+use crate::store::{items, jobs, wallets};
 
 /// How a create ended.
 #[derive(Debug)]
@@ -55,21 +56,25 @@ pub async fn create(
     header_request_id: Option<&str>,
     audit: AuditInfo,
 ) -> Result<CreateOutcome, ApiError> {
-    let rid = match (&req.request_id, header_request_id) {
+    let (rid, chosen_by_client) = match (&req.request_id, header_request_id) {
         (Some(body), Some(header)) if **body != *header => {
             return Err(ApiError::validation(
                 "request_id",
                 "differs from the Idempotency-Key header; send one or make them equal",
             ));
         }
-        (Some(id), _) => RequestId::parse("request_id", id)?,
-        (None, Some(id)) => RequestId::parse("Idempotency-Key", id)?,
-        (None, None) => RequestId::generate(),
+        (Some(id), _) => (RequestId::parse("request_id", id)?, true),
+        (None, Some(id)) => (RequestId::parse("Idempotency-Key", id)?, true),
+        (None, None) => (RequestId::generate(), false),
     };
     crate::context::update(|s| s.call_request_id = Some(rid.as_str().to_string()));
     let fingerprint = crate::service::validate::fingerprint(req);
 
-    if let Some(existing) = jobs::by_request_id(db, key.id, rid.as_str()).await? {
+    // A repeat of a committed request is answered before anything else. An id the server just
+    // made up cannot have been used; a repeat still in flight is caught by the batch insert.
+    if chosen_by_client
+        && let Some(existing) = jobs::by_request_id(db, key.id, rid.as_str()).await?
+    {
         return replay(db, key.id, existing, &fingerprint).await;
     }
 
@@ -159,7 +164,6 @@ pub async fn create(
         s.credits = need;
     });
     metrics::counter!("batches_created_total").increment(1);
-    metrics::counter!("credits_total", "kind" => LedgerKind::Hold.as_str()).increment(need as u64);
     tracing::info!(key = %key.policy.name, %batch_id, items = n, credits = need, "batch created");
     Ok(CreateOutcome::Created(response))
 }
@@ -185,12 +189,14 @@ pub struct NewBatchUnit {
     pub audit: AuditInfo,
 }
 
-/// The create's writes, in one savepoint of a group: batch row (the idempotency insert),
-/// items, hold ledger row, usage row, and last the conditional wallet update. `None` when
-/// another request with the same id already holds the batch row. One unit of the write
+/// The create's writes, a unit of a group: first the conditional wallet hold (a create refused
+/// for want of credits has changed nothing), then the batch row (the idempotency insert; when
+/// another request with the same id holds it, the hold is undone and the answer is `None`),
+/// the items at the key's place in the fair queue, and the hold's ledger row and the call's
+/// audit row, which the group writes with its other units' rows. One unit of the write
 /// pipeline (the benchmark runs it alone, one commit per create, for its ceiling).
 pub async fn write_new_batch(
-    txn: &DatabaseTransaction,
+    txn: &Txn<'_>,
     u: &NewBatchUnit,
 ) -> Result<Option<BatchCreated>, ApiError> {
     let NewBatchUnit {
@@ -206,7 +212,19 @@ pub async fn write_new_batch(
         expires_at,
         ref audit,
     } = *u;
-    let start_pos = items::fair_start(txn, key_id).await?;
+    let Some(held) = wallets::hold(txn, key_id, need, now).await? else {
+        // Nothing is written. A repeat of a request committed since the caller looked is
+        // answered as one, not refused.
+        if jobs::by_request_id(txn, key_id, rid).await?.is_some() {
+            return Ok(None);
+        }
+        let w = wallets::read(txn, key_id).await?;
+        return Err(ApiError::new(
+            ErrorCode::InsufficientCredits,
+            format!("batch needs {need} credits, {} available", w.available()),
+        )
+        .with_details(json!({ "required_credits": need, "available_credits": w.available() })));
+    };
 
     // Stored for replays, which report the credits available at replay time instead.
     let mut response = BatchCreated {
@@ -242,15 +260,23 @@ pub async fn write_new_batch(
     .insert_if_absent(txn)
     .await?;
     if !inserted {
-        // An earlier request with the same id won (in this group or committed): nothing is
-        // written here; the caller answers as a repeat once that request is committed.
+        // An earlier request with the same id won (in this group or committed): the hold is
+        // given back, so the wallet is as it was; the caller answers as a repeat once that
+        // request is committed.
+        if !wallets::apply(txn, key_id, LedgerKind::Release, need, now).await? {
+            return Err(ApiError::internal("undoing a hold failed: held too small"));
+        }
         return Ok(None);
     }
-    items::insert_queued(txn, batch_id, key_id, start_pos, &batch.items, now).await?;
-    NewEntry::new(key_id, LedgerKind::Hold, need)
-        .batch(batch_id)
-        .insert(txn, now)
+    let start_pos = txn
+        .fair_start(key_id, n, || items::fair_start(txn, key_id))
         .await?;
+    items::insert_queued(txn, batch_id, key_id, start_pos, &batch.items, now).await?;
+    txn.append_ledger(
+        NewEntry::new(key_id, LedgerKind::Hold, need)
+            .batch(batch_id)
+            .row(now),
+    );
 
     let mut row = audit.row.clone();
     row.status = 201;
@@ -260,17 +286,7 @@ pub async fn write_new_batch(
     row.items = n as i32;
     row.credits = need;
     row.latency_us = audit.started.elapsed().as_micros() as i64;
-    usage::insert(txn, &row, now).await?;
-    // The hold comes last, so the wallet row stays locked only until the commit.
-    let Some(held) = wallets::hold(txn, key_id, need, now).await? else {
-        // The savepoint is rolled back: nothing of this batch stays.
-        let w = wallets::read(txn, key_id).await?;
-        return Err(ApiError::new(
-            ErrorCode::InsufficientCredits,
-            format!("batch needs {need} credits, {} available", w.available()),
-        )
-        .with_details(json!({ "required_credits": need, "available_credits": w.available() })));
-    };
+    txn.append_usage(row, now);
     response.available_credits = held.available() + need;
     response.remaining_credits = held.available();
     Ok(Some(response))
@@ -350,20 +366,31 @@ pub fn item_view(m: &batch_item::Model) -> BatchItemView {
     }
 }
 
-/// One batch of a key, with its items; another key's batch is not found.
+/// One batch of a key, with its first page of items; another key's batch is not found.
 pub async fn get<C: ConnectionTrait>(
     db: &C,
     key: KeyId,
     batch: BatchId,
 ) -> Result<Batch, ApiError> {
     let (key_id, batch_id) = (key.0, batch.0);
-    let (job, open) = jobs::owned_with_open(db, key_id, batch_id)
+    let (job, open, mut rows) = jobs::owned_with_items(db, key_id, batch_id, ITEMS_PAGE + 1)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
-    let (items, next) = items_after(db, batch_id, None, None, ITEMS_PAGE).await?;
-    let mut batch = view(&job, open, Some(items));
+    let next = page_cursor(&mut rows, ITEMS_PAGE);
+    let mut batch = view(&job, open, Some(rows.iter().map(item_view).collect()));
     batch.items_next_cursor = next;
     Ok(batch)
+}
+
+/// Cuts `rows` (read with one row more than a page) to `limit`: the cursor of the next page
+/// when more follow.
+fn page_cursor(rows: &mut Vec<batch_item::Model>, limit: u64) -> Option<String> {
+    if rows.len() as u64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| encode_item_cursor(r.idx))
+    } else {
+        None
+    }
 }
 
 /// Items in one answer at most: `GET /video-batch/{id}` carries the first page.
@@ -397,12 +424,7 @@ async fn items_after<C: ConnectionTrait>(
         limit + 1,
     )
     .await?;
-    let next = if rows.len() as u64 > limit {
-        rows.truncate(limit as usize);
-        rows.last().map(|r| encode_item_cursor(r.idx))
-    } else {
-        None
-    };
+    let next = page_cursor(&mut rows, limit);
     Ok((rows.iter().map(item_view).collect(), next))
 }
 
@@ -571,7 +593,7 @@ pub async fn cancel(
 }
 
 async fn cancel_in(
-    txn: &DatabaseTransaction,
+    txn: &Txn<'_>,
     runtime: &Runtime,
     key_id: i64,
     batch_id: Uuid,
@@ -610,7 +632,7 @@ async fn cancel_in(
 /// Closes a batch's queued items as `status` (`cancelled`, `expired`) and releases their holds
 /// in one ledger row noted `note`: how many. Call with the batch row locked.
 pub(crate) async fn close_queued(
-    txn: &DatabaseTransaction,
+    txn: &Txn<'_>,
     job: &batch_job::Model,
     status: entity::status::ItemState,
     note: &str,
@@ -622,7 +644,7 @@ pub(crate) async fn close_queued(
         let release = NewEntry::new(job.api_key_id, LedgerKind::Release, amount)
             .batch(job.id)
             .note(Some(note));
-        if !credits::apply(txn, release).await? {
+        if !credits::apply_in(txn, release).await? {
             return Err(ApiError::internal(format!(
                 "release of {amount} failed for batch {}",
                 job.id
@@ -634,7 +656,7 @@ pub(crate) async fn close_queued(
 
 /// Marks the batch final when no item is open, and records its webhook event in the same
 /// transaction. Call with the batch row locked.
-pub async fn finalize_if_done<C: ConnectionTrait + TransactionTrait>(
+pub async fn finalize_if_done<C: ConnectionTrait>(
     txn: &C,
     runtime: &Runtime,
     batch_id: Uuid,
@@ -653,4 +675,174 @@ pub async fn finalize_if_done<C: ConnectionTrait + TransactionTrait>(
     };
     webhooks::enqueue_batch_event(txn, runtime, &job, event, now).await?;
     Ok(Some(job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::NewItem;
+    use crate::store::unit::GroupMemo;
+    use sea_orm::{DatabaseTransaction, Statement, TransactionTrait};
+
+    /// A migrated SQLite database with key 1 and a wallet of `balance` credits.
+    async fn db_with_wallet(balance: i64) -> (tempfile::TempDir, DatabaseConnection) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/b.db?mode=rwc", dir.path().display());
+        let db = crate::db::connect_url(&url, 1, None).await.unwrap();
+        crate::db::migrate(&db).await.unwrap();
+        db.execute_unprepared(&format!(
+            "INSERT INTO api_key (id, name, key_sha256, created_at, updated_at) \
+             VALUES (1, 'k', 'h', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z'); \
+             INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) \
+             VALUES (1, {balance}, 0, '2026-01-01T00:00:00Z')"
+        ))
+        .await
+        .unwrap();
+        (dir, db)
+    }
+
+    /// A create of two items at 10 credits each with request id `rid`.
+    fn unit(rid: &str) -> NewBatchUnit {
+        let now = Utc::now();
+        NewBatchUnit {
+            key_id: 1,
+            rid: rid.to_string(),
+            fingerprint: "f".repeat(64),
+            batch: NewBatch {
+                items: vec![
+                    NewItem {
+                        prompt: "a".into(),
+                        params: None,
+                    };
+                    2
+                ],
+                webhook_url: None,
+                metadata: None,
+                completion_window: None,
+            },
+            batch_id: Uuid::now_v7(),
+            n: 2,
+            cost: 10,
+            need: 20,
+            now,
+            expires_at: None,
+            audit: AuditInfo {
+                row: UsageRow::default(),
+                started: std::time::Instant::now(),
+                now,
+            },
+        }
+    }
+
+    /// Runs the create `u` as one unit in `txn` (with the memo of its group); writes what it
+    /// appended when it holds. Returns its outcome and whether it changed nothing.
+    async fn run(
+        txn: &DatabaseTransaction,
+        memo: &GroupMemo,
+        u: &NewBatchUnit,
+    ) -> (Result<Option<BatchCreated>, ApiError>, bool) {
+        let t = Txn::new(txn, memo);
+        let r = write_new_batch(&t, u).await;
+        let untouched = t.changed_nothing();
+        if r.is_ok() {
+            t.write_appended().await.unwrap();
+        }
+        (r, untouched)
+    }
+
+    async fn held(db: &DatabaseConnection) -> (i64, i64) {
+        let w = wallets::read(db, 1).await.unwrap();
+        (w.balance, w.held)
+    }
+
+    async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+        db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "n")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_create_refused_for_credits_changes_nothing() {
+        let (_dir, db) = db_with_wallet(15).await;
+        let txn = db.begin().await.unwrap();
+        let memo = GroupMemo::default();
+        let (r, untouched) = run(&txn, &memo, &unit("a")).await;
+        let e = r.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientCredits);
+        assert!(untouched, "a refused create leaves nothing to roll back");
+        txn.commit().await.unwrap();
+        assert_eq!(held(&db).await, (15, 0));
+        assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM batch_job").await, 0);
+    }
+
+    /// Two creates with one request id in one group: the second finds the first's batch row,
+    /// gives its hold back and answers as a repeat. One batch, one hold, one ledger row.
+    #[tokio::test]
+    async fn a_repeat_in_the_same_group_gives_its_hold_back() {
+        let (_dir, db) = db_with_wallet(1000).await;
+        let txn = db.begin().await.unwrap();
+        let memo = GroupMemo::default();
+        let (first, _) = run(&txn, &memo, &unit("same")).await;
+        assert!(first.unwrap().is_some());
+        let (second, _) = run(&txn, &memo, &unit("same")).await;
+        assert!(second.unwrap().is_none(), "answered as a repeat");
+        txn.commit().await.unwrap();
+        assert_eq!(held(&db).await, (1000, 20), "held once");
+        assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM batch_job").await, 1);
+        assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM batch_item").await, 2);
+        assert_eq!(
+            count(
+                &db,
+                "SELECT COUNT(*) AS n FROM credit_ledger WHERE kind = 'hold'"
+            )
+            .await,
+            1
+        );
+    }
+
+    /// A repeat of a committed request whose hold no longer fits the wallet is a repeat, not a
+    /// 402 (the order of checks: idempotency before credits), and changes nothing.
+    #[tokio::test]
+    async fn a_repeat_that_no_longer_fits_the_wallet_is_a_repeat() {
+        let (_dir, db) = db_with_wallet(30).await;
+        let txn = db.begin().await.unwrap();
+        let memo = GroupMemo::default();
+        assert!(run(&txn, &memo, &unit("r")).await.0.unwrap().is_some());
+        txn.commit().await.unwrap();
+        let txn = db.begin().await.unwrap();
+        let memo = GroupMemo::default();
+        let (again, untouched) = run(&txn, &memo, &unit("r")).await;
+        assert!(again.unwrap().is_none());
+        assert!(untouched);
+        txn.commit().await.unwrap();
+        assert_eq!(held(&db).await, (30, 20));
+    }
+
+    /// Batches of one key created in one group take consecutive places in the fair queue,
+    /// although the group asks the database only once.
+    #[tokio::test]
+    async fn batches_of_one_group_queue_one_after_the_other() {
+        let (_dir, db) = db_with_wallet(1000).await;
+        let txn = db.begin().await.unwrap();
+        let memo = GroupMemo::default();
+        for rid in ["x", "y", "z"] {
+            assert!(run(&txn, &memo, &unit(rid)).await.0.unwrap().is_some());
+        }
+        txn.commit().await.unwrap();
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT fair_pos FROM batch_item ORDER BY fair_pos",
+            ))
+            .await
+            .unwrap();
+        let pos: Vec<i64> = rows
+            .iter()
+            .map(|r| r.try_get("", "fair_pos").unwrap())
+            .collect();
+        assert_eq!(pos, (0..6).collect::<Vec<_>>());
+    }
 }

@@ -3,7 +3,7 @@
 use sea_orm::{ConnectionTrait, DbErr};
 
 pub use crate::domain::money::{LedgerKind, MAX_BALANCE, Wallet};
-pub use crate::store::ledger::{NewEntry, apply};
+pub use crate::store::ledger::{NewEntry, apply, apply_in};
 use crate::store::{ledger, wallets};
 
 /// The ledger row an admin movement with this Idempotency-Key wrote, if any.

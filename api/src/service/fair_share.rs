@@ -2,8 +2,8 @@
 //! below it on any number of nodes, and fill the rest of the claim from other keys.
 use std::collections::{HashMap, HashSet};
 
+use crate::store::unit::Txn;
 use chrono::{DateTime, Utc};
-use sea_orm::DatabaseTransaction;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -15,7 +15,7 @@ use crate::store::items;
 /// this one), counts their running items, and hands out at most the room each has left. The
 /// rest of the claim is filled from the other keys, so no worker waits while work is queued.
 pub async fn lease_capped(
-    txn: &DatabaseTransaction,
+    txn: &Txn<'_>,
     lease: items::Lease<'_>,
     want: u64,
     caps: &HashMap<i64, u32>,

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use uuid::Uuid;
 
 use crate::domain::ids::{ItemId, LeaseToken};
@@ -15,6 +15,7 @@ use crate::service::batches::finalize_if_done;
 use crate::service::credits::{self, LedgerKind, NewEntry};
 use crate::state::Runtime;
 use crate::store::pipeline::Writes;
+use crate::store::unit::Txn;
 use crate::store::{items, jobs};
 
 /// Leases up to `max` queued items to `worker_id`, in fair order: items carry a position from
@@ -51,7 +52,7 @@ pub async fn claim(
 
 /// The claim's unit of work (in the pipeline's transaction; the benchmark runs it alone).
 pub async fn claim_in(
-    txn: &DatabaseTransaction,
+    txn: &Txn<'_>,
     worker_id: &str,
     max: u32,
     lease: Duration,
@@ -201,7 +202,7 @@ struct LockedBatch {
 }
 
 async fn lock_batch_of(
-    txn: &DatabaseTransaction,
+    txn: &Txn<'_>,
     item_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<LockedBatch, ApiError> {
@@ -222,7 +223,7 @@ impl LockedBatch {
     /// Finalizes the batch when this transition closed its last open item; returns its status.
     async fn settle(
         &self,
-        txn: &DatabaseTransaction,
+        txn: &Txn<'_>,
         runtime: &Runtime,
         now: DateTime<Utc>,
     ) -> Result<BatchStatus, ApiError> {
@@ -267,7 +268,7 @@ pub async fn heartbeat(
 }
 
 async fn heartbeat_in(
-    txn: &DatabaseTransaction,
+    txn: &Txn<'_>,
     item: ItemId,
     token: LeaseToken,
     lease: Duration,
@@ -321,7 +322,7 @@ pub async fn complete(
 /// The success report's unit of work (in the pipeline's transaction; the benchmark runs it
 /// alone).
 pub async fn complete_in(
-    txn: &DatabaseTransaction,
+    txn: &Txn<'_>,
     runtime: &Runtime,
     item: ItemId,
     token: LeaseToken,
@@ -337,7 +338,7 @@ pub async fn complete_in(
     jobs::count_outcome(txn, batch.id, jobs::Outcome::Succeeded).await?;
     let charge =
         NewEntry::new(batch.key_id, LedgerKind::Charge, batch.cost).item(batch.id, item_id);
-    if !credits::apply(txn, charge).await? {
+    if !credits::apply_in(txn, charge).await? {
         return Err(ApiError::internal(format!(
             "charge failed for item {item_id}: held too small"
         )));
@@ -387,7 +388,7 @@ pub async fn fail(
 /// Fails (or requeues, or cancels) a running item whose lease is live at `live_at`, in one
 /// conditional update on item and token under its batch's lock.
 async fn fail_in(
-    txn: &DatabaseTransaction,
+    txn: &Txn<'_>,
     runtime: &Runtime,
     item: ItemId,
     token: LeaseToken,
@@ -427,7 +428,7 @@ async fn fail_in(
         jobs::count_outcome(txn, batch.id, outcome).await?;
         let release =
             NewEntry::new(batch.key_id, LedgerKind::Release, batch.cost).item(batch.id, item_id);
-        if !credits::apply(txn, release).await? {
+        if !credits::apply_in(txn, release).await? {
             return Err(ApiError::internal(format!(
                 "release failed for item {item_id}: held too small"
             )));

@@ -9,6 +9,7 @@ use crate::domain::usage::UsageRow;
 use crate::error::ApiError;
 use crate::store::pipeline::{UnitFuture, Writes};
 use crate::store::rate_limits;
+use crate::store::unit::Txn;
 
 pub use crate::domain::quota::{SCOPE_BATCH, SCOPE_READ, SCOPE_UNAUTHENTICATED};
 
@@ -61,16 +62,16 @@ pub async fn admit_and_audit(
     let row = move |count: i64| {
         if count > i64::from(limit) {
             UsageRow {
-                request_id: Some(refused_request_id),
+                request_id: Some(refused_request_id.clone()),
                 status: 429,
                 error_code: Some(ErrorCode::RateLimitExceeded.as_str().to_string()),
                 batch_id: None,
                 items: 0,
                 credits: 0,
-                ..admitted
+                ..admitted.clone()
             }
         } else {
-            admitted
+            admitted.clone()
         }
     };
     let (count, audited) = writes
@@ -90,7 +91,7 @@ pub async fn admit_and_run<T, F>(
 ) -> Result<(RateInfo, Option<T>), ApiError>
 where
     T: Send + 'static,
-    F: for<'a> FnMut(&'a sea_orm::DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+    F: for<'a> FnMut(&'a Txn<'a>) -> UnitFuture<'a, T> + Send + 'static,
 {
     let &PendingQuota {
         scope, limit, at, ..

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{DatabaseConnection, DatabaseTransaction};
+use sea_orm::DatabaseConnection;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -11,6 +11,7 @@ use crate::service::batches::{close_queued, finalize_if_done};
 use crate::state::Runtime;
 use crate::store::jobs;
 use crate::store::pipeline::Writes;
+use crate::store::unit::Txn;
 
 /// Enforces the completion windows that ended by now (up to 100 batches a pass): each batch's
 /// queued items become `expired` and their holds are released at once; running items may
@@ -41,7 +42,7 @@ pub async fn expire_due(
 }
 
 async fn expire_in(
-    txn: &DatabaseTransaction,
+    txn: &Txn<'_>,
     runtime: &Runtime,
     key_id: i64,
     batch_id: Uuid,

@@ -1,10 +1,11 @@
 //! `batch_job`: a customer's batch. Its row is the lock every transition of the batch takes,
 //! and it keeps the terminal item counts.
 use chrono::{DateTime, Utc};
+use entity::batch_item;
 use entity::batch_job::{ActiveModel, Column, Entity, Model};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, Set,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, IdenStatic, Iterable,
+    QueryFilter, QueryOrder, QuerySelect, Set,
 };
 use uuid::Uuid;
 
@@ -110,32 +111,61 @@ pub async fn owned<C: ConnectionTrait>(
     .await
 }
 
-/// A batch by id, if it belongs to the key, with its queued and running item counts: one
-/// statement, as every status poll runs it.
-pub async fn owned_with_open<C: ConnectionTrait>(
+/// A batch by id, if it belongs to the key, with its queued and running item counts and its
+/// first `max` items in request order: one statement, as every status poll runs it. The
+/// batch row and the items are two branches of one `UNION ALL` (the items' columns prefixed
+/// `i_`), the items read through the (batch_id, idx) index and never more than `max` of them.
+pub async fn owned_with_items<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
     id: Uuid,
-) -> Result<Option<(Model, (i64, i64))>, DbErr> {
-    let row = db
-        .query_one_raw(stmt(
+    max: u64,
+) -> Result<Option<(Model, (i64, i64), Vec<batch_item::Model>)>, DbErr> {
+    let batch_cols: Vec<&str> = Column::iter().map(|c| c.as_str()).collect();
+    let item_cols: Vec<&str> = batch_item::Column::iter().map(|c| c.as_str()).collect();
+    let list = |cols: &[&str], f: &dyn Fn(&str) -> String| {
+        cols.iter().map(|c| f(c)).collect::<Vec<_>>().join(", ")
+    };
+    let sql = format!(
+        "SELECT 0 AS part, {batch}, \
+         (SELECT COUNT(*) FROM batch_item q WHERE q.batch_id = j.id AND q.status = 'queued') AS open_queued, \
+         (SELECT COUNT(*) FROM batch_item r WHERE r.batch_id = j.id AND r.status = 'running') AS open_running, \
+         {item_nulls} \
+         FROM batch_job j WHERE j.id = $1 AND j.api_key_id = $2 \
+         UNION ALL \
+         SELECT 1, {batch_nulls}, NULL, NULL, {items} FROM \
+         (SELECT * FROM batch_item WHERE batch_id = $1 AND api_key_id = $2 AND idx > -1 ORDER BY idx {lim}) i \
+         ORDER BY part, i_idx",
+        batch = list(&batch_cols, &|c| format!("j.{c}")),
+        item_nulls = list(&item_cols, &|c| format!("NULL AS i_{c}")),
+        batch_nulls = list(&batch_cols, &|_| "NULL".to_string()),
+        items = list(&item_cols, &|c| format!("i.{c}")),
+        lim = limit(max),
+    );
+    let rows = db
+        .query_all_raw(stmt(
             db.get_database_backend(),
-            "SELECT b.*, \
-             (SELECT COUNT(*) FROM batch_item i WHERE i.batch_id = b.id AND i.status = 'queued') AS open_queued, \
-             (SELECT COUNT(*) FROM batch_item i WHERE i.batch_id = b.id AND i.status = 'running') AS open_running \
-             FROM batch_job b WHERE b.id = $1 AND b.api_key_id = $2",
+            &sql,
             [id.into(), key_id.into()],
         ))
         .await?;
-    let Some(row) = row else {
+    let mut rows = rows.into_iter();
+    let Some(first) = rows.next() else {
         return Ok(None);
     };
-    let job = Model::from_query_result(&row, "")?;
+    if first.try_get::<i32>("", "part")? != 0 {
+        // Items but no batch row of this key: not found, like the batch.
+        return Ok(None);
+    }
+    let job = Model::from_query_result(&first, "")?;
     let open = (
-        row.try_get::<i64>("", "open_queued")?,
-        row.try_get::<i64>("", "open_running")?,
+        first.try_get::<i64>("", "open_queued")?,
+        first.try_get::<i64>("", "open_running")?,
     );
-    Ok(Some((job, open)))
+    let items = rows
+        .map(|r| batch_item::Model::from_query_result(&r, "i_"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some((job, open, items)))
 }
 
 /// Up to `limit` of a key's batches older than `before` (by id), newest first.

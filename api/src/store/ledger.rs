@@ -7,6 +7,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::sql::stmt;
+use super::unit::Txn;
 use crate::domain::money::LedgerKind;
 
 /// One ledger row; what it refers to is named, everything else is `None` by default.
@@ -61,27 +62,65 @@ impl<'a> NewEntry<'a> {
         self
     }
 
+    /// The row as written at `now`.
+    pub fn row(&self, now: DateTime<Utc>) -> LedgerRow {
+        LedgerRow {
+            key_id: self.key_id,
+            kind: self.kind,
+            amount: self.amount,
+            batch_id: self.batch_id,
+            item_id: self.item_id,
+            note: self.note.map(str::to_string),
+            idempotency_key: self.idempotency_key.map(str::to_string),
+            created_at: now,
+        }
+    }
+
     /// Appends the row.
     pub async fn insert<C: ConnectionTrait>(
         &self,
         txn: &C,
         now: DateTime<Utc>,
     ) -> Result<(), DbErr> {
-        Entity::insert(ActiveModel {
-            api_key_id: Set(self.key_id),
-            kind: Set(self.kind),
-            amount: Set(self.amount),
-            batch_id: Set(self.batch_id),
-            item_id: Set(self.item_id),
-            note: Set(self.note.map(str::to_string)),
-            idempotency_key: Set(self.idempotency_key.map(str::to_string)),
-            created_at: Set(now),
-            ..Default::default()
-        })
-        .exec_without_returning(txn)
-        .await?;
-        Ok(())
+        insert_many(txn, &[self.row(now)]).await
     }
+}
+
+/// A ledger row as it is written (owned: the rows units append wait for their group).
+#[derive(Clone, Debug)]
+pub struct LedgerRow {
+    pub key_id: i64,
+    pub kind: LedgerKind,
+    pub amount: i64,
+    pub batch_id: Option<Uuid>,
+    pub item_id: Option<Uuid>,
+    pub note: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Rows per multi-row insert (8 values each, far below both stores' limits on bound values).
+const INSERT_CHUNK: usize = 500;
+
+/// Appends rows in order, one statement per chunk.
+pub async fn insert_many<C: ConnectionTrait>(db: &C, rows: &[LedgerRow]) -> Result<(), DbErr> {
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let models = chunk.iter().map(|r| ActiveModel {
+            api_key_id: Set(r.key_id),
+            kind: Set(r.kind),
+            amount: Set(r.amount),
+            batch_id: Set(r.batch_id),
+            item_id: Set(r.item_id),
+            note: Set(r.note.clone()),
+            idempotency_key: Set(r.idempotency_key.clone()),
+            created_at: Set(r.created_at),
+            ..Default::default()
+        });
+        Entity::insert_many(models)
+            .exec_without_returning(db)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The row an admin movement with this Idempotency-Key wrote, if any.
@@ -150,5 +189,17 @@ pub async fn apply<C: ConnectionTrait>(txn: &C, entry: NewEntry<'_>) -> Result<b
     metrics::counter!("credits_total", "kind" => entry.kind.as_str())
         .increment(entry.amount.unsigned_abs());
     entry.insert(txn, now).await?;
+    Ok(true)
+}
+
+/// Like [`apply`] inside a unit of the write pipeline: the wallet moves now, the ledger row is
+/// appended to the unit's and written by its group, in the same transaction, with the rows
+/// of the group's other units in one statement (and counted in the metrics once committed).
+pub async fn apply_in(txn: &Txn<'_>, entry: NewEntry<'_>) -> Result<bool, DbErr> {
+    let now = chrono::Utc::now();
+    if !super::wallets::apply(txn, entry.key_id, entry.kind, entry.amount, now).await? {
+        return Ok(false);
+    }
+    txn.append_ledger(entry.row(now));
     Ok(true)
 }

@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod pipeline;
 pub mod rate_limits;
 pub mod sql;
+pub mod unit;
 pub mod usage;
 pub mod wallets;
 pub mod webhooks;

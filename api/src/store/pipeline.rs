@@ -7,11 +7,21 @@
 //! 1. every rate-limit hit of the group as **one** multi-row upsert: the hits of one (key,
 //!    scope, window) add `n` to its row at once and are admitted in arrival order (the i-th
 //!    of them sees the count before the statement plus i), rows listed by key id;
-//! 2. the other units of work (creates, cancels, claims, reports, grants...), each in a
-//!    savepoint of its own, ordered by key id (arrival order within a key): a unit that fails
-//!    rolls back to its savepoint without failing the others;
-//! 3. every audit row of the group as one multi-row insert (on a failure, one by one, so a
-//!    bad row fails alone).
+//! 2. the other units of work (creates, cancels, claims, reports, grants...), ordered by key
+//!    id (arrival order within a key);
+//! 3. the rows the units appended to the append-only tables (ledger, audit) and every audit
+//!    row of the group, one multi-row insert per table.
+//!
+//! **Fast path.** A group first runs its units without savepoints, straight in the group's
+//! transaction. A unit that fails having changed nothing (its [`Txn`] saw no statement change a
+//! row: a create refused for want of credits, a report of an unknown item) needs no rollback
+//! and is answered with its error once the group is committed. When anything else fails — a
+//! unit after changing rows, a statement error, the group's inserts — the transaction is rolled
+//! back before anyone was answered and the group runs again on the isolated path.
+//!
+//! **Isolated path.** Each unit runs in a savepoint of its own and writes its appended rows
+//! there: a unit that fails rolls back to its savepoint without failing the others; audit rows
+//! are one insert, and one by one after a failure, so that a bad row fails alone.
 //!
 //! A hit may carry what its call does next, so that the call waits for one commit: a create's
 //! work, run in step 2 of the same group only when its count is within the limit
@@ -36,6 +46,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
+use super::unit::{Appended, GroupMemo, Txn};
 use crate::domain::usage::UsageRow;
 use crate::error::ApiError;
 
@@ -46,7 +57,7 @@ pub type UnitFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ApiError>> + 
 type Completion = Box<dyn FnOnce(Result<(), ApiError>) + Send>;
 
 /// Work erased of its output type, runnable again after a transient conflict.
-type Work = Box<dyn for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, Completion> + Send>;
+type Work = Box<dyn for<'a> FnMut(&'a Txn<'a>) -> UnitFuture<'a, Completion> + Send>;
 
 /// What a lane receives.
 enum Job {
@@ -103,7 +114,8 @@ impl Hit {
 
 /// The audit row of a counted call whose row depends on the count (admitted or refused).
 struct AuditAfter {
-    row: Box<dyn FnOnce(i64) -> UsageRow + Send>,
+    /// Builds the row from the count (called again if the group runs again).
+    row: Box<dyn Fn(i64) -> UsageRow + Send>,
     at: DateTime<Utc>,
     reply: oneshot::Sender<Result<(), ApiError>>,
 }
@@ -188,6 +200,12 @@ impl Writes {
         self.counters.commits.load(Ordering::Relaxed)
     }
 
+    /// Groups that left the fast path for the isolated one (one savepoint per job) because a
+    /// job failed after changing rows.
+    pub fn isolated_groups(&self) -> u64 {
+        self.counters.isolated.load(Ordering::Relaxed)
+    }
+
     fn lane(&self, key: Option<i64>) -> &mpsc::Sender<Job> {
         let i = match key {
             Some(k) => k.rem_euclid(self.lanes.len() as i64) as usize,
@@ -247,7 +265,7 @@ impl Writes {
         key: i64,
         scope: &'static str,
         window_start: i64,
-        row: impl FnOnce(i64) -> UsageRow + Send + 'static,
+        row: impl Fn(i64) -> UsageRow + Send + 'static,
         at: DateTime<Utc>,
     ) -> Result<(i64, Result<(), ApiError>), ApiError> {
         let (reply, audit_rx) = oneshot::channel();
@@ -283,12 +301,12 @@ impl Writes {
 
     /// Runs `work` in the next group of the lane of `key` (units of one key always share a
     /// lane, so they are decided in arrival order) and returns its output once the group is
-    /// committed. `work` may run more than once if it meets a transient conflict, always in a
-    /// savepoint that was rolled back.
+    /// committed. `work` may run more than once: after a transient conflict, or when its group
+    /// runs again on the isolated path; what an earlier run wrote was always rolled back.
     pub async fn run<T, F>(&self, key: Option<i64>, work: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+        F: for<'a> FnMut(&'a Txn<'a>) -> UnitFuture<'a, T> + Send + 'static,
     {
         let (unit, rx) = unit(key, work);
         self.send(key, Job::Unit(unit)).await?;
@@ -310,7 +328,7 @@ impl Writes {
     ) -> Result<(i64, Option<T>), ApiError>
     where
         T: Send + 'static,
-        F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+        F: for<'a> FnMut(&'a Txn<'a>) -> UnitFuture<'a, T> + Send + 'static,
     {
         let (work, rx) = unit(Some(key), work);
         let then = (i64::from(limit), work);
@@ -331,7 +349,7 @@ impl Writes {
 /// is only seen as taking a transaction of any lifetime when it meets this bound).
 pub fn work<T, F>(f: F) -> F
 where
-    F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+    F: for<'a> FnMut(&'a Txn<'a>) -> UnitFuture<'a, T> + Send + 'static,
 {
     f
 }
@@ -340,7 +358,7 @@ where
 fn unit<T, F>(key: Option<i64>, mut work: F) -> (Unit, oneshot::Receiver<Result<T, ApiError>>)
 where
     T: Send + 'static,
-    F: for<'a> FnMut(&'a DatabaseTransaction) -> UnitFuture<'a, T> + Send + 'static,
+    F: for<'a> FnMut(&'a Txn<'a>) -> UnitFuture<'a, T> + Send + 'static,
 {
     let (tx, rx) = oneshot::channel::<Result<T, ApiError>>();
     let tx = Arc::new(Mutex::new(Some(tx)));
@@ -388,6 +406,7 @@ where
 struct Counters {
     commits: AtomicU64,
     conflicts: AtomicU64,
+    isolated: AtomicU64,
 }
 
 impl Counters {
@@ -453,11 +472,195 @@ impl Group {
 
 /// Runs one group; returns the jobs to run again after a transient conflict.
 async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters) -> Vec<Job> {
+    let mut group = Group::of(jobs);
+    // A hit marked `alone` failed the group's count statement before: its group goes the
+    // isolated way at once.
+    if !group.hits.iter().any(|h| h.alone)
+        && let Some(done) = run_fast(db, &mut group, counters).await
+    {
+        done.deliver(group);
+        return Vec::new();
+    }
+    counters.isolated.fetch_add(1, Ordering::Relaxed);
+    run_isolated(db, group, counters).await
+}
+
+/// Where a unit of the fast path comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// `Group::units[i]`.
+    Direct(usize),
+    /// The unit a counted call carries, `Group::hits[i].then_unit`.
+    Counted(usize),
+}
+
+/// A unit's result on the fast path.
+enum Ran {
+    /// Done: its answer once the commit is known.
+    Done(Completion),
+    /// Failed having changed nothing: answered with its error.
+    Refused(ApiError),
+}
+
+/// A fast attempt that reached its commit; the group is answered from it.
+struct FastDone {
+    outcome: Result<(), ApiError>,
+    /// The count of each hit, in the order of `Group::hits`.
+    counts: Vec<i64>,
+    /// What each unit did, by where it came from.
+    ran: Vec<(Source, Ran)>,
+}
+
+impl FastDone {
+    /// Answers every job of `group` with the group's outcome.
+    fn deliver(self, group: Group) {
+        let FastDone {
+            outcome,
+            counts,
+            ran,
+        } = self;
+        let mut direct: Vec<Option<Unit>> = group.units.into_iter().map(Some).collect();
+        let mut counted: Vec<Option<Unit>> = Vec::with_capacity(group.hits.len());
+        for (hit, count) in group.hits.into_iter().zip(counts) {
+            let Hit {
+                then_audit,
+                then_unit,
+                reply,
+                ..
+            } = hit;
+            let _ = reply.send(outcome.clone().map(|()| count));
+            if let Some(then) = then_audit {
+                let _ = then.reply.send(outcome.clone());
+            }
+            counted.push(then_unit.map(|(_, u)| u));
+        }
+        for (source, ran) in ran {
+            let unit = match source {
+                Source::Direct(i) => direct[i].take(),
+                Source::Counted(i) => counted[i].take(),
+            };
+            let Some(unit) = unit else { continue };
+            match ran {
+                Ran::Done(completion) => completion(outcome.clone()),
+                Ran::Refused(e) => (unit.fail)(e),
+            }
+        }
+        for a in group.audits {
+            let _ = a.reply.send(outcome.clone());
+        }
+    }
+}
+
+/// Runs a group without savepoints. `None` when it was rolled back before answering anyone
+/// (a job failed after changing rows, or a statement of the group failed): the group is then
+/// run on the isolated path.
+async fn run_fast(
+    db: &DatabaseConnection,
+    group: &mut Group,
+    counters: &Counters,
+) -> Option<FastDone> {
+    let txn = crate::db::begin_write(db).await.ok()?;
+    let abandon = |txn: DatabaseTransaction| async move {
+        let _ = txn.rollback().await;
+        None
+    };
+
+    // 1. The rate-limit hits, first: every group locks quota rows before any other row.
+    let counts = if group.hits.is_empty() {
+        Vec::new()
+    } else {
+        let windows: Vec<Window> = group.hits.iter().map(Hit::window).collect();
+        match count_hits(&txn, &windows).await {
+            Ok(counts) => counts,
+            Err(_) => return abandon(txn).await,
+        }
+    };
+
+    // 2. The units, by key id (stable: the units of one key keep their arrival order); a
+    //    counted call's unit joins them when its count is within its limit.
+    let mut order: Vec<(i64, Source)> = group
+        .units
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.order, Source::Direct(i)))
+        .collect();
+    for (i, (hit, &count)) in group.hits.iter().zip(&counts).enumerate() {
+        if let Some((limit, unit)) = &hit.then_unit
+            && count <= *limit
+        {
+            order.push((unit.order, Source::Counted(i)));
+        }
+    }
+    order.sort_by_key(|(o, _)| *o);
+    let memo = GroupMemo::default();
+    let mut appended = Appended::default();
+    let mut ran = Vec::with_capacity(order.len());
+    for (_, source) in order {
+        let unit = match source {
+            Source::Direct(i) => &mut group.units[i],
+            Source::Counted(i) => match group.hits[i].then_unit.as_mut() {
+                Some((_, u)) => u,
+                None => continue,
+            },
+        };
+        let t = Txn::new(&txn, &memo);
+        let result = (unit.work)(&t).await;
+        match result {
+            Ok(completion) => {
+                appended.extend(t.take_appended());
+                ran.push((source, Ran::Done(completion)));
+            }
+            Err(e) if t.changed_nothing() && !e.transient => {
+                ran.push((source, Ran::Refused(e)));
+            }
+            Err(e) => {
+                if e.transient {
+                    counters.conflict();
+                }
+                drop(t);
+                return abandon(txn).await;
+            }
+        }
+    }
+
+    // 3. The appended rows and the audit rows, one statement per table.
+    for (hit, &count) in group.hits.iter().zip(&counts) {
+        if let Some(then) = &hit.then_audit {
+            appended.usage.push(((then.row)(count), then.at));
+        }
+    }
+    for a in &group.audits {
+        appended.usage.push((a.row.clone(), a.at));
+    }
+    if appended.write(&txn).await.is_err() {
+        return abandon(txn).await;
+    }
+
+    let outcome = txn.commit().await.map_err(ApiError::from);
+    counters.commits.fetch_add(1, Ordering::Relaxed);
+    match &outcome {
+        Ok(()) => appended.count_committed(),
+        Err(e) => tracing::error!(
+            error = %e,
+            jobs = ran.len() + group.hits.len() + group.audits.len(),
+            "group commit failed"
+        ),
+    }
+    Some(FastDone {
+        outcome,
+        counts,
+        ran,
+    })
+}
+
+/// Runs one group one savepoint per job; returns the jobs to run again after a transient
+/// conflict.
+async fn run_isolated(db: &DatabaseConnection, group: Group, counters: &Counters) -> Vec<Job> {
     let Group {
         hits,
         mut units,
         mut audits,
-    } = Group::of(jobs);
+    } = group;
     let txn = match crate::db::begin_write(db).await {
         Ok(t) => t,
         Err(e) => {
@@ -550,6 +753,8 @@ async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters)
     // 2. The units of work, each in its savepoint, by key id (counted calls' work has joined
     //    them; stable: the units of one key keep their arrival order).
     units.sort_by_key(|u| u.order);
+    let memo = GroupMemo::default();
+    let mut committed = Appended::default();
     let mut units = units.into_iter();
     while let Some(mut unit) = units.next() {
         let sp = match txn.begin().await {
@@ -559,9 +764,24 @@ async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters)
                 continue;
             }
         };
-        match (unit.work)(&sp).await {
+        let t = Txn::new(&sp, &memo);
+        let result = (unit.work)(&t).await;
+        // The unit's appended rows are written in its savepoint, so that they fail with it.
+        let appended = t.take_appended();
+        let result = match result {
+            Ok(completion) => match appended.write(&sp).await {
+                Ok(()) => Ok(completion),
+                Err(e) => Err(ApiError::from(e)),
+            },
+            Err(e) => Err(e),
+        };
+        drop(t);
+        match result {
             Ok(completion) => match sp.commit().await {
-                Ok(()) => done.push(completion),
+                Ok(()) => {
+                    committed.extend(appended);
+                    done.push(completion);
+                }
                 Err(e) => (unit.fail)(e.into()),
             },
             Err(e) if e.transient && unit.conflicts < MAX_RETRIES => {
@@ -590,8 +810,9 @@ async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters)
 
     let outcome = txn.commit().await.map_err(ApiError::from);
     counters.commits.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = &outcome {
-        tracing::error!(error = %e, jobs = done.len(), "group commit failed");
+    match &outcome {
+        Ok(()) => committed.count_committed(),
+        Err(e) => tracing::error!(error = %e, jobs = done.len(), "group commit failed"),
     }
     for d in done {
         d(outcome.clone());
@@ -764,6 +985,110 @@ mod tests {
         assert_eq!(n, 180, "every other unit is committed");
     }
 
+    /// A unit that reads and refuses (a create without the credits, a report of an unknown
+    /// item) changed nothing: its group stays on the fast path, without a savepoint, and the
+    /// refusal is answered with the others once the group is committed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_unit_refused_before_writing_keeps_its_group_on_the_fast_path() {
+        let (_dir, db) = sqlite().await;
+        let writes = Writes::start(db.clone(), 1);
+        let tasks: Vec<_> = (0..100i64)
+            .map(|i| {
+                let writes = writes.clone();
+                tokio::spawn(async move {
+                    writes
+                        .run(Some(1), move |txn| {
+                            Box::pin(async move {
+                                if i % 5 == 0 {
+                                    // A read, then a refusal.
+                                    txn.query_one_raw(Statement::from_string(
+                                        txn.get_database_backend(),
+                                        "SELECT COUNT(*) AS n FROM t",
+                                    ))
+                                    .await?;
+                                    return Err(ApiError::new(
+                                        crate::error::ErrorCode::InsufficientCredits,
+                                        "refused",
+                                    ));
+                                }
+                                txn.execute_raw(Statement::from_sql_and_values(
+                                    txn.get_database_backend(),
+                                    "INSERT INTO t (id, v) VALUES ($1, 1)",
+                                    [i.into()],
+                                ))
+                                .await?;
+                                Ok(i)
+                            })
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let r = t.await.unwrap();
+            assert_eq!(r.is_err(), i % 5 == 0, "unit {i}: {r:?}");
+        }
+        assert_eq!(rows(&db).await, 80);
+        assert_eq!(writes.isolated_groups(), 0, "no group needed savepoints");
+        assert!(writes.commits() < 50, "{} commits", writes.commits());
+    }
+
+    /// A unit that fails after changing rows (without a statement error: its own rule says
+    /// no) takes its group to the isolated path: what it wrote is rolled back, every other unit
+    /// of the group is committed, each answered once.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_unit_that_fails_after_writing_is_rolled_back_alone() {
+        let (_dir, db) = sqlite().await;
+        let writes = Writes::start(db.clone(), 1);
+        let tasks: Vec<_> = (0..100i64)
+            .map(|i| {
+                let writes = writes.clone();
+                tokio::spawn(async move {
+                    writes
+                        .run(Some(1), move |txn| {
+                            Box::pin(async move {
+                                txn.execute_raw(Statement::from_sql_and_values(
+                                    txn.get_database_backend(),
+                                    "INSERT INTO t (id, v) VALUES ($1, 1)",
+                                    [i.into()],
+                                ))
+                                .await?;
+                                if i % 7 == 0 {
+                                    return Err(ApiError::new(
+                                        crate::error::ErrorCode::Conflict,
+                                        "changed its mind",
+                                    ));
+                                }
+                                Ok(i)
+                            })
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let r = t.await.unwrap();
+            assert_eq!(r.is_err(), i % 7 == 0, "unit {i}: {r:?}");
+        }
+        assert_eq!(
+            rows(&db).await,
+            100 - 15,
+            "the 15 failing units wrote nothing"
+        );
+        let kept: i64 = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM t WHERE id % 7 = 0",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "n")
+            .unwrap();
+        assert_eq!(kept, 0);
+        assert!(writes.isolated_groups() > 0);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_units_share_commits() {
         let (_dir, db) = sqlite().await;
@@ -845,6 +1170,52 @@ mod tests {
         }
         assert_eq!(rows(&db).await, 19, "the 19 admitted units that hold");
         assert!(writes.commits() < 50, "{} commits", writes.commits());
+    }
+
+    /// Ledger rows a unit appends are written by its group in the group's transaction, and
+    /// only for units that hold: a unit that fails after appending leaves no row, on the fast
+    /// path (every unit holds) as on the isolated one.
+    #[tokio::test(flavor = "current_thread")]
+    async fn appended_rows_are_written_with_their_group_and_dropped_with_a_failing_unit() {
+        use crate::domain::money::LedgerKind;
+        use crate::store::ledger::NewEntry;
+        let (_dir, db, writes) = migrated().await;
+        let tasks = spawn_each(&writes, 60, |writes, i| async move {
+            writes
+                .run(Some(1), move |txn| {
+                    Box::pin(async move {
+                        txn.append_ledger(
+                            NewEntry::new(1, LedgerKind::Grant, i as i64 + 1).row(Utc::now()),
+                        );
+                        if i % 6 == 5 {
+                            return Err(ApiError::new(crate::error::ErrorCode::Conflict, "no"));
+                        }
+                        Ok(i)
+                    })
+                })
+                .await
+        });
+        let mut held = 0;
+        for (i, t) in tasks.into_iter().enumerate() {
+            let r = t.await.unwrap();
+            assert_eq!(r.is_err(), i % 6 == 5, "unit {i}: {r:?}");
+            if r.is_ok() {
+                held += i as i64 + 1;
+            }
+        }
+        let sum: i64 = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT COUNT(*) AS n, SUM(amount) AS s FROM credit_ledger",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "s")
+            .unwrap();
+        assert_eq!(rows_of(&db, "credit_ledger").await, 50);
+        assert_eq!(sum, held, "exactly the rows of the units that held");
+        assert!(writes.commits() < 60, "{} commits", writes.commits());
     }
 
     /// The hits below reach the lane in index order.

@@ -25,25 +25,27 @@ const COLUMNS: &str = "api_key_id, request_id, method, path, status, error_code,
     user_agent, minute_bucket, latency_us, batch_id, items, credits, count, created_at, key_version";
 const N_COLUMNS: usize = 16;
 
-/// Writes audit rows, each with the time it was written, in one statement.
+/// Rows per multi-row insert: 16 values each, far below both stores' limits on bound values.
+const INSERT_CHUNK: usize = 256;
+
+/// Writes audit rows, each with the time it was written: one statement per chunk of rows.
 pub async fn insert_many<C: ConnectionTrait>(
     db: &C,
     rows: &[(&UsageRow, DateTime<Utc>)],
 ) -> Result<(), DbErr> {
-    if rows.is_empty() {
-        return Ok(());
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let tuples = (0..chunk.len())
+            .map(|i| format!("({})", placeholders(N_COLUMNS * i + 1, N_COLUMNS)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("INSERT INTO usage_event ({COLUMNS}) VALUES {tuples}");
+        let values = chunk
+            .iter()
+            .flat_map(|(row, now)| row_values(row, *now))
+            .collect::<Vec<_>>();
+        db.execute_raw(stmt(db.get_database_backend(), &sql, values))
+            .await?;
     }
-    let tuples = (0..rows.len())
-        .map(|i| format!("({})", placeholders(N_COLUMNS * i + 1, N_COLUMNS)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!("INSERT INTO usage_event ({COLUMNS}) VALUES {tuples}");
-    let values = rows
-        .iter()
-        .flat_map(|(row, now)| row_values(row, *now))
-        .collect::<Vec<_>>();
-    db.execute_raw(stmt(db.get_database_backend(), &sql, values))
-        .await?;
     Ok(())
 }
 

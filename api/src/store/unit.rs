@@ -1,0 +1,274 @@
+//! The transaction a unit of work sees: the group's transaction (or, when a group runs its
+//! units one savepoint each, the unit's savepoint), through a thin recorder.
+//!
+//! The recorder does two things for the group commit:
+//! - it notes whether the unit changed a row: a unit that fails having changed nothing can be
+//!   answered without a savepoint to roll back to (the group's fast path);
+//! - it holds the rows the unit appends to append-only tables (ledger, audit), which the group
+//!   writes for all its units at once, one multi-row statement per table, before it commits.
+//!
+//! Statements go to the transaction as they are; nothing else is changed about them.
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, ExecResult, QueryResult, Statement,
+};
+
+use super::ledger::LedgerRow;
+use super::usage::UsageRow;
+
+/// What a unit appended, for the group to write.
+#[derive(Default)]
+pub struct Appended {
+    /// Ledger rows, in the order the unit moved the credits.
+    pub ledger: Vec<LedgerRow>,
+    /// Audit rows, each with the time it was written.
+    pub usage: Vec<(UsageRow, DateTime<Utc>)>,
+}
+
+impl Appended {
+    /// Moves `other`'s rows after this one's.
+    pub fn extend(&mut self, other: Appended) {
+        self.ledger.extend(other.ledger);
+        self.usage.extend(other.usage);
+    }
+
+    /// True when nothing was appended.
+    pub fn is_empty(&self) -> bool {
+        self.ledger.is_empty() && self.usage.is_empty()
+    }
+
+    /// Counts the credits the ledger rows moved in the metrics (once they are committed).
+    pub fn count_committed(&self) {
+        for row in &self.ledger {
+            metrics::counter!("credits_total", "kind" => row.kind.as_str())
+                .increment(row.amount.unsigned_abs());
+        }
+    }
+
+    /// Writes the rows: one statement per table (per chunk of rows).
+    pub async fn write<C: ConnectionTrait>(&self, db: &C) -> Result<(), DbErr> {
+        super::ledger::insert_many(db, &self.ledger).await?;
+        let usage: Vec<(&UsageRow, DateTime<Utc>)> =
+            self.usage.iter().map(|(r, at)| (r, *at)).collect();
+        super::usage::insert_many(db, &usage).await
+    }
+}
+
+/// What the units of one group share: where each key's next batch starts in the fair queue,
+/// once a unit of the group has asked (the group's own inserts move it, so it is known
+/// without asking the database again).
+#[derive(Default)]
+pub struct GroupMemo {
+    fair_next: Mutex<HashMap<i64, i64>>,
+}
+
+#[derive(Default)]
+struct Record {
+    /// A statement changed at least one row, failed, or could not be told apart from one
+    /// that did.
+    changed: bool,
+    appended: Appended,
+}
+
+/// A unit's transaction. It runs statements like the transaction it wraps (it is a
+/// [`ConnectionTrait`]), and records what the group needs to know of them.
+pub struct Txn<'a> {
+    inner: &'a DatabaseTransaction,
+    memo: &'a GroupMemo,
+    record: Mutex<Record>,
+}
+
+impl<'a> Txn<'a> {
+    /// The unit's view of `inner`, sharing `memo` with the other units of its group.
+    pub fn new(inner: &'a DatabaseTransaction, memo: &'a GroupMemo) -> Self {
+        Self {
+            inner,
+            memo,
+            record: Mutex::new(Record::default()),
+        }
+    }
+
+    /// The transaction itself.
+    pub fn inner(&self) -> &DatabaseTransaction {
+        self.inner
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Record) -> R) -> R {
+        // A poisoned lock only means another thread panicked while holding it; the record is
+        // still the best knowledge there is.
+        let mut guard = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    /// Appends a ledger row, written by the group with the others of its kind.
+    pub fn append_ledger(&self, row: LedgerRow) {
+        self.with(|r| r.appended.ledger.push(row));
+    }
+
+    /// Appends an audit row, written by the group with the others of its kind.
+    pub fn append_usage(&self, row: UsageRow, at: DateTime<Utc>) {
+        self.with(|r| r.appended.usage.push((row, at)));
+    }
+
+    /// True when the unit changed nothing so far: no statement changed a row or failed, and
+    /// nothing was appended.
+    pub fn changed_nothing(&self) -> bool {
+        self.with(|r| !r.changed && r.appended.is_empty())
+    }
+
+    /// Hands over what the unit appended.
+    pub fn take_appended(&self) -> Appended {
+        self.with(|r| std::mem::take(&mut r.appended))
+    }
+
+    /// Writes what the unit appended into its transaction now (for a unit run on its own,
+    /// outside a group: the benchmark's one-commit-per-call loops).
+    pub async fn write_appended(&self) -> Result<(), DbErr> {
+        self.take_appended().write(self.inner).await
+    }
+
+    /// Where a new batch of `n` items of `key_id` starts in the fair queue: asked of the
+    /// database (`ask`) the first time in the group, then advanced by the group's own
+    /// batches, which the units of a key insert one after the other.
+    pub async fn fair_start<F, Fut>(&self, key_id: i64, n: i64, ask: F) -> Result<i64, DbErr>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<i64, DbErr>>,
+    {
+        let known = self.memo_get(key_id);
+        let start = match known {
+            Some(next) => next,
+            None => ask().await?,
+        };
+        let mut memo = self
+            .memo
+            .fair_next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        memo.insert(key_id, start + n);
+        Ok(start)
+    }
+
+    fn memo_get(&self, key_id: i64) -> Option<i64> {
+        self.memo
+            .fair_next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key_id)
+            .copied()
+    }
+
+    fn note_write(&self, rows: u64) {
+        if rows > 0 {
+            self.with(|r| r.changed = true);
+        }
+    }
+
+    fn note<T>(&self, result: &Result<T, DbErr>) {
+        if result.is_err() {
+            // On PostgreSQL a failed statement aborts the transaction: nothing after it
+            // counts, so the unit cannot be answered as if it changed nothing.
+            self.with(|r| r.changed = true);
+        }
+    }
+}
+
+/// How a statement that returns rows may change them.
+enum Returning {
+    /// A plain `SELECT`: reads only (its row locks are released with the transaction).
+    Read,
+    /// `INSERT`/`UPDATE`/`DELETE … RETURNING`: one row per row changed.
+    RowPerChange,
+    /// Anything else (a `WITH` that may write): counted as a change.
+    Unknown,
+}
+
+fn returning(sql: &str) -> Returning {
+    let word: String = sql
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    match word.as_str() {
+        "SELECT" => Returning::Read,
+        "INSERT" | "UPDATE" | "DELETE" => Returning::RowPerChange,
+        _ => Returning::Unknown,
+    }
+}
+
+#[async_trait::async_trait]
+impl ConnectionTrait for Txn<'_> {
+    fn get_database_backend(&self) -> DbBackend {
+        self.inner.get_database_backend()
+    }
+
+    async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
+        let r = self.inner.execute_raw(stmt).await;
+        self.note(&r);
+        if let Ok(done) = &r {
+            self.note_write(done.rows_affected());
+        }
+        r
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
+        let r = self.inner.execute_unprepared(sql).await;
+        // Unprepared text may hold several statements: counted as a change.
+        self.note_write(1);
+        r
+    }
+
+    async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
+        let kind = returning(&stmt.sql);
+        let r = self.inner.query_one_raw(stmt).await;
+        self.note(&r);
+        if let Ok(row) = &r {
+            match kind {
+                Returning::Read => {}
+                Returning::RowPerChange => self.note_write(u64::from(row.is_some())),
+                Returning::Unknown => self.note_write(1),
+            }
+        }
+        r
+    }
+
+    async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+        let kind = returning(&stmt.sql);
+        let r = self.inner.query_all_raw(stmt).await;
+        self.note(&r);
+        if let Ok(rows) = &r {
+            match kind {
+                Returning::Read => {}
+                Returning::RowPerChange => self.note_write(rows.len() as u64),
+                Returning::Unknown => self.note_write(1),
+            }
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_told_apart_by_their_first_word() {
+        assert!(matches!(returning("  select 1"), Returning::Read));
+        assert!(matches!(
+            returning("UPDATE t SET v = 1 RETURNING v"),
+            Returning::RowPerChange
+        ));
+        assert!(matches!(
+            returning("INSERT INTO t VALUES (1) RETURNING id"),
+            Returning::RowPerChange
+        ));
+        assert!(matches!(
+            returning("WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x"),
+            Returning::Unknown
+        ));
+    }
+}
