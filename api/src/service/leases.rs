@@ -209,14 +209,20 @@ async fn lock_batch_of(
     let b = jobs::lock_of_item(txn, item_id, now)
         .await?
         .ok_or_else(|| ApiError::not_found("item", item_id))?;
-    Ok(LockedBatch {
-        id: b.id,
-        key_id: b.key_id,
-        cost: b.cost_per_video,
-        cancel_requested: b.cancel_requested,
-        status: BatchStatus::from(b.status),
-        open: b.open,
-    })
+    Ok(LockedBatch::from(b))
+}
+
+impl From<jobs::LockedJob> for LockedBatch {
+    fn from(b: jobs::LockedJob) -> Self {
+        LockedBatch {
+            id: b.id,
+            key_id: b.key_id,
+            cost: b.cost_per_video,
+            cancel_requested: b.cancel_requested,
+            status: BatchStatus::from(b.status),
+            open: b.open,
+        }
+    }
 }
 
 impl LockedBatch {
@@ -331,11 +337,16 @@ pub async fn complete_in(
 ) -> Result<ItemState, ApiError> {
     let item_id = item.0;
     let now = Utc::now();
-    let batch = lock_batch_of(txn, item_id, now).await?;
+    // The batch is locked and the success counted only for a live lease of this token: a
+    // stale or unknown report changes nothing.
+    let Some(b) = jobs::lock_for_success(txn, item_id, token.0, now).await? else {
+        return Err(lease_error(txn, item_id).await);
+    };
+    let batch = LockedBatch::from(b);
     let Some(attempts) = items::succeed(txn, item, token, result_url, result, now).await? else {
+        // The lease ended in between: the count above is rolled back with this unit.
         return Err(ApiError::lease_lost(item_id));
     };
-    jobs::count_outcome(txn, batch.id, jobs::Outcome::Succeeded).await?;
     let charge =
         NewEntry::new(batch.key_id, LedgerKind::Charge, batch.cost).item(batch.id, item_id);
     if !credits::apply_in(txn, charge).await? {

@@ -121,31 +121,20 @@ pub async fn owned_with_items<C: ConnectionTrait>(
     id: Uuid,
     max: u64,
 ) -> Result<Option<(Model, (i64, i64), Vec<batch_item::Model>)>, DbErr> {
-    let batch_cols: Vec<&str> = Column::iter().map(|c| c.as_str()).collect();
-    let item_cols: Vec<&str> = batch_item::Column::iter().map(|c| c.as_str()).collect();
-    let list = |cols: &[&str], f: &dyn Fn(&str) -> String| {
-        cols.iter().map(|c| f(c)).collect::<Vec<_>>().join(", ")
+    // The text depends on `max` alone: built once for the page every poll reads.
+    static POLL: std::sync::OnceLock<(u64, String)> = std::sync::OnceLock::new();
+    let built;
+    let sql = match POLL.get_or_init(|| (max, poll_sql(max))) {
+        (m, sql) if *m == max => sql.as_str(),
+        _ => {
+            built = poll_sql(max);
+            built.as_str()
+        }
     };
-    let sql = format!(
-        "SELECT 0 AS part, {batch}, \
-         (SELECT COUNT(*) FROM batch_item q WHERE q.batch_id = j.id AND q.status = 'queued') AS open_queued, \
-         (SELECT COUNT(*) FROM batch_item r WHERE r.batch_id = j.id AND r.status = 'running') AS open_running, \
-         {item_nulls} \
-         FROM batch_job j WHERE j.id = $1 AND j.api_key_id = $2 \
-         UNION ALL \
-         SELECT 1, {batch_nulls}, NULL, NULL, {items} FROM \
-         (SELECT * FROM batch_item WHERE batch_id = $1 AND api_key_id = $2 AND idx > -1 ORDER BY idx {lim}) i \
-         ORDER BY part, i_idx",
-        batch = list(&batch_cols, &|c| format!("j.{c}")),
-        item_nulls = list(&item_cols, &|c| format!("NULL AS i_{c}")),
-        batch_nulls = list(&batch_cols, &|_| "NULL".to_string()),
-        items = list(&item_cols, &|c| format!("i.{c}")),
-        lim = limit(max),
-    );
     let rows = db
         .query_all_raw(stmt(
             db.get_database_backend(),
-            &sql,
+            sql,
             [id.into(), key_id.into()],
         ))
         .await?;
@@ -166,6 +155,31 @@ pub async fn owned_with_items<C: ConnectionTrait>(
         .map(|r| batch_item::Model::from_query_result(&r, "i_"))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Some((job, open, items)))
+}
+
+/// The statement of [`owned_with_items`].
+fn poll_sql(max: u64) -> String {
+    let batch_cols: Vec<&str> = Column::iter().map(|c| c.as_str()).collect();
+    let item_cols: Vec<&str> = batch_item::Column::iter().map(|c| c.as_str()).collect();
+    let list = |cols: &[&str], f: &dyn Fn(&str) -> String| {
+        cols.iter().map(|c| f(c)).collect::<Vec<_>>().join(", ")
+    };
+    format!(
+        "SELECT 0 AS part, {batch}, \
+         (SELECT COUNT(*) FROM batch_item q WHERE q.batch_id = j.id AND q.status = 'queued') AS open_queued, \
+         (SELECT COUNT(*) FROM batch_item r WHERE r.batch_id = j.id AND r.status = 'running') AS open_running, \
+         {item_nulls} \
+         FROM batch_job j WHERE j.id = $1 AND j.api_key_id = $2 \
+         UNION ALL \
+         SELECT 1, {batch_nulls}, NULL, NULL, {items} FROM \
+         (SELECT * FROM batch_item WHERE batch_id = $1 AND api_key_id = $2 AND idx > -1 ORDER BY idx {lim}) i \
+         ORDER BY part, i_idx",
+        batch = list(&batch_cols, &|c| format!("j.{c}")),
+        item_nulls = list(&item_cols, &|c| format!("NULL AS i_{c}")),
+        batch_nulls = list(&batch_cols, &|_| "NULL".to_string()),
+        items = list(&item_cols, &|c| format!("i.{c}")),
+        lim = limit(max),
+    )
 }
 
 /// Up to `limit` of a key's batches older than `before` (by id), newest first.
@@ -340,15 +354,50 @@ pub async fn lock_of_item<C: ConnectionTrait>(
     else {
         return Ok(None);
     };
+    locked_job(&b).map(Some)
+}
+
+/// Locks the batch of an item whose lease `token` holds at `now` and counts the item's
+/// success on it, in one statement (the batch row first, then the item, as every transition
+/// takes them): `None`, with nothing changed, when the item is unknown or the token no longer
+/// holds a live lease. The caller then records the success on the item under the same token.
+pub async fn lock_for_success<C: ConnectionTrait>(
+    txn: &C,
+    item_id: Uuid,
+    token: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<LockedJob>, DbErr> {
+    let Some(b) = txn
+        .query_one_raw(stmt(
+            txn.get_database_backend(),
+            "UPDATE batch_job SET updated_at = $3, succeeded_count = succeeded_count + 1, \
+             status = CASE WHEN status = 'queued' THEN 'processing' ELSE status END \
+             WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1 AND lease_token = $2 \
+             AND status = 'running' AND lease_expires_at >= $3) \
+             RETURNING id, api_key_id, cost_per_video, cancel_requested_at, status, \
+             total_count - succeeded_count - failed_count - cancelled_count - expired_count AS open",
+            [item_id.into(), token.into(), now.into()],
+        ))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut job = locked_job(&b)?;
+    // The count returned is the one after this success.
+    job.open += 1;
+    Ok(Some(job))
+}
+
+fn locked_job(b: &sea_orm::QueryResult) -> Result<LockedJob, DbErr> {
     let cancel: Option<DateTime<Utc>> = b.try_get("", "cancel_requested_at")?;
-    Ok(Some(LockedJob {
+    Ok(LockedJob {
         id: b.try_get("", "id")?,
         key_id: b.try_get("", "api_key_id")?,
         cost_per_video: b.try_get("", "cost_per_video")?,
         cancel_requested: cancel.is_some(),
         status: b.try_get("", "status")?,
         open: i64::from(b.try_get::<i32>("", "open")?),
-    }))
+    })
 }
 
 /// A terminal outcome of one item, counted on its batch.

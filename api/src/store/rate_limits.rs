@@ -1,7 +1,7 @@
 //! `rate_limit_window`: calls counted per key, scope and fixed one-minute window.
 use sea_orm::{ConnectionTrait, DbErr};
 
-use super::sql::{placeholders, stmt};
+use super::sql::{stmt, value_rows};
 
 /// Counts one call in a window in one atomic statement (an upsert): the count after it.
 /// Exact under any concurrency and on any number of nodes.
@@ -29,10 +29,7 @@ pub async fn add_many<C: ConnectionTrait>(
     if windows.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = (0..windows.len())
-        .map(|i| format!("({})", placeholders(4 * i + 1, 4)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let rows = value_rows(db.get_database_backend(), windows.len(), 4);
     let sql = format!(
         "INSERT INTO rate_limit_window (api_key_id, scope, window_start, count) VALUES {rows} \
          ON CONFLICT (api_key_id, scope, window_start) \

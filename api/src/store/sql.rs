@@ -39,6 +39,19 @@ pub fn placeholders(first: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// `(…), (…)`: the `VALUES` of a multi-row insert of `rows` rows of `cols` values each, every
+/// value of the statement bound in order. SQLite gets anonymous `?`s: the driver looks up the
+/// name of every numbered parameter each time it binds, a scan of the statement's parameter
+/// list, so numbered parameters cost a multi-row insert time that grows with the square of its
+/// size. PostgreSQL gets `$1…` (it has no anonymous form).
+pub fn value_rows(backend: DbBackend, rows: usize, cols: usize) -> String {
+    let row = |i: usize| match backend {
+        DbBackend::Postgres => format!("({})", placeholders(cols * i + 1, cols)),
+        _ => format!("({})", vec!["?"; cols].join(", ")),
+    };
+    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+}
+
 /// `a, b, c` of integers, for an `IN (...)` list (ids we hold, never client text).
 pub fn id_list(ids: &[i64]) -> String {
     ids.iter()
@@ -66,6 +79,12 @@ mod tests {
     fn placeholders_number_the_values_after_the_first_ones() {
         assert_eq!(placeholders(5, 3), "$5, $6, $7");
         assert_eq!(placeholders(2, 1), "$2");
+    }
+
+    #[test]
+    fn value_rows_bind_every_value_in_order() {
+        assert_eq!(value_rows(DbBackend::Postgres, 2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(value_rows(DbBackend::Sqlite, 2, 2), "(?, ?), (?, ?)");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr};
 
-use super::sql::{limit, placeholders, stmt};
+use super::sql::{limit, stmt, value_rows};
 pub use crate::domain::usage::{DayUsage, UsageRow};
 
 /// The UTC minute containing `t`.
@@ -34,10 +34,7 @@ pub async fn insert_many<C: ConnectionTrait>(
     rows: &[(&UsageRow, DateTime<Utc>)],
 ) -> Result<(), DbErr> {
     for chunk in rows.chunks(INSERT_CHUNK) {
-        let tuples = (0..chunk.len())
-            .map(|i| format!("({})", placeholders(N_COLUMNS * i + 1, N_COLUMNS)))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let tuples = value_rows(db.get_database_backend(), chunk.len(), N_COLUMNS);
         let sql = format!("INSERT INTO usage_event ({COLUMNS}) VALUES {tuples}");
         let values = chunk
             .iter()
