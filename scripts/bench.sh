@@ -537,7 +537,7 @@ EOF
     log "$name: webhook delivery ($WH_N at once, then 200/s for ${WH_SECONDS}s, then $WH_N beside a dead endpoint, then 100,000 pending for ${WH_SECONDS}s)"
     APP__DATABASE__URL="$db_url" "${SRV[@]}" "$BIN" --config "$cfg" serve >"$TMP/server-wh-$name.log" 2>&1 &
     pid=$!; PIDS+=("$pid")
-    wait_http "http://127.0.0.1:$port/readyz" || { tail -n 20 "$TMP/server-wh-$name.log" >&2; return 1; }
+    wait_http "http://127.0.0.1:$port/readyz" || { grep -v "^ *[0-9]*: \|^ *at " "$TMP/server-wh-$name.log" | tail -n 20 >&2; return 1; }
     out="$(timeout 600 "${GEN[@]}" "$BENCH" webhooks --url "$db_url" --key bench \
         --receiver "127.0.0.1:$rport" --n "$WH_N" --rate 200 --seconds "$WH_SECONDS" \
         --tarpit 200 --backlog 100000 --backlog-seconds "$WH_SECONDS")"

@@ -65,22 +65,22 @@ pub async fn claim_in(
         worker_id,
         expires_at: now + lease,
     };
-    items::requeue_expired(txn, now, max_attempts as i32).await?;
     let want = u64::from(max.clamp(1, 1000));
+    // A claim never waits on a lock (rows other transactions hold are skipped), so it can
+    // never be part of a deadlock.
     let mut rows = if caps.is_empty() {
-        items::lease_queued(txn, lease, want, now).await?
+        items::claim(txn, lease, want, max_attempts as i32, now).await?
     } else {
-        crate::service::fair_share::lease_capped(txn, lease, want, caps, now).await?
+        items::requeue_expired(txn, now, max_attempts as i32).await?;
+        let rows = crate::service::fair_share::lease_capped(txn, lease, want, caps, now).await?;
+        let mut batches: Vec<Uuid> = rows.iter().map(|r| r.batch_id).collect();
+        batches.sort();
+        batches.dedup();
+        jobs::mark_processing(txn, &batches, now).await?;
+        rows
     };
     metrics::counter!("worker_claims_total").increment(1);
     metrics::counter!("worker_claimed_items_total").increment(rows.len() as u64);
-    let mut batches: Vec<Uuid> = rows.iter().map(|r| r.batch_id).collect();
-    batches.sort();
-    batches.dedup();
-    // In the claim's own transaction, without waiting for a batch row another transaction
-    // holds (that one marks the batch `processing` itself: see `jobs::lock_of_item`). A claim
-    // never waits on a lock, so it can never be part of a deadlock.
-    jobs::mark_processing(txn, &batches, now).await?;
     rows.sort_by_key(|r| (r.fair_pos, r.id));
     Ok(rows
         .into_iter()
@@ -337,16 +337,14 @@ pub async fn complete_in(
 ) -> Result<ItemState, ApiError> {
     let item_id = item.0;
     let now = Utc::now();
-    // The batch is locked and the success counted only for a live lease of this token: a
-    // stale or unknown report changes nothing.
-    let Some(b) = jobs::lock_for_success(txn, item_id, token.0, now).await? else {
-        return Err(lease_error(txn, item_id).await);
-    };
-    let batch = LockedBatch::from(b);
-    let Some(attempts) = items::succeed(txn, item, token, result_url, result, now).await? else {
-        // The lease ended in between: the count above is rolled back with this unit.
-        return Err(ApiError::lease_lost(item_id));
-    };
+    // Recorded only for a live lease of this token: a stale or unknown report changes nothing.
+    let (batch, attempts) =
+        match jobs::record_success(txn, item, token, result_url, result, now).await? {
+            jobs::Success::Recorded { job, attempts } => (LockedBatch::from(job), attempts),
+            jobs::Success::Stale => return Err(lease_error(txn, item_id).await),
+            // The lease ended in between: the count is rolled back with this unit.
+            jobs::Success::Raced => return Err(ApiError::lease_lost(item_id)),
+        };
     let charge =
         NewEntry::new(batch.key_id, LedgerKind::Charge, batch.cost).item(batch.id, item_id);
     if !credits::apply_in(txn, charge).await? {

@@ -8,7 +8,7 @@ use entity::batch_item::{ActiveModel, Column, Entity, Model};
 use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QuerySelect, Set};
 use uuid::Uuid;
 
-use super::sql::{limit, skip_locked, stmt};
+use super::sql::{limit, part_of, run_together, skip_locked, stmt};
 use crate::domain::NewItem;
 use crate::domain::ids::{ItemId, LeaseToken};
 
@@ -93,37 +93,53 @@ pub struct Lease<'a> {
     pub expires_at: DateTime<Utc>,
 }
 
-/// Leases up to `max` queued items, head of the fair queue first (rows another transaction
-/// holds are skipped).
-pub async fn lease_queued<C: ConnectionTrait>(
+/// A claim of up to `max` queued items, head of the fair queue first, in one call on SQLite
+/// (see [`run_together`]): running items whose lease ended go back to the queue first (when
+/// attempts remain and their batch has no cancel request), then the items are leased, then
+/// their batches that were still queued are marked `processing`. Rows another transaction
+/// holds are skipped at every step (a batch row so held is marked by that transaction itself:
+/// see `jobs::lock_of_item`), so a claim never waits on a lock.
+pub async fn claim<C: ConnectionTrait>(
     txn: &C,
     lease: Lease<'_>,
     max: u64,
+    max_attempts: i32,
     now: DateTime<Utc>,
 ) -> Result<Vec<Leased>, DbErr> {
     let backend = txn.get_database_backend();
-    let sql = format!(
-        "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $1, \
-         worker_id = $2, lease_expires_at = $3, updated_at = $4 \
+    let skip = skip_locked(backend);
+    // $1 now, $2 max attempts, $3 token, $4 worker, $5 lease end.
+    let lease_sql = format!(
+        "UPDATE batch_item SET status = 'running', attempts = attempts + 1, lease_token = $3, \
+         worker_id = $4, lease_expires_at = $5, updated_at = $1 \
          WHERE id IN (SELECT id FROM batch_item WHERE status = 'queued' \
-         ORDER BY fair_pos, created_at {}{}) \
-         RETURNING id, batch_id, prompt, params, attempts, fair_pos",
+         ORDER BY fair_pos, created_at {}{skip}) \
+         RETURNING 'item' AS part, id, batch_id, prompt, params, attempts, fair_pos",
         limit(max),
-        skip_locked(backend)
     );
-    let rows = txn
-        .query_all_raw(stmt(
-            backend,
-            &sql,
-            [
-                lease.token.into(),
-                lease.worker_id.into(),
-                lease.expires_at.into(),
-                now.into(),
-            ],
-        ))
-        .await?;
-    rows.into_iter().map(leased).collect()
+    // The claim's items are found again by their lease, through the index of running items.
+    let mark_sql = format!(
+        "UPDATE batch_job SET status = 'processing', updated_at = $1 WHERE id IN \
+         (SELECT id FROM batch_job WHERE status = 'queued' AND id IN \
+         (SELECT batch_id FROM batch_item WHERE status = 'running' AND lease_expires_at = $5 \
+         AND lease_token = $3){skip})"
+    );
+    let rows = run_together(
+        txn,
+        &[&requeue_sql(backend), &lease_sql, &mark_sql],
+        vec![
+            now.into(),
+            max_attempts.into(),
+            lease.token.into(),
+            lease.worker_id.into(),
+            lease.expires_at.into(),
+        ],
+    )
+    .await?;
+    rows.into_iter()
+        .filter(|r| part_of(r).as_deref() == Some("item"))
+        .map(leased)
+        .collect()
 }
 
 /// Running items of each of `keys` (through the partial index of running items per key).
@@ -225,18 +241,26 @@ pub async fn requeue_expired<C: ConnectionTrait>(
     max_attempts: i32,
 ) -> Result<u64, DbErr> {
     let backend = db.get_database_backend();
-    let sql = format!(
+    let r = db
+        .execute_raw(stmt(
+            backend,
+            &requeue_sql(backend),
+            [now.into(), max_attempts.into()],
+        ))
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// The statement of [`requeue_expired`]: `$1` now, `$2` max attempts.
+fn requeue_sql(backend: sea_orm::DbBackend) -> String {
+    format!(
         "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
          lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
          WHERE id IN (SELECT id FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
          AND attempts < $2 \
          AND batch_id NOT IN (SELECT id FROM batch_job WHERE cancel_requested_at IS NOT NULL){})",
         skip_locked(backend)
-    );
-    let r = db
-        .execute_raw(stmt(backend, &sql, [now.into(), max_attempts.into()]))
-        .await?;
-    Ok(r.rows_affected())
+    )
 }
 
 /// A running item whose lease has ended.
@@ -313,31 +337,6 @@ pub async fn extend_lease<C: ConnectionTrait>(
             r.try_get("", "batch_id")?,
             r.try_get("", "attempts")?,
         ))),
-        None => Ok(None),
-    }
-}
-
-/// Records a success when the token still holds a live lease at `now`: the item's attempts.
-pub async fn succeed<C: ConnectionTrait>(
-    txn: &C,
-    id: ItemId,
-    token: LeaseToken,
-    result_url: &str,
-    result: Option<String>,
-    now: DateTime<Utc>,
-) -> Result<Option<i32>, DbErr> {
-    match txn
-        .query_one_raw(stmt(
-            txn.get_database_backend(),
-            "UPDATE batch_item SET status = 'succeeded', result_url = $3, result = $4, error = NULL, \
-             lease_token = NULL, lease_expires_at = NULL, updated_at = $5 \
-             WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $5 \
-             RETURNING attempts",
-            [id.into(), token.into(), result_url.into(), result.into(), now.into()],
-        ))
-        .await?
-    {
-        Some(r) => Ok(Some(r.try_get("", "attempts")?)),
         None => Ok(None),
     }
 }

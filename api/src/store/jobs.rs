@@ -9,7 +9,8 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::sql::{limit, skip_locked, stmt};
+use super::sql::{limit, part_of, run_together, skip_locked, stmt};
+use crate::domain::ids::{ItemId, LeaseToken};
 
 /// A batch row as a create writes it.
 pub struct NewJob<'a> {
@@ -357,35 +358,74 @@ pub async fn lock_of_item<C: ConnectionTrait>(
     locked_job(&b).map(Some)
 }
 
-/// Locks the batch of an item whose lease `token` holds at `now` and counts the item's
-/// success on it, in one statement (the batch row first, then the item, as every transition
-/// takes them): `None`, with nothing changed, when the item is unknown or the token no longer
-/// holds a live lease. The caller then records the success on the item under the same token.
-pub async fn lock_for_success<C: ConnectionTrait>(
+/// How a success report ended in the store.
+pub enum Success {
+    /// The batch was locked and the success counted, the item marked succeeded.
+    Recorded {
+        /// The item's batch, with its open items before this success.
+        job: LockedJob,
+        /// The item's attempts.
+        attempts: i32,
+    },
+    /// The item is unknown or the token no longer holds a live lease: nothing changed.
+    Stale,
+    /// The lease ended between the two statements (only where they are not sent as one):
+    /// the batch's count was changed and must be rolled back with the caller's work.
+    Raced,
+}
+
+/// Records a success reported under lease `token` at `now`: locks the item's batch and counts
+/// the success on it (the batch row first, then the item, as every transition takes them),
+/// then marks the item succeeded. Both statements require the token's lease to be live, so a
+/// stale report changes nothing; on SQLite they are one call ([`run_together`]).
+pub async fn record_success<C: ConnectionTrait>(
     txn: &C,
-    item_id: Uuid,
-    token: Uuid,
+    item: ItemId,
+    token: LeaseToken,
+    result_url: &str,
+    result: Option<String>,
     now: DateTime<Utc>,
-) -> Result<Option<LockedJob>, DbErr> {
-    let Some(b) = txn
-        .query_one_raw(stmt(
-            txn.get_database_backend(),
-            "UPDATE batch_job SET updated_at = $3, succeeded_count = succeeded_count + 1, \
-             status = CASE WHEN status = 'queued' THEN 'processing' ELSE status END \
-             WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1 AND lease_token = $2 \
-             AND status = 'running' AND lease_expires_at >= $3) \
-             RETURNING id, api_key_id, cost_per_video, cancel_requested_at, status, \
-             total_count - succeeded_count - failed_count - cancelled_count - expired_count AS open",
-            [item_id.into(), token.into(), now.into()],
-        ))
-        .await?
-    else {
-        return Ok(None);
-    };
-    let mut job = locked_job(&b)?;
-    // The count returned is the one after this success.
-    job.open += 1;
-    Ok(Some(job))
+) -> Result<Success, DbErr> {
+    const LOCK_AND_COUNT: &str = "UPDATE batch_job SET updated_at = $3, \
+         succeeded_count = succeeded_count + 1, \
+         status = CASE WHEN status = 'queued' THEN 'processing' ELSE status END \
+         WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1 AND lease_token = $2 \
+         AND status = 'running' AND lease_expires_at >= $3) \
+         RETURNING 'batch' AS part, id, api_key_id, cost_per_video, cancel_requested_at, status, \
+         total_count - succeeded_count - failed_count - cancelled_count - expired_count AS open";
+    const SUCCEED: &str = "UPDATE batch_item SET status = 'succeeded', result_url = $4, \
+         result = $5, error = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $3 \
+         WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $3 \
+         RETURNING 'item' AS part, attempts";
+    let rows = run_together(
+        txn,
+        &[LOCK_AND_COUNT, SUCCEED],
+        vec![
+            item.into(),
+            token.into(),
+            now.into(),
+            result_url.into(),
+            result.into(),
+        ],
+    )
+    .await?;
+    let (mut job, mut attempts) = (None, None);
+    for r in &rows {
+        match part_of(r).as_deref() {
+            Some("batch") => job = Some(locked_job(r)?),
+            Some("item") => attempts = Some(r.try_get::<i32>("", "attempts")?),
+            _ => {}
+        }
+    }
+    Ok(match (job, attempts) {
+        (Some(mut job), Some(attempts)) => {
+            // The count returned is the one after this success.
+            job.open += 1;
+            Success::Recorded { job, attempts }
+        }
+        (None, None) => Success::Stale,
+        _ => Success::Raced,
+    })
 }
 
 fn locked_job(b: &sea_orm::QueryResult) -> Result<LockedJob, DbErr> {

@@ -192,13 +192,31 @@ pub async fn apply<C: ConnectionTrait>(txn: &C, entry: NewEntry<'_>) -> Result<b
     Ok(true)
 }
 
-/// Like [`apply`] inside a unit of the write pipeline: the wallet moves now, the ledger row is
-/// appended to the unit's and written by its group, in the same transaction, with the rows
-/// of the group's other units in one statement (and counted in the metrics once committed).
+/// Like [`apply`] inside a unit of the write pipeline: the ledger row is appended to the
+/// unit's and written by its group, in the same transaction, with the rows of the group's
+/// other units in one statement (and counted in the metrics once committed).
+///
+/// A charge or a release never lowers the credits available, and every item's cost was held
+/// when its batch was created, so neither can fail for want of credits. On SQLite (one writer,
+/// no row lock another process could hold) the group sums the charges and releases of a key
+/// into one wallet update. On PostgreSQL every wallet update runs here, in the unit: groups
+/// of several nodes then lock wallet rows in key order, as they lock every other row.
 pub async fn apply_in(txn: &Txn<'_>, entry: NewEntry<'_>) -> Result<bool, DbErr> {
     let now = chrono::Utc::now();
-    if !super::wallets::apply(txn, entry.key_id, entry.kind, entry.amount, now).await? {
-        return Ok(false);
+    let summed = match entry.kind {
+        LedgerKind::Charge => Some((-entry.amount, -entry.amount)),
+        LedgerKind::Release => Some((0, -entry.amount)),
+        _ => None,
+    };
+    match summed {
+        Some((balance, held)) if txn.get_database_backend() == sea_orm::DbBackend::Sqlite => {
+            txn.append_wallet(entry.key_id, balance, held);
+        }
+        _ => {
+            if !super::wallets::apply(txn, entry.key_id, entry.kind, entry.amount, now).await? {
+                return Ok(false);
+            }
+        }
     }
     txn.append_ledger(entry.row(now));
     Ok(true)

@@ -1218,6 +1218,47 @@ mod tests {
         assert!(writes.commits() < 60, "{} commits", writes.commits());
     }
 
+    /// Charges of one key in a group move its wallet together (on SQLite, one update for the
+    /// group) and each leaves its ledger row; a charge the wallet cannot take (more than is
+    /// held) fails alone, and the wallet ends exact.
+    #[tokio::test(flavor = "current_thread")]
+    async fn charges_of_a_group_move_the_wallet_exactly_once_each() {
+        use crate::domain::money::LedgerKind;
+        use crate::store::ledger::{NewEntry, apply_in};
+        let (_dir, db, writes) = migrated().await;
+        db.execute_unprepared(
+            "INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) \
+             VALUES (1, 1000, 100, '2026-01-01T00:00:00Z')",
+        )
+        .await
+        .unwrap();
+        // Eleven charges of 10 against 100 held: ten fit, whichever order, one cannot.
+        let tasks = spawn_each(&writes, 11, |writes, _| async move {
+            writes
+                .run(Some(1), move |txn| {
+                    Box::pin(async move {
+                        if apply_in(txn, NewEntry::new(1, LedgerKind::Charge, 10)).await? {
+                            Ok(())
+                        } else {
+                            Err(ApiError::new(
+                                crate::error::ErrorCode::Conflict,
+                                "held too small",
+                            ))
+                        }
+                    })
+                })
+                .await
+        });
+        let mut ok = 0;
+        for t in tasks {
+            ok += usize::from(t.await.unwrap().is_ok());
+        }
+        assert_eq!(ok, 10);
+        let w = crate::store::wallets::read(&db, 1).await.unwrap();
+        assert_eq!((w.balance, w.held), (900, 0));
+        assert_eq!(rows_of(&db, "credit_ledger").await, 10);
+    }
+
     /// The hits below reach the lane in index order.
     #[tokio::test(flavor = "current_thread")]
     async fn hits_are_counted_once_each_in_arrival_order_per_key() {

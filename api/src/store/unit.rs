@@ -8,7 +8,7 @@
 //!   writes for all its units at once, one multi-row statement per table, before it commits.
 //!
 //! Statements go to the transaction as they are; nothing else is changed about them.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
@@ -26,6 +26,8 @@ pub struct Appended {
     pub ledger: Vec<LedgerRow>,
     /// Audit rows, each with the time it was written.
     pub usage: Vec<(UsageRow, DateTime<Utc>)>,
+    /// Wallet movements left to the group, summed per key: (balance, held) to add.
+    pub wallets: BTreeMap<i64, (i64, i64)>,
 }
 
 impl Appended {
@@ -33,11 +35,16 @@ impl Appended {
     pub fn extend(&mut self, other: Appended) {
         self.ledger.extend(other.ledger);
         self.usage.extend(other.usage);
+        for (key, (balance, held)) in other.wallets {
+            let sum = self.wallets.entry(key).or_default();
+            sum.0 += balance;
+            sum.1 += held;
+        }
     }
 
     /// True when nothing was appended.
     pub fn is_empty(&self) -> bool {
-        self.ledger.is_empty() && self.usage.is_empty()
+        self.ledger.is_empty() && self.usage.is_empty() && self.wallets.is_empty()
     }
 
     /// Counts the credits the ledger rows moved in the metrics (once they are committed).
@@ -48,8 +55,17 @@ impl Appended {
         }
     }
 
-    /// Writes the rows: one statement per table (per chunk of rows).
+    /// Writes the rows: one statement per table (per chunk of rows), and one update per
+    /// wallet, by key id. A wallet whose rule the sum would break fails the write.
     pub async fn write<C: ConnectionTrait>(&self, db: &C) -> Result<(), DbErr> {
+        let now = Utc::now();
+        for (&key, &(balance, held)) in &self.wallets {
+            if !super::wallets::add(db, key, balance, held, now).await? {
+                return Err(DbErr::Custom(format!(
+                    "the group's credit movements of key {key} break its wallet's rule"
+                )));
+            }
+        }
         super::ledger::insert_many(db, &self.ledger).await?;
         let usage: Vec<(&UsageRow, DateTime<Utc>)> =
             self.usage.iter().map(|(r, at)| (r, *at)).collect();
@@ -106,6 +122,15 @@ impl<'a> Txn<'a> {
     /// Appends a ledger row, written by the group with the others of its kind.
     pub fn append_ledger(&self, row: LedgerRow) {
         self.with(|r| r.appended.ledger.push(row));
+    }
+
+    /// Leaves a wallet movement to the group, which sums those of one key into one update.
+    pub fn append_wallet(&self, key_id: i64, balance: i64, held: i64) {
+        self.with(|r| {
+            let sum = r.appended.wallets.entry(key_id).or_default();
+            sum.0 += balance;
+            sum.1 += held;
+        });
     }
 
     /// Appends an audit row, written by the group with the others of its kind.
@@ -187,16 +212,27 @@ enum Returning {
 }
 
 fn returning(sql: &str) -> Returning {
-    let word: String = sql
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .map(|c| c.to_ascii_uppercase())
-        .collect();
-    match word.as_str() {
-        "SELECT" => Returning::Read,
-        "INSERT" | "UPDATE" | "DELETE" => Returning::RowPerChange,
-        _ => Returning::Unknown,
+    let first_word = |part: &str| -> String {
+        part.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .map(|c| c.to_ascii_uppercase())
+            .collect()
+    };
+    // Several statements sent as one (see `sql::run_together`) are read as one: reads only
+    // when all are reads, one row per change when each returns its changed rows.
+    let parts: Vec<&str> = sql.split(';').filter(|p| !p.trim().is_empty()).collect();
+    if parts.iter().all(|p| first_word(p) == "SELECT") {
+        return Returning::Read;
+    }
+    let each_returns_its_changes = parts.iter().all(|p| {
+        matches!(first_word(p).as_str(), "INSERT" | "UPDATE" | "DELETE")
+            && p.to_ascii_uppercase().contains("RETURNING")
+    });
+    if each_returns_its_changes {
+        Returning::RowPerChange
+    } else {
+        Returning::Unknown
     }
 }
 
@@ -266,9 +302,29 @@ mod tests {
             returning("INSERT INTO t VALUES (1) RETURNING id"),
             Returning::RowPerChange
         ));
+        // Without RETURNING its changes are not seen: counted as a change.
+        assert!(matches!(
+            returning("UPDATE t SET v = 1"),
+            Returning::Unknown
+        ));
         assert!(matches!(
             returning("WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x"),
             Returning::Unknown
         ));
+    }
+
+    #[test]
+    fn statements_sent_together_are_read_as_one() {
+        assert!(matches!(
+            returning(
+                "UPDATE a SET v = 1 RETURNING 'a' AS part;\nUPDATE b SET w = 2 RETURNING 'b' AS part"
+            ),
+            Returning::RowPerChange
+        ));
+        assert!(matches!(
+            returning("UPDATE a SET v = 1;\nUPDATE b SET w = 2 RETURNING 'b' AS part"),
+            Returning::Unknown
+        ));
+        assert!(matches!(returning("SELECT 1; SELECT 2"), Returning::Read));
     }
 }

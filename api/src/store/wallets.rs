@@ -65,6 +65,34 @@ pub async fn apply<C: ConnectionTrait>(
     Ok(r.rows_affected() == 1)
 }
 
+/// Adds `balance` and `held` (either may be negative) to a wallet in one update, when the
+/// wallet's rule still holds after it: false (nothing changed) otherwise. For the charges and
+/// releases of one key that a group sums (see [`super::unit`]).
+pub async fn add<C: ConnectionTrait>(
+    txn: &C,
+    key_id: i64,
+    balance: i64,
+    held: i64,
+    now: DateTime<Utc>,
+) -> Result<bool, DbErr> {
+    let r = txn
+        .execute_raw(stmt(
+            txn.get_database_backend(),
+            "UPDATE credit_wallet SET balance = balance + $2, held = held + $3, updated_at = $4 \
+             WHERE api_key_id = $1 AND held + $3 >= 0 AND balance + $2 >= held + $3 \
+             AND balance + $2 <= $5",
+            [
+                key_id.into(),
+                balance.into(),
+                held.into(),
+                now.into(),
+                MAX_BALANCE.into(),
+            ],
+        ))
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
 /// Holds `amount` when available (the create's hold): the wallet after it, or `None` when
 /// the credits are not there (nothing changed).
 pub async fn hold<C: ConnectionTrait>(
