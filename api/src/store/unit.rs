@@ -313,6 +313,54 @@ mod tests {
         ));
     }
 
+    /// Statements sent together share their values, return their rows in order, and count as
+    /// a change exactly when one of them changed a row.
+    #[tokio::test]
+    async fn statements_sent_together_share_values_and_report_their_changes() {
+        use sea_orm::TransactionTrait;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/u.db?mode=rwc", dir.path().display());
+        let db = crate::db::connect_url(&url, 1, None).await.unwrap();
+        db.execute_unprepared(
+            "CREATE TABLE a (id INTEGER PRIMARY KEY, v INTEGER NOT NULL); \
+             CREATE TABLE b (id INTEGER PRIMARY KEY, w INTEGER NOT NULL); \
+             INSERT INTO a VALUES (1, 0); INSERT INTO b VALUES (1, 0)",
+        )
+        .await
+        .unwrap();
+        let parts = [
+            "UPDATE a SET v = v + $2 WHERE id = $1 RETURNING 'a' AS part, v",
+            "UPDATE b SET w = w + $2 WHERE id = $1 RETURNING 'b' AS part, w",
+        ];
+        let txn = db.begin().await.unwrap();
+        let memo = GroupMemo::default();
+        let t = Txn::new(&txn, &memo);
+        let none = super::super::sql::run_together(&t, &parts, vec![9i64.into(), 5i64.into()])
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+        assert!(t.changed_nothing(), "no row matched");
+        let rows = super::super::sql::run_together(&t, &parts, vec![1i64.into(), 5i64.into()])
+            .await
+            .unwrap();
+        let seen: Vec<(Option<String>, i64)> = rows
+            .iter()
+            .map(|r| {
+                let part = super::super::sql::part_of(r);
+                let col = if part.as_deref() == Some("a") {
+                    "v"
+                } else {
+                    "w"
+                };
+                (part, r.try_get::<i64>("", col).unwrap())
+            })
+            .collect();
+        assert_eq!(seen, [(Some("a".into()), 5), (Some("b".into()), 5)]);
+        assert!(!t.changed_nothing());
+        drop(t);
+        txn.commit().await.unwrap();
+    }
+
     #[test]
     fn statements_sent_together_are_read_as_one() {
         assert!(matches!(
