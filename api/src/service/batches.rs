@@ -189,11 +189,12 @@ pub struct NewBatchUnit {
     pub audit: AuditInfo,
 }
 
-/// The create's writes, a unit of a group: first the conditional wallet hold (a create refused
-/// for want of credits has changed nothing), then the batch row (the idempotency insert; when
-/// another request with the same id holds it, the hold is undone and the answer is `None`),
-/// the items at the key's place in the fair queue, and the hold's ledger row and the call's
-/// audit row, which the group writes with its other units' rows. One unit of the write
+/// The create's writes, a unit of a group: the conditional wallet hold (a create refused for
+/// want of credits has changed nothing), the batch row (the idempotency insert; when another
+/// request with the same id holds it, the hold is undone and the answer is `None`) and the
+/// items at the key's place in the fair queue, in one call ([`jobs::NewJob::insert_held`]);
+/// then the hold's ledger row and the call's audit row, which the group writes with its other
+/// units' rows. One unit of the write
 /// pipeline (the benchmark runs it alone, one commit per create, for its ceiling).
 pub async fn write_new_batch(
     txn: &Txn<'_>,
@@ -212,20 +213,6 @@ pub async fn write_new_batch(
         expires_at,
         ref audit,
     } = *u;
-    let Some(held) = wallets::hold(txn, key_id, need, now).await? else {
-        // Nothing is written. A repeat of a request committed since the caller looked is
-        // answered as one, not refused.
-        if jobs::by_request_id(txn, key_id, rid).await?.is_some() {
-            return Ok(None);
-        }
-        let w = wallets::read(txn, key_id).await?;
-        return Err(ApiError::new(
-            ErrorCode::InsufficientCredits,
-            format!("batch needs {need} credits, {} available", w.available()),
-        )
-        .with_details(json!({ "required_credits": need, "available_credits": w.available() })));
-    };
-
     // Stored for replays, which report the credits available at replay time instead.
     let mut response = BatchCreated {
         ok: true,
@@ -242,8 +229,10 @@ pub async fn write_new_batch(
         expires_at,
     };
     let response_json = serde_json::to_string(&response).map_err(ApiError::internal)?;
-
-    let inserted = jobs::NewJob {
+    let start_pos = txn
+        .fair_start(key_id, n, || items::fair_start(txn, key_id))
+        .await?;
+    let job = jobs::NewJob {
         id: batch_id,
         key_id,
         request_id: rid,
@@ -256,22 +245,34 @@ pub async fn write_new_batch(
         response: response_json,
         now,
         expires_at,
-    }
-    .insert_if_absent(txn)
-    .await?;
-    if !inserted {
-        // An earlier request with the same id won (in this group or committed): the hold is
-        // given back, so the wallet is as it was; the caller answers as a repeat once that
-        // request is committed.
-        if !wallets::apply(txn, key_id, LedgerKind::Release, need, now).await? {
-            return Err(ApiError::internal("undoing a hold failed: held too small"));
+    };
+    let held = match job.insert_held(txn, &batch.items, start_pos).await? {
+        jobs::Held::Created(wallet) => wallet,
+        jobs::Held::Repeat(_) => {
+            // An earlier request with the same id won (in this group or committed): the hold
+            // is given back, so the wallet is as it was; the caller answers as a repeat once
+            // that request is committed.
+            if !wallets::apply(txn, key_id, LedgerKind::Release, need, now).await? {
+                return Err(ApiError::internal("undoing a hold failed: held too small"));
+            }
+            return Ok(None);
         }
-        return Ok(None);
-    }
-    let start_pos = txn
-        .fair_start(key_id, n, || items::fair_start(txn, key_id))
-        .await?;
-    items::insert_queued(txn, batch_id, key_id, start_pos, &batch.items, now).await?;
+        jobs::Held::Refused => {
+            // Nothing is written. A repeat of a request committed since the caller looked is
+            // answered as one, not refused.
+            if jobs::by_request_id(txn, key_id, rid).await?.is_some() {
+                return Ok(None);
+            }
+            let w = wallets::read(txn, key_id).await?;
+            return Err(ApiError::new(
+                ErrorCode::InsufficientCredits,
+                format!("batch needs {need} credits, {} available", w.available()),
+            )
+            .with_details(
+                json!({ "required_credits": need, "available_credits": w.available() }),
+            ));
+        }
+    };
     txn.append_ledger(
         NewEntry::new(key_id, LedgerKind::Hold, need)
             .batch(batch_id)
@@ -819,6 +820,37 @@ mod tests {
         assert!(untouched);
         txn.commit().await.unwrap();
         assert_eq!(held(&db).await, (30, 20));
+    }
+
+    /// A batch larger than one call takes (more than 1,000 items) is written step by step,
+    /// with the same outcome: held once, every item queued in order.
+    #[tokio::test]
+    async fn a_batch_too_large_for_one_call_is_written_in_steps() {
+        let (_dir, db) = db_with_wallet(100_000).await;
+        let mut u = unit("big");
+        u.batch.items = vec![
+            NewItem {
+                prompt: "p".into(),
+                params: None,
+            };
+            1200
+        ];
+        u.n = 1200;
+        u.need = 12_000;
+        let txn = db.begin().await.unwrap();
+        let memo = GroupMemo::default();
+        let created = run(&txn, &memo, &u).await.0.unwrap().unwrap();
+        assert_eq!(created.remaining_credits, 88_000);
+        txn.commit().await.unwrap();
+        assert_eq!(held(&db).await, (100_000, 12_000));
+        assert_eq!(
+            count(&db, "SELECT COUNT(*) AS n FROM batch_item").await,
+            1200
+        );
+        assert_eq!(
+            count(&db, "SELECT MAX(idx) - MIN(idx) + 1 AS n FROM batch_item").await,
+            1200
+        );
     }
 
     /// Batches of one key created in one group take consecutive places in the fair queue,

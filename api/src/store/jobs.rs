@@ -9,8 +9,10 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::sql::{limit, part_of, run_together, skip_locked, stmt};
+use super::sql::{NO_ROW_NO_CHANGE, limit, part_of, run_together, skip_locked, stmt};
+use crate::domain::NewItem;
 use crate::domain::ids::{ItemId, LeaseToken};
+use crate::domain::money::Wallet;
 
 /// A batch row as a create writes it.
 pub struct NewJob<'a> {
@@ -31,7 +33,154 @@ pub struct NewJob<'a> {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// How a create's hold and inserts ended ([`NewJob::insert_held`]).
+#[derive(Debug)]
+pub enum Held {
+    /// The wallet lacks the credits: nothing changed.
+    Refused,
+    /// The hold was taken (the wallet after it), but another request with the same id holds
+    /// the batch row: nothing else was written, and the caller gives the hold back.
+    Repeat(Wallet),
+    /// Held, and the batch and its items inserted (the wallet after the hold).
+    Created(Wallet),
+}
+
+/// Items of a batch written by one statement at most; larger batches take one statement
+/// each for the hold, the batch row and every 500 items.
+const ITEMS_IN_ONE_CALL: usize = 1000;
+
 impl NewJob<'_> {
+    /// The create's writes: the hold of `self.required_credits` on the key's wallet (only
+    /// when available), then the batch row (the idempotency insert), then its `items` queued
+    /// at fair positions `start_pos..`, each only when the one before it took place. One call
+    /// whatever the batch size up to [`ITEMS_IN_ONE_CALL`] items: on PostgreSQL one statement
+    /// (each step reads the one before, so they run and lock in this order), on SQLite three
+    /// statements sent together (see [`run_together`]).
+    pub async fn insert_held<C: ConnectionTrait>(
+        self,
+        txn: &C,
+        items: &[NewItem],
+        start_pos: i64,
+    ) -> Result<Held, DbErr> {
+        if items.len() > ITEMS_IN_ONE_CALL {
+            return self.insert_held_in_steps(txn, items, start_pos).await;
+        }
+        let backend = txn.get_database_backend();
+        // $1 key, $2 credits, $3 now, $4 batch id, $5 request id, $6 fingerprint, $7 items,
+        // $8 cost per video, $9 webhook url, $10 metadata, $11 response, $12 window end, then
+        // five values per item: id, index, prompt, params, fair position.
+        let mut values: Vec<sea_orm::Value> = vec![
+            self.key_id.into(),
+            self.required_credits.into(),
+            self.now.into(),
+            self.id.into(),
+            self.request_id.into(),
+            self.fingerprint.into(),
+            self.total.into(),
+            self.cost_per_video.into(),
+            self.webhook_url.clone().into(),
+            self.metadata.clone().into(),
+            self.response.clone().into(),
+            self.expires_at.into(),
+        ];
+        let mut rows = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let first = values.len() + 1;
+            rows.push(format!(
+                "(${first}, ${}, ${}, ${}, ${})",
+                first + 1,
+                first + 2,
+                first + 3,
+                first + 4
+            ));
+            values.extend([
+                Uuid::now_v7().into(),
+                (i as i32).into(),
+                item.prompt.clone().into(),
+                item.params.clone().into(),
+                (start_pos + i as i64).into(),
+            ]);
+        }
+        let rows = rows.join(", ");
+        const HOLD: &str = "UPDATE credit_wallet SET held = held + $2, updated_at = $3 \
+             WHERE api_key_id = $1 AND balance - held >= $2";
+        const BATCH_COLUMNS: &str = "id, api_key_id, request_id, fingerprint, status, \
+             total_count, succeeded_count, failed_count, cancelled_count, expired_count, \
+             cost_per_video, required_credits, webhook_url, metadata, response, created_at, \
+             updated_at, expires_at";
+        const BATCH_VALUES: &str =
+            "$4, $1, $5, $6, 'queued', $7, 0, 0, 0, 0, $8, $2, $9, $10, $11, $3, $3, $12";
+        const ITEM_COLUMNS: &str = "id, batch_id, api_key_id, idx, prompt, params, status, \
+             attempts, fair_pos, created_at, updated_at";
+        let found = if backend == sea_orm::DbBackend::Postgres {
+            // No row comes back when the hold was refused, and then nothing changed.
+            let sql = format!(
+                "{NO_ROW_NO_CHANGE}WITH w AS ({HOLD} RETURNING balance, held), \
+                 b AS (INSERT INTO batch_job ({BATCH_COLUMNS}) SELECT {BATCH_VALUES} FROM w \
+                 ON CONFLICT (api_key_id, request_id) DO NOTHING RETURNING id), \
+                 i AS (INSERT INTO batch_item ({ITEM_COLUMNS}) \
+                 SELECT v.id, b.id, $1, v.idx, v.prompt, v.params, 'queued', 0, v.pos, $3, $3 \
+                 FROM b CROSS JOIN (VALUES {rows}) AS v (id, idx, prompt, params, pos) RETURNING 1) \
+                 SELECT 'wallet' AS part, balance, held FROM w \
+                 UNION ALL SELECT 'batch', NULL, NULL FROM b"
+            );
+            txn.query_all_raw(stmt(backend, &sql, values)).await?
+        } else {
+            let hold = format!("{HOLD} RETURNING 'wallet' AS part, balance, held");
+            let batch = format!(
+                "INSERT INTO batch_job ({BATCH_COLUMNS}) SELECT {BATCH_VALUES} \
+                 WHERE changes() > 0 ON CONFLICT (api_key_id, request_id) DO NOTHING \
+                 RETURNING 'batch' AS part"
+            );
+            let items = format!(
+                "INSERT INTO batch_item ({ITEM_COLUMNS}) \
+                 SELECT v.column1, $4, $1, v.column2, v.column3, v.column4, 'queued', 0, \
+                 v.column5, $3, $3 FROM (VALUES {rows}) AS v WHERE changes() > 0 \
+                 RETURNING 'item' AS part"
+            );
+            run_together(txn, &[&hold, &batch, &items], values).await?
+        };
+        let mut wallet = None;
+        let mut created = false;
+        for r in &found {
+            match part_of(r).as_deref() {
+                Some("wallet") => {
+                    wallet = Some(Wallet {
+                        balance: r.try_get("", "balance")?,
+                        held: r.try_get("", "held")?,
+                    })
+                }
+                Some("batch") => created = true,
+                _ => {}
+            }
+        }
+        Ok(match (wallet, created) {
+            (None, _) => Held::Refused,
+            (Some(w), false) => Held::Repeat(w),
+            (Some(w), true) => Held::Created(w),
+        })
+    }
+
+    /// [`NewJob::insert_held`] for a batch too large for one call: the same steps, one call
+    /// each.
+    async fn insert_held_in_steps<C: ConnectionTrait>(
+        self,
+        txn: &C,
+        items: &[NewItem],
+        start_pos: i64,
+    ) -> Result<Held, DbErr> {
+        let (key_id, id, now) = (self.key_id, self.id, self.now);
+        let Some(wallet) = super::wallets::hold(txn, key_id, self.required_credits, now).await?
+        else {
+            return Ok(Held::Refused);
+        };
+        if !self.insert_if_absent(txn).await? {
+            return Ok(Held::Repeat(wallet));
+        }
+        super::items::insert_queued(txn, id, key_id, start_pos, items, now).await?;
+        Ok(Held::Created(wallet))
+    }
+
     /// Inserts the row unless the key already has a batch with this request id (the
     /// idempotency insert): true when inserted.
     pub async fn insert_if_absent<C: ConnectionTrait>(self, txn: &C) -> Result<bool, DbErr> {

@@ -9,6 +9,13 @@ where
     Statement::from_sql_and_values(backend, sql, values)
 }
 
+/// Leads a statement whose rows tell whether it changed anything although it is not a plain
+/// `INSERT`/`UPDATE`/`DELETE … RETURNING` (a `WITH` whose steps each need the one before):
+/// when it returns no row, it changed nothing. A unit's transaction reads it so (see
+/// `unit::Txn`); anything else that is not a plain read or a plain `RETURNING` counts as a
+/// change.
+pub const NO_ROW_NO_CHANGE: &str = "/* no row, no change */ ";
+
 /// Runs `parts`, statements that share one list of bound values (`$n` is the n-th value in
 /// each of them), and returns the rows they return, in order. Statements that return rows
 /// name themselves in a column `part` (`RETURNING 'batch' AS part, …`), so that the caller

@@ -219,6 +219,9 @@ fn returning(sql: &str) -> Returning {
             .map(|c| c.to_ascii_uppercase())
             .collect()
     };
+    if sql.starts_with(super::sql::NO_ROW_NO_CHANGE) {
+        return Returning::RowPerChange;
+    }
     // Several statements sent as one (see `sql::run_together`) are read as one: reads only
     // when all are reads, one row per change when each returns its changed rows.
     let parts: Vec<&str> = sql.split(';').filter(|p| !p.trim().is_empty()).collect();
@@ -374,5 +377,10 @@ mod tests {
             Returning::Unknown
         ));
         assert!(matches!(returning("SELECT 1; SELECT 2"), Returning::Read));
+        let marked = format!(
+            "{}WITH w AS (UPDATE a SET v = 1 RETURNING v) SELECT v FROM w",
+            super::super::sql::NO_ROW_NO_CHANGE
+        );
+        assert!(matches!(returning(&marked), Returning::RowPerChange));
     }
 }
