@@ -2,7 +2,7 @@
 //! reads, listing and cancel.
 
 use chrono::{DateTime, Utc};
-use entity::{batch_item, batch_job};
+use entity::batch_job;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use serde_json::json;
 use uuid::Uuid;
@@ -324,7 +324,7 @@ fn parse_json(text: Option<&str>) -> Option<serde_json::Value> {
 }
 
 /// Builds the wire view of a batch.
-pub fn view(job: &batch_job::Model, open: (i64, i64), items: Option<Vec<BatchItemView>>) -> Batch {
+pub fn view(job: &jobs::Visible, open: (i64, i64), items: Option<Vec<BatchItemView>>) -> Batch {
     Batch {
         batch_id: job.id,
         request_id: job.request_id.clone(),
@@ -353,7 +353,7 @@ pub fn view(job: &batch_job::Model, open: (i64, i64), items: Option<Vec<BatchIte
 }
 
 /// Wire view of an item.
-pub fn item_view(m: &batch_item::Model) -> BatchItemView {
+pub fn item_view(m: &items::Visible) -> BatchItemView {
     BatchItemView {
         item_id: m.id,
         index: m.idx,
@@ -377,18 +377,18 @@ pub async fn get<C: ConnectionTrait>(
     let (job, open, mut rows) = jobs::owned_with_items(db, key_id, batch_id, ITEMS_PAGE + 1)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
-    let next = page_cursor(&mut rows, ITEMS_PAGE);
+    let next = page_cursor(&mut rows, ITEMS_PAGE, |r| r.idx);
     let mut batch = view(&job, open, Some(rows.iter().map(item_view).collect()));
     batch.items_next_cursor = next;
     Ok(batch)
 }
 
 /// Cuts `rows` (read with one row more than a page) to `limit`: the cursor of the next page
-/// when more follow.
-fn page_cursor(rows: &mut Vec<batch_item::Model>, limit: u64) -> Option<String> {
+/// (after the index `idx` gives of its last row) when more follow.
+fn page_cursor<R>(rows: &mut Vec<R>, limit: u64, idx: impl Fn(&R) -> i32) -> Option<String> {
     if rows.len() as u64 > limit {
         rows.truncate(limit as usize);
-        rows.last().map(|r| encode_item_cursor(r.idx))
+        rows.last().map(|r| encode_item_cursor(idx(r)))
     } else {
         None
     }
@@ -425,8 +425,8 @@ async fn items_after<C: ConnectionTrait>(
         limit + 1,
     )
     .await?;
-    let next = page_cursor(&mut rows, limit);
-    Ok((rows.iter().map(item_view).collect(), next))
+    let next = page_cursor(&mut rows, limit, |r| r.idx);
+    Ok((rows.iter().map(|r| item_view(&r.into())).collect(), next))
 }
 
 /// A page of a batch's items in request order, optionally of one status.
@@ -523,7 +523,13 @@ pub async fn list<C: ConnectionTrait>(
     };
     Ok((
         jobs.iter()
-            .map(|j| view(j, open.get(&j.id).copied().unwrap_or_default(), None))
+            .map(|j| {
+                view(
+                    &j.into(),
+                    open.get(&j.id).copied().unwrap_or_default(),
+                    None,
+                )
+            })
             .collect(),
         next,
     ))

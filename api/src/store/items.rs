@@ -5,12 +5,58 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use entity::batch_item::{ActiveModel, Column, Entity, Model};
-use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
+    Set,
+};
 use uuid::Uuid;
 
 use super::sql::{limit, part_of, run_together, skip_locked, stmt};
 use crate::domain::NewItem;
 use crate::domain::ids::{ItemId, LeaseToken};
+
+/// The columns of an item that its view shows: a status poll reads these, no more.
+#[derive(Clone, Debug, FromQueryResult)]
+pub struct Visible {
+    pub id: Uuid,
+    pub idx: i32,
+    pub prompt: String,
+    pub params: Option<String>,
+    pub status: entity::status::ItemState,
+    pub attempts: i32,
+    pub result_url: Option<String>,
+    pub result: Option<String>,
+    pub error: Option<String>,
+}
+
+/// The columns of [`Visible`], in its order.
+pub(super) const VISIBLE: [&str; 9] = [
+    "id",
+    "idx",
+    "prompt",
+    "params",
+    "status",
+    "attempts",
+    "result_url",
+    "result",
+    "error",
+];
+
+impl From<&Model> for Visible {
+    fn from(m: &Model) -> Self {
+        Visible {
+            id: m.id,
+            idx: m.idx,
+            prompt: m.prompt.clone(),
+            params: m.params.clone(),
+            status: m.status,
+            attempts: m.attempts,
+            result_url: m.result_url.clone(),
+            result: m.result.clone(),
+            error: m.error.clone(),
+        }
+    }
+}
 
 /// Where a key's new batch starts in the fair queue: right after the key's own queued items,
 /// but never before the queue's head, so a key's backlog cannot delay another key's batch.

@@ -1,11 +1,10 @@
 //! `batch_job`: a customer's batch. Its row is the lock every transition of the batch takes,
 //! and it keeps the terminal item counts.
 use chrono::{DateTime, Utc};
-use entity::batch_item;
 use entity::batch_job::{ActiveModel, Column, Entity, Model};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, IdenStatic, Iterable,
-    QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, Set,
 };
 use uuid::Uuid;
 
@@ -261,16 +260,84 @@ pub async fn owned<C: ConnectionTrait>(
     .await
 }
 
+/// The columns of a batch that its view shows: a status poll reads these, no more.
+#[derive(Clone, Debug, FromQueryResult)]
+pub struct Visible {
+    pub id: Uuid,
+    pub request_id: String,
+    pub status: entity::status::BatchState,
+    pub total_count: i32,
+    pub succeeded_count: i32,
+    pub failed_count: i32,
+    pub cancelled_count: i32,
+    pub expired_count: i32,
+    pub cost_per_video: i64,
+    pub required_credits: i64,
+    pub webhook_url: Option<String>,
+    pub metadata: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The columns of [`Visible`], in its order.
+const VISIBLE: [&str; 17] = [
+    "id",
+    "request_id",
+    "status",
+    "total_count",
+    "succeeded_count",
+    "failed_count",
+    "cancelled_count",
+    "expired_count",
+    "cost_per_video",
+    "required_credits",
+    "webhook_url",
+    "metadata",
+    "created_at",
+    "updated_at",
+    "cancel_requested_at",
+    "completed_at",
+    "expires_at",
+];
+
+impl From<&Model> for Visible {
+    fn from(m: &Model) -> Self {
+        Visible {
+            id: m.id,
+            request_id: m.request_id.clone(),
+            status: m.status,
+            total_count: m.total_count,
+            succeeded_count: m.succeeded_count,
+            failed_count: m.failed_count,
+            cancelled_count: m.cancelled_count,
+            expired_count: m.expired_count,
+            cost_per_video: m.cost_per_video,
+            required_credits: m.required_credits,
+            webhook_url: m.webhook_url.clone(),
+            metadata: m.metadata.clone(),
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+            cancel_requested_at: m.cancel_requested_at,
+            completed_at: m.completed_at,
+            expires_at: m.expires_at,
+        }
+    }
+}
+
 /// A batch by id, if it belongs to the key, with its queued and running item counts and its
-/// first `max` items in request order: one statement, as every status poll runs it. The
-/// batch row and the items are two branches of one `UNION ALL` (the items' columns prefixed
-/// `i_`), the items read through the (batch_id, idx) index and never more than `max` of them.
+/// first `max` items in request order, as their views show them: one statement, as every
+/// status poll runs it. The batch row and the items are two branches of one `UNION ALL` (the
+/// items' columns prefixed `i_`), the items read through the (batch_id, idx) index and never
+/// more than `max` of them.
 pub async fn owned_with_items<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
     id: Uuid,
     max: u64,
-) -> Result<Option<(Model, (i64, i64), Vec<batch_item::Model>)>, DbErr> {
+) -> Result<Option<(Visible, (i64, i64), Vec<super::items::Visible>)>, DbErr> {
     // The text depends on `max` alone: built once for the page every poll reads.
     static POLL: std::sync::OnceLock<(u64, String)> = std::sync::OnceLock::new();
     let built;
@@ -296,21 +363,20 @@ pub async fn owned_with_items<C: ConnectionTrait>(
         // Items but no batch row of this key: not found, like the batch.
         return Ok(None);
     }
-    let job = Model::from_query_result(&first, "")?;
+    let job = Visible::from_query_result(&first, "")?;
     let open = (
         first.try_get::<i64>("", "open_queued")?,
         first.try_get::<i64>("", "open_running")?,
     );
     let items = rows
-        .map(|r| batch_item::Model::from_query_result(&r, "i_"))
+        .map(|r| super::items::Visible::from_query_result(&r, "i_"))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Some((job, open, items)))
 }
 
 /// The statement of [`owned_with_items`].
 fn poll_sql(max: u64) -> String {
-    let batch_cols: Vec<&str> = Column::iter().map(|c| c.as_str()).collect();
-    let item_cols: Vec<&str> = batch_item::Column::iter().map(|c| c.as_str()).collect();
+    let item_cols = super::items::VISIBLE;
     let list = |cols: &[&str], f: &dyn Fn(&str) -> String| {
         cols.iter().map(|c| f(c)).collect::<Vec<_>>().join(", ")
     };
@@ -324,9 +390,9 @@ fn poll_sql(max: u64) -> String {
          SELECT 1, {batch_nulls}, NULL, NULL, {items} FROM \
          (SELECT * FROM batch_item WHERE batch_id = $1 AND api_key_id = $2 AND idx > -1 ORDER BY idx {lim}) i \
          ORDER BY part, i_idx",
-        batch = list(&batch_cols, &|c| format!("j.{c}")),
+        batch = list(&VISIBLE, &|c| format!("j.{c}")),
         item_nulls = list(&item_cols, &|c| format!("NULL AS i_{c}")),
-        batch_nulls = list(&batch_cols, &|_| "NULL".to_string()),
+        batch_nulls = list(&VISIBLE, &|_| "NULL".to_string()),
         items = list(&item_cols, &|c| format!("i.{c}")),
         lim = limit(max),
     )
