@@ -985,6 +985,44 @@ mod tests {
         assert_eq!(n, 180, "every other unit is committed");
     }
 
+    /// When a unit of [`insert_then`] says no: before it writes, after it writes, or never.
+    #[derive(Clone, Copy)]
+    enum Refuse {
+        Before,
+        After,
+        Never,
+    }
+
+    /// A unit that inserts row `i` of table `t`, refusing as `refuse` says (a refusal before
+    /// writing reads the table first).
+    async fn insert_then(writes: &Writes, i: i64, refuse: Refuse) -> Result<i64, ApiError> {
+        writes
+            .run(Some(1), move |txn| {
+                Box::pin(async move {
+                    let no = || ApiError::new(crate::error::ErrorCode::Conflict, "no");
+                    if let Refuse::Before = refuse {
+                        txn.query_one_raw(Statement::from_string(
+                            txn.get_database_backend(),
+                            "SELECT COUNT(*) AS n FROM t",
+                        ))
+                        .await?;
+                        return Err(no());
+                    }
+                    txn.execute_raw(Statement::from_sql_and_values(
+                        txn.get_database_backend(),
+                        "INSERT INTO t (id, v) VALUES ($1, 1)",
+                        [i.into()],
+                    ))
+                    .await?;
+                    if let Refuse::After = refuse {
+                        return Err(no());
+                    }
+                    Ok(i)
+                })
+            })
+            .await
+    }
+
     /// A unit that reads and refuses (a create without the credits, a report of an unknown
     /// item) changed nothing: its group stays on the fast path, without a savepoint, and the
     /// refusal is answered with the others once the group is committed.
@@ -992,38 +1030,14 @@ mod tests {
     async fn a_unit_refused_before_writing_keeps_its_group_on_the_fast_path() {
         let (_dir, db) = sqlite().await;
         let writes = Writes::start(db.clone(), 1);
-        let tasks: Vec<_> = (0..100i64)
-            .map(|i| {
-                let writes = writes.clone();
-                tokio::spawn(async move {
-                    writes
-                        .run(Some(1), move |txn| {
-                            Box::pin(async move {
-                                if i % 5 == 0 {
-                                    // A read, then a refusal.
-                                    txn.query_one_raw(Statement::from_string(
-                                        txn.get_database_backend(),
-                                        "SELECT COUNT(*) AS n FROM t",
-                                    ))
-                                    .await?;
-                                    return Err(ApiError::new(
-                                        crate::error::ErrorCode::InsufficientCredits,
-                                        "refused",
-                                    ));
-                                }
-                                txn.execute_raw(Statement::from_sql_and_values(
-                                    txn.get_database_backend(),
-                                    "INSERT INTO t (id, v) VALUES ($1, 1)",
-                                    [i.into()],
-                                ))
-                                .await?;
-                                Ok(i)
-                            })
-                        })
-                        .await
-                })
-            })
-            .collect();
+        let tasks = spawn_each(&writes, 100, |writes, i| async move {
+            let refuse = if i % 5 == 0 {
+                Refuse::Before
+            } else {
+                Refuse::Never
+            };
+            insert_then(&writes, i as i64, refuse).await
+        });
         for (i, t) in tasks.into_iter().enumerate() {
             let r = t.await.unwrap();
             assert_eq!(r.is_err(), i % 5 == 0, "unit {i}: {r:?}");
@@ -1040,32 +1054,14 @@ mod tests {
     async fn a_unit_that_fails_after_writing_is_rolled_back_alone() {
         let (_dir, db) = sqlite().await;
         let writes = Writes::start(db.clone(), 1);
-        let tasks: Vec<_> = (0..100i64)
-            .map(|i| {
-                let writes = writes.clone();
-                tokio::spawn(async move {
-                    writes
-                        .run(Some(1), move |txn| {
-                            Box::pin(async move {
-                                txn.execute_raw(Statement::from_sql_and_values(
-                                    txn.get_database_backend(),
-                                    "INSERT INTO t (id, v) VALUES ($1, 1)",
-                                    [i.into()],
-                                ))
-                                .await?;
-                                if i % 7 == 0 {
-                                    return Err(ApiError::new(
-                                        crate::error::ErrorCode::Conflict,
-                                        "changed its mind",
-                                    ));
-                                }
-                                Ok(i)
-                            })
-                        })
-                        .await
-                })
-            })
-            .collect();
+        let tasks = spawn_each(&writes, 100, |writes, i| async move {
+            let refuse = if i % 7 == 0 {
+                Refuse::After
+            } else {
+                Refuse::Never
+            };
+            insert_then(&writes, i as i64, refuse).await
+        });
         for (i, t) in tasks.into_iter().enumerate() {
             let r = t.await.unwrap();
             assert_eq!(r.is_err(), i % 7 == 0, "unit {i}: {r:?}");

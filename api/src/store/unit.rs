@@ -192,6 +192,18 @@ impl<'a> Txn<'a> {
         }
     }
 
+    /// Notes a statement that returned `rows` rows (or failed).
+    fn note_returned(&self, kind: Returning, rows: Result<usize, &DbErr>) {
+        match rows {
+            Err(_) => self.note_write(1),
+            Ok(n) => match kind {
+                Returning::Read => {}
+                Returning::RowPerChange => self.note_write(n as u64),
+                Returning::Unknown => self.note_write(1),
+            },
+        }
+    }
+
     fn note<T>(&self, result: &Result<T, DbErr>) {
         if result.is_err() {
             // On PostgreSQL a failed statement aborts the transaction: nothing after it
@@ -264,28 +276,14 @@ impl ConnectionTrait for Txn<'_> {
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
         let kind = returning(&stmt.sql);
         let r = self.inner.query_one_raw(stmt).await;
-        self.note(&r);
-        if let Ok(row) = &r {
-            match kind {
-                Returning::Read => {}
-                Returning::RowPerChange => self.note_write(u64::from(row.is_some())),
-                Returning::Unknown => self.note_write(1),
-            }
-        }
+        self.note_returned(kind, r.as_ref().map(|row| usize::from(row.is_some())));
         r
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
         let kind = returning(&stmt.sql);
         let r = self.inner.query_all_raw(stmt).await;
-        self.note(&r);
-        if let Ok(rows) = &r {
-            match kind {
-                Returning::Read => {}
-                Returning::RowPerChange => self.note_write(rows.len() as u64),
-                Returning::Unknown => self.note_write(1),
-            }
-        }
+        self.note_returned(kind, r.as_ref().map(Vec::len));
         r
     }
 }
