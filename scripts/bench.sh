@@ -4,7 +4,7 @@
 #
 #   scripts/bench.sh [--quick] [--out FILE] [--no-pg | --no-sqlite] [--no-build] [--report FILE]
 #
-#   --quick     short windows and fewer levels: the whole run takes under 2 minutes once built
+#   --quick     short windows and fewer levels: the whole run takes about 3 minutes once built
 #   --out FILE  where the JSON report goes (default target/bench/bench-{quick,full}.json);
 #               the table printed at the end is also written next to it as .md
 #   --no-pg     SQLite only, even when PostgreSQL is reachable
