@@ -8,6 +8,7 @@ use crate::helpers::{Backend, TestApp};
 both_backends!(
     rate_limit_is_exact_under_concurrency,
     no_overdraft_under_concurrency,
+    creates_refused_for_credits_roll_nothing_back,
     one_batch_per_request_id_under_concurrency,
     every_error_code_of_the_create_path,
     ip_allowlist_and_trusted_proxies,
@@ -95,6 +96,32 @@ async fn no_overdraft_under_concurrency(backend: Backend) {
     assert_eq!(c.balance, 200);
     assert_eq!(c.held, 200);
     assert_eq!(c.available, 0);
+    app.assert_ledger_invariant().await;
+}
+
+/// A create refused for want of credits has changed nothing, so it is answered without
+/// rolling its group back: 40 refusals among 10 creates, and no group of the node ran again
+/// one savepoint per unit.
+async fn creates_refused_for_credits_roll_nothing_back(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .key("acme", "initial_credits = 200\nrate_limit_per_min = 1000")
+        .build()
+        .await;
+    let key = app.key("acme").to_string();
+    let calls = (0..50).map(|i| {
+        let (app, key) = (&app, key.clone());
+        async move {
+            app.create_batch(&key, &TestApp::batch_body(Some(&format!("rf-{i}")), 2))
+                .await
+                .status()
+        }
+    });
+    let statuses = join_all(calls).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 10);
+    assert_eq!(statuses.iter().filter(|s| **s == 402).count(), 40);
+    assert_eq!(app.state().writes.isolated_groups(), 0);
+    let c = app.wallet(&key).await;
+    assert_eq!((c.balance, c.held), (200, 200));
     app.assert_ledger_invariant().await;
 }
 
