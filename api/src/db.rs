@@ -1,4 +1,6 @@
 //! Connecting to SQLite or PostgreSQL, migrating safely with many nodes, write transactions.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -8,14 +10,17 @@ use sea_orm::{
     DbErr, Statement, TransactionOptions, TransactionTrait,
 };
 
-use crate::settings::{DatabaseSettings, SqliteSynchronous};
+use crate::settings::{DatabaseSettings, SqliteSynchronous, StoreTimeouts};
 
 /// Arbitrary constant naming the migration advisory lock on PostgreSQL.
 const MIGRATION_LOCK_ID: i64 = 0x7669_6465_6f62; // "videob"
 
 /// Opens a pool for `settings.url` (SQLite: WAL, NORMAL sync, busy timeout, foreign keys).
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<DatabaseConnection> {
-    connect_url(settings.url.expose(), settings.max_connections.max(2), None).await
+    PoolSpec::new(settings.url.expose(), settings.max_connections.max(2))
+        .timeouts(settings.timeouts)
+        .open()
+        .await
 }
 
 /// The connection writes go through. SQLite has one writer at a time: a dedicated pool of one
@@ -24,74 +29,209 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<DatabaseConn
 pub async fn writer_for(
     db: &DatabaseConnection,
     settings: &DatabaseSettings,
+    page_limit: &PageLimit,
 ) -> anyhow::Result<DatabaseConnection> {
     if db.get_database_backend() == DbBackend::Sqlite
         && sqlite_file(settings.url.expose()).is_some()
     {
-        connect_url_with(settings.url.expose(), 1, None, settings.sqlite_synchronous).await
+        page_limit
+            .0
+            .store(settings.sqlite_max_page_count, Ordering::Relaxed);
+        PoolSpec::new(settings.url.expose(), 1)
+            .synchronous(settings.sqlite_synchronous)
+            .timeouts(settings.timeouts)
+            .page_limit(page_limit)
+            .open()
+            .await
     } else {
         Ok(db.clone())
     }
 }
 
-/// Opens a pool with an optional PostgreSQL schema search path (used by tests). SQLite
-/// connections opened here run `synchronous=NORMAL`: they read (and tests write through them);
-/// the writer that acknowledges requests is opened by [`writer_for`] with the configured level.
+/// Opens a pool with an optional PostgreSQL schema search path (used by tests) and the default
+/// timeouts. SQLite connections opened here run `synchronous=NORMAL`: they read (and tests write
+/// through them); the writer that acknowledges requests is opened by [`writer_for`] with the
+/// configured level.
 pub async fn connect_url(
     url: &str,
     max_connections: u32,
     schema: Option<&str>,
 ) -> anyhow::Result<DatabaseConnection> {
-    connect_url_with(url, max_connections, schema, SqliteSynchronous::Normal).await
+    let mut spec = PoolSpec::new(url, max_connections);
+    spec.schema = schema;
+    spec.open().await
 }
 
-/// Like [`connect_url`], with SQLite's `synchronous` level.
-pub async fn connect_url_with(
-    url: &str,
+/// SQLite's `max_page_count` of a writer, shared with the pool so that every connection it
+/// opens (again, after a failure) applies it. 0: no limit of ours. Tests make a store "full"
+/// with it.
+#[derive(Clone, Debug, Default)]
+pub struct PageLimit(Arc<AtomicU64>);
+
+impl PageLimit {
+    /// Sets the limit for connections opened from now on and on the open writer connection.
+    pub async fn set(&self, writer: &DatabaseConnection, pages: u64) -> Result<(), DbErr> {
+        self.0.store(pages, Ordering::Relaxed);
+        let pages = if pages == 0 {
+            u64::from(u32::MAX)
+        } else {
+            pages
+        };
+        writer
+            .execute_unprepared(&format!("PRAGMA max_page_count = {pages}"))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// How to open one pool.
+pub(crate) struct PoolSpec<'a> {
+    url: &'a str,
     max_connections: u32,
-    schema: Option<&str>,
+    schema: Option<&'a str>,
     synchronous: SqliteSynchronous,
-) -> anyhow::Result<DatabaseConnection> {
-    if let Some(path) = sqlite_file(url)
-        && let Some(parent) = std::path::Path::new(&path).parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating database folder {}", parent.display()))?;
+    timeouts: StoreTimeouts,
+    page_limit: Option<PageLimit>,
+}
+
+impl<'a> PoolSpec<'a> {
+    pub(crate) fn new(url: &'a str, max_connections: u32) -> Self {
+        Self {
+            url,
+            max_connections,
+            schema: None,
+            synchronous: SqliteSynchronous::Normal,
+            timeouts: StoreTimeouts::default(),
+            page_limit: None,
+        }
     }
-    let mut opts = ConnectOptions::new(url.to_string());
-    opts.max_connections(max_connections.max(1))
-        .min_connections(1)
-        .acquire_timeout(Duration::from_secs(30))
-        .sqlx_logging(false);
-    if url.starts_with("sqlite:") {
-        // A file on the local disk does not drop connections: no ping before each use (on
-        // SQLite every statement, the ping too, is a hand-off to the connection's thread).
-        opts.test_before_acquire(false);
-    } else {
-        // A ping is a round trip to the server: only for connections idle long enough that
-        // the server, a proxy or a firewall may have dropped them, not before every use.
-        opts.test_before_acquire_if_idle_for(Duration::from_secs(30));
+
+    pub(crate) fn synchronous(mut self, synchronous: SqliteSynchronous) -> Self {
+        self.synchronous = synchronous;
+        self
     }
-    if let Some(schema) = schema {
-        opts.set_schema_search_path(schema.to_string());
+
+    pub(crate) fn timeouts(mut self, timeouts: StoreTimeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
-    if url.starts_with("sqlite:") {
-        opts.map_sqlx_sqlite_opts(move |o| {
-            o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(match synchronous {
-                    SqliteSynchronous::Full => sea_orm::sqlx::sqlite::SqliteSynchronous::Full,
-                    SqliteSynchronous::Normal => sea_orm::sqlx::sqlite::SqliteSynchronous::Normal,
+
+    pub(crate) fn page_limit(mut self, limit: &PageLimit) -> Self {
+        self.page_limit = Some(limit.clone());
+        self
+    }
+
+    pub(crate) async fn open(self) -> anyhow::Result<DatabaseConnection> {
+        let url = self.url;
+        if let Some(path) = sqlite_file(url)
+            && let Some(parent) = std::path::Path::new(&path).parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating database folder {}", parent.display()))?;
+        }
+        let t = self.timeouts;
+        let mut opts = ConnectOptions::new(url.to_string());
+        opts.max_connections(self.max_connections.max(1))
+            .min_connections(1)
+            .acquire_timeout(t.acquire)
+            .connect_timeout(t.connect)
+            .sqlx_logging(false);
+        if let Some(schema) = self.schema {
+            opts.set_schema_search_path(schema.to_string());
+        }
+        if url.starts_with("sqlite:") {
+            // A file on the local disk does not drop connections: no ping before each use (on
+            // SQLite every statement, the ping too, is a hand-off to the connection's thread).
+            opts.test_before_acquire(false);
+            let synchronous = self.synchronous;
+            let busy = t.busy;
+            opts.map_sqlx_sqlite_opts(move |o| {
+                o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(match synchronous {
+                        SqliteSynchronous::Full => sea_orm::sqlx::sqlite::SqliteSynchronous::Full,
+                        SqliteSynchronous::Normal => {
+                            sea_orm::sqlx::sqlite::SqliteSynchronous::Normal
+                        }
+                    })
+                    .busy_timeout(busy)
+                    .foreign_keys(true)
+                    // Takes effect on new databases: pruned pages go back to the file system.
+                    .auto_vacuum(sea_orm::sqlx::sqlite::SqliteAutoVacuum::Incremental)
+            });
+            let page_limit = self.page_limit.clone();
+            opts.map_sqlx_sqlite_pool_opts(move |p| {
+                let page_limit = page_limit.clone();
+                p.after_connect(move |conn, _| {
+                    let pages = page_limit
+                        .as_ref()
+                        .map_or(0, |l| l.0.load(Ordering::Relaxed));
+                    Box::pin(async move {
+                        if pages > 0 {
+                            use sea_orm::sqlx::Executor;
+                            conn.execute(sea_orm::sqlx::AssertSqlSafe(format!(
+                                "PRAGMA max_page_count = {pages}"
+                            )))
+                            .await?;
+                        }
+                        Ok(())
+                    })
                 })
-                .busy_timeout(Duration::from_secs(30))
-                .foreign_keys(true)
-                // Takes effect on new databases: pruned pages go back to the file system.
-                .auto_vacuum(sea_orm::sqlx::sqlite::SqliteAutoVacuum::Incremental)
-        });
+                .after_release(|conn, _| Box::pin(sqlite_connection_is_clean(conn)))
+            });
+        } else {
+            // A ping is a round trip to the server: only for connections idle long enough that
+            // the server, a proxy or a firewall may have dropped them, and for every connection
+            // shortly after a store failure (the database may have restarted and dropped them
+            // all), not before every use.
+            opts.test_before_acquire_if_idle_for(Duration::from_secs(1));
+            opts.map_sqlx_postgres_before_acquire(|conn, _| {
+                Box::pin(async move {
+                    if crate::fault::recently_failed() {
+                        use sea_orm::sqlx::Connection;
+                        Ok(conn.ping().await.is_ok())
+                    } else {
+                        Ok(true)
+                    }
+                })
+            });
+            let (statement, lock) = (t.statement.as_millis(), t.lock.as_millis());
+            opts.map_sqlx_postgres_opts(move |o| {
+                o.options([
+                    ("statement_timeout", statement.to_string()),
+                    ("lock_timeout", lock.to_string()),
+                ])
+            });
+        }
+        Database::connect(opts)
+            .await
+            .with_context(|| format!("connecting to {}", crate::settings::redact_url(url)))
     }
-    Database::connect(opts)
-        .await
-        .with_context(|| format!("connecting to {}", crate::settings::redact_url(url)))
+}
+
+/// Whether a SQLite connection going back to its pool may be handed out again: only when it is
+/// outside any transaction, as SQLite itself and sqlx both see it. After `FULL`, `IOERR` or
+/// `NOMEM` SQLite may roll a transaction back by itself while sqlx still counts it open (the next
+/// `BEGIN` would become a `SAVEPOINT` inside nothing, and every later "commit" would write
+/// nothing); or a failed `ROLLBACK` may leave one open. Such a connection is closed instead.
+async fn sqlite_connection_is_clean(
+    conn: &mut sea_orm::sqlx::SqliteConnection,
+) -> Result<bool, sea_orm::sqlx::Error> {
+    use sea_orm::sqlx::Connection;
+    if conn.is_in_transaction() {
+        tracing::warn!("closing a SQLite connection released inside a transaction");
+        return Ok(false);
+    }
+    let mut handle = conn.lock_handle().await?;
+    // SAFETY: the handle is locked out of the connection's worker for the duration of the call,
+    // and `sqlite3_get_autocommit` only reads the connection's state.
+    let autocommit =
+        unsafe { libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) };
+    if autocommit == 0 {
+        tracing::warn!("closing a SQLite connection left inside a transaction");
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 fn sqlite_file(url: &str) -> Option<String> {
@@ -112,6 +252,11 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
     match db.get_database_backend() {
         DbBackend::Postgres => {
             let txn = db.begin().await?;
+            // Waiting for another node's migration, and migrating, may take longer than the
+            // API's statements are allowed.
+            txn.execute_unprepared("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
+                .await
+                .context("lifting timeouts for migrations")?;
             txn.execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 "SELECT pg_advisory_xact_lock($1)",

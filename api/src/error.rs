@@ -47,9 +47,11 @@ pub struct ApiError {
     pub details: Option<Box<Value>>,
     /// Extra response headers (e.g. `Retry-After`).
     pub headers: Vec<(&'static str, String)>,
-    /// A transient database conflict (deadlock, serialization failure, busy): the same work
-    /// may simply be run again.
+    /// A transient database conflict (deadlock, serialization failure): the same work may
+    /// simply be run again.
     pub transient: bool,
+    /// The store failed (`503 STORE_UNAVAILABLE`): nothing of the call was stored.
+    pub fault: Option<crate::fault::Fault>,
 }
 
 impl std::fmt::Display for ApiError {
@@ -70,6 +72,7 @@ impl ApiError {
             details: None,
             headers: Vec::new(),
             transient: false,
+            fault: None,
         }
     }
 
@@ -125,6 +128,17 @@ impl ApiError {
         )
     }
 
+    /// 503 STORE_UNAVAILABLE with `Retry-After`: the store failed and the call was not stored.
+    pub fn store_unavailable(fault: crate::fault::Fault) -> Self {
+        let mut err = Self::new(
+            ErrorCode::StoreUnavailable,
+            "the store is unavailable; nothing was stored, retry with the same request_id",
+        )
+        .with_header("Retry-After", STORE_RETRY_AFTER_SECS.to_string());
+        err.fault = Some(fault);
+        err
+    }
+
     /// The wire body.
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
@@ -139,17 +153,14 @@ impl ApiError {
 
 impl From<sea_orm::DbErr> for ApiError {
     fn from(e: sea_orm::DbErr) -> Self {
-        let text = e.to_string();
-        let transient = [
-            "deadlock detected",
-            "could not serialize",
-            "database is locked",
-        ]
-        .iter()
-        .any(|t| text.contains(t));
-        if transient {
+        if let Some(fault) = crate::fault::classify(&e) {
+            crate::fault::record(fault);
+            tracing::warn!(error = %e, kind = fault.kind.as_str(), "store failure");
+            return ApiError::store_unavailable(fault);
+        }
+        if is_transient(&e) {
             // Retried by the write pipeline; the client sees a generic text if it persists.
-            tracing::warn!(error = %text, "transient database conflict");
+            tracing::warn!(error = %e, "transient database conflict");
             let mut err = ApiError::new(
                 ErrorCode::Internal,
                 "internal error; the request id identifies it in our logs",
@@ -157,8 +168,26 @@ impl From<sea_orm::DbErr> for ApiError {
             err.transient = true;
             return err;
         }
-        ApiError::internal(format!("database: {text}"))
+        ApiError::internal(format!("database: {e}"))
     }
+}
+
+/// Seconds a client is asked to wait before retrying after a store failure.
+pub const STORE_RETRY_AFTER_SECS: u32 = 1;
+
+/// A deadlock or a serialization failure (PostgreSQL `40P01`, `40001`): the same work may be run
+/// again once the other transaction is done.
+fn is_transient(e: &sea_orm::DbErr) -> bool {
+    let (sea_orm::DbErr::Exec(r) | sea_orm::DbErr::Query(r) | sea_orm::DbErr::Conn(r)) = e else {
+        return false;
+    };
+    let sea_orm::RuntimeErr::SqlxError(sqlx) = r else {
+        return false;
+    };
+    matches!(
+        sqlx.as_database_error().and_then(|d| d.code()).as_deref(),
+        Some("40P01" | "40001")
+    )
 }
 
 impl From<sea_orm::TransactionError<ApiError>> for ApiError {
@@ -229,6 +258,15 @@ enum ErrorResponses {
     /// Our fault (`INTERNAL`).
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
+    /// The store failed (`STORE_UNAVAILABLE`): nothing was stored; retry after `Retry-After`
+    /// seconds with the same `request_id`.
+    #[oai(status = 503)]
+    StoreUnavailable(
+        Json<ErrorBody>,
+        /// Seconds to wait before retrying.
+        #[oai(header = "Retry-After")]
+        i64,
+    ),
 }
 
 impl ApiResponse for ApiError {

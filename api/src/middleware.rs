@@ -439,6 +439,14 @@ async fn finish(
                     set_rate_headers(&mut resp, &info);
                     audited
                 }
+                Err(e) if e.fault.is_some() => {
+                    // The store fails: the read was answered from what could be read, so it is
+                    // served, uncounted; its usage row went with the count and is lost (logged
+                    // once here, never retried).
+                    set_rate_headers(&mut resp, &call_rate(state, &call, &method, &path));
+                    tracing::warn!(error = %e, "a read was served uncounted and unaudited: the store fails");
+                    return Ok(resp);
+                }
                 Err(e) => {
                     // Not counted, so not admitted: a 500, audited as one if the store lets it.
                     let mut failed = keep_operation(&resp, e.into_response());

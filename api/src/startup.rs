@@ -82,7 +82,8 @@ pub async fn prepare_with_db(
 ) -> anyhow::Result<Arc<AppState>> {
     crate::telemetry::metrics();
     crate::telemetry::describe();
-    let writer = crate::db::writer_for(&db, &settings.database).await?;
+    let page_limit = crate::db::PageLimit::default();
+    let writer = crate::db::writer_for(&db, &settings.database, &page_limit).await?;
     let ids = crate::service::keys::sync(&writer, &settings)
         .await
         .context("syncing keys")?;
@@ -108,6 +109,8 @@ pub async fn prepare_with_db(
         clock: crate::clock::Clock::default(),
         webhook_wakeup: tokio::sync::Notify::new(),
         strangers,
+        readiness: crate::readiness::Readiness::default(),
+        page_limit,
     }))
 }
 
@@ -195,6 +198,8 @@ impl Application {
         let background = spawn_background(Arc::clone(&self.state));
         let revocation = spawn_revocation_watch(Arc::clone(&self.state));
         let reaper = spawn_reaper(Arc::clone(&self.state));
+        crate::readiness::probe_now(&self.state).await;
+        let probe = crate::readiness::spawn(Arc::clone(&self.state));
         let stop = Arc::new(tokio::sync::Notify::new());
         let dispatcher = self.state.runtime().settings.webhooks.dispatch.then(|| {
             tokio::spawn(crate::service::webhooks::run_dispatcher(
@@ -218,6 +223,7 @@ impl Application {
         background.abort();
         revocation.abort();
         reaper.abort();
+        probe.abort();
         if let Some(d) = dispatcher {
             // Let the attempts in flight finish and be recorded, then stop.
             stop.notify_waiters();

@@ -114,6 +114,10 @@ pub struct AppState {
     pub clock: crate::clock::Clock,
     /// This node's budget and aggregated audit of calls without a valid key.
     pub strangers: crate::strangers::Strangers,
+    /// What `/readyz` answers: the background probe's latest finding.
+    pub readiness: crate::readiness::Readiness,
+    /// SQLite `max_page_count` of the writer (tests make the store full with it).
+    pub page_limit: crate::db::PageLimit,
 }
 
 impl AppState {

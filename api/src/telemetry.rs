@@ -45,6 +45,14 @@ pub fn metrics() -> &'static PrometheusHandle {
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
+        "store_errors_total",
+        "Store failures by kind (full, io, unavailable, timeout); each call they failed was answered 503"
+    );
+    describe_gauge!(
+        "store_up",
+        "1 while the readiness probe finds the store readable and writable, else 0"
+    );
+    describe_counter!(
         "http_requests_total",
         "HTTP requests by route, method and status"
     );
@@ -120,6 +128,9 @@ pub fn register_known_series<'a>(key_names: impl Iterator<Item = &'a str>) {
     }
     for table in ["usage_event", "webhook_delivery"] {
         metrics::counter!("retention_pruned_rows_total", "table" => table).increment(0);
+    }
+    for kind in crate::fault::FaultKind::ALL {
+        metrics::counter!("store_errors_total", "kind" => kind.as_str()).increment(0);
     }
     for name in [
         "batches_created_total",

@@ -7,6 +7,7 @@ pub mod credit_wallet;
 pub mod prelude;
 pub mod rate_limit_window;
 pub mod status;
+pub mod store_probe;
 pub mod usage_event;
 pub mod webhook_attempt;
 pub mod webhook_delivery;

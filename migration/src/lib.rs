@@ -6,6 +6,7 @@ mod m20261125_000001_usage_count;
 mod m20261125_000002_retention_indexes;
 mod m20261126_000001_key_policies;
 mod m20261126_000002_completion_windows;
+mod m20261202_000001_store_probe;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000002_retention_indexes::Migration),
             Box::new(m20261126_000001_key_policies::Migration),
             Box::new(m20261126_000002_completion_windows::Migration),
+            Box::new(m20261202_000001_store_probe::Migration),
         ]
     }
 }

@@ -32,6 +32,9 @@ pub enum ErrorCode {
     Conflict,
     /// Something failed on our side.
     Internal,
+    /// The store failed (disk full, I/O error, database unreachable, timeout): nothing was
+    /// stored, and a retry with the same request id is safe.
+    StoreUnavailable,
 }
 
 impl ErrorCode {
@@ -50,6 +53,7 @@ impl ErrorCode {
             ErrorCode::LeaseLost => "LEASE_LOST",
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::StoreUnavailable => "STORE_UNAVAILABLE",
         }
     }
 
@@ -69,6 +73,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -108,6 +108,39 @@ pub struct DatabaseSettings {
     /// SQLite `synchronous`: `full` (default: a 2xx is on disk even after a power cut) or
     /// `normal` (WAL: a power cut may lose the last commits, never corrupt).
     pub sqlite_synchronous: SqliteSynchronous,
+    /// How long a call may wait for the store before it is answered 503.
+    pub timeouts: StoreTimeouts,
+    /// SQLite `max_page_count` of the writer (0: SQLite's own limit). For fault tests: it makes
+    /// the store "full" at a chosen size.
+    pub sqlite_max_page_count: u64,
+}
+
+/// `database.*_timeout_ms`: no call waits longer than these for the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreTimeouts {
+    /// Waiting for a pooled connection.
+    pub acquire: std::time::Duration,
+    /// Opening a new connection (PostgreSQL).
+    pub connect: std::time::Duration,
+    /// PostgreSQL `statement_timeout` of the API's statements (migrations have none).
+    pub statement: std::time::Duration,
+    /// PostgreSQL `lock_timeout` of the API's statements.
+    pub lock: std::time::Duration,
+    /// SQLite `busy_timeout`: waiting for another connection's write lock.
+    pub busy: std::time::Duration,
+}
+
+impl Default for StoreTimeouts {
+    fn default() -> Self {
+        let two = std::time::Duration::from_secs(2);
+        Self {
+            acquire: two,
+            connect: two,
+            statement: two,
+            lock: two,
+            busy: two,
+        }
+    }
 }
 
 /// `database.sqlite_synchronous`.

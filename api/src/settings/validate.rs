@@ -138,7 +138,27 @@ impl RawSettings {
                 "must start with sqlite:, postgres:// or postgresql://",
             ));
         }
+        let ms = |field: &str, v: i64| {
+            c.positive(field, v)
+                .map(|v| std::time::Duration::from_millis(u64::from(v)))
+        };
+        let db = &self.database;
+        let timeouts = StoreTimeouts {
+            acquire: ms("database.acquire_timeout_ms", db.acquire_timeout_ms)?,
+            connect: ms("database.connect_timeout_ms", db.connect_timeout_ms)?,
+            statement: ms("database.statement_timeout_ms", db.statement_timeout_ms)?,
+            lock: ms("database.lock_timeout_ms", db.lock_timeout_ms)?,
+            busy: ms("database.busy_timeout_ms", db.busy_timeout_ms)?,
+        };
+        let sqlite_max_page_count = u64::try_from(db.sqlite_max_page_count).map_err(|_| {
+            c.err(
+                "database.sqlite_max_page_count",
+                "must be 0 (no limit) or a positive number",
+            )
+        })?;
         let database = DatabaseSettings {
+            timeouts,
+            sqlite_max_page_count,
             url,
             max_connections: c
                 .positive("database.max_connections", self.database.max_connections)?,

@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod keys;
 pub mod ledger;
 pub mod pipeline;
+pub mod probe;
 pub mod rate_limits;
 pub mod sql;
 pub mod unit;

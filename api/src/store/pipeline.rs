@@ -39,7 +39,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -204,6 +204,18 @@ impl Writes {
     /// job failed after changing rows.
     pub fn isolated_groups(&self) -> u64 {
         self.counters.isolated.load(Ordering::Relaxed)
+    }
+
+    /// Groups failed as a whole by a store failure (disk full, I/O error, connection lost,
+    /// timeout); every job of such a group was answered `503`, none committed.
+    pub fn store_faults(&self) -> u64 {
+        self.counters.faults.load(Ordering::Relaxed)
+    }
+
+    /// True when the last group to finish failed by a store failure and none has committed
+    /// since: writes are failing.
+    pub fn failing(&self) -> bool {
+        self.counters.faulted.load(Ordering::Relaxed)
     }
 
     fn lane(&self, key: Option<i64>) -> &mpsc::Sender<Job> {
@@ -407,6 +419,10 @@ struct Counters {
     commits: AtomicU64,
     conflicts: AtomicU64,
     isolated: AtomicU64,
+    /// Groups failed by a store failure.
+    faults: AtomicU64,
+    /// The last group of some lane failed by a store failure, and no group has committed since.
+    faulted: AtomicBool,
 }
 
 impl Counters {
@@ -426,12 +442,21 @@ async fn run_lane(db: DatabaseConnection, mut rx: mpsc::Receiver<Job>, counters:
             }
         }
         metrics::histogram!("write_group_size").record(group.len() as f64);
-        let mut deferred = run_group(&db, group, &counters).await;
+        let (mut deferred, mut failure) = run_group(&db, group, &counters).await;
         // Jobs that met a deadlock or a serialization failure, and the units of their group
         // not yet run, run again in a group of their own, after this group's commit has
         // released every lock it held.
-        while !deferred.is_empty() {
-            deferred = run_group(&db, deferred, &counters).await;
+        while failure.is_none() && !deferred.is_empty() {
+            (deferred, failure) = run_group(&db, deferred, &counters).await;
+        }
+        if let Some(e) = failure {
+            // The store failed: every job already waiting would wait for the same failure, one
+            // group after another. They are answered at once; later jobs try the store again.
+            let mut waiting = Group::of(deferred);
+            while let Ok(job) = rx.try_recv() {
+                waiting.push(job);
+            }
+            waiting.fail(&e);
         }
     }
 }
@@ -448,13 +473,17 @@ impl Group {
     fn of(jobs: Vec<Job>) -> Self {
         let mut g = Group::default();
         for job in jobs {
-            match job {
-                Job::Hit(h) => g.hits.push(h),
-                Job::Unit(u) => g.units.push(u),
-                Job::Audit(a) => g.audits.push(a),
-            }
+            g.push(job);
         }
         g
+    }
+
+    fn push(&mut self, job: Job) {
+        match job {
+            Job::Hit(h) => self.hits.push(h),
+            Job::Unit(u) => self.units.push(u),
+            Job::Audit(a) => self.audits.push(a),
+        }
     }
 
     fn fail(self, e: &ApiError) {
@@ -470,19 +499,85 @@ impl Group {
     }
 }
 
-/// Runs one group; returns the jobs to run again after a transient conflict.
-async fn run_group(db: &DatabaseConnection, jobs: Vec<Job>, counters: &Counters) -> Vec<Job> {
+/// Runs one group; returns the jobs to run again after a transient conflict, and the store
+/// failure that failed the whole group, if one did (then every job of it was answered with it).
+async fn run_group(
+    db: &DatabaseConnection,
+    jobs: Vec<Job>,
+    counters: &Counters,
+) -> (Vec<Job>, Option<ApiError>) {
     let mut group = Group::of(jobs);
     // A hit marked `alone` failed the group's count statement before: its group goes the
     // isolated way at once.
-    if !group.hits.iter().any(|h| h.alone)
-        && let Some(done) = run_fast(db, &mut group, counters).await
-    {
-        done.deliver(group);
-        return Vec::new();
+    let outcome = if group.hits.iter().any(|h| h.alone) {
+        Fast::Isolate
+    } else {
+        run_fast(db, &mut group, counters).await
+    };
+    let outcome = match outcome {
+        Fast::Done(done) => {
+            done.deliver(group);
+            Ok(Vec::new())
+        }
+        Fast::Failed(e) => {
+            group.fail(&e);
+            Err(e)
+        }
+        Fast::Isolate => {
+            counters.isolated.fetch_add(1, Ordering::Relaxed);
+            run_isolated(db, group, counters).await
+        }
+    };
+    match outcome {
+        Ok(again) => {
+            counters.faulted.store(false, Ordering::Relaxed);
+            (again, None)
+        }
+        Err(e) => {
+            if e.fault.is_some() {
+                counters.faults.fetch_add(1, Ordering::Relaxed);
+                counters.faulted.store(true, Ordering::Relaxed);
+            }
+            tracing::error!(error = %e, "group commit failed: every call of the group was answered with the error");
+            (Vec::new(), Some(e))
+        }
     }
-    counters.isolated.fetch_add(1, Ordering::Relaxed);
-    run_isolated(db, group, counters).await
+}
+
+/// Begins a group's transaction. A pooled connection the database dropped (a restart) fails
+/// at once, before anything ran: the group tries once more, on a connection checked first.
+async fn begin(db: &DatabaseConnection) -> Result<DatabaseTransaction, ApiError> {
+    match crate::db::begin_write(db).await {
+        Ok(txn) => Ok(txn),
+        Err(e) => {
+            let e = ApiError::from(e);
+            match e.fault {
+                Some(f) if f.kind == crate::fault::FaultKind::Unavailable => {
+                    crate::db::begin_write(db).await.map_err(ApiError::from)
+                }
+                _ => Err(e),
+            }
+        }
+    }
+}
+
+/// Rolls a failed group back; the connection decides on release whether it can be reused.
+async fn roll_back(txn: DatabaseTransaction) {
+    if let Err(e) = txn.rollback().await {
+        tracing::warn!(error = %e, "rolling a failed group back failed; its connection is closed");
+    }
+}
+
+/// How a fast attempt ended.
+enum Fast {
+    /// It reached its commit, which succeeded: the group is answered from it.
+    Done(FastDone),
+    /// The store failed, or the commit did: every job of the group is answered with this
+    /// error, and nothing of it runs again.
+    Failed(ApiError),
+    /// Rolled back before anyone was answered (a job failed after changing rows, or a
+    /// statement of the group failed): run it again on the isolated path.
+    Isolate,
 }
 
 /// Where a unit of the fast path comes from.
@@ -502,7 +597,7 @@ enum Ran {
     Refused(ApiError),
 }
 
-/// A fast attempt that reached its commit; the group is answered from it.
+/// A fast attempt that committed; the group is answered from it.
 struct FastDone {
     outcome: Result<(), ApiError>,
     /// The count of each hit, in the order of `Group::hits`.
@@ -551,18 +646,22 @@ impl FastDone {
     }
 }
 
-/// Runs a group without savepoints. `None` when it was rolled back before answering anyone
-/// (a job failed after changing rows, or a statement of the group failed): the group is then
-/// run on the isolated path.
-async fn run_fast(
-    db: &DatabaseConnection,
-    group: &mut Group,
-    counters: &Counters,
-) -> Option<FastDone> {
-    let txn = crate::db::begin_write(db).await.ok()?;
-    let abandon = |txn: DatabaseTransaction| async move {
-        let _ = txn.rollback().await;
-        None
+/// Runs a group without savepoints. A store failure fails the whole group: no savepoint or
+/// retry runs on a transaction the store may already have rolled back.
+async fn run_fast(db: &DatabaseConnection, group: &mut Group, counters: &Counters) -> Fast {
+    let txn = match begin(db).await {
+        Ok(txn) => txn,
+        Err(e) => return Fast::Failed(e),
+    };
+    // A failed statement: the store's failure fails the group, any other sends it to the
+    // isolated path.
+    let abandon = |txn: DatabaseTransaction, e: ApiError| async move {
+        roll_back(txn).await;
+        if e.fault.is_some() {
+            Fast::Failed(e)
+        } else {
+            Fast::Isolate
+        }
     };
 
     // 1. The rate-limit hits, first: every group locks quota rows before any other row.
@@ -572,7 +671,7 @@ async fn run_fast(
         let windows: Vec<Window> = group.hits.iter().map(Hit::window).collect();
         match count_hits(&txn, &windows).await {
             Ok(counts) => counts,
-            Err(_) => return abandon(txn).await,
+            Err(e) => return abandon(txn, e).await,
         }
     };
 
@@ -610,7 +709,7 @@ async fn run_fast(
                 appended.extend(t.take_appended());
                 ran.push((source, Ran::Done(completion)));
             }
-            Err(e) if t.changed_nothing() && !e.transient => {
+            Err(e) if t.changed_nothing() && !e.transient && e.fault.is_none() => {
                 ran.push((source, Ran::Refused(e)));
             }
             Err(e) => {
@@ -618,7 +717,7 @@ async fn run_fast(
                     counters.conflict();
                 }
                 drop(t);
-                return abandon(txn).await;
+                return abandon(txn, e).await;
             }
         }
     }
@@ -632,50 +731,71 @@ async fn run_fast(
     for a in &group.audits {
         appended.usage.push((a.row.clone(), a.at));
     }
-    if appended.write(&txn).await.is_err() {
-        return abandon(txn).await;
+    if let Err(e) = appended.write(&txn).await {
+        return abandon(txn, e.into()).await;
     }
 
-    let outcome = txn.commit().await.map_err(ApiError::from);
+    // Answered only once COMMIT returned Ok on the connection that ran every statement above.
+    let committed = txn.commit().await;
     counters.commits.fetch_add(1, Ordering::Relaxed);
-    match &outcome {
-        Ok(()) => appended.count_committed(),
-        Err(e) => tracing::error!(
-            error = %e,
-            jobs = ran.len() + group.hits.len() + group.audits.len(),
-            "group commit failed"
-        ),
+    match committed {
+        Ok(()) => {
+            appended.count_committed();
+            Fast::Done(FastDone {
+                outcome: Ok(()),
+                counts,
+                ran,
+            })
+        }
+        // Not known to be committed: nobody is answered success (a store failure is 503, safe to
+        // retry with the same request id).
+        Err(e) => Fast::Failed(e.into()),
     }
-    Some(FastDone {
-        outcome,
-        counts,
-        ran,
-    })
 }
 
 /// Runs one group one savepoint per job; returns the jobs to run again after a transient
-/// conflict.
-async fn run_isolated(db: &DatabaseConnection, group: Group, counters: &Counters) -> Vec<Job> {
+/// conflict, or the error that failed the whole group (every job of it answered with it: a store
+/// failure, a savepoint that could not be released or rolled back, or the commit).
+async fn run_isolated(
+    db: &DatabaseConnection,
+    group: Group,
+    counters: &Counters,
+) -> Result<Vec<Job>, ApiError> {
     let Group {
         hits,
         mut units,
         mut audits,
     } = group;
-    let txn = match crate::db::begin_write(db).await {
+    let txn = match begin(db).await {
         Ok(t) => t,
         Err(e) => {
-            let e = ApiError::from(e);
             Group {
                 hits,
                 units,
                 audits,
             }
             .fail(&e);
-            return Vec::new();
+            return Err(e);
         }
     };
+    // What succeeded so far, answered once the commit is known; and the jobs to run again.
     let mut done: Vec<Completion> = Vec::with_capacity(hits.len() + units.len() + audits.len());
     let mut again: Vec<Job> = Vec::new();
+    // Fails the whole group: nothing of it is committed, and nothing of it runs again.
+    macro_rules! fail_group {
+        ($e:expr, $($rest:expr),* $(,)?) => {{
+            let e: ApiError = $e;
+            roll_back(txn).await;
+            for d in done {
+                d(Err(e.clone()));
+            }
+            #[allow(unused_mut)]
+            let mut rest = Group::of(again);
+            $( for job in $rest { rest.push(job); } )*
+            rest.fail(&e);
+            return Err(e);
+        }};
+    }
 
     // 1. The rate-limit hits, first: every group locks quota rows before any other row. The
     //    statement is the first of the transaction, so it needs no savepoint: when it fails,
@@ -692,8 +812,15 @@ async fn run_isolated(db: &DatabaseConnection, group: Group, counters: &Counters
                     }));
                 }
             }
+            Err(e) if e.fault.is_some() => fail_group!(
+                e,
+                hits.into_iter().map(Job::Hit),
+                alone.into_iter().map(Job::Hit),
+                units.into_iter().map(Job::Unit),
+                audits.into_iter().map(Job::Audit),
+            ),
             Err(e) => {
-                let _ = txn.rollback().await;
+                roll_back(txn).await;
                 if e.transient {
                     counters.conflict();
                 }
@@ -716,37 +843,35 @@ async fn run_isolated(db: &DatabaseConnection, group: Group, counters: &Counters
                 retry.extend(alone.into_iter().map(Job::Hit));
                 retry.extend(units.into_iter().map(Job::Unit));
                 retry.extend(audits.into_iter().map(Job::Audit));
-                return retry;
+                return Ok(retry);
             }
         }
     }
-    for mut hit in alone {
-        let one = async {
-            let sp = txn.begin().await?;
-            match super::rate_limits::add_many(&sp, &[(hit.key, hit.scope, hit.window_start, 1)])
-                .await
-            {
-                Ok(after) => {
-                    sp.commit().await?;
-                    Ok(after[0])
-                }
-                Err(e) => {
-                    let _ = sp.rollback().await;
-                    Err(e)
-                }
-            }
-        }
+    let mut alone = alone.into_iter();
+    while let Some(mut hit) = alone.next() {
+        let window = [(hit.key, hit.scope, hit.window_start, 1)];
+        let counted = in_savepoint(&txn, |sp| {
+            Box::pin(async move { super::rate_limits::add_many(sp, &window).await })
+        })
         .await;
-        match one {
-            Ok(count) => {
+        match counted {
+            Ok(after) => {
+                let count = after[0];
                 hit.follow_up(count, &mut units, &mut audits);
                 done.push(Box::new(move |outcome| {
                     let _ = hit.reply.send(outcome.map(|()| count));
                 }))
             }
-            Err(e) => {
-                let _ = hit.reply.send(Err(e.into()));
+            Err(Savepoint::Failed(e)) => {
+                let _ = hit.reply.send(Err(e));
             }
+            Err(Savepoint::Broken(e)) => fail_group!(
+                e,
+                std::iter::once(Job::Hit(hit)),
+                alone.map(Job::Hit),
+                units.into_iter().map(Job::Unit),
+                audits.into_iter().map(Job::Audit),
+            ),
         }
     }
 
@@ -759,10 +884,12 @@ async fn run_isolated(db: &DatabaseConnection, group: Group, counters: &Counters
     while let Some(mut unit) = units.next() {
         let sp = match txn.begin().await {
             Ok(sp) => sp,
-            Err(e) => {
-                (unit.fail)(e.into());
-                continue;
-            }
+            Err(e) => fail_group!(
+                e.into(),
+                std::iter::once(Job::Unit(unit)),
+                units.map(Job::Unit),
+                audits.into_iter().map(Job::Audit),
+            ),
         };
         let t = Txn::new(&sp, &memo);
         let result = (unit.work)(&t).await;
@@ -777,26 +904,47 @@ async fn run_isolated(db: &DatabaseConnection, group: Group, counters: &Counters
         };
         drop(t);
         match result {
+            Err(e) if e.fault.is_some() => {
+                // The store may have rolled the whole transaction back: no ROLLBACK TO.
+                drop(sp);
+                fail_group!(
+                    e,
+                    std::iter::once(Job::Unit(unit)),
+                    units.map(Job::Unit),
+                    audits.into_iter().map(Job::Audit),
+                )
+            }
             Ok(completion) => match sp.commit().await {
                 Ok(()) => {
                     committed.extend(appended);
                     done.push(completion);
                 }
-                Err(e) => (unit.fail)(e.into()),
+                Err(e) => fail_group!(
+                    e.into(),
+                    std::iter::once(Job::Unit(unit)),
+                    units.map(Job::Unit),
+                    audits.into_iter().map(Job::Audit),
+                ),
             },
-            Err(e) if e.transient && unit.conflicts < MAX_RETRIES => {
-                let _ = sp.rollback().await;
-                unit.conflicts += 1;
-                counters.conflict();
-                again.push(Job::Unit(unit));
-                // The group still holds the locks its earlier units took, so the units after
-                // this one would meet the same conflict (and wait for its detection) one by
-                // one. They run after this group's commit instead.
-                again.extend(units.by_ref().map(Job::Unit));
-                break;
-            }
             Err(e) => {
-                let _ = sp.rollback().await;
+                if let Err(rollback) = sp.rollback().await {
+                    fail_group!(
+                        rollback.into(),
+                        std::iter::once(Job::Unit(unit)),
+                        units.map(Job::Unit),
+                        audits.into_iter().map(Job::Audit),
+                    )
+                }
+                if e.transient && unit.conflicts < MAX_RETRIES {
+                    unit.conflicts += 1;
+                    counters.conflict();
+                    again.push(Job::Unit(unit));
+                    // The group still holds the locks its earlier units took, so the units
+                    // after this one would meet the same conflict (and wait for its detection)
+                    // one by one. They run after this group's commit instead.
+                    again.extend(units.by_ref().map(Job::Unit));
+                    break;
+                }
                 // Nothing of this unit is written: it may be answered now.
                 (unit.fail)(e);
             }
@@ -804,20 +952,69 @@ async fn run_isolated(db: &DatabaseConnection, group: Group, counters: &Counters
     }
 
     // 3. The audit rows: inserts that wait for no lock of another group.
-    if !audits.is_empty() {
-        write_audits(&txn, audits, &mut done, &mut again, counters).await;
+    if !audits.is_empty()
+        && let Err(e) = write_audits(&txn, audits, &mut done, &mut again, counters).await
+    {
+        fail_group!(e,)
     }
 
-    let outcome = txn.commit().await.map_err(ApiError::from);
+    // Answered only once COMMIT returned Ok; otherwise nothing of the group runs again.
+    let outcome = txn.commit().await;
     counters.commits.fetch_add(1, Ordering::Relaxed);
-    match &outcome {
-        Ok(()) => committed.count_committed(),
-        Err(e) => tracing::error!(error = %e, jobs = done.len(), "group commit failed"),
+    match outcome {
+        Ok(()) => {
+            committed.count_committed();
+            for d in done {
+                d(Ok(()));
+            }
+            Ok(again)
+        }
+        Err(e) => {
+            let e = ApiError::from(e);
+            for d in done {
+                d(Err(e.clone()));
+            }
+            Group::of(again).fail(&e);
+            Err(e)
+        }
     }
-    for d in done {
-        d(outcome.clone());
+}
+
+/// How a statement run in a savepoint of its own failed.
+enum Savepoint {
+    /// The statement failed and was rolled back alone: the transaction goes on.
+    Failed(ApiError),
+    /// The store failed, or the savepoint could not be released or rolled back: the
+    /// transaction cannot be trusted any more.
+    Broken(ApiError),
+}
+
+/// Runs `f` in a savepoint of `txn`: released when it succeeds, rolled back alone when it
+/// fails, unless the store failed (then nothing more is sent on the transaction).
+async fn in_savepoint<T>(
+    txn: &DatabaseTransaction,
+    f: impl for<'s> FnOnce(
+        &'s DatabaseTransaction,
+    ) -> Pin<Box<dyn Future<Output = Result<T, sea_orm::DbErr>> + Send + 's>>,
+) -> Result<T, Savepoint> {
+    let sp = txn.begin().await.map_err(|e| Savepoint::Broken(e.into()))?;
+    match f(&sp).await {
+        Ok(v) => match sp.commit().await {
+            Ok(()) => Ok(v),
+            Err(e) => Err(Savepoint::Broken(e.into())),
+        },
+        Err(e) => {
+            let e = ApiError::from(e);
+            if e.fault.is_some() {
+                drop(sp);
+                return Err(Savepoint::Broken(e));
+            }
+            match sp.rollback().await {
+                Ok(()) => Err(Savepoint::Failed(e)),
+                Err(rollback) => Err(Savepoint::Broken(rollback.into())),
+            }
+        }
     }
-    again
 }
 
 /// Runs the hits of a group as one upsert; the count each hit sees, in the order of `hits`.
@@ -849,27 +1046,26 @@ async fn count_hits(txn: &DatabaseTransaction, hits: &[Window]) -> Result<Vec<i6
 }
 
 /// Writes a group's audit rows in one statement; when that fails, one by one in savepoints,
-/// so that only a row that cannot be written fails.
+/// so that only a row that cannot be written fails. `Err`: the transaction cannot be trusted
+/// any more (a store failure, a savepoint that could not be released or rolled back); the rows
+/// not yet answered are then failed by the caller with the group.
 async fn write_audits(
     txn: &DatabaseTransaction,
     audits: Vec<Audit>,
     done: &mut Vec<Completion>,
     again: &mut Vec<Job>,
     counters: &Counters,
-) {
-    let rows: Vec<(&UsageRow, DateTime<Utc>)> = audits.iter().map(|a| (&a.row, a.at)).collect();
-    let all = async {
-        let sp = txn.begin().await?;
-        match super::usage::insert_many(&sp, &rows).await {
-            Ok(()) => sp.commit().await,
-            Err(e) => {
-                let _ = sp.rollback().await;
-                Err(e)
-            }
-        }
-    }
+) -> Result<(), ApiError> {
+    let rows: Vec<(UsageRow, DateTime<Utc>)> =
+        audits.iter().map(|a| (a.row.clone(), a.at)).collect();
+    let all = in_savepoint(txn, move |sp| {
+        Box::pin(async move {
+            let rows: Vec<(&UsageRow, DateTime<Utc>)> =
+                rows.iter().map(|(r, at)| (r, *at)).collect();
+            super::usage::insert_many(sp, &rows).await
+        })
+    })
     .await;
-    drop(rows);
     let failure = match all {
         Ok(()) => {
             for a in audits {
@@ -877,9 +1073,13 @@ async fn write_audits(
                     let _ = a.reply.send(outcome);
                 }));
             }
-            return;
+            return Ok(());
         }
-        Err(e) => ApiError::from(e),
+        Err(Savepoint::Broken(e)) => {
+            again.extend(audits.into_iter().map(Job::Audit));
+            return Err(e);
+        }
+        Err(Savepoint::Failed(e)) => e,
     };
     if failure.transient {
         counters.conflict();
@@ -891,29 +1091,30 @@ async fn write_audits(
                 again.push(Job::Audit(a));
             }
         }
-        return;
+        return Ok(());
     }
-    for a in audits {
-        let one = async {
-            let sp = txn.begin().await?;
-            match super::usage::insert(&sp, &a.row, a.at).await {
-                Ok(()) => sp.commit().await,
-                Err(e) => {
-                    let _ = sp.rollback().await;
-                    Err(e)
-                }
-            }
-        }
+    let mut audits = audits.into_iter();
+    while let Some(a) = audits.next() {
+        let (row, at) = (a.row.clone(), a.at);
+        let one = in_savepoint(txn, move |sp| {
+            Box::pin(async move { super::usage::insert(sp, &row, at).await })
+        })
         .await;
         match one {
             Ok(()) => done.push(Box::new(move |outcome| {
                 let _ = a.reply.send(outcome);
             })),
-            Err(e) => {
-                let _ = a.reply.send(Err(e.into()));
+            Err(Savepoint::Failed(e)) => {
+                let _ = a.reply.send(Err(e));
+            }
+            Err(Savepoint::Broken(e)) => {
+                again.push(Job::Audit(a));
+                again.extend(audits.map(Job::Audit));
+                return Err(e);
             }
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1106,6 +1307,134 @@ mod tests {
         );
         let n = rows(&db).await;
         assert_eq!(n, 400);
+    }
+
+    /// A SQLite writer (one connection, `synchronous=FULL`) whose store is "full" at the page
+    /// limit the returned handle sets, and table `big` whose rows each need about half a page.
+    async fn limited_writer() -> (
+        tempfile::TempDir,
+        String,
+        DatabaseConnection,
+        crate::db::PageLimit,
+    ) {
+        let (dir, db) = sqlite().await;
+        db.execute_unprepared("CREATE TABLE big (id INTEGER PRIMARY KEY, b BLOB NOT NULL)")
+            .await
+            .unwrap();
+        let url = format!("sqlite://{}/p.db?mode=rwc", dir.path().display());
+        let limit = crate::db::PageLimit::default();
+        let writer = crate::db::PoolSpec::new(&url, 1)
+            .synchronous(crate::settings::SqliteSynchronous::Full)
+            .page_limit(&limit)
+            .open()
+            .await
+            .unwrap();
+        (dir, url, writer, limit)
+    }
+
+    async fn insert_big(writes: &Writes, id: i64) -> Result<i64, ApiError> {
+        writes
+            .run(Some(1), move |txn| {
+                Box::pin(async move {
+                    txn.execute_raw(Statement::from_sql_and_values(
+                        txn.get_database_backend(),
+                        "INSERT INTO big (id, b) VALUES ($1, randomblob(2000))",
+                        [id.into()],
+                    ))
+                    .await?;
+                    Ok(id)
+                })
+            })
+            .await
+    }
+
+    /// The ids in table `big`, read through a connection of its own (never the writer's).
+    async fn committed_ids(url: &str) -> Vec<i64> {
+        let fresh = crate::db::connect_url(url, 1, None).await.unwrap();
+        let rows = fresh
+            .query_all_raw(Statement::from_string(
+                fresh.get_database_backend(),
+                "SELECT id FROM big ORDER BY id",
+            ))
+            .await
+            .unwrap();
+        let ids = rows
+            .iter()
+            .map(|r| r.try_get::<i64>("", "id").unwrap())
+            .collect();
+        fresh.close().await.unwrap();
+        ids
+    }
+
+    /// A full store (SQLite `FULL`, which may roll the whole transaction back by itself) fails
+    /// the groups it hits as a whole: every unit answered success is committed (seen through a
+    /// fresh connection), every unit answered with the failure is not, none is answered 500;
+    /// once there is room again, writes succeed on the same pipeline without a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_store_answers_only_what_committed_and_recovers() {
+        let (_dir, url, writer, limit) = limited_writer().await;
+        let writes = Writes::start(writer.clone(), 1);
+        let pages: u64 = writer
+            .query_one_raw(Statement::from_string(
+                writer.get_database_backend(),
+                "PRAGMA page_count",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index::<i64>(0)
+            .unwrap() as u64;
+        limit.set(&writer, pages + 20).await.unwrap();
+        let mut acknowledged = Vec::new();
+        let mut refused = 0;
+        for wave in 0..6i64 {
+            let calls = (0..40).map(|i| {
+                let writes = writes.clone();
+                async move { insert_big(&writes, wave * 1000 + i).await }
+            });
+            for r in futures::future::join_all(calls).await {
+                match r {
+                    Ok(id) => acknowledged.push(id),
+                    Err(e) => {
+                        assert_eq!(e.status.as_u16(), 503, "{e}");
+                        assert_eq!(e.code, crate::error::ErrorCode::StoreUnavailable);
+                        refused += 1;
+                    }
+                }
+            }
+        }
+        assert!(refused > 0, "the store never filled up");
+        assert!(!acknowledged.is_empty());
+        assert!(writes.failing(), "the last groups failed");
+        // The writer's connection is outside any transaction, as SQLite and sqlx both see it:
+        // one that failed inside a group was closed, never handed out again.
+        let mut conn = writer.get_sqlite_connection_pool().acquire().await.unwrap();
+        {
+            use sea_orm::sqlx::Connection;
+            assert!(!conn.is_in_transaction(), "sqlx counts a transaction open");
+        }
+        let mut handle = conn.lock_handle().await.unwrap();
+        // SAFETY: the handle is locked out of the connection's worker; the call only reads.
+        let autocommit =
+            unsafe { libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) };
+        assert_ne!(autocommit, 0, "SQLite has a transaction open");
+        drop(handle);
+        drop(conn);
+        acknowledged.sort();
+        assert_eq!(
+            committed_ids(&url).await,
+            acknowledged,
+            "exactly the acknowledged rows are committed"
+        );
+
+        // Room again: the same pipeline commits, no restart.
+        limit.set(&writer, 0).await.unwrap();
+        for i in 0..20 {
+            acknowledged.push(insert_big(&writes, 100_000 + i).await.unwrap());
+        }
+        assert!(!writes.failing());
+        acknowledged.sort();
+        assert_eq!(committed_ids(&url).await, acknowledged);
     }
 
     /// A migrated SQLite database with one key (id 1) and a one-lane pipeline on it.
