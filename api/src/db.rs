@@ -62,6 +62,18 @@ pub async fn connect_url(
     spec.open().await
 }
 
+/// Like [`connect_url`], with the store's timeouts.
+pub async fn connect_url_with(
+    url: &str,
+    max_connections: u32,
+    schema: Option<&str>,
+    timeouts: StoreTimeouts,
+) -> anyhow::Result<DatabaseConnection> {
+    let mut spec = PoolSpec::new(url, max_connections).timeouts(timeouts);
+    spec.schema = schema;
+    spec.open().await
+}
+
 /// SQLite's `max_page_count` of a writer, shared with the pool so that every connection it
 /// opens (again, after a failure) applies it. 0: no limit of ours. Tests make a store "full"
 /// with it.
@@ -276,9 +288,23 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// True when every migration is applied (for `/readyz`).
+/// True when every migration is applied (for `/readyz`). A plain read of the migrations table
+/// (sea-orm-migration's own check first creates the table if it is missing, which would wait
+/// for the write lock on SQLite).
 pub async fn migrations_applied(db: &DatabaseConnection) -> Result<bool, DbErr> {
-    Ok(Migrator::get_pending_migrations(db).await?.is_empty())
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT version FROM seaql_migrations",
+        ))
+        .await?;
+    let applied: std::collections::HashSet<String> = rows
+        .iter()
+        .filter_map(|r| r.try_get::<String>("", "version").ok())
+        .collect();
+    Ok(Migrator::migrations()
+        .iter()
+        .all(|m| applied.contains(m.name())))
 }
 
 /// Starts a write transaction: `BEGIN IMMEDIATE` on SQLite, so that concurrent writers queue on

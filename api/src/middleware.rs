@@ -424,6 +424,18 @@ async fn finish(
         .clone()
         .unwrap_or_else(|| ctx.x_request_id.clone());
     let row = row_of(resp.status(), call.error_code, request_id);
+    if call.error_code == Some(ErrorCode::StoreUnavailable) {
+        // The store fails: the call is answered now, not after another wait for the store. Its
+        // usage row is attempted once in the background; a failure is logged once.
+        set_rate_headers(&mut resp, &call_rate(state, &call, &method, &path));
+        let (writes, at) = (state.writes.clone(), state.clock.now());
+        tokio::spawn(async move {
+            if let Err(e) = usage::record_through(&writes, row, at).await {
+                tracing::warn!(error = %e, "the usage row of a call refused for a store failure was not written");
+            }
+        });
+        return Ok(resp);
+    }
     let audited = match (&call.pending_quota, call.key_id) {
         (Some(q), Some(key_id)) => {
             // A read: its count and its row in one commit; over the quota it becomes a 429.

@@ -1,7 +1,8 @@
 //! What `/readyz` reports: a background probe's latest finding, so that the answer never waits
 //! for the store. The probe reads through the read pool every [`PROBE_INTERVAL`] (bounded by
-//! [`PROBE_TIMEOUT`]); while writes are failing it also writes one row through the write
-//! pipeline, so that the store is reported ready again as soon as it takes writes.
+//! [`PROBE_TIMEOUT`]); the store is not ready while groups of writes fail by a store failure
+//! (within `pipeline::FAILING_FOR` of the last), and meanwhile the probe writes one row through
+//! the write pipeline, so that a store that still fails is seen failing without traffic.
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -11,9 +12,9 @@ use sea_orm::{ConnectionTrait, Statement};
 use crate::state::AppState;
 
 /// How often the probe runs.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 /// How long one probe may take before the store counts as unreachable.
-pub const PROBE_TIMEOUT: Duration = Duration::from_millis(900);
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The store as the probe last found it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,13 +107,17 @@ async fn probe(state: &AppState) -> StoreState {
     if !state.writes.failing() {
         return StoreState::Ready;
     }
+    // Writes failed lately: a write of the probe's own, which fails as long as the store does
+    // (and keeps it counted as failing); ready again once no write has failed for a while.
     let now = state.clock.now();
     let write = state.writes.run(None, move |txn| {
         Box::pin(async move { Ok(crate::store::probe::touch(txn, now).await?) })
     });
-    match tokio::time::timeout(PROBE_TIMEOUT, write).await {
-        Ok(Ok(())) => StoreState::Ready,
-        _ => StoreState::WritesFailing,
+    let _ = tokio::time::timeout(PROBE_TIMEOUT, write).await;
+    if state.writes.failing() {
+        StoreState::WritesFailing
+    } else {
+        StoreState::Ready
     }
 }
 

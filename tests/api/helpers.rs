@@ -111,10 +111,12 @@ impl Drop for Store {
 /// Builds a `TestApp`.
 pub struct TestAppBuilder {
     backend: Backend,
+    sqlite_dir: Option<PathBuf>,
     keys: Vec<(String, String)>,
     extra: String,
     tweaks: Vec<Tweak>,
     public_targets_only: bool,
+    own_database: bool,
 }
 
 /// A change to the loaded, typed settings of a test app (applied on every start).
@@ -144,6 +146,20 @@ impl TestAppBuilder {
         self
     }
 
+    /// Keeps the SQLite file in `dir` (e.g. on a small file system) instead of a temporary
+    /// folder of its own.
+    pub fn sqlite_in(mut self, dir: &std::path::Path) -> Self {
+        self.sqlite_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Uses the PostgreSQL database at `url` as it is (no schema of its own).
+    pub fn postgres_at(mut self, url: &str) -> Self {
+        self.backend = Backend::Postgres(url.to_string());
+        self.own_database = true;
+        self
+    }
+
     /// Appends TOML (replacing sections is not supported: use distinct sections).
     pub fn config(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
@@ -154,11 +170,19 @@ impl TestAppBuilder {
     /// Starts the application.
     pub async fn build(self) -> TestApp {
         let (url, schema, dir) = match &self.backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().expect("tempdir");
-                let url = format!("sqlite://{}/test.db?mode=rwc", dir.path().display());
-                (url, None, Some(dir))
-            }
+            Backend::Sqlite => match &self.sqlite_dir {
+                Some(dir) => (
+                    format!("sqlite://{}/test.db?mode=rwc", dir.display()),
+                    None,
+                    None,
+                ),
+                None => {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let url = format!("sqlite://{}/test.db?mode=rwc", dir.path().display());
+                    (url, None, Some(dir))
+                }
+            },
+            Backend::Postgres(url) if self.own_database => (url.clone(), None, None),
             Backend::Postgres(url) => {
                 let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
                 let admin = sea_orm::Database::connect(url.clone())
@@ -236,10 +260,12 @@ impl TestApp {
     pub fn builder(backend: Backend) -> TestAppBuilder {
         TestAppBuilder {
             backend,
+            sqlite_dir: None,
             keys: Vec::new(),
             extra: String::new(),
             tweaks: Vec::new(),
             public_targets_only: false,
+            own_database: false,
         }
     }
 
@@ -273,10 +299,15 @@ impl TestApp {
         }
     }
 
-    async fn connect(&self) -> DatabaseConnection {
-        let db = api::db::connect_url(&self.store.url, 16, self.store.schema.as_deref())
-            .await
-            .expect("connect");
+    async fn connect(&self, settings: &api::settings::DatabaseSettings) -> DatabaseConnection {
+        let db = api::db::connect_url_with(
+            &self.store.url,
+            16,
+            self.store.schema.as_deref(),
+            settings.timeouts,
+        )
+        .await
+        .expect("connect");
         api::db::migrate(&db).await.expect("migrate");
         db
     }
@@ -291,7 +322,7 @@ impl TestApp {
         for tweak in &self.tweaks {
             tweak(&mut settings);
         }
-        let db = self.connect().await;
+        let db = self.connect(&settings.database).await;
         let state = api::startup::prepare_with_db(settings, Some(self.source()), db)
             .await
             .expect("prepare");
@@ -378,6 +409,14 @@ impl TestApp {
         let before = state.writes.commits();
         let out = calls.await;
         (state.writes.commits() - before, out)
+    }
+
+    /// A new pool of its own on this app's database: what it reads was committed, never
+    /// only seen by the connection that wrote it.
+    pub async fn fresh_db(&self) -> DatabaseConnection {
+        api::db::connect_url(&self.store.url, 2, self.store.schema.as_deref())
+            .await
+            .expect("connect")
     }
 
     /// The database.

@@ -22,6 +22,7 @@ mod promises;
 mod reaper;
 mod retention;
 mod security;
+mod store_faults;
 mod targets;
 mod two_nodes;
 mod webhooks;

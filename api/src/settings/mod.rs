@@ -131,14 +131,15 @@ pub struct StoreTimeouts {
 }
 
 impl Default for StoreTimeouts {
+    /// The defaults of `config/base.toml`.
     fn default() -> Self {
-        let two = std::time::Duration::from_secs(2);
+        let wait = std::time::Duration::from_millis(1500);
         Self {
-            acquire: two,
-            connect: two,
-            statement: two,
-            lock: two,
-            busy: two,
+            acquire: wait,
+            connect: wait,
+            statement: std::time::Duration::from_secs(2),
+            lock: wait,
+            busy: wait,
         }
     }
 }
