@@ -80,6 +80,9 @@ pub struct ServerSettings {
     pub max_connections: u32,
     /// Calls without a valid key per client address and minute before 429.
     pub unauthenticated_per_min: u32,
+    /// A valid key's refused calls (address not allowed, body too large or too slow) per
+    /// client address and minute audited one by one before 429.
+    pub refused_per_min: u32,
 }
 
 impl ServerSettings {

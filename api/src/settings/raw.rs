@@ -42,6 +42,7 @@ pub(super) struct RawServer {
     pub(super) idle_timeout_seconds: i64,
     pub(super) max_connections: i64,
     pub(super) unauthenticated_per_min: i64,
+    pub(super) refused_per_min: i64,
 }
 
 #[derive(Deserialize)]

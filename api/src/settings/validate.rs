@@ -122,6 +122,7 @@ impl RawSettings {
             "server.unauthenticated_per_min",
             self.server.unauthenticated_per_min,
         )?;
+        let refused_per_min = c.positive("server.refused_per_min", self.server.refused_per_min)?;
         let max_body = c.positive("server.max_body_bytes", self.server.max_body_bytes)?;
         let grace = c.positive(
             "server.shutdown_grace_seconds",
@@ -425,6 +426,7 @@ impl RawSettings {
                 idle_timeout: Duration::from_secs(idle_timeout.into()),
                 max_connections: server_connections,
                 unauthenticated_per_min,
+                refused_per_min,
             },
             database,
             keys,
