@@ -116,6 +116,7 @@ pub(super) struct RawWebhooks {
     #[serde(deserialize_with = "string_or_list")]
     pub(super) retry_schedule: Vec<String>,
     pub(super) allow_private_targets: bool,
+    pub(super) allow_private_targets_on_public_bind: bool,
     pub(super) dispatch: bool,
     pub(super) concurrency: i64,
 }
