@@ -186,6 +186,8 @@ pub struct WebhookSettings {
     pub dispatch: bool,
     /// Deliveries sent at once.
     pub concurrency: u32,
+    /// Deliveries of one key sent at once, across all its endpoints.
+    pub per_key_concurrency: u32,
 }
 
 /// `[admin]`.

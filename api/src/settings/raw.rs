@@ -119,6 +119,7 @@ pub(super) struct RawWebhooks {
     pub(super) allow_private_targets_on_public_bind: bool,
     pub(super) dispatch: bool,
     pub(super) concurrency: i64,
+    pub(super) per_key_concurrency: i64,
 }
 
 #[derive(Deserialize)]

@@ -392,6 +392,10 @@ impl RawSettings {
                 .allow_private_targets_on_public_bind,
             dispatch: self.webhooks.dispatch,
             concurrency: c.positive("webhooks.concurrency", self.webhooks.concurrency)?,
+            per_key_concurrency: c.positive(
+                "webhooks.per_key_concurrency",
+                self.webhooks.per_key_concurrency,
+            )?,
         };
         let admin = AdminSettings {
             token: c.secret("admin.token", &self.admin.token)?,
