@@ -1,12 +1,15 @@
 //! The service's "now": the system clock, or a time a test has frozen, so that tests which
 //! count calls against a one-minute window (or ask for "today") never race the wall clock.
+use std::sync::Arc;
+
 use arc_swap::ArcSwapOption;
 use chrono::{DateTime, Utc};
 
-/// Where rate-limit windows, audit minutes and "today" come from.
-#[derive(Debug, Default)]
+/// Where rate-limit windows, audit minutes and "today" come from. Clones share one clock:
+/// freezing it freezes every holder's "now".
+#[derive(Debug, Default, Clone)]
 pub struct Clock {
-    frozen: ArcSwapOption<DateTime<Utc>>,
+    frozen: Arc<ArcSwapOption<DateTime<Utc>>>,
 }
 
 impl Clock {
@@ -20,7 +23,7 @@ impl Clock {
 
     /// Stops the clock at `at` (tests).
     pub fn freeze(&self, at: DateTime<Utc>) {
-        self.frozen.store(Some(std::sync::Arc::new(at)));
+        self.frozen.store(Some(Arc::new(at)));
     }
 
     /// Lets the clock run again.

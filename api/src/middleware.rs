@@ -11,7 +11,9 @@ use tracing::Instrument;
 
 use crate::context::{self, AuditTemplate, RequestCtx};
 use crate::error::{ApiError, ErrorCode, catch_all};
-use crate::service::rate_limit::{self, RateInfo, SCOPE_BATCH, SCOPE_READ, SCOPE_UNAUTHENTICATED};
+use crate::service::rate_limit::{
+    self, RateInfo, SCOPE_BATCH, SCOPE_READ, SCOPE_REFUSED, SCOPE_UNAUTHENTICATED,
+};
 use crate::service::usage::{self, UsageRow};
 use crate::settings::ServerSettings;
 use crate::state::AppState;
@@ -230,8 +232,8 @@ fn too_large(max: usize) -> ApiError {
 }
 
 /// Audits a customer call refused before routing (body too large or unreadable): one usage
-/// row when the key is valid or the address is within its budget, otherwise a 429 counted in
-/// the address's aggregated row.
+/// row while the (key or none, address) budget of refused calls lasts, otherwise a 429 counted
+/// in its aggregated row.
 async fn audit_refusal(
     state: &AppState,
     req: &Request,
@@ -250,10 +252,10 @@ async fn audit_refusal(
         .map(|(k, _)| k.id);
     let path = req.original_uri().path().to_string();
     let scope = rate_limit::scope_of(req.method(), &path);
-    let mut resp = if key_id.is_none()
-        && let Verdict::Throttled { retry_after } = state.strangers.check(ctx.client_ip)
+    let mut resp = if let Verdict::Throttled { retry_after } =
+        refusals(state, key_id).check(key_id, ctx.client_ip)
     {
-        return throttle_stranger(state, ctx.client_ip, retry_after);
+        return throttle(state, key_id, ctx.client_ip, retry_after);
     } else {
         refusal.clone().into_response()
     };
@@ -283,35 +285,55 @@ async fn audit_refusal(
     resp
 }
 
-/// The 429 of an address over its budget of calls without a valid key; the call is counted in
-/// the address's aggregated audit row, with no database work now.
-fn throttle_stranger(state: &AppState, ip: Option<IpAddr>, retry_after: u32) -> Response {
-    let per_min = state.strangers.per_min();
-    state.strangers.aggregate(
-        ip,
-        429,
-        Some(ErrorCode::RateLimitExceeded.as_str()),
-        state.clock.now(),
-    );
+/// The budget of refused calls a call spends: the strangers' without a valid key, else its
+/// key's.
+fn refusals(state: &AppState, key_id: Option<i64>) -> &crate::strangers::Throttle {
+    match key_id {
+        None => &state.strangers,
+        Some(_) => &state.refused_keys,
+    }
+}
+
+/// The 429 of a (key or none, address) over its budget of refused calls; the call is counted
+/// in the aggregated audit row of its key, address, minute and outcome, with no database work
+/// now.
+fn throttle(
+    state: &AppState,
+    key_id: Option<i64>,
+    ip: Option<IpAddr>,
+    retry_after: u32,
+) -> Response {
+    let budget = refusals(state, key_id);
+    let per_min = budget.per_min();
+    budget.aggregate(key_id, ip, 429, Some(ErrorCode::RateLimitExceeded.as_str()));
     context::note_error(ErrorCode::RateLimitExceeded);
-    metrics::counter!("unauthenticated_throttled_total").increment(1);
+    let (scope, what) = match key_id {
+        None => {
+            metrics::counter!("unauthenticated_throttled_total").increment(1);
+            (SCOPE_UNAUTHENTICATED, "calls without a valid API key")
+        }
+        Some(_) => {
+            metrics::counter!("refused_key_throttled_total").increment(1);
+            (SCOPE_REFUSED, "refused calls of this API key")
+        }
+    };
     let mut resp = ApiError::new(
         ErrorCode::RateLimitExceeded,
         format!(
-            "too many calls without a valid API key from this address \
-             (limit {per_min} per minute); retry in {retry_after}s"
+            "too many {what} from this address (limit {per_min} per minute); \
+             retry in {retry_after}s"
         ),
     )
     .with_details(json!({
         "limit": per_min,
-        "scope": SCOPE_UNAUTHENTICATED,
+        "scope": scope,
         "reset_seconds": retry_after,
     }))
     .with_header("Retry-After", retry_after.to_string())
     .into_response();
     set_rate_headers(
         &mut resp,
-        &RateInfo::strangers_exhausted(per_min, retry_after),
+        &RateInfo::budget_exhausted(scope, per_min, retry_after),
     );
     resp
 }
@@ -395,9 +417,19 @@ async fn finish(
     let call = ctx.snapshot();
     if call.key_id.is_none()
         && !call.audited
-        && let Verdict::Throttled { retry_after } = state.strangers.check(ctx.client_ip)
+        && let Verdict::Throttled { retry_after } = state.strangers.check(None, ctx.client_ip)
     {
-        return Ok(throttle_stranger(state, ctx.client_ip, retry_after));
+        return Ok(throttle(state, None, ctx.client_ip, retry_after));
+    }
+    // A valid key refused for its client address: bounded like strangers, per key and address
+    // (the key's calls from allowed addresses never spend this budget).
+    if let Some(key_id) = call.key_id
+        && call.error_code == Some(ErrorCode::IpNotAllowed)
+        && let Verdict::Throttled { retry_after } =
+            state.refused_keys.check(Some(key_id), ctx.client_ip)
+    {
+        let throttled = throttle(state, Some(key_id), ctx.client_ip, retry_after);
+        return Ok(keep_operation(&resp, throttled));
     }
     if call.audited {
         set_rate_headers(&mut resp, &call_rate(state, &call, &method, &path));

@@ -87,7 +87,11 @@ pub async fn prepare_with_db(
     let ids = crate::service::keys::sync(&writer, &settings)
         .await
         .context("syncing keys")?;
-    let strangers = crate::strangers::Strangers::new(settings.server.unauthenticated_per_min);
+    let clock = crate::clock::Clock::default();
+    let strangers =
+        crate::strangers::Throttle::new(settings.server.unauthenticated_per_min, clock.clone());
+    let refused_keys =
+        crate::strangers::Throttle::new(settings.server.refused_per_min, clock.clone());
     let revoked = crate::service::keys::disabled_ids(&db)
         .await
         .context("reading disabled keys")?;
@@ -106,9 +110,10 @@ pub async fn prepare_with_db(
         source,
         reload_lock: tokio::sync::Mutex::new(()),
         revoked: ArcSwap::from_pointee(revoked),
-        clock: crate::clock::Clock::default(),
+        clock,
         webhook_wakeup: tokio::sync::Notify::new(),
         strangers,
+        refused_keys,
         readiness: crate::readiness::Readiness::default(),
         page_limit,
     }))
@@ -231,6 +236,7 @@ impl Application {
             let _ = tokio::time::timeout(grace, d).await;
         }
         self.state.strangers.flush_all(&self.state.writes).await;
+        self.state.refused_keys.flush_all(&self.state.writes).await;
         result
     }
 
@@ -334,6 +340,7 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                 }
             }
             state.strangers.flush_finished(&state.writes).await;
+            state.refused_keys.flush_finished(&state.writes).await;
         }
     })
 }

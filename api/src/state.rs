@@ -113,7 +113,10 @@ pub struct AppState {
     /// "Now" for rate-limit windows, audit minutes and "today" (tests may freeze it).
     pub clock: crate::clock::Clock,
     /// This node's budget and aggregated audit of calls without a valid key.
-    pub strangers: crate::strangers::Strangers,
+    pub strangers: crate::strangers::Throttle,
+    /// This node's budget, per key and client address, and aggregated audit of a valid key's
+    /// refused calls (address not allowed, body too large or too slow).
+    pub refused_keys: crate::strangers::Throttle,
     /// What `/readyz` answers: the background probe's latest finding.
     pub readiness: crate::readiness::Readiness,
     /// SQLite `max_page_count` of the writer (tests make the store full with it).

@@ -83,6 +83,10 @@ pub fn describe() {
         "Calls without a valid key refused by the per-address budget"
     );
     describe_counter!(
+        "refused_key_throttled_total",
+        "A valid key's refused calls beyond its per-address budget"
+    );
+    describe_counter!(
         "retention_pruned_rows_total",
         "Rows deleted by the retention pruner, by table"
     );
@@ -137,6 +141,7 @@ pub fn register_known_series<'a>(key_names: impl Iterator<Item = &'a str>) {
         "worker_claims_total",
         "worker_claimed_items_total",
         "unauthenticated_throttled_total",
+        "refused_key_throttled_total",
         "write_conflicts_total",
         "credits_low_events_total",
         "items_expired_total",

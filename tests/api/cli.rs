@@ -199,3 +199,23 @@ fn local_refuses_a_public_bind_with_the_demo_key() {
         "{err}"
     );
 }
+
+/// Disabling the demo key does not make `local` safe to expose: its shipped worker secret and
+/// admin token are still in effect.
+#[test]
+fn local_refuses_a_public_bind_with_the_demo_key_disabled() {
+    let out = bin()
+        .args(["config", "check"])
+        .env("APP_ENVIRONMENT", "local")
+        .env("APP__KEYS__DEMO__DISABLED", "true")
+        .env("APP__SERVER__BIND", "0.0.0.0:8080")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("server.bind") && err.contains("worker.secret"),
+        "{err}"
+    );
+}

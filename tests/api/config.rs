@@ -361,3 +361,172 @@ fn key_policy_fields_are_checked() {
         );
     }
 }
+
+/// The issue's own case: the shipped `local` environment with its demo key disabled and a
+/// public bind still has the shipped worker secret, admin token and private targets in effect.
+#[test]
+fn a_public_bind_is_refused_while_a_shipped_secret_is_in_effect() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let long = "z".repeat(40);
+    let mut vars = vec![
+        ("APP__KEYS__DEMO__DISABLED", "true"),
+        ("APP__SERVER__BIND", "0.0.0.0:8080"),
+    ];
+    let load = |vars: &[(&str, &str)]| source(&dir, "local", vars).load();
+    let msg = load(&vars).unwrap_err().to_string();
+    assert!(
+        msg.contains("server.bind")
+            && msg.contains("APP__SERVER__BIND")
+            && msg.contains("worker.secret"),
+        "{msg}"
+    );
+    vars.push(("APP__WORKER__SECRET", &long));
+    let msg = load(&vars).unwrap_err().to_string();
+    assert!(
+        msg.contains("server.bind") && msg.contains("admin.token"),
+        "{msg}"
+    );
+    vars.push(("APP__ADMIN__TOKEN", &long));
+    let msg = load(&vars).unwrap_err().to_string();
+    assert!(
+        msg.contains("webhooks.allow_private_targets")
+            && msg.contains("allow_private_targets_on_public_bind"),
+        "{msg}"
+    );
+    vars.push((
+        "APP__WEBHOOKS__ALLOW_PRIVATE_TARGETS_ON_PUBLIC_BIND",
+        "true",
+    ));
+    let s = load(&vars).expect("no shipped secret left, private targets acknowledged");
+    assert!(s.webhooks.allow_private_targets);
+    // The demo key enabled again is refused first; on loopback every shipped secret is fine.
+    let msg = load(&vars[1..]).unwrap_err().to_string();
+    assert!(
+        msg.contains("server.bind") && msg.contains("demo key"),
+        "{msg}"
+    );
+    load(&[]).expect("local on loopback keeps its shipped secrets");
+}
+
+/// An environment with another name gets the same guards: they follow what is in effect.
+#[test]
+fn an_environment_named_staging_is_guarded_like_any_other() {
+    let long = "w".repeat(40);
+    let check = |extra: &str, worker: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base.toml", &base());
+        write(
+            dir.path(),
+            "staging.toml",
+            &format!("[server]\nbind = \"0.0.0.0:8080\"\n{extra}"),
+        );
+        source(dir.path(), "staging", &[("WORKER_SECRET", worker)]).load()
+    };
+    let refused = |extra: &str, worker: &str| check(extra, worker).unwrap_err().to_string();
+    let s = check("", &long).expect("own secrets on a public bind");
+    assert_eq!(s.environment, "staging");
+
+    let demo = refused(
+        &format!("[keys.demo]\nkey_sha256 = \"{DEMO_KEY_SHA256}\"\n"),
+        &long,
+    );
+    assert!(
+        demo.contains("server.bind") && demo.contains("demo key"),
+        "{demo}"
+    );
+    let renamed = refused(
+        &format!("[keys.trial]\nkey_sha256 = \"{DEMO_KEY_SHA256}\"\n"),
+        &long,
+    );
+    assert!(
+        renamed.contains("keys.trial"),
+        "by its hash, whatever its name: {renamed}"
+    );
+    check(
+        &format!("[keys.demo]\nkey_sha256 = \"{DEMO_KEY_SHA256}\"\ndisabled = true\n"),
+        &long,
+    )
+    .expect("a disabled demo key is not in effect");
+
+    let previous = |until: &str| {
+        format!(
+            "[keys.acme]\nkey_sha256 = \"{HASH}\"\nprevious_key_sha256 = \"{DEMO_KEY_SHA256}\"\n\
+             previous_key_expires_at = \"{until}\"\n"
+        )
+    };
+    let overlap = refused(&previous("2999-01-01T00:00:00Z"), &long);
+    assert!(
+        overlap.contains("server.bind") && overlap.contains("keys.acme"),
+        "the demo key still accepted as a previous key: {overlap}"
+    );
+    check(&previous("2001-01-01T00:00:00Z"), &long).expect("an overlap that ended");
+
+    for worker in ["local-worker-secret", "test-worker-secret"] {
+        let msg = refused("", worker);
+        assert!(
+            msg.contains("server.bind") && msg.contains("worker.secret"),
+            "{msg}"
+        );
+    }
+    for token in ["local-admin-token", "test-admin-token"] {
+        let msg = refused(&format!("[admin]\ntoken = \"{token}\"\n"), &long);
+        assert!(
+            msg.contains("server.bind") && msg.contains("admin.token"),
+            "{msg}"
+        );
+    }
+
+    let private = refused("[webhooks]\nallow_private_targets = true\n", &long);
+    assert!(
+        private.contains("webhooks.allow_private_targets") && private.contains("staging.toml"),
+        "{private}"
+    );
+    check(
+        "[webhooks]\nallow_private_targets = true\nallow_private_targets_on_public_bind = true\n",
+        &long,
+    )
+    .expect("acknowledged");
+    // On loopback neither guard applies.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.toml", &base());
+    write(
+        dir.path(),
+        "staging.toml",
+        "[admin]\ntoken = \"local-admin-token\"\n[webhooks]\nallow_private_targets = true\n",
+    );
+    source(
+        dir.path(),
+        "staging",
+        &[("WORKER_SECRET", "local-worker-secret")],
+    )
+    .load()
+    .expect("loopback");
+}
+
+/// Production refuses the demo key's hash as a key's previous secret too.
+#[test]
+fn production_refuses_the_demo_key_as_a_previous_key() {
+    let long = "v".repeat(40);
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.toml",
+        &base().replace("admin-token", &long),
+    );
+    write(
+        dir.path(),
+        "production.toml",
+        &format!(
+            "[keys.acme]\nkey_sha256 = \"{HASH}\"\nprevious_key_sha256 = \"{DEMO_KEY_SHA256}\"\n\
+             previous_key_expires_at = \"2001-01-01T00:00:00Z\"\n"
+        ),
+    );
+    let msg = source(dir.path(), "production", &[("WORKER_SECRET", &long)])
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("keys.acme.previous_key_sha256") && msg.contains("demo key"),
+        "even after its overlap ended: {msg}"
+    );
+}

@@ -14,6 +14,7 @@ use crate::webhooks::{Receiver, SECRET};
 
 both_backends!(
     a_claim_leaves_deliveries_of_full_endpoints_in_the_outbox,
+    a_claim_leaves_deliveries_of_full_keys_in_the_outbox,
     deliveries_reuse_connections,
     an_event_is_sent_at_once_when_the_dispatcher_is_idle,
     two_nodes_deliver_a_thousand_events_exactly_once,
@@ -138,6 +139,64 @@ async fn two_nodes_deliver_a_thousand_events_exactly_once(backend: Backend) {
 /// A claim that is told which target URLs have no room leases none of their deliveries: they
 /// stay pending and unleased, their attempt not counted, while every other due delivery is
 /// leased (so a stuck endpoint's backlog is not leased and given back over and over).
+async fn a_claim_leaves_deliveries_of_full_keys_in_the_outbox(backend: Backend) {
+    use sea_orm::ActiveModelTrait;
+    let app = TestApp::builder(backend)
+        .key("wide", "initial_credits = 100")
+        .key("other", "initial_credits = 100")
+        .settings(|s| s.webhooks.dispatch = false)
+        .build()
+        .await;
+    let db = app.state().writer.clone();
+    let id = |name: &'static str| {
+        let db = db.clone();
+        async move {
+            api::service::keys::id_by_name(&db, name)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let (wide, other) = (id("wide").await, id("other").await);
+    let now = chrono::Utc::now() - chrono::TimeDelta::seconds(1);
+    for i in 0..20 {
+        let (key, target) = if i % 2 == 0 {
+            (wide, format!("https://h{i}.wide.example/hook"))
+        } else {
+            (other, "https://other.example/hook".to_string())
+        };
+        crate::helpers::delivery_row(key, &target, "pending", now, now)
+            .insert(&db)
+            .await
+            .unwrap();
+    }
+    let lock = Duration::from_secs(60);
+    let leased = api::service::webhooks::claim_due(&db, 100, lock, &[], &[wide])
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 10);
+    assert!(leased.iter().all(|d| d.api_key_id == other), "{leased:?}");
+    let untouched = app
+        .scalar(&format!(
+            "SELECT COUNT(*) AS v FROM webhook_delivery WHERE api_key_id = {wide} \
+             AND locked_until IS NULL AND attempt_count = 0"
+        ))
+        .await;
+    assert_eq!(
+        untouched, 10,
+        "the full key's deliveries stay in the outbox"
+    );
+    let rest = api::service::webhooks::claim_due(&db, 100, lock, &[], &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.len(),
+        10,
+        "without the skip they are due like any other"
+    );
+    assert!(rest.iter().all(|d| d.api_key_id == wide));
+}
+
 async fn a_claim_leaves_deliveries_of_full_endpoints_in_the_outbox(backend: Backend) {
     use sea_orm::ActiveModelTrait;
     let app = TestApp::builder(backend)
@@ -160,7 +219,7 @@ async fn a_claim_leaves_deliveries_of_full_endpoints_in_the_outbox(backend: Back
             .unwrap();
     }
     let lock = Duration::from_secs(60);
-    let leased = api::service::webhooks::claim_due(&db, 100, lock, &[stuck.to_string()])
+    let leased = api::service::webhooks::claim_due(&db, 100, lock, &[stuck.to_string()], &[])
         .await
         .unwrap();
     assert_eq!(leased.len(), 10);
@@ -175,7 +234,7 @@ async fn a_claim_leaves_deliveries_of_full_endpoints_in_the_outbox(backend: Back
         untouched, 10,
         "the full endpoint's deliveries stay in the outbox"
     );
-    let rest = api::service::webhooks::claim_due(&db, 100, lock, &[])
+    let rest = api::service::webhooks::claim_due(&db, 100, lock, &[], &[])
         .await
         .unwrap();
     assert_eq!(

@@ -8,6 +8,9 @@ pub const SCOPE_BATCH: &str = "batch";
 pub const SCOPE_READ: &str = "read";
 /// The budget of calls that carry no valid key, per client address (see the strangers module).
 pub const SCOPE_UNAUTHENTICATED: &str = "unauthenticated";
+/// The budget of a valid key's refused calls (address not allowed, body too large or too
+/// slow), per key and client address (see the strangers module).
+pub const SCOPE_REFUSED: &str = "refused";
 
 /// The state of a key's quota after a call.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,10 +39,10 @@ impl RateInfo {
         }
     }
 
-    /// The per-address budget of unauthenticated calls, used up.
-    pub fn strangers_exhausted(limit: u32, retry_after: u32) -> Self {
+    /// A budget of refused calls (`unauthenticated` or `refused`), used up.
+    pub fn budget_exhausted(scope: &'static str, limit: u32, retry_after: u32) -> Self {
         Self {
-            scope: SCOPE_UNAUTHENTICATED,
+            scope,
             limit,
             remaining: 0,
             reset_secs: retry_after,

@@ -11,7 +11,7 @@ use crate::store::pipeline::{UnitFuture, Writes};
 use crate::store::rate_limits;
 use crate::store::unit::Txn;
 
-pub use crate::domain::quota::{SCOPE_BATCH, SCOPE_READ, SCOPE_UNAUTHENTICATED};
+pub use crate::domain::quota::{SCOPE_BATCH, SCOPE_READ, SCOPE_REFUSED, SCOPE_UNAUTHENTICATED};
 
 /// The quota scope a customer call counts against: creating a batch is `batch`, every other
 /// customer call `read`. The one place that decides it.
@@ -133,22 +133,6 @@ pub async fn hit<C: ConnectionTrait>(
 ) -> Result<RateInfo, DbErr> {
     let count = rate_limits::increment(db, key_id, scope, window_start(now)).await?;
     Ok(RateInfo::after(scope, limit, count, now))
-}
-
-/// The quota state without counting a call (for refused calls that use no quota).
-pub async fn peek<C: ConnectionTrait>(
-    db: &C,
-    key_id: i64,
-    scope: &'static str,
-    limit: u32,
-    now: DateTime<Utc>,
-) -> Result<RateInfo, DbErr> {
-    let count = rate_limits::count(db, key_id, scope, window_start(now)).await?;
-    // Peeking counts nothing, so nothing is refused.
-    Ok(RateInfo {
-        exceeded: false,
-        ..RateInfo::after(scope, limit, count, now)
-    })
 }
 
 /// Deletes windows that ended more than a minute ago.

@@ -20,6 +20,10 @@ pub const DEMO_KEY_NAME: &str = "demo";
 /// SHA-256 of the documented demo key `vb_demo_local_only_not_for_production`.
 pub const DEMO_KEY_SHA256: &str =
     "03a7d84a6304e7636d36f9c34a5a583705f89616c6c050738b5d4bfee0acd725";
+/// Worker secrets the repository ships (`config/local.toml`, `config/test.toml`): public.
+pub const SHIPPED_WORKER_SECRETS: [&str; 2] = ["local-worker-secret", "test-worker-secret"];
+/// Admin tokens the repository ships (`config/local.toml`, `config/test.toml`): public.
+pub const SHIPPED_ADMIN_TOKENS: [&str; 2] = ["local-admin-token", "test-admin-token"];
 
 /// The whole, validated configuration.
 #[derive(Clone, Debug)]
@@ -80,6 +84,9 @@ pub struct ServerSettings {
     pub max_connections: u32,
     /// Calls without a valid key per client address and minute before 429.
     pub unauthenticated_per_min: u32,
+    /// A valid key's refused calls (address not allowed, body too large or too slow) per
+    /// client address and minute audited one by one before 429.
+    pub refused_per_min: u32,
 }
 
 impl ServerSettings {
@@ -173,10 +180,15 @@ pub struct WebhookSettings {
     pub retry_schedule: Vec<Duration>,
     /// Allow loopback/private targets (local testing only).
     pub allow_private_targets: bool,
+    /// Acknowledges `allow_private_targets` on a non-loopback `server.bind` (customers who
+    /// reach the server may then make it call the private network).
+    pub allow_private_targets_on_public_bind: bool,
     /// Run the dispatcher inside `serve`.
     pub dispatch: bool,
     /// Deliveries sent at once.
     pub concurrency: u32,
+    /// Deliveries of one key sent at once, across all its endpoints.
+    pub per_key_concurrency: u32,
 }
 
 /// `[admin]`.

@@ -42,6 +42,7 @@ pub(super) struct RawServer {
     pub(super) idle_timeout_seconds: i64,
     pub(super) max_connections: i64,
     pub(super) unauthenticated_per_min: i64,
+    pub(super) refused_per_min: i64,
 }
 
 #[derive(Deserialize)]
@@ -115,8 +116,10 @@ pub(super) struct RawWebhooks {
     #[serde(deserialize_with = "string_or_list")]
     pub(super) retry_schedule: Vec<String>,
     pub(super) allow_private_targets: bool,
+    pub(super) allow_private_targets_on_public_bind: bool,
     pub(super) dispatch: bool,
     pub(super) concurrency: i64,
+    pub(super) per_key_concurrency: i64,
 }
 
 #[derive(Deserialize)]

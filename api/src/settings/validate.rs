@@ -122,6 +122,7 @@ impl RawSettings {
             "server.unauthenticated_per_min",
             self.server.unauthenticated_per_min,
         )?;
+        let refused_per_min = c.positive("server.refused_per_min", self.server.refused_per_min)?;
         let max_body = c.positive("server.max_body_bytes", self.server.max_body_bytes)?;
         let grace = c.positive(
             "server.shutdown_grace_seconds",
@@ -386,8 +387,15 @@ impl RawSettings {
             ),
             retry_schedule,
             allow_private_targets: self.webhooks.allow_private_targets,
+            allow_private_targets_on_public_bind: self
+                .webhooks
+                .allow_private_targets_on_public_bind,
             dispatch: self.webhooks.dispatch,
             concurrency: c.positive("webhooks.concurrency", self.webhooks.concurrency)?,
+            per_key_concurrency: c.positive(
+                "webhooks.per_key_concurrency",
+                self.webhooks.per_key_concurrency,
+            )?,
         };
         let admin = AdminSettings {
             token: c.secret("admin.token", &self.admin.token)?,
@@ -425,6 +433,7 @@ impl RawSettings {
                 idle_timeout: Duration::from_secs(idle_timeout.into()),
                 max_connections: server_connections,
                 unauthenticated_per_min,
+                refused_per_min,
             },
             database,
             keys,
@@ -437,9 +446,7 @@ impl RawSettings {
         if environment == "production" {
             settings.check_production(&c)?;
         }
-        if environment == "local" {
-            settings.check_local(&c)?;
-        }
+        settings.check_exposure(&c)?;
         Ok(settings)
     }
 }
@@ -451,6 +458,16 @@ impl Settings {
                 return Err(c.err(
                     &format!("keys.{}", k.name),
                     "the demo key must not be configured in production",
+                ));
+            }
+            if k.previous_key
+                .as_ref()
+                .is_some_and(|p| p.key_sha256 == DEMO_KEY_SHA256)
+            {
+                return Err(c.err(
+                    &format!("keys.{}.previous_key_sha256", k.name),
+                    "is the public demo key's hash; the demo key must not be configured in \
+                     production",
                 ));
             }
         }
@@ -475,24 +492,56 @@ impl Settings {
         Ok(())
     }
 
-    /// The demo key is public: `local` serves it on loopback addresses only.
-    fn check_local(&self, c: &Check<'_>) -> Result<(), ConfigError> {
-        let has_demo = self
-            .keys
-            .values()
-            .any(|k| !k.disabled && (k.name == DEMO_KEY_NAME || k.key_sha256 == DEMO_KEY_SHA256));
+    /// Whatever the environment is called: a server that other machines reach runs with no
+    /// secret the repository ships (they are public), and lets customers' webhooks reach the
+    /// private network only when a separate setting says so.
+    fn check_exposure(&self, c: &Check<'_>) -> Result<(), ConfigError> {
         let loopback = self
             .server
             .bind
             .parse::<std::net::SocketAddr>()
             .is_ok_and(|a| a.ip().is_loopback());
-        if has_demo && !loopback {
+        if loopback {
+            return Ok(());
+        }
+        let bind = &self.server.bind;
+        let now = chrono::Utc::now();
+        let demo = self.keys.values().find(|k| {
+            !k.disabled
+                && (k.key_sha256 == DEMO_KEY_SHA256
+                    || k.previous_key
+                        .as_ref()
+                        .is_some_and(|p| p.key_sha256 == DEMO_KEY_SHA256 && p.expires_at > now))
+        });
+        let shipped = if let Some(k) = demo {
+            Some(format!(
+                "the public demo key (keys.{}); bind a loopback address, or disable or replace \
+                 that key",
+                k.name
+            ))
+        } else if SHIPPED_WORKER_SECRETS.contains(&self.worker.secret.expose()) {
+            Some("the shipped worker.secret; bind a loopback address or set your own".into())
+        } else if SHIPPED_ADMIN_TOKENS.contains(&self.admin.token.expose()) {
+            Some("the shipped admin.token; bind a loopback address or set your own".into())
+        } else {
+            None
+        };
+        if let Some(what) = shipped {
             return Err(c.err(
                 "server.bind",
+                format!("{bind:?} is reachable from other machines while {what}"),
+            ));
+        }
+        if self.webhooks.allow_private_targets
+            && !self.webhooks.allow_private_targets_on_public_bind
+        {
+            return Err(c.err(
+                "webhooks.allow_private_targets",
                 format!(
-                    "{:?} is reachable from other machines while the public demo key is configured; \
-                     bind 127.0.0.1 or remove keys.{DEMO_KEY_NAME}",
-                    self.server.bind
+                    "lets customers' webhooks reach loopback and private addresses while \
+                     server.bind {bind:?} is reachable from other machines; bind a loopback \
+                     address, set it to false, or acknowledge it with \
+                     webhooks.allow_private_targets_on_public_bind = true"
                 ),
             ));
         }

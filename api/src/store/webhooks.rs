@@ -51,23 +51,30 @@ impl NewDelivery<'_> {
 
 /// Leases up to `max` due deliveries until `until`, counting their attempt, in one committed
 /// statement (rows another dispatcher holds are skipped, and so are rows for `skip_targets`,
-/// URLs the dispatcher cannot send to now); returns them, attempt counted.
+/// URLs the dispatcher cannot send to now, and of `skip_keys`, keys that have all they may
+/// send now); returns them, attempt counted.
 pub async fn lease_due(
     db: &DatabaseConnection,
     max: u64,
     now: DateTime<Utc>,
     until: DateTime<Utc>,
     skip_targets: &[String],
+    skip_keys: &[i64],
 ) -> Result<Vec<Model>, DbErr> {
     let backend = db.get_database_backend();
-    let skip = if skip_targets.is_empty() {
-        String::new()
-    } else {
-        format!(
+    let mut skip = String::new();
+    if !skip_targets.is_empty() {
+        skip.push_str(&format!(
             "AND target_url NOT IN ({}) ",
             placeholders(3, skip_targets.len())
-        )
-    };
+        ));
+    }
+    if !skip_keys.is_empty() {
+        skip.push_str(&format!(
+            "AND api_key_id NOT IN ({}) ",
+            placeholders(3 + skip_targets.len(), skip_keys.len())
+        ));
+    }
     let sql = format!(
         "UPDATE webhook_delivery SET attempt_count = attempt_count + 1, locked_until = $2, updated_at = $1 \
          WHERE id IN (SELECT id FROM webhook_delivery WHERE status = 'pending' AND next_attempt_at <= $1 \
@@ -78,6 +85,7 @@ pub async fn lease_due(
     );
     let mut values: Vec<sea_orm::Value> = vec![now.into(), until.into()];
     values.extend(skip_targets.iter().map(|t| t.as_str().into()));
+    values.extend(skip_keys.iter().map(|k| (*k).into()));
     let txn = crate::db::begin_write(db).await?;
     let rows = txn.query_all_raw(stmt(backend, &sql, values)).await?;
     txn.commit().await?;

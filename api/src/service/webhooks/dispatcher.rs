@@ -168,20 +168,48 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
 
 /// Leases due deliveries to this dispatcher: one statement marks the attempt, so two
 /// dispatchers (on any nodes) never send the same attempt. Deliveries to `skip_targets` are
-/// left in the outbox (their endpoints have no room).
+/// left in the outbox (their endpoints have no room), and so are those of `skip_keys` (the
+/// keys have all they may send now).
 pub async fn claim_due(
     db: &DatabaseConnection,
     limit: u32,
     lock_for: std::time::Duration,
     skip_targets: &[String],
+    skip_keys: &[i64],
 ) -> Result<Vec<webhook_delivery::Model>, DbErr> {
     let now = Utc::now();
     let until = now + chrono::Duration::from_std(lock_for).unwrap_or(chrono::Duration::seconds(60));
-    webhooks::lease_due(db, u64::from(limit), now, until, skip_targets).await
+    webhooks::lease_due(db, u64::from(limit), now, until, skip_targets, skip_keys).await
 }
 
-/// The most target URLs a claim leaves out (the statement stays small).
+/// The most target URLs (and keys) a claim leaves out (the statement stays small).
 const MAX_SKIPPED_TARGETS: usize = 64;
+
+/// Claimed deliveries waiting in memory, per key.
+fn queued_by_key(
+    waiting: &HashMap<String, VecDeque<webhook_delivery::Model>>,
+) -> HashMap<i64, usize> {
+    let mut queued = HashMap::new();
+    for d in waiting.values().flatten() {
+        *queued.entry(d.api_key_id).or_default() += 1;
+    }
+    queued
+}
+
+/// Keys that can take nothing more now: all their slots busy and more than half a slot's
+/// worth each already waiting here. A claim leaves their deliveries in the outbox, so one
+/// key with many endpoints costs the other keys neither slots nor claims.
+fn full_keys(endpoints: &Endpoints, queued: &HashMap<i64, usize>, per_key: usize) -> Vec<i64> {
+    let mut keys: Vec<i64> = endpoints
+        .by_key
+        .iter()
+        .filter(|(k, n)| **n >= per_key && queued.get(*k).copied().unwrap_or(0) > per_key / 2)
+        .map(|(k, _)| *k)
+        .collect();
+    keys.sort_unstable();
+    keys.truncate(MAX_SKIPPED_TARGETS);
+    keys
+}
 
 /// Target URLs of the endpoints that can take nothing more now: every slot busy and their
 /// waiting queue full. A claim leaves their deliveries in the outbox instead of leasing them
@@ -257,10 +285,12 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// This dispatcher's view of each endpoint: attempts in flight, and a backoff after a run of
 /// timeouts. A slow or dead endpoint fills only its own few slots and then waits on its own;
-/// other endpoints' deliveries are claimed and sent meanwhile.
+/// other endpoints' deliveries are claimed and sent meanwhile. Attempts in flight are counted
+/// per key too: a key's slots span all its endpoints (`webhooks.per_key_concurrency`).
 #[derive(Default)]
 struct Endpoints {
     in_flight: HashMap<String, usize>,
+    by_key: HashMap<i64, usize>,
     timeouts: HashMap<String, (u32, Instant)>,
 }
 
@@ -278,15 +308,27 @@ impl Endpoints {
         self.in_flight.get(ep).copied().unwrap_or(0) < PER_ENDPOINT
     }
 
-    fn started(&mut self, ep: &str) {
-        *self.in_flight.entry(ep.to_string()).or_default() += 1;
+    /// A send of `key` may start now, as far as the key's own cap goes.
+    fn key_has_slot(&self, key: i64, per_key: usize) -> bool {
+        self.by_key.get(&key).copied().unwrap_or(0) < per_key
     }
 
-    fn finished(&mut self, ep: &str, timed_out: bool) {
+    fn started(&mut self, ep: &str, key: i64) {
+        *self.in_flight.entry(ep.to_string()).or_default() += 1;
+        *self.by_key.entry(key).or_default() += 1;
+    }
+
+    fn finished(&mut self, ep: &str, key: i64, timed_out: bool) {
         if let Some(n) = self.in_flight.get_mut(ep) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.in_flight.remove(ep);
+            }
+        }
+        if let Some(n) = self.by_key.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_key.remove(&key);
             }
         }
         if timed_out {
@@ -370,7 +412,7 @@ async fn record(state: Arc<AppState>, d: webhook_delivery::Model, attempt: Attem
 }
 
 /// Sends due deliveries until `stop` is notified: up to `webhooks.concurrency` at once, at most
-/// [`PER_ENDPOINT`] per endpoint, each send on its own (a slow one never holds the others), new
+/// [`PER_ENDPOINT`] per endpoint and `webhooks.per_key_concurrency` per key, each send on its own (a slow one never holds the others), new
 /// deliveries claimed as soon as a slot frees. When `stop` is notified it claims nothing more
 /// and waits for the sends in flight.
 pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>) {
@@ -387,7 +429,7 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
                  endpoints: &mut Endpoints,
                  ep: String,
                  d: webhook_delivery::Model| {
-        endpoints.started(&ep);
+        endpoints.started(&ep, d.api_key_id);
         let runtime = state.runtime();
         sends.spawn(async move {
             let attempt = send(&runtime, &d).await;
@@ -398,7 +440,7 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
                     endpoints: &mut Endpoints,
                     records: &mut JoinSet<()>| {
         if let Ok((ep, d, attempt)) = done {
-            endpoints.finished(&ep, attempt.timed_out);
+            endpoints.finished(&ep, d.api_key_id, attempt.timed_out);
             records.spawn(record(Arc::clone(&state), d, attempt));
         }
     };
@@ -410,10 +452,18 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
         let runtime = state.runtime();
         let settings = &runtime.settings.webhooks;
         let concurrency = settings.concurrency as usize;
-        // Waiting deliveries go first, as their endpoints free up.
+        let per_key = settings.per_key_concurrency as usize;
+        // Waiting deliveries go first, as their endpoints and keys free up (in order, passing
+        // over those whose key has no slot).
         for (ep, queue) in waiting.iter_mut() {
             while sends.len() < concurrency && endpoints.has_slot(ep) {
-                let Some(d) = queue.pop_front() else { break };
+                let Some(d) = queue
+                    .iter()
+                    .position(|d| endpoints.key_has_slot(d.api_key_id, per_key))
+                    .and_then(|i| queue.remove(i))
+                else {
+                    break;
+                };
                 spawn(&mut sends, &mut endpoints, ep.clone(), d);
             }
         }
@@ -441,29 +491,40 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
             let lock_for = settings.timeout * 2 + std::time::Duration::from_secs(30);
             last_claim = Instant::now();
             let skip = full_targets(&endpoints, &waiting);
-            match claim_due(&state.writer, room as u32, lock_for, &skip).await {
+            let mut queued = queued_by_key(&waiting);
+            let skip_keys = full_keys(&endpoints, &queued, per_key);
+            match claim_due(&state.writer, room as u32, lock_for, &skip, &skip_keys).await {
                 Ok(batch) => {
                     full.clear();
                     let mut back = Vec::new();
                     for d in batch {
                         let ep = endpoint_of(&d.target_url);
+                        let key = d.api_key_id;
+                        let key_queued = queued.get(&key).copied().unwrap_or(0);
                         let later = match endpoints.backing_off(&ep) {
                             Some(until) => until,
-                            None if sends.len() < concurrency && endpoints.has_slot(&ep) => {
+                            None if sends.len() < concurrency
+                                && endpoints.has_slot(&ep)
+                                && endpoints.key_has_slot(key, per_key) =>
+                            {
                                 spawn(&mut sends, &mut endpoints, ep, d);
                                 taken += 1;
                                 continue;
                             }
-                            None if waiting.get(&ep).map_or(0, VecDeque::len) < PER_ENDPOINT => {
-                                waiting.entry(ep).or_default().push_back(d);
-                                taken += 1;
-                                continue;
-                            }
                             // The endpoint has all it can take: the rest stays in the outbox.
-                            None => {
+                            None if waiting.get(&ep).map_or(0, VecDeque::len) >= PER_ENDPOINT => {
                                 full.insert(ep);
                                 Instant::now() + POLL
                             }
+                            None if key_queued < per_key => {
+                                waiting.entry(ep).or_default().push_back(d);
+                                queued.insert(key, key_queued + 1);
+                                taken += 1;
+                                continue;
+                            }
+                            // The key has all it can take (its slots, and as many waiting): the
+                            // rest goes back, and claims pass the key over while it is full.
+                            None => Instant::now() + POLL,
                         };
                         let at = Utc::now()
                             + chrono::Duration::from_std(later - Instant::now())
