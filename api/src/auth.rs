@@ -80,7 +80,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
             ),
         ));
     }
-    if req.method() == poem::http::Method::GET || scope == SCOPE_BATCH {
+    if scope == SCOPE_BATCH {
         // Counted later, in one commit with what the call writes: a read with its usage row
         // once answered, a create with its batch (`service::batches::create`). Both are
         // answered 429 then if over the quota; what ran before the count only read.
@@ -94,7 +94,17 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         });
         return Ok(Caller { key, runtime });
     }
-    let info = rate_limit::admit(&state.writes, key.id, scope, limit, now).await?;
+    // Counted before the handler runs: a call over its quota does no work at all.
+    let info = match rate_limit::admit(&state.writes, key.id, scope, limit, now).await {
+        Ok(info) => info,
+        Err(e) if e.fault.is_some() && req.method() == poem::http::Method::GET => {
+            // The store fails to count: a read is still served from what can be read (while
+            // SQLite is full, reads keep working), uncounted.
+            tracing::warn!(error = %e, "a read is served uncounted: the store fails");
+            return Ok(Caller { key, runtime });
+        }
+        Err(e) => return Err(e),
+    };
     crate::context::update(|s| s.rate = Some(info.clone()));
     if info.exceeded {
         return Err(rate_limit::refusal(&key.policy.name, &info));

@@ -817,3 +817,20 @@ pub fn delivery_row(
         delivered_at: Set(None),
     }
 }
+
+/// The count of `app`'s rate-limit windows of `scope` (read through the writer, which the
+/// test leaves free).
+pub async fn count_window(app: &TestApp, scope: &str) -> i64 {
+    let writer = app.state().writer.clone();
+    writer
+        .query_one_raw(Statement::from_sql_and_values(
+            writer.get_database_backend(),
+            "SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) AS v FROM rate_limit_window WHERE scope = $1",
+            [scope.into()],
+        ))
+        .await
+        .expect("query")
+        .expect("row")
+        .try_get::<i64>("", "v")
+        .expect("v")
+}

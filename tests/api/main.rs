@@ -19,6 +19,7 @@ mod paging;
 mod pipeline;
 mod policies;
 mod promises;
+mod quota_first;
 mod reaper;
 mod retention;
 mod security;

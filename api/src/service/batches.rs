@@ -246,6 +246,9 @@ pub async fn write_new_batch(
         now,
         expires_at,
     };
+    // Releases of this key earlier in the group are applied first: the hold, the remaining
+    // credits and a low-credit crossing are decided on the exact wallet.
+    txn.settle_wallet(key_id).await?;
     let held = match job.insert_held(txn, &batch.items, start_pos).await? {
         jobs::Held::Created(wallet) => wallet,
         jobs::Held::Repeat(_) => {
@@ -769,6 +772,46 @@ mod tests {
             .unwrap()
             .try_get("", "n")
             .unwrap()
+    }
+
+    /// On SQLite a group leaves the releases of its units to one wallet update at its end; a
+    /// create later in the same group still sees them: threshold 100, 150 available, a release
+    /// of 100 earlier in the group, a create of 20: 250 → 230, no crossing.
+    #[tokio::test]
+    async fn a_create_sees_the_releases_earlier_in_its_group() {
+        let (_dir, db) = db_with_wallet(1000).await;
+        db.execute_unprepared("UPDATE credit_wallet SET held = 850")
+            .await
+            .unwrap();
+        let txn = db.begin().await.unwrap();
+        let memo = GroupMemo::default();
+        memo.defer_wallets([(1, (0, -100))].into_iter().collect());
+        let (r, _) = run(&txn, &memo, &unit("after-release")).await;
+        let created = r.unwrap().expect("created");
+        assert_eq!(created.available_credits, 250, "the release counts");
+        assert_eq!(created.remaining_credits, 230);
+        assert!(
+            memo.take_wallets().is_empty(),
+            "applied once, by the create"
+        );
+        txn.commit().await.unwrap();
+        assert_eq!(held(&db).await, (1000, 770));
+
+        // The reverse: without the release the create would not cross either way, but a
+        // create that needs the released credits is no longer refused.
+        let txn = db.begin().await.unwrap();
+        let memo = GroupMemo::default();
+        db_set(&txn, "UPDATE credit_wallet SET held = 990").await;
+        memo.defer_wallets([(1, (0, -20))].into_iter().collect());
+        let (r, _) = run(&txn, &memo, &unit("needs-release")).await;
+        let created = r.unwrap().expect("created: 10 + 20 released cover 20");
+        assert_eq!(created.remaining_credits, 10);
+        txn.commit().await.unwrap();
+        assert_eq!(held(&db).await, (1000, 990));
+    }
+
+    async fn db_set(txn: &DatabaseTransaction, sql: &str) {
+        txn.execute_unprepared(sql).await.unwrap();
     }
 
     #[tokio::test]

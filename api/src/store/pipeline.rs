@@ -710,7 +710,10 @@ async fn run_fast(db: &DatabaseConnection, group: &mut Group, counters: &Counter
         let result = (unit.work)(&t).await;
         match result {
             Ok(completion) => {
-                appended.extend(t.take_appended());
+                let mut rows = t.take_appended();
+                // Later units of the group that read this wallet settle these first.
+                memo.defer_wallets(std::mem::take(&mut rows.wallets));
+                appended.extend(rows);
                 ran.push((source, Ran::Done(completion)));
             }
             Err(e) if t.changed_nothing() && !e.transient && e.fault.is_none() => {
@@ -735,6 +738,7 @@ async fn run_fast(db: &DatabaseConnection, group: &mut Group, counters: &Counter
     for a in &group.audits {
         appended.usage.push((a.row.clone(), a.at));
     }
+    appended.wallets = memo.take_wallets();
     if let Err(e) = appended.write(&txn).await {
         return abandon(txn, e.into()).await;
     }

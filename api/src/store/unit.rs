@@ -79,6 +79,27 @@ impl Appended {
 #[derive(Default)]
 pub struct GroupMemo {
     fair_next: Mutex<HashMap<i64, i64>>,
+    /// Wallet movements of the group's earlier units not applied yet (summed per key: balance,
+    /// held), written by the group before it commits, or by a later unit that needs the
+    /// wallet exact ([`Txn::settle_wallet`]).
+    wallets: Mutex<BTreeMap<i64, (i64, i64)>>,
+}
+
+impl GroupMemo {
+    /// Leaves a unit's wallet movements to the group (once the unit has succeeded).
+    pub fn defer_wallets(&self, movements: BTreeMap<i64, (i64, i64)>) {
+        let mut pending = self.wallets.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, (balance, held)) in movements {
+            let sum = pending.entry(key).or_default();
+            sum.0 += balance;
+            sum.1 += held;
+        }
+    }
+
+    /// The movements still left to the group, taken to be written.
+    pub fn take_wallets(&self) -> BTreeMap<i64, (i64, i64)> {
+        std::mem::take(&mut *self.wallets.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 #[derive(Default)]
@@ -153,6 +174,29 @@ impl<'a> Txn<'a> {
     /// outside a group: the benchmark's one-commit-per-call loops).
     pub async fn write_appended(&self) -> Result<(), DbErr> {
         self.take_appended().write(self.inner).await
+    }
+
+    /// Applies the wallet movements of `key_id` that earlier units of the group left to it, so
+    /// that what this unit reads of the wallet (a create's hold, its remaining credits and a
+    /// low-credit crossing) is exact. Sends nothing when there are none (always on PostgreSQL,
+    /// where units move wallets themselves).
+    pub async fn settle_wallet(&self, key_id: i64) -> Result<(), DbErr> {
+        let pending = self
+            .memo
+            .wallets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key_id);
+        let Some((balance, held)) = pending else {
+            return Ok(());
+        };
+        if super::wallets::add(self, key_id, balance, held, chrono::Utc::now()).await? {
+            Ok(())
+        } else {
+            Err(DbErr::Custom(format!(
+                "the group's credit movements of key {key_id} break its wallet's rule"
+            )))
+        }
     }
 
     /// Where a new batch of `n` items of `key_id` starts in the fair queue: asked of the
