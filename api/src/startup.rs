@@ -105,7 +105,7 @@ pub async fn prepare_with_db(
         source,
         reload_lock: tokio::sync::Mutex::new(()),
         revoked: ArcSwap::from_pointee(revoked),
-        clock: crate::clock::Clock::default(),
+        clock: crate::clock::Clock::from_env().map_err(anyhow::Error::msg)?,
         webhook_wakeup: tokio::sync::Notify::new(),
         strangers,
     }))
@@ -135,6 +135,15 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("binding {bind}"))?;
+        Self::with_listener(state, listener).await
+    }
+
+    /// Like [`Application::bind`] on a listener the caller already bound (a test that restarts
+    /// a server keeps its port this way instead of releasing it and binding it again).
+    pub async fn with_listener(
+        state: Arc<AppState>,
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<Self> {
         let port = listener.local_addr()?.port();
         let server = state.runtime().settings.server.clone();
         let (ops, ops_port) = if server.ops_shared() {

@@ -196,6 +196,7 @@ impl TestAppBuilder {
             state: None,
             shutdown: None,
             handle: None,
+            listener: None,
             tweaks: self.tweaks.clone(),
             public_targets_only: self.public_targets_only,
         };
@@ -226,6 +227,8 @@ pub struct TestApp {
     state: Option<Arc<AppState>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// Another handle on the server's listening socket, so that a restart keeps the port.
+    listener: Option<std::net::TcpListener>,
     tweaks: Vec<Tweak>,
     public_targets_only: bool,
 }
@@ -286,11 +289,12 @@ impl TestApp {
     }
 
     async fn start(&mut self) {
-        self.start_on(0).await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        self.start_on(listener).await;
     }
 
-    /// Starts the application on `port` (0: any free port).
-    async fn start_on(&mut self, port: u16) {
+    /// Starts the application on `listener`, keeping another handle on it.
+    async fn start_on(&mut self, listener: std::net::TcpListener) {
         let mut settings = self.source().load().expect("valid test config");
         for tweak in &self.tweaks {
             tweak(&mut settings);
@@ -299,7 +303,10 @@ impl TestApp {
         let state = api::startup::prepare_with_db(settings, Some(self.source()), db)
             .await
             .expect("prepare");
-        let app = api::Application::bind(Arc::clone(&state), &format!("127.0.0.1:{port}"))
+        listener.set_nonblocking(true).expect("non-blocking");
+        self.listener = Some(listener.try_clone().expect("dup the listener"));
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let app = api::Application::with_listener(Arc::clone(&state), listener)
             .await
             .expect("bind");
         self.port = app.port();
@@ -326,6 +333,7 @@ impl TestApp {
             state: None,
             shutdown: None,
             handle: None,
+            listener: None,
             tweaks: self.tweaks.clone(),
             public_targets_only: self.public_targets_only,
         };
@@ -334,12 +342,24 @@ impl TestApp {
     }
 
     /// Stops the server and starts it again on the same database and port, as a restarted
-    /// process behind a fixed address would be, after `down` without any server.
-    pub async fn restart_in_place(&mut self, down: std::time::Duration) {
-        let port = self.port;
+    /// process behind a fixed address would be. The listening socket is never released (no
+    /// other process can take the port); while no server runs, every connection to it is
+    /// accepted and closed at once without an answer, and the server starts again once
+    /// `refused` connections were turned away, so the test knows that calls failed meanwhile.
+    pub async fn restart_in_place(&mut self, refused: usize) {
+        let held = self.listener.take().expect("a running server");
         self.stop().await;
-        tokio::time::sleep(down).await;
-        self.start_on(port).await;
+        let down = tokio::net::TcpListener::from_std(held).expect("listener");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        for _ in 0..refused {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let (stream, _) = tokio::time::timeout(left, down.accept())
+                .await
+                .expect("no call reached the stopped server within 60 s")
+                .expect("accept");
+            drop(stream);
+        }
+        self.start_on(down.into_std().expect("std listener")).await;
     }
 
     /// Stops the server and starts it again on the same database (a restart).
@@ -348,8 +368,9 @@ impl TestApp {
         self.start().await;
     }
 
-    /// Stops the server gracefully.
+    /// Stops the server gracefully (and closes its port).
     pub async fn stop(&mut self) {
+        self.listener = None;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -626,6 +647,66 @@ pub async fn assert_ledger_invariant(db: &DatabaseConnection) {
         assert_eq!(balance, eb, "key {k}: balance disagrees with the ledger");
         assert_eq!(held, eh, "key {k}: held disagrees with the ledger");
         assert!(held >= 0 && balance >= held, "key {k}: wallet rule broken");
+    }
+}
+
+/// A webhook outbox row as a test checks it.
+#[derive(Clone, Debug)]
+pub struct OutboxRow {
+    /// The delivery id.
+    pub id: String,
+    /// The batch it is about.
+    pub batch_id: Option<String>,
+    /// `event_type`.
+    pub event_type: String,
+    /// `pending`, `succeeded` or `failed`.
+    pub status: String,
+    /// The row's `attempt_count`.
+    pub attempt_count: i64,
+    /// How many `webhook_attempt` rows it has.
+    pub attempts: i64,
+}
+
+/// Every webhook outbox row, with its attempts.
+pub async fn outbox_rows(db: &DatabaseConnection) -> Vec<OutboxRow> {
+    use sea_orm::{EntityTrait, QueryOrder};
+    let deliveries = entity::webhook_delivery::Entity::find()
+        .order_by_asc(entity::webhook_delivery::Column::CreatedAt)
+        .all(db)
+        .await
+        .expect("outbox query");
+    let attempts = entity::webhook_attempt::Entity::find()
+        .all(db)
+        .await
+        .expect("attempts query");
+    deliveries
+        .into_iter()
+        .map(|d| OutboxRow {
+            id: d.id.to_string(),
+            batch_id: d.batch_id.map(|b| b.to_string()),
+            event_type: d.event_type,
+            status: d.status,
+            attempt_count: i64::from(d.attempt_count),
+            attempts: attempts.iter().filter(|a| a.delivery_id == d.id).count() as i64,
+        })
+        .collect()
+}
+
+/// Waits (up to 60 s) until the outbox holds `n` rows and none is pending any more, so nothing
+/// will be sent again, and returns them: a test checks what was (not) delivered from the rows
+/// instead of waiting and seeing nothing arrive.
+pub async fn wait_outbox_final(db: &DatabaseConnection, n: usize) -> Vec<OutboxRow> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let rows = outbox_rows(db).await;
+        if rows.len() >= n && rows.iter().all(|r| r.status != "pending") {
+            return rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox did not settle on {n} final rows: {rows:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

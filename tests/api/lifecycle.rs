@@ -439,9 +439,21 @@ async fn reference_worker_survives_a_server_restart(backend: Backend) {
         poll_seconds: 1,
     };
     let worker = tokio::spawn(api::worker_client::run(args));
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    app.restart_in_place(std::time::Duration::from_millis(1500))
-        .await;
+    // Renders are in flight once the worker has claimed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app
+        .scalar("SELECT COUNT(*) AS v FROM batch_item WHERE status = 'running'")
+        .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker claimed nothing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The server comes back only after two of the worker's calls were turned away unanswered.
+    app.restart_in_place(2).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let v = loop {
         let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();
