@@ -710,18 +710,6 @@ pub async fn wait_outbox_final(db: &DatabaseConnection, n: usize) -> Vec<OutboxR
     }
 }
 
-/// Waits for the next UTC minute when fewer than `need_secs` seconds are left in this one, so a
-/// test that counts calls against a per-minute quota stays inside one window.
-pub async fn fresh_window(need_secs: i64) {
-    let secs = chrono::Utc::now().timestamp() % 60;
-    if 60 - secs < need_secs {
-        tokio::time::sleep(std::time::Duration::from_millis(
-            ((60 - secs) * 1000 + 100) as u64,
-        ))
-        .await;
-    }
-}
-
 /// Claims items from the server at `base` (tests that run the real binary).
 pub async fn claim_at(
     client: &reqwest::Client,
