@@ -108,6 +108,7 @@ pub async fn prepare_with_db(
         clock: crate::clock::Clock::from_env().map_err(anyhow::Error::msg)?,
         webhook_wakeup: tokio::sync::Notify::new(),
         strangers,
+        reaper_gate: tokio::sync::Mutex::new(()),
     }))
 }
 
@@ -269,6 +270,7 @@ fn spawn_reaper(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let _pass = state.reaper_gate.lock().await;
             let runtime = state.runtime();
             match crate::service::leases::reap_expired(&state.db, &state.writes, &runtime).await {
                 Ok(r) if r.requeued + r.settled > 0 => {

@@ -114,6 +114,9 @@ pub struct AppState {
     pub clock: crate::clock::Clock,
     /// This node's budget and aggregated audit of calls without a valid key.
     pub strangers: crate::strangers::Strangers,
+    /// Held by the lease reaper for each pass. Tests only: a test that counts this node's
+    /// commits holds it to pause the reaper (waiting for a pass in progress to end).
+    pub reaper_gate: tokio::sync::Mutex<()>,
 }
 
 impl AppState {

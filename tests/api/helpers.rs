@@ -397,12 +397,29 @@ impl TestApp {
         Arc::clone(self.state.as_ref().expect("started"))
     }
 
-    /// Group commits of this node's write pipeline while `calls` runs, and their output.
+    /// Group commits of this node's write pipeline while `calls` runs, and their output. The
+    /// lease reaper (the only background work that commits through the pipeline when no
+    /// stranger calls) is paused meanwhile, so the count is the calls' own.
     pub async fn commits_during<T>(&self, calls: impl Future<Output = T>) -> (u64, T) {
         let state = self.state();
+        let _paused = state.reaper_gate.lock().await;
         let before = state.writes.commits();
         let out = calls.await;
         (state.writes.commits() - before, out)
+    }
+
+    /// Ends the lease of item `item_id` a minute ago, as if its worker had gone silent: the
+    /// reaper settles it at its next pass (tests need no short lease racing their own calls).
+    pub async fn expire_lease(&self, item_id: &str) {
+        use sea_orm::{ActiveModelTrait, Set};
+        entity::batch_item::ActiveModel {
+            id: Set(item_id.parse().expect("item id")),
+            lease_expires_at: Set(Some(chrono::Utc::now() - chrono::Duration::minutes(1))),
+            ..Default::default()
+        }
+        .update(&self.db())
+        .await
+        .expect("expire the lease");
     }
 
     /// The database.
@@ -659,6 +676,8 @@ pub struct OutboxRow {
     pub batch_id: Option<String>,
     /// `event_type`.
     pub event_type: String,
+    /// Where it goes.
+    pub target_url: String,
     /// `pending`, `succeeded` or `failed`.
     pub status: String,
     /// The row's `attempt_count`.
@@ -685,6 +704,7 @@ pub async fn outbox_rows(db: &DatabaseConnection) -> Vec<OutboxRow> {
             id: d.id.to_string(),
             batch_id: d.batch_id.map(|b| b.to_string()),
             event_type: d.event_type,
+            target_url: d.target_url,
             status: d.status,
             attempt_count: i64::from(d.attempt_count),
             attempts: attempts.iter().filter(|a| a.delivery_id == d.id).count() as i64,
