@@ -368,6 +368,7 @@ impl RawSettings {
             allow_private_targets: self.webhooks.allow_private_targets,
             dispatch: self.webhooks.dispatch,
             concurrency: c.positive("webhooks.concurrency", self.webhooks.concurrency)?,
+            poll: WebhookSettings::POLL,
         };
         let admin = AdminSettings {
             token: c.secret("admin.token", &self.admin.token)?,

@@ -247,9 +247,6 @@ pub async fn record_attempt<C: ConnectionTrait>(
 /// The most deliveries sent to one endpoint (host and port) at once, across this dispatcher;
 /// as many more may wait for it in memory (still leased), the rest stay in the outbox.
 pub const PER_ENDPOINT: usize = 16;
-/// How often an idle dispatcher looks for deliveries other nodes committed (its own node's
-/// commits wake it at once). An empty look is one indexed statement that changes nothing.
-const POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// Consecutive timeouts after which an endpoint backs off.
 const BACKOFF_AFTER: u32 = 3;
 /// Connecting may take this long at most (less when the request timeout is shorter).
@@ -410,6 +407,10 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
         let runtime = state.runtime();
         let settings = &runtime.settings.webhooks;
         let concurrency = settings.concurrency as usize;
+        // How often an idle dispatcher looks for deliveries other nodes committed (its own
+        // node's commits wake it at once). An empty look is one indexed statement that changes
+        // nothing.
+        let poll = settings.poll;
         // Waiting deliveries go first, as their endpoints free up.
         for (ep, queue) in waiting.iter_mut() {
             while sends.len() < concurrency && endpoints.has_slot(ep) {
@@ -429,7 +430,7 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
             let drained = full
                 .iter()
                 .any(|ep| waiting.get(ep).map_or(0, VecDeque::len) <= PER_ENDPOINT / 2);
-            if drained || last_claim.elapsed() >= POLL {
+            if drained || last_claim.elapsed() >= poll {
                 room = room.min(PER_ENDPOINT);
             } else {
                 room = 0;
@@ -462,7 +463,7 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
                             // The endpoint has all it can take: the rest stays in the outbox.
                             None => {
                                 full.insert(ep);
-                                Instant::now() + POLL
+                                Instant::now() + poll
                             }
                         };
                         let at = Utc::now()
@@ -492,7 +493,7 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
             // Events committed on this node wake the dispatcher at once; other nodes' events
             // are found by this short poll.
             _ = state.webhook_wakeup.notified() => {}
-            _ = tokio::time::sleep(POLL) => {}
+            _ = tokio::time::sleep(poll) => {}
             _ = stop.notified() => break,
         }
     }
