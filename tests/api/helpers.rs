@@ -667,6 +667,48 @@ pub async fn assert_ledger_invariant(db: &DatabaseConnection) {
     }
 }
 
+/// Every (table, column) of the current schema whose value, read as text, contains `needle`
+/// (each table and column is listed from the catalog, so a new one is searched too).
+pub async fn columns_containing(db: &DatabaseConnection, needle: &str) -> Vec<(String, String)> {
+    let backend = db.get_database_backend();
+    let listing = match backend {
+        sea_orm::DbBackend::Postgres => {
+            "SELECT CAST(table_name AS TEXT) AS t, CAST(column_name AS TEXT) AS c \
+             FROM information_schema.columns WHERE table_schema = current_schema() \
+             ORDER BY table_name, ordinal_position"
+        }
+        _ => {
+            "SELECT m.name AS t, p.name AS c FROM sqlite_master m, pragma_table_info(m.name) p \
+             WHERE m.type = 'table' ORDER BY m.name, p.cid"
+        }
+    };
+    let columns = db
+        .query_all_raw(Statement::from_string(backend, listing.to_string()))
+        .await
+        .expect("list columns");
+    assert!(columns.len() > 20, "the catalog lists the schema's columns");
+    let mut found = Vec::new();
+    for row in columns {
+        let (t, c): (String, String) =
+            (row.try_get("", "t").unwrap(), row.try_get("", "c").unwrap());
+        let sql = format!(
+            "SELECT COUNT(*) AS v FROM \"{t}\" WHERE CAST(\"{c}\" AS TEXT) LIKE '%{}%'",
+            needle.replace('\'', "''")
+        );
+        let n: i64 = db
+            .query_one_raw(Statement::from_string(backend, sql))
+            .await
+            .expect("search a column")
+            .expect("row")
+            .try_get("", "v")
+            .unwrap();
+        if n > 0 {
+            found.push((t, c));
+        }
+    }
+    found
+}
+
 /// A webhook outbox row as a test checks it.
 #[derive(Clone, Debug)]
 pub struct OutboxRow {
@@ -810,7 +852,20 @@ impl PgDatabase {
 /// Starts the real binary with `cmd` (stderr is taken over) and returns it with the port it
 /// bound: the config binds port 0 and the binary prints the port it got, so no port is ever
 /// picked, released and hoped to be free later.
-pub fn spawn_server(mut cmd: std::process::Command) -> (std::process::Child, u16) {
+pub fn spawn_server(cmd: std::process::Command) -> (std::process::Child, u16) {
+    let (child, port, _stderr) = spawn_server_logged(cmd);
+    (child, port)
+}
+
+/// Like [`spawn_server`], also returning every line the server writes to stderr (the thread
+/// ends when the server closes it, i.e. when it exits).
+pub fn spawn_server_logged(
+    mut cmd: std::process::Command,
+) -> (
+    std::process::Child,
+    u16,
+    std::thread::JoinHandle<Vec<String>>,
+) {
     use std::io::BufRead;
     let mut child = cmd
         .stderr(std::process::Stdio::piped())
@@ -818,7 +873,7 @@ pub fn spawn_server(mut cmd: std::process::Command) -> (std::process::Child, u16
         .expect("start the server");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel::<Result<u16, String>>();
-    std::thread::spawn(move || {
+    let stderr_lines = std::thread::spawn(move || {
         let mut seen = Vec::new();
         let mut lines = std::io::BufReader::new(stderr).lines();
         for line in lines.by_ref().map_while(Result::ok) {
@@ -828,19 +883,21 @@ pub fn spawn_server(mut cmd: std::process::Command) -> (std::process::Child, u16
                     .next()
                     .and_then(|p| p.parse().ok());
                 let _ = tx.send(port.ok_or_else(|| line.clone()));
+                seen.push(line);
                 break;
             }
             seen.push(line);
         }
         let _ = tx.send(Err(seen.join("\n")));
-        // Keep draining so the server never blocks on a full pipe.
-        for _ in lines {}
+        // Keep draining (and keeping) so the server never blocks on a full pipe.
+        seen.extend(lines.map_while(Result::ok));
+        seen
     });
     let port = rx
         .recv_timeout(std::time::Duration::from_secs(60))
         .expect("the server printed nothing within 60 s")
         .unwrap_or_else(|out| panic!("the server did not start:\n{out}"));
-    (child, port)
+    (child, port, stderr_lines)
 }
 
 /// A webhook delivery of `key_id` to `target` as the outbox holds it: `status`, due at `due`,
