@@ -133,8 +133,21 @@ async fn one_credits_low_event_per_crossing_under_concurrent_creates_on_two_node
     };
     // 40 × 2 items × 10 credits: 1000 → 200 available.
     assert!(burst("a").await.iter().all(|s| *s == 201));
+    // Each create commits its event with it: once they are answered the outbox holds all
+    // there will be.
+    let events = || async {
+        crate::helpers::wait_outbox_final(&app.db(), 1)
+            .await
+            .into_iter()
+            .map(|r| (r.event_type, r.status, r.attempt_count))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        events().await,
+        [("credits.low".to_string(), "succeeded".to_string(), 1)],
+        "one event for one crossing"
+    );
     let got = receiver.wait_for(1, Duration::from_secs(15)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(receiver.got().len(), 1, "one event for one crossing");
     assert!(verify(SECRET, &got[0]), "signed with the key's secret");
     let body: Value = serde_json::from_str(&got[0].body).unwrap();
@@ -149,8 +162,15 @@ async fn one_credits_low_event_per_crossing_under_concurrent_creates_on_two_node
         .await;
     assert_eq!(r.status(), 200);
     assert!(burst("b").await.iter().all(|s| *s == 201));
+    assert_eq!(
+        events().await,
+        [
+            ("credits.low".to_string(), "succeeded".to_string(), 1),
+            ("credits.low".to_string(), "succeeded".to_string(), 1)
+        ],
+        "one more event for the second crossing"
+    );
     receiver.wait_for(2, Duration::from_secs(15)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let all = receiver.got();
     assert_eq!(all.len(), 2, "one more event for the second crossing");
     assert_ne!(all[0].id, all[1].id, "two distinct events");
@@ -300,6 +320,11 @@ async fn a_capped_key_never_runs_more_than_its_cap_and_claims_fill_from_other_ke
         join_all((0..8).map(|w| async move { nodes[w % 2].claim(&format!("w{w}"), 4).await }))
             .await;
     assert!(running_of(&app, "big").await <= 3);
+    assert_eq!(
+        running_of(&app, "big").await,
+        3,
+        "the claims took the capped key up to its cap"
+    );
     let small_queued = app
         .scalar(
             "SELECT COUNT(*) AS v FROM batch_item WHERE status = 'queued' \
@@ -349,4 +374,8 @@ async fn a_capped_key_never_runs_more_than_its_cap_and_claims_fill_from_other_ke
     assert_eq!(seen.lock().unwrap().len(), 40, "every item claimed once");
     assert!(max_seen.load(Ordering::SeqCst) <= 3);
     app.assert_ledger_invariant().await;
+    let charged = app
+        .scalar("SELECT COUNT(*) AS v FROM credit_ledger WHERE kind = 'charge'")
+        .await;
+    assert_eq!(charged, 40, "every item charged once");
 }
