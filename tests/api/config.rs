@@ -334,10 +334,16 @@ fn values_not_written_come_from_the_shipped_base_toml() {
     assert_eq!(got.server.body_timeout, Duration::from_secs(30));
     assert_eq!(got.server.idle_timeout, Duration::from_secs(60));
     assert_eq!(got.server.max_connections, 10_000);
-    assert_eq!(got.defaults.completion_window, Some(Duration::from_secs(24 * h)));
+    assert_eq!(
+        got.defaults.completion_window,
+        Some(Duration::from_secs(24 * h))
+    );
     assert_eq!(got.defaults.cost_per_video, 10);
     assert!(got.defaults.ip_allowlist.is_empty(), "empty = any address");
-    assert_eq!((got.retention.usage_days, got.retention.webhook_days), (90, 30));
+    assert_eq!(
+        (got.retention.usage_days, got.retention.webhook_days),
+        (90, 30)
+    );
     assert_eq!(got.worker.lease_seconds, 300);
     assert_eq!(got.worker.max_attempts, 3);
 }

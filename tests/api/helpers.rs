@@ -655,6 +655,23 @@ pub async fn assert_ledger_invariant(db: &DatabaseConnection) {
         ))
         .await
         .expect("ledger query");
+    assert!(
+        !rows.is_empty(),
+        "no wallet to check: the invariant would hold vacuously"
+    );
+    let orphans = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS v FROM credit_ledger l WHERE NOT EXISTS \
+             (SELECT 1 FROM credit_wallet w WHERE w.api_key_id = l.api_key_id)"
+                .to_string(),
+        ))
+        .await
+        .expect("orphan query")
+        .expect("row")
+        .try_get::<i64>("", "v")
+        .expect("v");
+    assert_eq!(orphans, 0, "ledger rows of a key without a wallet");
     for r in rows {
         let k: i64 = r.try_get("", "k").unwrap();
         let balance: i64 = r.try_get("", "balance").unwrap();
