@@ -251,7 +251,8 @@ async fn random_mix_keeps_the_ledger_exact(backend: Backend) {
             let key = app.key(name).to_string();
             let mut batches = Vec::new();
             for i in 0..8 {
-                batches.push(create(app, &key, &format!("mix-{name}-{i}"), 1 + rnd(6) as usize).await);
+                batches
+                    .push(create(app, &key, &format!("mix-{name}-{i}"), 1 + rnd(6) as usize).await);
                 if rnd(3) == 0 {
                     let b = &batches[rnd(batches.len() as u64) as usize];
                     assert_eq!(app.cancel_batch(&key, b).await.status(), 200);
@@ -311,7 +312,10 @@ async fn random_mix_keeps_the_ledger_exact(backend: Backend) {
         batches
     };
     let (batches, ()) = futures::join!(mix, watcher);
-    assert!(checks.load(Ordering::SeqCst) > 20, "amounts were checked along the way");
+    assert!(
+        checks.load(Ordering::SeqCst) > 20,
+        "amounts were checked along the way"
+    );
     // A worker may have stopped while another still held an item: drain what is left.
     loop {
         let items = app.claim("last", 100).await;
@@ -333,7 +337,10 @@ async fn random_mix_keeps_the_ledger_exact(backend: Backend) {
         );
     }
     assert!(succeeded_total > 0, "items succeeded");
-    for (k, b) in batches.iter().flat_map(|(k, bs)| bs.iter().map(move |b| (k, b))) {
+    for (k, b) in batches
+        .iter()
+        .flat_map(|(k, bs)| bs.iter().map(move |b| (k, b)))
+    {
         let v: Value = app.get_batch(k, b).await.json().await.unwrap();
         assert!(
             v["status"] == "completed" || v["status"] == "cancelled",

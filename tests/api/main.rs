@@ -19,6 +19,7 @@ mod paging;
 mod pipeline;
 mod policies;
 mod promises;
+mod races;
 mod reaper;
 mod retention;
 mod security;
