@@ -19,6 +19,7 @@ mod paging;
 mod pipeline;
 mod policies;
 mod promises;
+mod queue;
 mod races;
 mod reaper;
 mod retention;
