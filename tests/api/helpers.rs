@@ -220,7 +220,8 @@ pub struct TestApp {
     pub base: String,
     /// The port.
     pub port: u16,
-    /// `http://127.0.0.1:OPS_PORT` of the ops listener (`/metrics`).
+    /// `http://127.0.0.1:OPS_PORT` of the ops listener (`/metrics`); empty when it could not
+    /// be bound.
     pub ops_base: String,
     /// HTTP client.
     pub client: reqwest::Client,
@@ -319,7 +320,11 @@ impl TestApp {
             .expect("bind");
         self.port = app.port();
         self.base = format!("http://127.0.0.1:{}", self.port);
-        self.ops_base = format!("http://127.0.0.1:{}", app.ops_port().expect("ops listener"));
+        // Empty when the ops listener could not be bound (the API serves without it).
+        self.ops_base = app
+            .ops_port()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .unwrap_or_default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.handle = Some(tokio::spawn(app.run_until(async move {
             let _ = rx.await;

@@ -14,6 +14,7 @@ mod hostile;
 mod isolation;
 mod keys;
 mod lifecycle;
+mod operator;
 mod ops;
 mod paging;
 mod pipeline;
