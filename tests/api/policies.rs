@@ -517,3 +517,49 @@ async fn an_overlap_added_by_reload_shares_limits_wallet_and_batches(backend: Ba
         "still one key"
     );
 }
+
+/// A capped key whose row another claim holds is left out of a claim, never waited for: with
+/// the row locked for the whole call, the claim still answers, filled from the other key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_postgres_a_capped_key_held_by_another_claim_is_skipped_never_waited_for() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let app = TestApp::builder(backend)
+        .key("capped", "initial_credits = 1000\nmax_running_items = 2")
+        .key("free", "initial_credits = 1000")
+        .build()
+        .await;
+    for key in ["capped", "free"] {
+        let r = app
+            .create_batch(app.key(key), &TestApp::batch_body(Some(key), 3))
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    let db = app.db();
+    let holder = db.begin().await.unwrap();
+    holder
+        .execute_unprepared("SELECT id FROM api_key WHERE name = 'capped' FOR NO KEY UPDATE")
+        .await
+        .unwrap();
+    // Held until after the claim: a claim that waited for it would never answer.
+    let claimed = tokio::time::timeout(Duration::from_secs(20), app.claim("w", 4))
+        .await
+        .expect("the claim waited for the held key");
+    let free_id = app
+        .scalar("SELECT id AS v FROM api_key WHERE name = 'free'")
+        .await;
+    let keys: Vec<Value> = claimed.iter().map(|i| i["batch_id"].clone()).collect();
+    assert_eq!(claimed.len(), 3, "filled from the other key: {keys:?}");
+    assert_eq!(
+        running_of(&app, "capped").await,
+        0,
+        "the held key was left out"
+    );
+    assert_eq!(running_of(&app, "free").await, 3, "key {free_id}");
+    holder.rollback().await.unwrap();
+    // Released: the capped key is served again, up to its cap.
+    assert_eq!(app.claim("w", 4).await.len(), 2);
+    assert_eq!(running_of(&app, "capped").await, 2);
+}
