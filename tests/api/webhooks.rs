@@ -508,3 +508,92 @@ async fn gone_stops_retry_after_delays_exhaustion_fails_and_redelivery_succeeds(
     let mut slow = slow;
     slow.stop();
 }
+
+/// The real binary with every proxy variable pointing at a listener of the test: deliveries
+/// go straight to the (pinned) target, and the proxy sees no connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_variables_are_ignored_by_webhook_delivery() {
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let proxied = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&proxied);
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = proxy.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let receiver = Receiver::start(0, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = crate::helpers::key_plaintext("px");
+    std::fs::write(
+        dir.path().join("base.toml"),
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n[database]\n\
+             url = \"sqlite://{}/px.db?mode=rwc\"\n[worker]\nsecret = \"{}\"\n[admin]\n\
+             token = \"{}\"\n[webhooks]\nallow_private_targets = true\n\
+             [keys.px]\nkey_sha256 = \"{}\"\ninitial_credits = 100\nwebhook_url = \"{}\"\n\
+             webhook_secret = \"{SECRET}\"\n",
+            dir.path().display(),
+            crate::helpers::WORKER_SECRET,
+            crate::helpers::ADMIN_TOKEN,
+            crate::helpers::sha256(&key),
+            receiver.url()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("test.toml"), "").unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_video-batch-api"));
+    cmd.env("APP_CONFIG_DIR", dir.path())
+        .env("APP_ENVIRONMENT", "test")
+        .env("RUST_LOG", "warn")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .stdout(std::process::Stdio::null());
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        cmd.env(var, &proxy_url);
+    }
+    let (mut child, port) = crate::helpers::spawn_server(cmd);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/readyz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "binary did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = client
+        .post(format!("{base}/api/enterprise/video-batch"))
+        .header("x-api-key", &key)
+        .json(&TestApp::batch_body(Some("px"), 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = client
+        .post(format!("{base}/api/enterprise/video-batch/{id}/cancel"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got = receiver.wait_for(1, Duration::from_secs(20)).await;
+    assert!(verify(SECRET, &got[0]));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        proxied.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a delivery went through the proxy"
+    );
+}
