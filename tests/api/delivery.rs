@@ -17,7 +17,153 @@ both_backends!(
     deliveries_reuse_connections,
     an_event_is_sent_at_once_when_the_dispatcher_is_idle,
     two_nodes_deliver_a_thousand_events_exactly_once,
+    a_stuck_endpoint_takes_sixteen_attempts_and_sixteen_waiting_and_no_more,
+    webhooks_concurrency_bounds_the_attempts_in_flight,
 );
+
+/// An endpoint that accepts connections and never answers; counts the connections it holds.
+async fn stuck_endpoint() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let open = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&open);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(conn);
+        }
+    });
+    (url, open)
+}
+
+async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// 40 events for an endpoint that never answers: 16 attempts go out, 16 more are leased to
+/// wait for it, the other 8 stay in the outbox with no attempt counted, and another key's
+/// event goes out at once meanwhile (the stuck attempts time out only after two minutes).
+async fn a_stuck_endpoint_takes_sixteen_attempts_and_sixteen_waiting_and_no_more(backend: Backend) {
+    let (stuck, open) = stuck_endpoint().await;
+    let receiver = Receiver::start(0, &[]).await;
+    let app = TestApp::builder(backend)
+        .settings(|s| s.webhooks.timeout = Duration::from_secs(120))
+        .key(
+            "stuck",
+            &format!(
+                "initial_credits = 100000\nrate_limit_per_min = 1000\n\
+                 webhook_url = \"{stuck}\"\nwebhook_secret = \"{SECRET}\""
+            ),
+        )
+        .key(
+            "ok",
+            &format!(
+                "initial_credits = 1000\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"",
+                receiver.url()
+            ),
+        )
+        .build()
+        .await;
+    let key = app.key("stuck").to_string();
+    for i in 0..40 {
+        app.create_and_cancel(&key, &format!("stuck-{i}")).await;
+    }
+    let leased = || async {
+        app.scalar(&format!(
+            "SELECT COUNT(*) AS v FROM webhook_delivery WHERE target_url = '{stuck}' \
+             AND locked_until IS NOT NULL"
+        ))
+        .await
+    };
+    wait_until("16 attempts in flight", async || {
+        open.load(Ordering::SeqCst) >= 16
+    })
+    .await;
+    wait_until("32 deliveries leased", async || leased().await >= 32).await;
+    // Another key's event goes out while the endpoint is stuck.
+    app.create_and_cancel(app.key("ok"), "ok").await;
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(
+        open.load(Ordering::SeqCst),
+        16,
+        "at most 16 attempts to one endpoint"
+    );
+    assert_eq!(leased().await, 32, "16 in flight and 16 waiting");
+    assert_eq!(
+        app.scalar(&format!(
+            "SELECT COUNT(*) AS v FROM webhook_delivery WHERE target_url = '{stuck}' \
+                 AND status = 'pending' AND attempt_count = 0 AND locked_until IS NULL"
+        ))
+        .await,
+        8,
+        "the rest stay in the outbox, no attempt counted"
+    );
+}
+
+/// `webhooks.concurrency = 4`: four attempts in flight at most, at most twice that leased.
+async fn webhooks_concurrency_bounds_the_attempts_in_flight(backend: Backend) {
+    let (stuck, open) = stuck_endpoint().await;
+    let app = TestApp::builder(backend)
+        .settings(|s| {
+            s.webhooks.timeout = Duration::from_secs(120);
+            s.webhooks.concurrency = 4;
+        })
+        .key(
+            "stuck",
+            &format!(
+                "initial_credits = 100000\nrate_limit_per_min = 1000\n\
+                 webhook_url = \"{stuck}\"\nwebhook_secret = \"{SECRET}\""
+            ),
+        )
+        .build()
+        .await;
+    let key = app.key("stuck").to_string();
+    for i in 0..12 {
+        app.create_and_cancel(&key, &format!("c-{i}")).await;
+    }
+    let leased = || async {
+        app.scalar(
+            "SELECT COUNT(*) AS v FROM webhook_delivery WHERE status = 'pending' \
+             AND locked_until IS NOT NULL",
+        )
+        .await
+    };
+    wait_until("4 attempts in flight", async || {
+        open.load(Ordering::SeqCst) >= 4
+    })
+    .await;
+    // A later event wakes the dispatcher, which has no room: nothing more is sent.
+    app.create_and_cancel(&key, "c-last").await;
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM webhook_delivery")
+            .await,
+        13
+    );
+    let held = leased().await;
+    assert_eq!(
+        open.load(Ordering::SeqCst),
+        4,
+        "webhooks.concurrency attempts at once"
+    );
+    assert!(
+        (4..=8).contains(&held),
+        "{held} leased: at most twice the concurrency"
+    );
+    assert_eq!(
+        app.scalar(
+            "SELECT COUNT(*) AS v FROM webhook_delivery WHERE status = 'pending' \
+             AND attempt_count = 0 AND locked_until IS NULL"
+        )
+        .await,
+        13 - held,
+        "the rest stay in the outbox, no attempt counted"
+    );
+}
 
 /// A TCP forwarder to `target` that counts the connections it accepts.
 async fn counting_proxy(target: u16) -> (u16, Arc<AtomicUsize>) {
