@@ -19,7 +19,50 @@ both_backends!(
     two_nodes_deliver_a_thousand_events_exactly_once,
     a_stuck_endpoint_takes_sixteen_attempts_and_sixteen_waiting_and_no_more,
     webhooks_concurrency_bounds_the_attempts_in_flight,
+    an_endpoint_that_times_out_three_times_backs_off,
 );
+
+/// An endpoint that never answers, with a 1 s timeout and retries due 1 s later: after its
+/// third timeout in a row it backs off for 5 s, so the fourth attempt comes at least about 5 s
+/// after the third timed out, where the schedule alone would send it after 1 s.
+async fn an_endpoint_that_times_out_three_times_backs_off(backend: Backend) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let at = Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            at.lock().unwrap().push(Instant::now());
+            held.push(conn);
+        }
+    });
+    let app = TestApp::builder(backend)
+        .settings(|s| {
+            s.webhooks.timeout = Duration::from_secs(1);
+            s.webhooks.retry_schedule = vec![Duration::from_secs(1); 5];
+        })
+        .key(
+            "slow",
+            &format!(
+                "initial_credits = 1000\nwebhook_url = \"{url}\"\nwebhook_secret = \"{SECRET}\""
+            ),
+        )
+        .build()
+        .await;
+    let key = app.key("slow").to_string();
+    for i in 0..3 {
+        app.create_and_cancel(&key, &format!("slow-{i}")).await;
+    }
+    wait_until("a fourth attempt", async || seen.lock().unwrap().len() >= 4).await;
+    let seen = seen.lock().unwrap().clone();
+    let gap = seen[3] - seen[2];
+    // The third attempt times out 1 s after it started, then 5 s of backoff.
+    assert!(
+        gap >= Duration::from_millis(5500),
+        "the fourth attempt came {gap:?} after the third: no backoff"
+    );
+}
 
 /// An endpoint that accepts connections and never answers; counts the connections it holds.
 async fn stuck_endpoint() -> (String, Arc<AtomicUsize>) {
