@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use serde_json::json;
 
 use crate::both_backends;
 use crate::helpers::{Backend, TestApp};
@@ -20,6 +21,7 @@ both_backends!(
     a_stuck_endpoint_takes_sixteen_attempts_and_sixteen_waiting_and_no_more,
     webhooks_concurrency_bounds_the_attempts_in_flight,
     an_endpoint_that_times_out_three_times_backs_off,
+    a_redelivery_never_overlaps_an_attempt_in_flight,
 );
 
 /// An endpoint that never answers, with a 1 s timeout and retries due 1 s later: after its
@@ -377,4 +379,150 @@ async fn a_claim_leaves_deliveries_of_full_endpoints_in_the_outbox(backend: Back
         "without the skip they are due like any other"
     );
     assert!(rest.iter().all(|d| d.target_url == stuck));
+}
+
+/// An endpoint that holds every request until the test opens its gate, then answers 200;
+/// counts the requests it got and the most it held at once.
+struct Gate {
+    url: String,
+    open: Arc<tokio::sync::Semaphore>,
+    got: Arc<AtomicUsize>,
+    held: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+async fn gate() -> Gate {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let g = Gate {
+        url: format!("http://{}/hook", listener.local_addr().unwrap()),
+        open: Arc::new(tokio::sync::Semaphore::new(0)),
+        got: Arc::new(AtomicUsize::new(0)),
+        held: Arc::new(AtomicUsize::new(0)),
+        most: Arc::new(AtomicUsize::new(0)),
+    };
+    let (open, got, held, most) = (
+        Arc::clone(&g.open),
+        Arc::clone(&g.got),
+        Arc::clone(&g.held),
+        Arc::clone(&g.most),
+    );
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (open, got, held, most) = (
+                Arc::clone(&open),
+                Arc::clone(&got),
+                Arc::clone(&held),
+                Arc::clone(&most),
+            );
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                if conn.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                got.fetch_add(1, Ordering::SeqCst);
+                let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                open.acquire().await.unwrap().forget();
+                held.fetch_sub(1, Ordering::SeqCst);
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    g
+}
+
+/// A redelivery asked for while an attempt is in flight does not start a second one beside
+/// it: the endpoint never holds two requests of the delivery at once.
+async fn a_redelivery_never_overlaps_an_attempt_in_flight(backend: Backend) {
+    let gate = gate().await;
+    let receiver = Receiver::start(0, &[]).await;
+    let app = TestApp::builder(backend)
+        .settings(|s| s.webhooks.timeout = Duration::from_secs(60))
+        .key(
+            "held",
+            &format!(
+                "initial_credits = 1000\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"",
+                gate.url
+            ),
+        )
+        .key(
+            "other",
+            &format!(
+                "initial_credits = 1000\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"",
+                receiver.url()
+            ),
+        )
+        .build()
+        .await;
+    app.create_and_cancel(app.key("held"), "held").await;
+    wait_until("the attempt is in flight", async || {
+        gate.held.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let rows = crate::helpers::outbox_rows(&app.db()).await;
+    assert_eq!(rows.len(), 1);
+    let r = app
+        .admin_post(
+            &format!("/webhooks/{}/redeliver", rows[0].id),
+            &json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    // The dispatcher claims again (another key's event goes out) while the attempt is held.
+    app.create_and_cancel(app.key("other"), "other").await;
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(
+        gate.got.load(Ordering::SeqCst),
+        1,
+        "a second attempt started beside the first"
+    );
+    // Let the held attempt finish: it is recorded, and the redelivery waits for the
+    // attempt's lease to end.
+    gate.open.add_permits(1000);
+    wait_until("the held attempt is recorded", async || {
+        app.scalar("SELECT COUNT(*) AS v FROM webhook_attempt")
+            .await
+            >= 2
+    })
+    .await;
+    let id: uuid::Uuid = rows[0].id.parse().unwrap();
+    {
+        use sea_orm::{ActiveModelTrait, EntityTrait, Set};
+        let d = entity::webhook_delivery::Entity::find_by_id(id)
+            .one(&app.db())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            d.status, "pending",
+            "the redelivery is still to come: {d:?}"
+        );
+        assert!(d.locked_until.is_some(), "{d:?}");
+        // The lease ends (as it would after its 150 s).
+        entity::webhook_delivery::ActiveModel {
+            id: Set(id),
+            locked_until: Set(None),
+            ..Default::default()
+        }
+        .update(&app.db())
+        .await
+        .unwrap();
+    }
+    app.create_and_cancel(app.key("other"), "wake").await;
+    let rows = crate::helpers::wait_outbox_final(&app.db(), 3).await;
+    assert!(rows.iter().all(|r| r.status == "succeeded"), "{rows:?}");
+    assert_eq!(
+        gate.got.load(Ordering::SeqCst),
+        2,
+        "the redelivery was sent once"
+    );
+    assert_eq!(
+        gate.most.load(Ordering::SeqCst),
+        1,
+        "two attempts overlapped"
+    );
 }
