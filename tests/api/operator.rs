@@ -268,3 +268,44 @@ async fn the_api_serves_when_the_ops_port_cannot_be_bound() {
     assert_eq!(r.status(), 404, "/metrics does not move to the public port");
     drop(taken);
 }
+
+/// A kept-alive connection with nothing in flight is closed after `idle_timeout` (1 s here),
+/// long before the header timeout (2 minutes here) would close it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::builder(Backend::Sqlite)
+        .settings(|s| {
+            s.server.idle_timeout = std::time::Duration::from_secs(1);
+            s.server.header_timeout = std::time::Duration::from_secs(120);
+        })
+        .build()
+        .await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
+        .await
+        .unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let sent = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The answer, then (kept alive, idle) the close.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            let n = conn.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(closed.is_ok(), "the idle connection was not closed: {text}");
+    assert!(
+        sent.elapsed() >= std::time::Duration::from_millis(900),
+        "closed right after the answer, not for being idle: {text}"
+    );
+}
