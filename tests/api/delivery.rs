@@ -22,7 +22,37 @@ both_backends!(
     webhooks_concurrency_bounds_the_attempts_in_flight,
     an_endpoint_that_times_out_three_times_backs_off,
     a_redelivery_never_overlaps_an_attempt_in_flight,
+    another_nodes_event_is_found_by_the_dispatching_node,
 );
+
+/// A node that does not dispatch commits an event; the node that does finds it by its short
+/// poll (no wake-up crosses nodes) and sends it within moments.
+async fn another_nodes_event_is_found_by_the_dispatching_node(backend: Backend) {
+    let receiver = Receiver::start(0, &[]).await;
+    let quiet = hooked(backend, &receiver.url())
+        .settings(|s| s.webhooks.dispatch = false)
+        .build()
+        .await;
+    let dispatching = quiet.peer_with(|s| s.webhooks.dispatch = true).await;
+    let key = quiet.key("acme").to_string();
+    let mut lags = Vec::new();
+    for i in 0..5 {
+        quiet
+            .create_and_cancel(&key, &format!("elsewhere-{i}"))
+            .await;
+        let committed = Instant::now();
+        let got = receiver.wait_for(i + 1, Duration::from_secs(20)).await;
+        lags.push(got[i].at.saturating_duration_since(committed));
+    }
+    lags.sort();
+    eprintln!("another node's events, commit to receipt: {lags:?}");
+    assert!(
+        lags[2] < Duration::from_secs(5),
+        "median {:?}: the poll (100 ms) should have found them",
+        lags[2]
+    );
+    drop(dispatching);
+}
 
 /// An endpoint that never answers, with a 1 s timeout and retries due 1 s later: after its
 /// third timeout in a row it backs off for 5 s, so the fourth attempt comes at least about 5 s

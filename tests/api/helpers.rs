@@ -335,6 +335,16 @@ impl TestApp {
 
     /// A second node: another application on the same database and config.
     pub async fn peer(&self) -> TestApp {
+        self.peer_with(|_| {}).await
+    }
+
+    /// A second node whose settings `tweak` changes further (e.g. only one node dispatches).
+    pub async fn peer_with(
+        &self,
+        tweak: impl Fn(&mut api::settings::Settings) + Send + Sync + 'static,
+    ) -> TestApp {
+        let mut tweaks = self.tweaks.clone();
+        tweaks.push(Arc::new(tweak));
         let mut peer = TestApp {
             store: Arc::clone(&self.store),
             config_dir: Arc::clone(&self.config_dir),
@@ -347,7 +357,7 @@ impl TestApp {
             shutdown: None,
             handle: None,
             listener: None,
-            tweaks: self.tweaks.clone(),
+            tweaks,
             public_targets_only: self.public_targets_only,
         };
         peer.start().await;
