@@ -87,7 +87,7 @@ pub async fn prepare_with_db(
     let ids = crate::service::keys::sync(&writer, &settings)
         .await
         .context("syncing keys")?;
-    let clock = crate::clock::Clock::default();
+    let clock = crate::clock::Clock::from_env().map_err(anyhow::Error::msg)?;
     let strangers =
         crate::strangers::Throttle::new(settings.server.unauthenticated_per_min, clock.clone());
     let refused_keys =
@@ -116,6 +116,7 @@ pub async fn prepare_with_db(
         refused_keys,
         readiness: crate::readiness::Readiness::default(),
         page_limit,
+        reaper_gate: tokio::sync::Mutex::new(()),
     }))
 }
 
@@ -143,6 +144,15 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("binding {bind}"))?;
+        Self::with_listener(state, listener).await
+    }
+
+    /// Like [`Application::bind`] on a listener the caller already bound (a test that restarts
+    /// a server keeps its port this way instead of releasing it and binding it again).
+    pub async fn with_listener(
+        state: Arc<AppState>,
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<Self> {
         let port = listener.local_addr()?.port();
         let server = state.runtime().settings.server.clone();
         let (ops, ops_port) = if server.ops_shared() {
@@ -272,6 +282,7 @@ fn spawn_reaper(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let _pass = state.reaper_gate.lock().await;
             let runtime = state.runtime();
             match crate::service::leases::reap_expired(&state.db, &state.writes, &runtime).await {
                 Ok(r) if r.requeued + r.settled > 0 => {

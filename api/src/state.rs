@@ -121,6 +121,9 @@ pub struct AppState {
     pub readiness: crate::readiness::Readiness,
     /// SQLite `max_page_count` of the writer (tests make the store full with it).
     pub page_limit: crate::db::PageLimit,
+    /// Held by the lease reaper for each pass. Tests only: a test that counts this node's
+    /// commits holds it to pause the reaper (waiting for a pass in progress to end).
+    pub reaper_gate: tokio::sync::Mutex<()>,
 }
 
 impl AppState {

@@ -126,14 +126,32 @@ async fn reload_applies_new_policy_or_keeps_the_old(backend: Backend) {
         "history stays"
     );
 
-    // A broken file is rejected and the running policy stays.
+    // A broken file is rejected and the running policy stays: its valid line (a new cost)
+    // is not applied either.
+    let keys = || async {
+        app.client
+            .get(format!("{}/api/admin/keys", app.base))
+            .bearer_auth(crate::helpers::ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let before = keys().await;
+    assert!(
+        !before.to_string().contains("\"cost_per_video\":99"),
+        "{before}"
+    );
     std::fs::write(
         app.config_dir.path().join("test.toml"),
-        "[defaults]\nrate_limit_per_min = 0\n",
+        "[defaults]\nrate_limit_per_min = 0\ncost_per_video = 99\n",
     )
     .unwrap();
     let r = app.admin_post("/config/reload", &json!({}), None).await;
     assert_eq!(r.status(), 422);
+    assert_eq!(keys().await, before, "the running policy is unchanged");
     let v: Value = r.json().await.unwrap();
     assert!(v["message"].as_str().unwrap().contains("test.toml"), "{v}");
     assert!(

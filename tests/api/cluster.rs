@@ -1,16 +1,21 @@
 //! Two real nodes on one PostgreSQL database behind nginx (`scripts/cluster-demo.sh`): the
 //! per-key rate limit stays exact across both, the allowlist sees the real client address
-//! through the proxy and not a forged one, and a node killed mid-load loses no acknowledged
-//! batch while the other keeps serving.
-use std::collections::HashMap;
+//! through the proxy and not a forged one, a node killed mid-load loses no acknowledged batch
+//! while the other keeps serving calls sent after it died, a call cut off by the kill is safe
+//! to retry with its request id, one request id makes one batch, and every wallet holds exactly
+//! what its batches require with the ledger agreeing.
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::helpers::{PgDatabase, TestApp, fresh_window, key_plaintext, sha256};
+use sea_orm::ConnectionTrait;
+
+use crate::helpers::{PgDatabase, TestApp, key_plaintext, sha256};
 
 fn nginx() -> Option<String> {
     ["/usr/sbin/nginx", "/usr/bin/nginx"]
@@ -26,6 +31,23 @@ fn client_from(ip: &str) -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
+}
+
+/// A create the cluster answered 201 or 200 (a repeat of its request id).
+struct Ack {
+    request_id: String,
+    batch_id: String,
+    /// Sent once the killed node was gone.
+    sent_after_kill: bool,
+}
+
+/// Waits (up to 60 s) until `done` holds for the acknowledged creates.
+async fn wait_for(acknowledged: &Mutex<Vec<Ack>>, what: &str, done: impl Fn(&[Ack]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done(&acknowledged.lock().unwrap()) {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// What `cluster-demo.sh start` wrote to `cluster.env`.
@@ -78,6 +100,11 @@ async fn two_nodes_on_postgres_behind_nginx_keep_every_invariant() {
         .env("EXTRA_CONFIG", &keys)
         .env("NGINX", &nginx)
         .env("APP_ENVIRONMENT", "test")
+        // Both nodes run on one frozen clock, so the rate-limit calls count against one window.
+        .env(
+            api::clock::TEST_FROZEN_CLOCK_ENV,
+            chrono::Utc::now().to_rfc3339(),
+        )
         .output()
         .unwrap();
     let cluster_dir = dir.path().join("cluster");
@@ -101,7 +128,7 @@ async fn two_nodes_on_postgres_behind_nginx_keep_every_invariant() {
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status();
     };
-    let result = std::panic::AssertUnwindSafe(drive(&cluster, &cluster_dir));
+    let result = std::panic::AssertUnwindSafe(drive(&cluster, &cluster_dir, &db.url));
     let outcome = futures::FutureExt::catch_unwind(result).await;
     stop();
     db.drop_now().await;
@@ -110,7 +137,7 @@ async fn two_nodes_on_postgres_behind_nginx_keep_every_invariant() {
     }
 }
 
-async fn drive(cluster: &Cluster, cluster_dir: &std::path::Path) {
+async fn drive(cluster: &Cluster, cluster_dir: &std::path::Path, database_url: &str) {
     let url = cluster.url().to_string();
     let inside = client_from("127.0.0.2");
     let outside = client_from("127.0.0.3");
@@ -135,8 +162,7 @@ async fn drive(cluster: &Cluster, cluster_dir: &std::path::Path) {
         );
     }
 
-    // The per-key limit is exact across both nodes.
-    fresh_window(20).await;
+    // The per-key limit is exact across both nodes (frozen on one window: see the start).
     let calls = (0..60).map(|i| {
         let c = inside.clone();
         let url = url.clone();
@@ -160,40 +186,65 @@ async fn drive(cluster: &Cluster, cluster_dir: &std::path::Path) {
         "exactly the limit is admitted through two nodes: {statuses:?}"
     );
 
-    // Kill one node mid-load: the other keeps serving and every acknowledged batch exists.
-    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
-    let deadline = Instant::now() + Duration::from_secs(4);
+    // Kill one node mid-load. Each create is sent again with its request id until it is
+    // answered: a call in flight on the killed node gets a 502 from nginx (or loses its
+    // connection) and is safe to retry, so every request id ends with exactly one batch.
+    // Calls sent after the node died prove that the surviving node serves.
+    let acknowledged = Arc::new(Mutex::new(Vec::<Ack>::new()));
+    let killed = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let retried = Arc::new(AtomicUsize::new(0));
     let mut creators = Vec::new();
     for t in 0..4 {
         let c = inside.clone();
         let url = url.clone();
-        let acknowledged = Arc::clone(&acknowledged);
+        let (acknowledged, killed, stop, retried) = (
+            Arc::clone(&acknowledged),
+            Arc::clone(&killed),
+            Arc::clone(&stop),
+            Arc::clone(&retried),
+        );
         creators.push(tokio::spawn(async move {
-            let mut after_kill = 0;
             let mut i = 0;
-            while Instant::now() < deadline {
+            while !stop.load(Ordering::SeqCst) {
                 i += 1;
-                let r = c
-                    .post(format!("{url}/api/enterprise/video-batch"))
-                    .header("x-api-key", key_plaintext("busy"))
-                    .json(&TestApp::batch_body(Some(&format!("load-{t}-{i}")), 1))
-                    .send()
-                    .await;
-                if let Ok(r) = r
-                    && r.status().as_u16() == 201
-                {
-                    let v: Value = r.json().await.unwrap();
-                    acknowledged
-                        .lock()
-                        .unwrap()
-                        .push(v["batch_id"].as_str().unwrap().to_string());
-                    after_kill += 1;
+                let request_id = format!("load-{t}-{i}");
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    assert!(Instant::now() < deadline, "{request_id} was never answered");
+                    let sent_after_kill = killed.load(Ordering::SeqCst);
+                    let r = c
+                        .post(format!("{url}/api/enterprise/video-batch"))
+                        .header("x-api-key", key_plaintext("busy"))
+                        .json(&TestApp::batch_body(Some(&request_id), 1))
+                        .send()
+                        .await;
+                    let status = r.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+                    match (status, r) {
+                        (201 | 200, Ok(r)) => {
+                            let v: Value = r.json().await.unwrap();
+                            acknowledged.lock().unwrap().push(Ack {
+                                request_id,
+                                batch_id: v["batch_id"].as_str().unwrap().to_string(),
+                                sent_after_kill,
+                            });
+                            break;
+                        }
+                        (0 | 502 | 503 | 504, _) => {
+                            retried.fetch_add(1, Ordering::SeqCst);
+                        }
+                        (other, _) => panic!("{request_id}: unexpected {other}"),
+                    }
                 }
             }
-            after_kill
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for(
+        &acknowledged,
+        "no load was acknowledged before the kill",
+        |a| a.len() >= 20,
+    )
+    .await;
     let before_kill = acknowledged.lock().unwrap().len();
     let node1 = &cluster.env["NODE1_PID"];
     assert!(
@@ -203,24 +254,55 @@ async fn drive(cluster: &Cluster, cluster_dir: &std::path::Path) {
             .unwrap()
             .success()
     );
-    let mut total = 0;
-    for c in creators {
-        total += c.await.unwrap();
+    // Gone (or a zombie nobody reaped yet): it answers nothing any more.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(format!("/proc/{node1}/stat")).is_ok_and(|st| {
+        st.rsplit(')')
+            .next()
+            .is_some_and(|s| !s.trim_start().starts_with('Z'))
+    }) {
+        assert!(Instant::now() < deadline, "node 1 did not die");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let acknowledged = acknowledged.lock().unwrap().clone();
-    assert_eq!(total, acknowledged.len());
-    assert!(before_kill > 0, "load ran before the kill");
+    killed.store(true, Ordering::SeqCst);
+    wait_for(
+        &acknowledged,
+        "the surviving node acknowledged nothing sent after the kill",
+        |a| a.iter().filter(|a| a.sent_after_kill).count() >= 20,
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for c in creators {
+        c.await.unwrap();
+    }
+    let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
+    let after_kill = acknowledged.iter().filter(|a| a.sent_after_kill).count();
+    assert!(before_kill >= 20, "load ran before the kill");
     assert!(
-        acknowledged.len() > before_kill,
-        "the surviving node kept serving ({before_kill} before the kill, {} in all); logs in {}",
+        acknowledged.len() > before_kill && after_kill >= 20,
+        "the surviving node kept serving ({before_kill} before the kill, {after_kill} sent after it, {} in all); logs in {}",
         acknowledged.len(),
         cluster_dir.display()
     );
-    eprintln!(
-        "cluster: {before_kill} batches acknowledged before node 1 was killed, {} in all",
-        acknowledged.len()
+    let request_ids: HashSet<&str> = acknowledged.iter().map(|a| a.request_id.as_str()).collect();
+    let batch_ids: HashSet<&str> = acknowledged.iter().map(|a| a.batch_id.as_str()).collect();
+    assert_eq!(
+        request_ids.len(),
+        acknowledged.len(),
+        "each request id answered once"
     );
-    for id in &acknowledged {
+    assert_eq!(
+        batch_ids.len(),
+        acknowledged.len(),
+        "retried request ids were answered with their one batch"
+    );
+    eprintln!(
+        "cluster: {before_kill} batches acknowledged before node 1 was killed, {after_kill} sent after, {} in all, {} calls retried",
+        acknowledged.len(),
+        retried.load(Ordering::SeqCst)
+    );
+    for a in &acknowledged {
+        let id = &a.batch_id;
         let r = inside
             .get(format!("{url}/api/enterprise/video-batch/{id}"))
             .header("x-api-key", key_plaintext("busy"))
@@ -228,5 +310,98 @@ async fn drive(cluster: &Cluster, cluster_dir: &std::path::Path) {
             .await
             .unwrap();
         assert_eq!(r.status(), 200, "acknowledged batch {id} survives");
+    }
+
+    // One batch per request id through two nodes: the same create sent at once many times.
+    let same = (0..16).map(|_| {
+        let c = inside.clone();
+        let url = url.clone();
+        async move {
+            let r = c
+                .post(format!("{url}/api/enterprise/video-batch"))
+                .header("x-api-key", key_plaintext("busy"))
+                .json(&TestApp::batch_body(Some("same-request"), 1))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            (
+                status,
+                v["batch_id"].as_str().unwrap_or_default().to_string(),
+            )
+        }
+    });
+    let same = futures::future::join_all(same).await;
+    assert_eq!(
+        same.iter().filter(|(s, _)| *s == 201).count(),
+        1,
+        "one create wins: {same:?}"
+    );
+    assert!(same.iter().all(|(s, _)| *s == 201 || *s == 200), "{same:?}");
+    assert_eq!(
+        same.iter().map(|(_, id)| id).collect::<HashSet<_>>().len(),
+        1,
+        "every repeat names the one batch"
+    );
+
+    // The money: no batch ran, so every key still has its initial balance, holds exactly what
+    // its batches require, and the ledger agrees with the wallets.
+    let db = api::db::connect_url(database_url, 2, None).await.unwrap();
+    crate::helpers::assert_ledger_invariant(&db).await;
+    let scalar = |sql: String| {
+        let db = db.clone();
+        async move {
+            db.query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                sql,
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "v")
+            .unwrap()
+        }
+    };
+    let busy_batches = scalar(
+        "SELECT COUNT(*) AS v FROM batch_job b JOIN api_key k ON k.id = b.api_key_id \
+         WHERE k.name = 'busy'"
+            .into(),
+    )
+    .await;
+    assert_eq!(
+        busy_batches as usize,
+        acknowledged.len() + 1,
+        "exactly one batch per acknowledged request id (and one for the repeated create)"
+    );
+    for (key, initial, batches) in [("limited", 100_000, 20), ("busy", 1_000_000, busy_batches)] {
+        let row = |col: &str| {
+            scalar(format!(
+                "SELECT CAST(w.{col} AS BIGINT) AS v FROM credit_wallet w JOIN api_key k \
+                 ON k.id = w.api_key_id WHERE k.name = '{key}'"
+            ))
+        };
+        let required = scalar(format!(
+            "SELECT CAST(COALESCE(SUM(b.required_credits), 0) AS BIGINT) AS v FROM batch_job b \
+             JOIN api_key k ON k.id = b.api_key_id WHERE k.name = '{key}'"
+        ))
+        .await;
+        let per_batch = scalar(format!(
+            "SELECT CAST(COALESCE(MAX(b.required_credits), 0) AS BIGINT) AS v FROM batch_job b \
+             JOIN api_key k ON k.id = b.api_key_id WHERE k.name = '{key}'"
+        ))
+        .await;
+        assert!(per_batch > 0, "{key}: batches require credits");
+        assert_eq!(
+            required,
+            per_batch * batches,
+            "{key}: every batch requires the same"
+        );
+        assert_eq!(row("balance").await, initial, "{key}: nothing was charged");
+        assert_eq!(
+            row("held").await,
+            required,
+            "{key}: held is what its batches require"
+        );
     }
 }

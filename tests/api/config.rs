@@ -308,6 +308,44 @@ fn values_not_written_come_from_the_shipped_base_toml() {
     );
     // What the minimal folder did write wins.
     assert_eq!(got.database.url.expose(), "sqlite::memory:");
+
+    // The defaults the README documents, pinned (both sides above could drift together).
+    use std::time::Duration;
+    let (m, h) = (60, 3600);
+    assert_eq!(
+        got.webhooks.retry_schedule,
+        [5, 5 * m, 30 * m, 2 * h, 5 * h, 10 * h, 10 * h].map(Duration::from_secs),
+        "retried after 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h"
+    );
+    assert_eq!(got.webhooks.timeout, Duration::from_secs(15));
+    assert_eq!(got.webhooks.concurrency, 32);
+    assert!(got.webhooks.dispatch);
+    assert!(!got.webhooks.allow_private_targets);
+    assert_eq!(
+        got.database.sqlite_synchronous,
+        api::settings::SqliteSynchronous::Full,
+        "synchronous=FULL by default"
+    );
+    assert_eq!(got.database.write_lanes, 4);
+    assert_eq!(got.server.unauthenticated_per_min, 30);
+    assert_eq!(got.server.ops_bind, "127.0.0.1:9100");
+    assert_eq!(got.server.max_body_bytes, 1_048_576);
+    assert_eq!(got.server.header_timeout, Duration::from_secs(10));
+    assert_eq!(got.server.body_timeout, Duration::from_secs(30));
+    assert_eq!(got.server.idle_timeout, Duration::from_secs(60));
+    assert_eq!(got.server.max_connections, 10_000);
+    assert_eq!(
+        got.defaults.completion_window,
+        Some(Duration::from_secs(24 * h))
+    );
+    assert_eq!(got.defaults.cost_per_video, 10);
+    assert!(got.defaults.ip_allowlist.is_empty(), "empty = any address");
+    assert_eq!(
+        (got.retention.usage_days, got.retention.webhook_days),
+        (90, 30)
+    );
+    assert_eq!(got.worker.lease_seconds, 300);
+    assert_eq!(got.worker.max_attempts, 3);
 }
 
 /// The rotation, alert, window and cap fields of a key are checked like every other field.

@@ -203,7 +203,23 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Kill once the load has produced what the checks below need: batches, reports of both
+    // kinds and recorded cancels.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let enough = {
+            let reports = reports.lock().unwrap();
+            acked.lock().unwrap().len() > 10
+                && reports.iter().any(|(_, w)| *w == "complete")
+                && reports.iter().any(|(_, w)| *w == "fail")
+                && !cancels.lock().unwrap().is_empty()
+        };
+        if enough {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the load produced too little");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.child.kill().expect("SIGKILL");
     let _ = server.child.wait();
     stop.store(true, Ordering::Relaxed);

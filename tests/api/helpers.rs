@@ -41,10 +41,14 @@ impl Backend {
 }
 
 /// Says that a test did not run its body, on the terminal even when the harness captures test
-/// output (a direct write to stderr is not captured), as a line CI counts.
+/// output (a direct write to stderr is not captured), as a line CI counts: `.ci/run` allows
+/// only the PostgreSQL variants' "TEST_DATABASE_URL not set" in the SQLite run and fails on any
+/// other skip when `CI=true`. The line names the test (the harness names its thread after it).
 pub fn skipped(why: &str) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("?");
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
 }
 
 /// Runs a test body on SQLite and, when configured, on PostgreSQL.
@@ -216,6 +220,7 @@ impl TestAppBuilder {
             state: None,
             shutdown: None,
             handle: None,
+            listener: None,
             tweaks: self.tweaks.clone(),
             public_targets_only: self.public_targets_only,
         };
@@ -239,13 +244,16 @@ pub struct TestApp {
     pub base: String,
     /// The port.
     pub port: u16,
-    /// `http://127.0.0.1:OPS_PORT` of the ops listener (`/metrics`).
+    /// `http://127.0.0.1:OPS_PORT` of the ops listener (`/metrics`); empty when it could not
+    /// be bound.
     pub ops_base: String,
     /// HTTP client.
     pub client: reqwest::Client,
     state: Option<Arc<AppState>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// Another handle on the server's listening socket, so that a restart keeps the port.
+    listener: Option<std::net::TcpListener>,
     tweaks: Vec<Tweak>,
     public_targets_only: bool,
 }
@@ -278,10 +286,18 @@ impl TestApp {
             self.store.url, !self.public_targets_only
         );
         for (name, lines) in keys {
-            toml.push_str(&format!(
-                "[keys.{name}]\nkey_sha256 = \"{}\"\n{lines}\n\n",
-                sha256(&key_plaintext(name))
-            ));
+            if lines
+                .lines()
+                .any(|l| l.trim_start().starts_with("key_sha256"))
+            {
+                // The test gives the key's hash itself (a rotated key).
+                toml.push_str(&format!("[keys.{name}]\n{lines}\n\n"));
+            } else {
+                toml.push_str(&format!(
+                    "[keys.{name}]\nkey_sha256 = \"{}\"\n{lines}\n\n",
+                    sha256(&key_plaintext(name))
+                ));
+            }
         }
         toml.push_str(extra);
         std::fs::write(self.config_dir.path().join("base.toml"), toml).expect("write base.toml");
@@ -313,11 +329,12 @@ impl TestApp {
     }
 
     async fn start(&mut self) {
-        self.start_on(0).await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        self.start_on(listener).await;
     }
 
-    /// Starts the application on `port` (0: any free port).
-    async fn start_on(&mut self, port: u16) {
+    /// Starts the application on `listener`, keeping another handle on it.
+    async fn start_on(&mut self, listener: std::net::TcpListener) {
         let mut settings = self.source().load().expect("valid test config");
         for tweak in &self.tweaks {
             tweak(&mut settings);
@@ -326,12 +343,19 @@ impl TestApp {
         let state = api::startup::prepare_with_db(settings, Some(self.source()), db)
             .await
             .expect("prepare");
-        let app = api::Application::bind(Arc::clone(&state), &format!("127.0.0.1:{port}"))
+        listener.set_nonblocking(true).expect("non-blocking");
+        self.listener = Some(listener.try_clone().expect("dup the listener"));
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let app = api::Application::with_listener(Arc::clone(&state), listener)
             .await
             .expect("bind");
         self.port = app.port();
         self.base = format!("http://127.0.0.1:{}", self.port);
-        self.ops_base = format!("http://127.0.0.1:{}", app.ops_port().expect("ops listener"));
+        // Empty when the ops listener could not be bound (the API serves without it).
+        self.ops_base = app
+            .ops_port()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .unwrap_or_default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.handle = Some(tokio::spawn(app.run_until(async move {
             let _ = rx.await;
@@ -342,6 +366,16 @@ impl TestApp {
 
     /// A second node: another application on the same database and config.
     pub async fn peer(&self) -> TestApp {
+        self.peer_with(|_| {}).await
+    }
+
+    /// A second node whose settings `tweak` changes further (e.g. only one node dispatches).
+    pub async fn peer_with(
+        &self,
+        tweak: impl Fn(&mut api::settings::Settings) + Send + Sync + 'static,
+    ) -> TestApp {
+        let mut tweaks = self.tweaks.clone();
+        tweaks.push(Arc::new(tweak));
         let mut peer = TestApp {
             store: Arc::clone(&self.store),
             config_dir: Arc::clone(&self.config_dir),
@@ -353,7 +387,8 @@ impl TestApp {
             state: None,
             shutdown: None,
             handle: None,
-            tweaks: self.tweaks.clone(),
+            listener: None,
+            tweaks,
             public_targets_only: self.public_targets_only,
         };
         peer.start().await;
@@ -361,12 +396,24 @@ impl TestApp {
     }
 
     /// Stops the server and starts it again on the same database and port, as a restarted
-    /// process behind a fixed address would be, after `down` without any server.
-    pub async fn restart_in_place(&mut self, down: std::time::Duration) {
-        let port = self.port;
+    /// process behind a fixed address would be. The listening socket is never released (no
+    /// other process can take the port); while no server runs, every connection to it is
+    /// accepted and closed at once without an answer, and the server starts again once
+    /// `refused` connections were turned away, so the test knows that calls failed meanwhile.
+    pub async fn restart_in_place(&mut self, refused: usize) {
+        let held = self.listener.take().expect("a running server");
         self.stop().await;
-        tokio::time::sleep(down).await;
-        self.start_on(port).await;
+        let down = tokio::net::TcpListener::from_std(held).expect("listener");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        for _ in 0..refused {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let (stream, _) = tokio::time::timeout(left, down.accept())
+                .await
+                .expect("no call reached the stopped server within 60 s")
+                .expect("accept");
+            drop(stream);
+        }
+        self.start_on(down.into_std().expect("std listener")).await;
     }
 
     /// Stops the server and starts it again on the same database (a restart).
@@ -375,8 +422,9 @@ impl TestApp {
         self.start().await;
     }
 
-    /// Stops the server gracefully.
+    /// Stops the server gracefully (and closes its port).
     pub async fn stop(&mut self) {
+        self.listener = None;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -403,9 +451,12 @@ impl TestApp {
         Arc::clone(self.state.as_ref().expect("started"))
     }
 
-    /// Group commits of this node's write pipeline while `calls` runs, and their output.
+    /// Group commits of this node's write pipeline while `calls` runs, and their output. The
+    /// lease reaper (the only background work that commits through the pipeline when no
+    /// stranger calls) is paused meanwhile, so the count is the calls' own.
     pub async fn commits_during<T>(&self, calls: impl Future<Output = T>) -> (u64, T) {
         let state = self.state();
+        let _paused = state.reaper_gate.lock().await;
         let before = state.writes.commits();
         let out = calls.await;
         (state.writes.commits() - before, out)
@@ -417,6 +468,20 @@ impl TestApp {
         api::db::connect_url(&self.store.url, 2, self.store.schema.as_deref())
             .await
             .expect("connect")
+    }
+
+    /// Ends the lease of item `item_id` a minute ago, as if its worker had gone silent: the
+    /// reaper settles it at its next pass (tests need no short lease racing their own calls).
+    pub async fn expire_lease(&self, item_id: &str) {
+        use sea_orm::{ActiveModelTrait, Set};
+        entity::batch_item::ActiveModel {
+            id: Set(item_id.parse().expect("item id")),
+            lease_expires_at: Set(Some(chrono::Utc::now() - chrono::Duration::minutes(1))),
+            ..Default::default()
+        }
+        .update(&self.db())
+        .await
+        .expect("expire the lease");
     }
 
     /// The database.
@@ -652,6 +717,23 @@ pub async fn assert_ledger_invariant(db: &DatabaseConnection) {
         ))
         .await
         .expect("ledger query");
+    assert!(
+        !rows.is_empty(),
+        "no wallet to check: the invariant would hold vacuously"
+    );
+    let orphans = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS v FROM credit_ledger l WHERE NOT EXISTS \
+             (SELECT 1 FROM credit_wallet w WHERE w.api_key_id = l.api_key_id)"
+                .to_string(),
+        ))
+        .await
+        .expect("orphan query")
+        .expect("row")
+        .try_get::<i64>("", "v")
+        .expect("v");
+    assert_eq!(orphans, 0, "ledger rows of a key without a wallet");
     for r in rows {
         let k: i64 = r.try_get("", "k").unwrap();
         let balance: i64 = r.try_get("", "balance").unwrap();
@@ -664,15 +746,108 @@ pub async fn assert_ledger_invariant(db: &DatabaseConnection) {
     }
 }
 
-/// Waits for the next UTC minute when fewer than `need_secs` seconds are left in this one, so a
-/// test that counts calls against a per-minute quota stays inside one window.
-pub async fn fresh_window(need_secs: i64) {
-    let secs = chrono::Utc::now().timestamp() % 60;
-    if 60 - secs < need_secs {
-        tokio::time::sleep(std::time::Duration::from_millis(
-            ((60 - secs) * 1000 + 100) as u64,
-        ))
-        .await;
+/// Every (table, column) of the current schema whose value, read as text, contains `needle`
+/// (each table and column is listed from the catalog, so a new one is searched too).
+pub async fn columns_containing(db: &DatabaseConnection, needle: &str) -> Vec<(String, String)> {
+    let backend = db.get_database_backend();
+    let listing = match backend {
+        sea_orm::DbBackend::Postgres => {
+            "SELECT CAST(table_name AS TEXT) AS t, CAST(column_name AS TEXT) AS c \
+             FROM information_schema.columns WHERE table_schema = current_schema() \
+             ORDER BY table_name, ordinal_position"
+        }
+        _ => {
+            "SELECT m.name AS t, p.name AS c FROM sqlite_master m, pragma_table_info(m.name) p \
+             WHERE m.type = 'table' ORDER BY m.name, p.cid"
+        }
+    };
+    let columns = db
+        .query_all_raw(Statement::from_string(backend, listing.to_string()))
+        .await
+        .expect("list columns");
+    assert!(columns.len() > 20, "the catalog lists the schema's columns");
+    let mut found = Vec::new();
+    for row in columns {
+        let (t, c): (String, String) =
+            (row.try_get("", "t").unwrap(), row.try_get("", "c").unwrap());
+        let sql = format!(
+            "SELECT COUNT(*) AS v FROM \"{t}\" WHERE CAST(\"{c}\" AS TEXT) LIKE '%{}%'",
+            needle.replace('\'', "''")
+        );
+        let n: i64 = db
+            .query_one_raw(Statement::from_string(backend, sql))
+            .await
+            .expect("search a column")
+            .expect("row")
+            .try_get("", "v")
+            .unwrap();
+        if n > 0 {
+            found.push((t, c));
+        }
+    }
+    found
+}
+
+/// A webhook outbox row as a test checks it.
+#[derive(Clone, Debug)]
+pub struct OutboxRow {
+    /// The delivery id.
+    pub id: String,
+    /// The batch it is about.
+    pub batch_id: Option<String>,
+    /// `event_type`.
+    pub event_type: String,
+    /// Where it goes.
+    pub target_url: String,
+    /// `pending`, `succeeded` or `failed`.
+    pub status: String,
+    /// The row's `attempt_count`.
+    pub attempt_count: i64,
+    /// How many `webhook_attempt` rows it has.
+    pub attempts: i64,
+}
+
+/// Every webhook outbox row, with its attempts.
+pub async fn outbox_rows(db: &DatabaseConnection) -> Vec<OutboxRow> {
+    use sea_orm::{EntityTrait, QueryOrder};
+    let deliveries = entity::webhook_delivery::Entity::find()
+        .order_by_asc(entity::webhook_delivery::Column::CreatedAt)
+        .all(db)
+        .await
+        .expect("outbox query");
+    let attempts = entity::webhook_attempt::Entity::find()
+        .all(db)
+        .await
+        .expect("attempts query");
+    deliveries
+        .into_iter()
+        .map(|d| OutboxRow {
+            id: d.id.to_string(),
+            batch_id: d.batch_id.map(|b| b.to_string()),
+            event_type: d.event_type,
+            target_url: d.target_url,
+            status: d.status,
+            attempt_count: i64::from(d.attempt_count),
+            attempts: attempts.iter().filter(|a| a.delivery_id == d.id).count() as i64,
+        })
+        .collect()
+}
+
+/// Waits (up to 60 s) until the outbox holds `n` rows and none is pending any more, so nothing
+/// will be sent again, and returns them: a test checks what was (not) delivered from the rows
+/// instead of waiting and seeing nothing arrive.
+pub async fn wait_outbox_final(db: &DatabaseConnection, n: usize) -> Vec<OutboxRow> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let rows = outbox_rows(db).await;
+        if rows.len() >= n && rows.iter().all(|r| r.status != "pending") {
+            return rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox did not settle on {n} final rows: {rows:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
@@ -756,7 +931,20 @@ impl PgDatabase {
 /// Starts the real binary with `cmd` (stderr is taken over) and returns it with the port it
 /// bound: the config binds port 0 and the binary prints the port it got, so no port is ever
 /// picked, released and hoped to be free later.
-pub fn spawn_server(mut cmd: std::process::Command) -> (std::process::Child, u16) {
+pub fn spawn_server(cmd: std::process::Command) -> (std::process::Child, u16) {
+    let (child, port, _stderr) = spawn_server_logged(cmd);
+    (child, port)
+}
+
+/// Like [`spawn_server`], also returning every line the server writes to stderr (the thread
+/// ends when the server closes it, i.e. when it exits).
+pub fn spawn_server_logged(
+    mut cmd: std::process::Command,
+) -> (
+    std::process::Child,
+    u16,
+    std::thread::JoinHandle<Vec<String>>,
+) {
     use std::io::BufRead;
     let mut child = cmd
         .stderr(std::process::Stdio::piped())
@@ -764,7 +952,7 @@ pub fn spawn_server(mut cmd: std::process::Command) -> (std::process::Child, u16
         .expect("start the server");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel::<Result<u16, String>>();
-    std::thread::spawn(move || {
+    let stderr_lines = std::thread::spawn(move || {
         let mut seen = Vec::new();
         let mut lines = std::io::BufReader::new(stderr).lines();
         for line in lines.by_ref().map_while(Result::ok) {
@@ -774,19 +962,21 @@ pub fn spawn_server(mut cmd: std::process::Command) -> (std::process::Child, u16
                     .next()
                     .and_then(|p| p.parse().ok());
                 let _ = tx.send(port.ok_or_else(|| line.clone()));
+                seen.push(line);
                 break;
             }
             seen.push(line);
         }
         let _ = tx.send(Err(seen.join("\n")));
-        // Keep draining so the server never blocks on a full pipe.
-        for _ in lines {}
+        // Keep draining (and keeping) so the server never blocks on a full pipe.
+        seen.extend(lines.map_while(Result::ok));
+        seen
     });
     let port = rx
         .recv_timeout(std::time::Duration::from_secs(60))
         .expect("the server printed nothing within 60 s")
         .unwrap_or_else(|out| panic!("the server did not start:\n{out}"));
-    (child, port)
+    (child, port, stderr_lines)
 }
 
 /// A webhook delivery of `key_id` to `target` as the outbox holds it: `status`, due at `due`,

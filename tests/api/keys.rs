@@ -23,23 +23,83 @@ async fn key_sync_adds_changes_and_disables(backend: Backend) {
         sha256(&key_plaintext("acme"))
     );
     assert_eq!(app.scalar(&sql).await, 1, "only the hash is stored");
+    let acme_id = app
+        .scalar("SELECT id AS v FROM api_key WHERE name = 'acme'")
+        .await;
+    let key = key_plaintext("acme");
+    assert_eq!(
+        app.create_batch(&key, &TestApp::batch_body(Some("two"), 2))
+            .await
+            .status(),
+        201
+    );
 
-    // beta removed, acme disabled: both stay in the table, disabled.
+    // acme changed (at most one item per batch), gamma added, beta unchanged.
+    app.write_config(
+        &[
+            (
+                "acme".into(),
+                "initial_credits = 50\nmax_batch_items = 1".into(),
+            ),
+            ("beta".into(), "".into()),
+            ("gamma".into(), "initial_credits = 20".into()),
+        ],
+        "",
+    );
+    app.restart().await;
+    assert_eq!(
+        app.create_batch(&key, &TestApp::batch_body(Some("two-again"), 2))
+            .await
+            .status(),
+        422,
+        "acme's new cap applies"
+    );
+    assert_eq!(
+        app.create_batch(&key, &TestApp::batch_body(Some("one"), 1))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        app.scalar("SELECT id AS v FROM api_key WHERE name = 'acme'")
+            .await,
+        acme_id,
+        "a changed key keeps its row"
+    );
+    assert_eq!(
+        app.wallet(&key).await.balance,
+        50,
+        "initial credits not granted again"
+    );
+    assert_eq!(
+        app.wallet(&key_plaintext("gamma")).await.balance,
+        20,
+        "gamma added"
+    );
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM api_key WHERE disabled = false")
+            .await,
+        3
+    );
+
+    // beta and gamma removed, acme disabled: all stay in the table, disabled.
     app.write_config(&[("acme".into(), "disabled = true".into())], "");
     app.restart().await;
     assert_eq!(
         app.scalar("SELECT COUNT(*) AS v FROM api_key").await,
-        2,
+        3,
         "nothing deleted"
     );
     assert_eq!(
         app.scalar("SELECT COUNT(*) AS v FROM api_key WHERE disabled = true")
             .await,
-        2
+        3
     );
     let r = app.credits(&key_plaintext("acme")).await;
     assert_eq!(r["error"], "UNAUTHORIZED");
     let r = app.credits(&key_plaintext("beta")).await;
+    assert_eq!(r["error"], "UNAUTHORIZED");
+    let r = app.credits(&key_plaintext("gamma")).await;
     assert_eq!(r["error"], "UNAUTHORIZED");
 }
 

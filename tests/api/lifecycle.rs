@@ -1,5 +1,7 @@
 //! Worker leases, charge and release, batch state, cancel, list, and the reference worker.
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use futures::future::join_all;
 use serde_json::{Value, json};
@@ -114,7 +116,7 @@ async fn stale_reports_change_nothing(backend: Backend) {
         )
         .await;
     let b = r.json::<Value>().await.unwrap()["items"][0].clone();
-    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    app.expire_lease(b["item_id"].as_str().unwrap()).await;
     let b2 = app.claim("fast", 1).await.remove(0);
     assert_eq!(
         b2["item_id"], b["item_id"],
@@ -176,7 +178,45 @@ async fn a_customer_key_is_refused_by_the_worker_api(backend: Backend) {
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "UNAUTHORIZED");
 }
 
+/// A key's wallet in amounts, read in one statement (one snapshot, so it holds at every
+/// instant while other calls run): `balance == initial - cost * succeeded` and
+/// `held == cost * (queued + running)`. Returns the number of succeeded items.
+async fn assert_wallet_amounts(app: &TestApp, name: &str, initial: i64, cost: i64) -> i64 {
+    use sea_orm::ConnectionTrait;
+    let db = app.db();
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!(
+                "SELECT CAST(w.balance AS BIGINT) AS balance, CAST(w.held AS BIGINT) AS held, \
+                 CAST((SELECT COUNT(*) FROM batch_item i WHERE i.api_key_id = w.api_key_id \
+                       AND i.status = 'succeeded') AS BIGINT) AS succeeded, \
+                 CAST((SELECT COUNT(*) FROM batch_item i WHERE i.api_key_id = w.api_key_id \
+                       AND i.status IN ('queued', 'running')) AS BIGINT) AS open \
+                 FROM credit_wallet w JOIN api_key k ON k.id = w.api_key_id WHERE k.name = '{name}'"
+            ),
+        ))
+        .await
+        .unwrap()
+        .expect("the key's wallet");
+    let get = |c: &str| row.try_get::<i64>("", c).unwrap();
+    let (balance, held, succeeded, open) =
+        (get("balance"), get("held"), get("succeeded"), get("open"));
+    assert_eq!(
+        balance,
+        initial - cost * succeeded,
+        "{name}: balance after {succeeded} succeeded items"
+    );
+    assert_eq!(held, cost * open, "{name}: held for {open} open items");
+    succeeded
+}
+
+/// Two customers create and cancel while three workers claim, complete, fail for good and fail
+/// to retry, all at once; the amounts of both wallets are exact at every step (checked by the
+/// workers after each report and by a watcher throughout), and nothing is held at the end.
 async fn random_mix_keeps_the_ledger_exact(backend: Backend) {
+    const INITIAL: i64 = 100_000;
+    const COST: i64 = 10;
     let app = TestApp::builder(backend)
         .key(
             "acme",
@@ -189,55 +229,118 @@ async fn random_mix_keeps_the_ledger_exact(backend: Backend) {
         .config("")
         .build()
         .await;
-    let mut seed: u64 = 0x9e3779b97f4a7c15;
-    let mut rnd = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
+    // A small deterministic generator per task.
+    let rng = |seed: u64| {
+        let mut seed = seed | 1;
+        move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
     };
-    let keys = [app.key("acme").to_string(), app.key("beta").to_string()];
-    let mut batches = Vec::new();
-    for i in 0..12 {
-        let k = &keys[i % 2];
-        batches.push((
-            k.clone(),
-            create(&app, k, &format!("mix-{i}"), 1 + rnd(6) as usize).await,
-        ));
-    }
-    for (k, b) in batches.iter().step_by(4) {
-        assert_eq!(app.cancel_batch(k, b).await.status(), 200);
-    }
-    let mut rounds = 0;
+    let names = ["acme", "beta"];
+    let creating = Arc::new(AtomicUsize::new(names.len()));
+    let done = Arc::new(AtomicBool::new(false));
+    let checks = Arc::new(AtomicUsize::new(0));
+    let app = &app;
+    let customers = names.iter().enumerate().map(|(c, name)| {
+        let creating = Arc::clone(&creating);
+        let mut rnd = rng(0x9e37_79b9_7f4a_7c15 + c as u64);
+        async move {
+            let key = app.key(name).to_string();
+            let mut batches = Vec::new();
+            for i in 0..8 {
+                batches
+                    .push(create(app, &key, &format!("mix-{name}-{i}"), 1 + rnd(6) as usize).await);
+                if rnd(3) == 0 {
+                    let b = &batches[rnd(batches.len() as u64) as usize];
+                    assert_eq!(app.cancel_batch(&key, b).await.status(), 200);
+                }
+                tokio::task::yield_now().await;
+            }
+            creating.fetch_sub(1, Ordering::SeqCst);
+            (key, batches)
+        }
+    });
+    let workers = (0..3u64).map(|w| {
+        let (creating, checks) = (Arc::clone(&creating), Arc::clone(&checks));
+        let mut rnd = rng(0x2545_f491_4f6c_dd1d + w);
+        async move {
+            let mut rounds = 0;
+            loop {
+                let items = app.claim(&format!("mixer-{w}"), 1 + rnd(5) as u32).await;
+                if items.is_empty() {
+                    // Whatever a last retry puts back is drained below.
+                    if creating.load(Ordering::SeqCst) == 0 {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                rounds += 1;
+                assert!(rounds < 500, "queue does not drain");
+                for item in items {
+                    match rnd(4) {
+                        0 => assert_eq!(app.fail(&item, true).await.status(), 200),
+                        1 => assert_eq!(app.fail(&item, false).await.status(), 200),
+                        _ => assert_eq!(app.complete(&item).await.status(), 200),
+                    }
+                    for name in names {
+                        assert_wallet_amounts(app, name, INITIAL, COST).await;
+                    }
+                    checks.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    let watcher = {
+        let (done, checks) = (Arc::clone(&done), Arc::clone(&checks));
+        async move {
+            while !done.load(Ordering::SeqCst) {
+                for name in names {
+                    assert_wallet_amounts(app, name, INITIAL, COST).await;
+                }
+                checks.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    let mix = async {
+        let (batches, _) = futures::join!(join_all(customers), join_all(workers));
+        done.store(true, Ordering::SeqCst);
+        batches
+    };
+    let (batches, ()) = futures::join!(mix, watcher);
+    assert!(
+        checks.load(Ordering::SeqCst) > 20,
+        "amounts were checked along the way"
+    );
+    // A worker may have stopped while another still held an item: drain what is left.
     loop {
-        let items = app.claim("mixer", 7).await;
+        let items = app.claim("last", 100).await;
         if items.is_empty() {
             break;
         }
-        rounds += 1;
-        assert!(rounds < 200, "queue does not drain");
         for item in items {
-            match rnd(4) {
-                0 => assert_eq!(app.fail(&item, true).await.status(), 200),
-                1 => assert_eq!(app.fail(&item, false).await.status(), 200),
-                _ => assert_eq!(app.complete(&item).await.status(), 200),
-            }
-        }
-        if rounds == 3 {
-            for (k, b) in batches.iter().skip(1).step_by(5) {
-                assert_eq!(app.cancel_batch(k, b).await.status(), 200);
-            }
+            assert_eq!(app.complete(&item).await.status(), 200);
         }
     }
     app.assert_ledger_invariant().await;
-    for k in &keys {
+    let mut succeeded_total = 0;
+    for name in names {
+        succeeded_total += assert_wallet_amounts(app, name, INITIAL, COST).await;
         assert_eq!(
-            app.wallet(k).await.held,
+            app.wallet(app.key(name)).await.held,
             0,
             "nothing held once every batch is final"
         );
     }
-    for (k, b) in &batches {
+    assert!(succeeded_total > 0, "items succeeded");
+    for (k, b) in batches
+        .iter()
+        .flat_map(|(k, bs)| bs.iter().map(move |b| (k, b)))
+    {
         let v: Value = app.get_batch(k, b).await.json().await.unwrap();
         assert!(
             v["status"] == "completed" || v["status"] == "cancelled",
@@ -439,9 +542,21 @@ async fn reference_worker_survives_a_server_restart(backend: Backend) {
         poll_seconds: 1,
     };
     let worker = tokio::spawn(api::worker_client::run(args));
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    app.restart_in_place(std::time::Duration::from_millis(1500))
-        .await;
+    // Renders are in flight once the worker has claimed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app
+        .scalar("SELECT COUNT(*) AS v FROM batch_item WHERE status = 'running'")
+        .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker claimed nothing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The server comes back only after two of the worker's calls were turned away unanswered.
+    app.restart_in_place(2).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let v = loop {
         let v: Value = app.get_batch(&key, &b).await.json().await.unwrap();

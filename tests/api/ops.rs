@@ -51,7 +51,33 @@ async fn in_flight_request_completes_during_shutdown(backend: Backend) {
             .await
             .map(|r| r.status().as_u16())
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    if pg {
+        // In flight for sure: its transaction waits for the table lock.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let waiting = locker
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT COUNT(*) AS v FROM pg_locks WHERE NOT granted".to_string(),
+                ))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get::<i64>("", "v")
+                .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the create never waited for the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        // SQLite shows no waiter: give the create time to reach its write.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert!(!request.is_finished(), "the create waits for the lock");
     let port = app.port;
     let stopping = tokio::spawn(async move {
@@ -124,7 +150,7 @@ async fn binary_reloads_on_sighup_and_logs_no_secrets(backend: Backend) {
         .env("VB_TEST_WORKER_SECRET", "bin-worker-secret-value")
         .env("RUST_LOG", "debug")
         .stdout(Stdio::piped());
-    let (mut child, port) = crate::helpers::spawn_server(cmd);
+    let (mut child, port, stderr_lines) = crate::helpers::spawn_server_logged(cmd);
     let stderr = child.stdout.take().unwrap();
     let lines = std::thread::spawn(move || {
         BufReader::new(stderr)
@@ -190,13 +216,21 @@ async fn binary_reloads_on_sighup_and_logs_no_secrets(backend: Backend) {
     assert!(exit.success(), "SIGTERM stops cleanly: {exit:?}");
     let lines = lines.join().unwrap();
     assert!(!lines.is_empty());
-    let all = lines.join("\n");
+    let stderr_lines = stderr_lines.join().unwrap();
+    assert!(
+        stderr_lines.iter().any(|l| l.contains("listening on port")),
+        "stderr was read"
+    );
+    let all = format!("{}\n{}", lines.join("\n"), stderr_lines.join("\n"));
     for secret in [
         key.as_str(),
         "bin-worker-secret-value",
         "bin-admin-token-value",
     ] {
-        assert!(!all.contains(secret), "a secret reached the logs");
+        assert!(
+            !all.contains(secret),
+            "a secret reached the logs (stdout or stderr)"
+        );
     }
     let mut with_request_id = 0;
     for l in &lines {

@@ -167,6 +167,72 @@ async fn the_results_export_streams_every_outcome_as_json_lines(backend: Backend
         lines.iter().filter(|l| l["status"] == "queued").count(),
         999
     );
+
+    // The other outcomes: failed, still running, cancelled (the batch is cancelled with one
+    // item out), and, in a batch whose window ended, expired.
+    let two = app.claim("w", 2).await;
+    assert_eq!(two.len(), 2);
+    assert_eq!(app.fail(&two[0], false).await.status(), 200);
+    assert_eq!(app.cancel_batch(&key, &id).await.status(), 200);
+    let lines = results(&app, &key, &id).await;
+    assert_eq!(lines.len(), 1000);
+    let status_of = |item: &Value| {
+        lines
+            .iter()
+            .find(|l| l["item_id"] == item["item_id"])
+            .unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(status_of(&item), "succeeded");
+    assert_eq!(status_of(&two[0]), "failed");
+    assert_eq!(status_of(&two[1]), "running");
+    assert_eq!(
+        lines.iter().filter(|l| l["status"] == "cancelled").count(),
+        997
+    );
+    let mut body = TestApp::batch_body(Some("short"), 3);
+    body["completion_window"] = json!("1s");
+    let r = app.create_batch(&key, &body).await;
+    assert_eq!(r.status(), 201);
+    let short = r.json::<Value>().await.unwrap()["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, b) = get_json(&app, &key, &format!("/video-batch/{short}")).await;
+        if b["counts"]["expired"] == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "window not enforced: {b}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let lines = results(&app, &key, &short).await;
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["status"] == "expired"), "{lines:?}");
+}
+
+async fn results(app: &TestApp, key: &str, id: &str) -> Vec<Value> {
+    let r = app
+        .client
+        .get(format!(
+            "{}/api/enterprise/video-batch/{id}/results",
+            app.base
+        ))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 async fn another_keys_items_and_results_are_not_found(backend: Backend) {

@@ -17,6 +17,8 @@ both_backends!(
     one_credits_low_event_per_crossing_under_concurrent_creates_on_two_nodes,
     a_batch_whose_window_ends_expires_its_queued_items_and_lets_running_ones_finish,
     a_capped_key_never_runs_more_than_its_cap_and_claims_fill_from_other_keys,
+    a_negative_adjust_crosses_the_threshold_and_a_release_re_arms_it,
+    an_overlap_added_by_reload_shares_limits_wallet_and_batches,
 );
 
 /// The key a rotated test key replaced.
@@ -133,8 +135,21 @@ async fn one_credits_low_event_per_crossing_under_concurrent_creates_on_two_node
     };
     // 40 × 2 items × 10 credits: 1000 → 200 available.
     assert!(burst("a").await.iter().all(|s| *s == 201));
+    // Each create commits its event with it: once they are answered the outbox holds all
+    // there will be.
+    let events = || async {
+        crate::helpers::wait_outbox_final(&app.db(), 1)
+            .await
+            .into_iter()
+            .map(|r| (r.event_type, r.status, r.attempt_count))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        events().await,
+        [("credits.low".to_string(), "succeeded".to_string(), 1)],
+        "one event for one crossing"
+    );
     let got = receiver.wait_for(1, Duration::from_secs(15)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(receiver.got().len(), 1, "one event for one crossing");
     assert!(verify(SECRET, &got[0]), "signed with the key's secret");
     let body: Value = serde_json::from_str(&got[0].body).unwrap();
@@ -149,8 +164,15 @@ async fn one_credits_low_event_per_crossing_under_concurrent_creates_on_two_node
         .await;
     assert_eq!(r.status(), 200);
     assert!(burst("b").await.iter().all(|s| *s == 201));
+    assert_eq!(
+        events().await,
+        [
+            ("credits.low".to_string(), "succeeded".to_string(), 1),
+            ("credits.low".to_string(), "succeeded".to_string(), 1)
+        ],
+        "one more event for the second crossing"
+    );
     receiver.wait_for(2, Duration::from_secs(15)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let all = receiver.got();
     assert_eq!(all.len(), 2, "one more event for the second crossing");
     assert_ne!(all[0].id, all[1].id, "two distinct events");
@@ -300,6 +322,11 @@ async fn a_capped_key_never_runs_more_than_its_cap_and_claims_fill_from_other_ke
         join_all((0..8).map(|w| async move { nodes[w % 2].claim(&format!("w{w}"), 4).await }))
             .await;
     assert!(running_of(&app, "big").await <= 3);
+    assert_eq!(
+        running_of(&app, "big").await,
+        3,
+        "the claims took the capped key up to its cap"
+    );
     let small_queued = app
         .scalar(
             "SELECT COUNT(*) AS v FROM batch_item WHERE status = 'queued' \
@@ -349,4 +376,190 @@ async fn a_capped_key_never_runs_more_than_its_cap_and_claims_fill_from_other_ke
     assert_eq!(seen.lock().unwrap().len(), 40, "every item claimed once");
     assert!(max_seen.load(Ordering::SeqCst) <= 3);
     app.assert_ledger_invariant().await;
+    let charged = app
+        .scalar("SELECT COUNT(*) AS v FROM credit_ledger WHERE kind = 'charge'")
+        .await;
+    assert_eq!(charged, 40, "every item charged once");
+}
+
+/// `credits.low` from the other movements: a create's hold crosses, a cancel's release
+/// re-arms, a negative adjust crosses again, and movements below the threshold send nothing.
+async fn a_negative_adjust_crosses_the_threshold_and_a_release_re_arms_it(backend: Backend) {
+    let receiver = Receiver::start(0, &[]).await;
+    let app = TestApp::builder(backend)
+        .key(
+            "low",
+            &hooked(
+                "initial_credits = 1000\nlow_credit_threshold = 500",
+                &receiver,
+            ),
+        )
+        .build()
+        .await;
+    let key = app.key("low").to_string();
+    let low_events = || async {
+        crate::helpers::outbox_rows(&app.db())
+            .await
+            .into_iter()
+            .filter(|r| r.event_type == "credits.low")
+            .count()
+    };
+    // A hold: 1000 -> 400 available, crossing.
+    let r = app
+        .create_batch(&key, &TestApp::batch_body(Some("big"), 60))
+        .await;
+    assert_eq!(r.status(), 201);
+    let batch = r.json::<Value>().await.unwrap()["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(low_events().await, 1, "the hold crossed");
+    // Below already: another movement down sends nothing.
+    let r = app
+        .admin_post("/keys/low/credits/adjust", &json!({ "amount": -10 }), None)
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(low_events().await, 1, "no crossing while below");
+    // The release of the cancel: 390 -> 990 available, re-armed, no event.
+    assert_eq!(app.cancel_batch(&key, &batch).await.status(), 200);
+    assert_eq!(app.wallet(&key).await.available, 990);
+    assert_eq!(low_events().await, 1, "crossing up sends nothing");
+    // A negative adjust crosses again: 990 -> 390.
+    let r = app
+        .admin_post("/keys/low/credits/adjust", &json!({ "amount": -600 }), None)
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        low_events().await,
+        2,
+        "the adjust crossed after the release re-armed"
+    );
+    let rows = crate::helpers::wait_outbox_final(&app.db(), 3).await;
+    assert!(rows.iter().all(|r| r.status == "succeeded"), "{rows:?}");
+    let got = receiver.wait_for(3, Duration::from_secs(15)).await;
+    let available: Vec<i64> = got
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(&r.body).unwrap())
+        .filter(|b| b["type"] == "credits.low")
+        .map(|b| b["data"]["available"].as_i64().unwrap())
+        .collect();
+    assert_eq!(available, [400, 390], "each event says what was available");
+    app.assert_ledger_invariant().await;
+}
+
+/// A rotation applied by reload: the new key works at once, the old one keeps working as the
+/// same key (one wallet, one batch list, one rate limit) until the overlap ends.
+async fn an_overlap_added_by_reload_shares_limits_wallet_and_batches(backend: Backend) {
+    let old = key_plaintext("rot");
+    let new = "vb_test_rot_new_secret_value";
+    let limits = "initial_credits = 100\nrate_limit_per_min = 4";
+    let app = TestApp::builder(backend).key("rot", limits).build().await;
+    app.freeze_clock();
+    let create = |key: &str, rid: &str| {
+        let (app, key, rid) = (&app, key.to_string(), rid.to_string());
+        async move {
+            app.create_batch(&key, &TestApp::batch_body(Some(&rid), 1))
+                .await
+        }
+    };
+    let r = create(&old, "by-old").await;
+    assert_eq!(r.status(), 201);
+    let batch = r.json::<Value>().await.unwrap()["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(status_with(&app, new).await, 401, "not yet rotated");
+
+    let until = chrono::Utc::now() + chrono::Duration::hours(1);
+    app.write_config(
+        &[(
+            "rot".into(),
+            format!(
+                "key_sha256 = \"{}\"\nprevious_key_sha256 = \"{}\"\n\
+                 previous_key_expires_at = \"{}\"\n{limits}",
+                sha256(new),
+                sha256(&old),
+                until.to_rfc3339()
+            ),
+        )],
+        "",
+    );
+    let r = app.admin_post("/config/reload", &json!({}), None).await;
+    assert_eq!(r.status(), 200);
+    for key in [new, old.as_str()] {
+        let b = app.get_batch(key, &batch).await;
+        assert_eq!(b.status(), 200, "one batch list for both keys");
+        let listed: Value = app.list_batches(key, "").await.json().await.unwrap();
+        assert_eq!(listed["data"][0]["batch_id"], batch.as_str());
+    }
+    // One rate limit: 1 create by the old key, then 2 by the new and 1 by the old make 4.
+    assert_eq!(create(new, "by-new-1").await.status(), 201);
+    assert_eq!(create(new, "by-new-2").await.status(), 201);
+    assert_eq!(create(&old, "by-old-2").await.status(), 201);
+    assert_eq!(
+        create(new, "by-new-3").await.status(),
+        429,
+        "the shared limit"
+    );
+    assert_eq!(
+        create(&old, "by-old-3").await.status(),
+        429,
+        "the shared limit"
+    );
+    // One wallet: four batches of one item held, seen through either key.
+    for key in [new, old.as_str()] {
+        let w = app.wallet(key).await;
+        assert_eq!((w.balance, w.held), (100, 40));
+    }
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM api_key").await,
+        1,
+        "still one key"
+    );
+}
+
+/// A capped key whose row another claim holds is left out of a claim, never waited for: with
+/// the row locked for the whole call, the claim still answers, filled from the other key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_postgres_a_capped_key_held_by_another_claim_is_skipped_never_waited_for() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let app = TestApp::builder(backend)
+        .key("capped", "initial_credits = 1000\nmax_running_items = 2")
+        .key("free", "initial_credits = 1000")
+        .build()
+        .await;
+    for key in ["capped", "free"] {
+        let r = app
+            .create_batch(app.key(key), &TestApp::batch_body(Some(key), 3))
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    let db = app.db();
+    let holder = db.begin().await.unwrap();
+    holder
+        .execute_unprepared("SELECT id FROM api_key WHERE name = 'capped' FOR NO KEY UPDATE")
+        .await
+        .unwrap();
+    // Held until after the claim: a claim that waited for it would never answer.
+    let claimed = tokio::time::timeout(Duration::from_secs(20), app.claim("w", 4))
+        .await
+        .expect("the claim waited for the held key");
+    let free_id = app
+        .scalar("SELECT id AS v FROM api_key WHERE name = 'free'")
+        .await;
+    let keys: Vec<Value> = claimed.iter().map(|i| i["batch_id"].clone()).collect();
+    assert_eq!(claimed.len(), 3, "filled from the other key: {keys:?}");
+    assert_eq!(
+        running_of(&app, "capped").await,
+        0,
+        "the held key was left out"
+    );
+    assert_eq!(running_of(&app, "free").await, 3, "key {free_id}");
+    holder.rollback().await.unwrap();
+    // Released: the capped key is served again, up to its cap.
+    assert_eq!(app.claim("w", 4).await.len(), 2);
+    assert_eq!(running_of(&app, "capped").await, 2);
 }

@@ -86,14 +86,13 @@ async fn a_heartbeat_extends_the_lease(backend: Backend) {
             .status(),
         201
     );
-    let item = claim_with(&app, 2).await;
+    let item = claim_with(&app, 3).await;
     let first_end: chrono::DateTime<chrono::Utc> =
         item["lease_expires_at"].as_str().unwrap().parse().unwrap();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
     let r = app
         .worker_post(
             &format!("/items/{}/heartbeat", item["item_id"].as_str().unwrap()),
-            &json!({ "lease_token": item["lease_token"], "lease_seconds": 5 }),
+            &json!({ "lease_token": item["lease_token"], "lease_seconds": 60 }),
         )
         .await;
     assert_eq!(r.status(), 200);
@@ -104,9 +103,20 @@ async fn a_heartbeat_extends_the_lease(backend: Backend) {
         new_end > first_end + chrono::Duration::seconds(2),
         "{first_end} -> {new_end}"
     );
-    // Past the first end (and a reaper pass): still leased, and the report is accepted.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // Past the first end: a claim (which takes expired leases) and the reaper's passes leave
+    // it leased, and the report is accepted.
+    while chrono::Utc::now() <= first_end + chrono::Duration::milliseconds(1100) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(claim_with(&app, 30).await.is_null(), "not handed out again");
+    assert_eq!(
+        app.scalar(
+            "SELECT COUNT(*) AS v FROM batch_item WHERE status = 'running' AND attempts = 1"
+        )
+        .await,
+        1,
+        "still the first attempt, never requeued"
+    );
     assert_eq!(app.complete(&item).await.status(), 200);
 }
 
@@ -168,8 +178,13 @@ async fn the_batch_webhook_url_override_receives_the_event(backend: Backend) {
     assert_eq!(app.cancel_batch(&key, &id).await.status(), 200);
     let got = batch_receiver.wait_for(1, Duration::from_secs(10)).await;
     assert!(got[0].body.contains(&id));
-    // Longer than the test retry schedule (1 s, 1 s): nothing reaches the key's URL.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every event is in the outbox, final: none was ever meant for the key's URL.
+    let rows = crate::helpers::wait_outbox_final(&app.db(), 1).await;
+    assert!(
+        rows.iter().all(|r| r.target_url == batch_receiver.url()),
+        "an event went to the key's URL: {rows:?}"
+    );
+    assert_eq!(rows.len(), 1, "{rows:?}");
     assert!(key_receiver.got().is_empty(), "the key's URL got an event");
 }
 
@@ -345,7 +360,15 @@ async fn private_webhook_targets_are_refused_at_send_time(backend: Backend) {
         d["last_error"].as_str().unwrap_or("").contains("refused"),
         "{d}"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Failed is final: one attempt, never retried, and nothing reached the receiver.
+    assert_eq!(d["attempt_count"], 1, "not retried: {d}");
+    let rows = crate::helpers::wait_outbox_final(&app.db(), 1).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].attempt_count, rows[0].attempts),
+        (1, 1),
+        "{rows:?}"
+    );
     assert!(receiver.got().is_empty(), "a private target was called");
 }
 

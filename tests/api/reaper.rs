@@ -65,10 +65,17 @@ async fn an_expired_lease_of_a_cancelled_batch_is_cancelled_never_billed(backend
         .await
         .unwrap();
     let id = created["batch_id"].as_str().unwrap().to_string();
-    let claimed = claim_with_lease(&app, 1, 1).await;
+    let claimed = claim_with_lease(&app, 1, 30).await;
     assert_eq!(claimed.len(), 1);
     assert_eq!(app.cancel_batch(&key, &id).await.status(), 200);
-    // No claim from here on: the reaper alone settles the expired lease.
+    let b = batch(&app, &key, &id).await;
+    assert_eq!(
+        b["counts"]["running"], 1,
+        "the leased item waits for its worker: {b}"
+    );
+    // The lease ends after the cancel; no claim from here on: the reaper alone settles it.
+    app.expire_lease(claimed[0]["item_id"].as_str().unwrap())
+        .await;
     let b = wait_for_status(&app, &key, &id, "cancelled", Duration::from_secs(8)).await;
     assert_eq!(b["counts"]["cancelled"], 2, "{b}");
     assert_eq!(b["counts"]["succeeded"], 0);
@@ -103,8 +110,11 @@ async fn an_exhausted_lease_is_reaped_without_any_claim(backend: Backend) {
         .await
         .unwrap();
     let id = created["batch_id"].as_str().unwrap().to_string();
-    assert_eq!(claim_with_lease(&app, 1, 1).await.len(), 1);
+    let claimed = claim_with_lease(&app, 1, 30).await;
+    assert_eq!(claimed.len(), 1);
     assert_eq!(app.wallet(&key).await.held, 10);
+    app.expire_lease(claimed[0]["item_id"].as_str().unwrap())
+        .await;
     let b = wait_for_status(&app, &key, &id, "completed", Duration::from_secs(8)).await;
     assert_eq!(b["counts"]["failed"], 1, "{b}");
     let credits = app.wallet(&key).await;

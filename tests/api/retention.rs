@@ -105,6 +105,50 @@ async fn retention_prunes_rows_older_than_the_configured_age(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(again, Default::default(), "a second pass finds nothing");
+
+    // 0 keeps forever: with every row far past any age, a pass with 0 days deletes nothing.
+    {
+        use sea_orm::{ConnectionTrait, Statement};
+        let ancient = (Utc::now() - TimeDelta::days(4000)).to_rfc3339();
+        let sql = match backend {
+            sea_orm::DbBackend::Postgres => {
+                format!("UPDATE usage_event SET created_at = '{ancient}'::timestamptz")
+            }
+            _ => format!("UPDATE usage_event SET created_at = '{ancient}'"),
+        };
+        app.db()
+            .execute_raw(Statement::from_string(backend, sql))
+            .await
+            .unwrap();
+    }
+    delivery(&app, key_id, "succeeded", 4000).await;
+    let usage_rows = app.scalar("SELECT COUNT(*) AS v FROM usage_event").await;
+    let deliveries = app
+        .scalar("SELECT COUNT(*) AS v FROM webhook_delivery")
+        .await;
+    assert!(usage_rows >= 2 && deliveries == 3);
+    let mut forever = retention;
+    forever.usage_days = 0;
+    forever.webhook_days = 0;
+    let none = api::service::retention::prune(&app.state().writer, &forever, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(none, Default::default(), "0 keeps forever");
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM usage_event").await,
+        usage_rows
+    );
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) AS v FROM webhook_delivery")
+            .await,
+        deliveries
+    );
+    // The same rows under the default ages are gone.
+    let pruned = api::service::retention::prune(&app.state().writer, &retention, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(pruned.webhook_deliveries, 1);
+    assert!(pruned.usage >= 2);
 }
 
 async fn a_key_removed_on_one_node_is_refused_by_the_other_within_5_seconds(backend: Backend) {

@@ -35,6 +35,19 @@ async fn non_public_webhook_targets_are_refused_at_create(backend: Backend) {
         "https://10.1.2.3/",
         "https://[fd00::1]/",
         "https://169.254.169.254/",
+        // Multicast (224.0.0.0/4, ff00::/8), the unspecified addresses, the rest of the
+        // private and link-local ranges.
+        "https://224.0.0.1/",
+        "https://239.255.255.250/",
+        "https://[ff02::1]/",
+        "https://[ff0e::1]/",
+        "https://[::]/",
+        "https://0.0.0.0/",
+        "https://172.16.0.1/",
+        "https://172.31.255.254/",
+        "https://[fe80::1]/",
+        "https://[::1]/",
+        "https://192.168.1.1/",
     ] {
         let body = json!({ "items": [{ "prompt": "p" }], "webhook_url": target });
         let r = app.create_batch(&key, &body).await;
@@ -58,4 +71,14 @@ async fn non_public_webhook_targets_are_refused_at_create(backend: Backend) {
         )
         .await;
     assert_eq!(ok.status(), 201, "a public address is accepted");
+    // Just outside 172.16.0.0/12 and 224.0.0.0/4: public.
+    for target in ["https://172.32.0.1/hook", "https://223.255.255.1/hook"] {
+        let ok = app
+            .create_batch(
+                &key,
+                &json!({ "items": [{ "prompt": "p" }], "webhook_url": target }),
+            )
+            .await;
+        assert_eq!(ok.status(), 201, "{target} is public");
+    }
 }

@@ -54,9 +54,13 @@ async fn two_processes_on_one_postgres_keep_every_invariant() {
     std::fs::write(dir.path().join("test.toml"), "").unwrap();
     let mut ports = Vec::new();
     let mut _nodes = Vec::new();
+    // Both nodes run on one frozen clock, so the rate-limit calls below count against one
+    // window whatever the wall clock does.
+    let frozen = chrono::Utc::now().to_rfc3339();
     for _ in 0..2 {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_video-batch-api"));
         cmd.env("APP_CONFIG_DIR", dir.path())
+            .env(api::clock::TEST_FROZEN_CLOCK_ENV, &frozen)
             .env("APP_ENVIRONMENT", "test")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null());
@@ -99,7 +103,6 @@ async fn two_processes_on_one_postgres_keep_every_invariant() {
         }
     };
 
-    crate::helpers::fresh_window(30).await;
     let rl = join_all((0..120).map(|i| create(i, "limited", format!("rl-{i}")))).await;
     assert_eq!(
         rl.iter().filter(|r| r.0 == 201).count(),
@@ -155,15 +158,20 @@ async fn two_processes_on_one_postgres_keep_every_invariant() {
         "no item claimed twice"
     );
 
-    // Both nodes dispatch; every batch.completed is sent exactly once.
-    let got = receiver.wait_for(61, Duration::from_secs(30)).await;
-    // Longer than the first retry delay (5 s by default), so a duplicate would have arrived.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let got = if receiver.got().len() > got.len() {
-        receiver.got()
-    } else {
-        got
-    };
+    // Both nodes dispatch; every batch.completed is sent exactly once: once every outbox row
+    // is final with one attempt, no node sends it again.
+    receiver.wait_for(61, Duration::from_secs(30)).await;
+    let db = api::db::connect_url(&db_url, 2, None).await.unwrap();
+    let deliveries = crate::helpers::wait_outbox_final(&db, 61).await;
+    for d in &deliveries {
+        assert_eq!(
+            (d.status.as_str(), d.attempt_count, d.attempts),
+            ("succeeded", 1, 1),
+            "delivery {} was attempted more than once",
+            d.id
+        );
+    }
+    let got = receiver.got();
     let mut per_id: HashMap<String, usize> = HashMap::new();
     for r in &got {
         *per_id.entry(r.id.clone()).or_default() += 1;
@@ -174,7 +182,6 @@ async fn two_processes_on_one_postgres_keep_every_invariant() {
         "an attempt was sent twice"
     );
 
-    let db = api::db::connect_url(&db_url, 2, None).await.unwrap();
     assert_ledger_invariant(&db).await;
     let charges = db
         .query_one_raw(sea_orm::Statement::from_string(

@@ -82,12 +82,31 @@ async fn receive(
 
 impl Receiver {
     pub(crate) async fn start(port: u16, script: &[(u16, Option<&'static str>)]) -> Receiver {
-        let state = Arc::new(ReceiverState::default());
-        state.script.lock().unwrap().extend(script.iter().cloned());
         let acceptor = TcpListener::bind(format!("127.0.0.1:{port}"))
             .into_acceptor()
             .await
             .unwrap();
+        Self::start_with(acceptor, script)
+    }
+
+    /// Starts listening on `socket`, a port reserved earlier with [`reserve_port`].
+    pub(crate) fn start_on(
+        socket: tokio::net::TcpSocket,
+        script: &[(u16, Option<&'static str>)],
+    ) -> Receiver {
+        let listener = socket.listen(128).unwrap();
+        Self::start_with(
+            poem::listener::TcpAcceptor::from_tokio(listener).unwrap(),
+            script,
+        )
+    }
+
+    fn start_with(
+        acceptor: poem::listener::TcpAcceptor,
+        script: &[(u16, Option<&'static str>)],
+    ) -> Receiver {
+        let state = Arc::new(ReceiverState::default());
+        state.script.lock().unwrap().extend(script.iter().cloned());
         let port = acceptor.local_addr()[0].as_socket_addr().unwrap().port();
         let app = Route::new()
             .at("/hook", post(receive))
@@ -155,12 +174,13 @@ pub(crate) fn verify(secret: &str, r: &Received) -> bool {
             .any(|s| s.strip_prefix("v1,") == Some(expected.as_str()))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A port that stays ours but refuses connections (bound, not listening) until a receiver
+/// starts on it with [`Receiver::start_on`]: it is never released for another process to take.
+fn reserve_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 /// An app whose key `acme` sends its webhooks to `url`, retried after each of `schedule`
@@ -203,10 +223,6 @@ async fn complete_batch(app: &TestApp, rid: &str, n: usize) -> String {
     }
     id
 }
-
-/// How long a "nothing more arrives" check watches: longer than the whole retry schedule of
-/// these tests (1 s, 1 s) plus a dispatcher poll, so a duplicate or a stray retry would show.
-const QUIET: Duration = Duration::from_millis(3000);
 
 async fn deliveries(app: &TestApp) -> Vec<Value> {
     app.client
@@ -256,8 +272,28 @@ async fn item_events_for_subscribed_keys_and_rotation_signatures(backend: Backen
                 receiver.url()
             ),
         )
+        // Same endpoint, default events: no item.* event.
+        .key(
+            "plain",
+            &format!(
+                "initial_credits = 100\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"",
+                receiver.url()
+            ),
+        )
         .build()
         .await;
+    let r = app
+        .create_batch(app.key("plain"), &TestApp::batch_body(Some("ev-plain"), 2))
+        .await;
+    assert_eq!(r.status(), 201);
+    let plain_batch = r.json::<Value>().await.unwrap()["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let items = app.claim("w", 2).await;
+    assert_eq!(items.len(), 2);
+    assert_eq!(app.complete(&items[0]).await.status(), 200);
+    assert_eq!(app.fail(&items[1], false).await.status(), 200);
     let r = app
         .create_batch(app.key("acme"), &TestApp::batch_body(Some("ev"), 2))
         .await;
@@ -265,7 +301,26 @@ async fn item_events_for_subscribed_keys_and_rotation_signatures(backend: Backen
     let items = app.claim("w", 2).await;
     assert_eq!(app.complete(&items[0]).await.status(), 200);
     assert_eq!(app.fail(&items[1], false).await.status(), 200);
-    let got = receiver.wait_for(3, Duration::from_secs(10)).await;
+    // The outbox holds every event either key will ever get: the unsubscribed key's batch has
+    // its batch.completed and no item event.
+    let rows = crate::helpers::wait_outbox_final(&app.db(), 4).await;
+    let plain: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.batch_id.as_deref() == Some(plain_batch.as_str()))
+        .map(|r| r.event_type.as_str())
+        .collect();
+    assert_eq!(plain, ["batch.completed"], "{rows:?}");
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let got = receiver.wait_for(4, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 4);
+    let got: Vec<_> = got
+        .into_iter()
+        .filter(|r| {
+            serde_json::from_str::<Value>(&r.body).unwrap()["data"]["batch_id"]
+                != plain_batch.as_str()
+        })
+        .collect();
+    assert_eq!(got.len(), 3, "the subscribed key got its three events");
     let mut types: Vec<String> = got
         .iter()
         .map(|r| {
@@ -312,7 +367,10 @@ async fn reference_worker_batch_is_signed_and_retried_until_success(backend: Bac
     .await
     .unwrap();
     let got = receiver.wait_for(3, Duration::from_secs(20)).await;
-    tokio::time::sleep(QUIET).await;
+    // Once the one delivery is final no attempt follows: the receiver saw all there will be.
+    let d = wait_status(&app, "succeeded", Duration::from_secs(5)).await;
+    let rows = crate::helpers::wait_outbox_final(&app.db(), 1).await;
+    assert_eq!(rows.len(), 1, "one delivery: {rows:?}");
     let got_after = receiver.got();
     assert_eq!(got_after.len(), 3, "exactly three attempts");
     assert!(
@@ -334,7 +392,6 @@ async fn reference_worker_batch_is_signed_and_retried_until_success(backend: Bac
     assert_eq!(body["data"]["batch_id"], batch_id.as_str());
     assert_eq!(body["data"]["counts"]["succeeded"], 2);
     assert!(body["data"].get("items").is_none());
-    let d = wait_status(&app, "succeeded", Duration::from_secs(5)).await;
     assert_eq!(d["attempt_count"], 3);
     assert_eq!(
         app.scalar("SELECT COUNT(*) AS v FROM webhook_attempt")
@@ -344,7 +401,7 @@ async fn reference_worker_batch_is_signed_and_retried_until_success(backend: Bac
 }
 
 async fn pending_delivery_survives_a_restart(backend: Backend) {
-    let port = free_port();
+    let (socket, port) = reserve_port();
     let mut app = app_for(
         backend,
         &format!("http://127.0.0.1:{port}/hook"),
@@ -363,7 +420,7 @@ async fn pending_delivery_survives_a_restart(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     app.stop().await;
-    let receiver = Receiver::start(port, &[]).await;
+    let receiver = Receiver::start_on(socket, &[]);
     app.restart().await;
     let got = receiver.wait_for(1, Duration::from_secs(15)).await;
     assert!(verify(SECRET, &got[0]));
@@ -383,7 +440,16 @@ async fn two_dispatchers_send_each_attempt_once(backend: Backend) {
         .await;
     }
     receiver.wait_for(20, Duration::from_secs(20)).await;
-    tokio::time::sleep(QUIET).await;
+    // Every delivery final with one attempt: neither dispatcher sends anything more.
+    let rows = crate::helpers::wait_outbox_final(&app.db(), 20).await;
+    assert_eq!(rows.len(), 20);
+    for r in &rows {
+        assert_eq!(
+            (r.status.as_str(), r.attempt_count, r.attempts),
+            ("succeeded", 1, 1),
+            "{r:?}"
+        );
+    }
     let got = receiver.got();
     let mut per_id: HashMap<String, usize> = HashMap::new();
     for r in &got {
@@ -441,4 +507,93 @@ async fn gone_stops_retry_after_delays_exhaustion_fails_and_redelivery_succeeds(
     gone.stop();
     let mut slow = slow;
     slow.stop();
+}
+
+/// The real binary with every proxy variable pointing at a listener of the test: deliveries
+/// go straight to the (pinned) target, and the proxy sees no connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_variables_are_ignored_by_webhook_delivery() {
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let proxied = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&proxied);
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = proxy.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let receiver = Receiver::start(0, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = crate::helpers::key_plaintext("px");
+    std::fs::write(
+        dir.path().join("base.toml"),
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\nops_bind = \"127.0.0.1:0\"\n[database]\n\
+             url = \"sqlite://{}/px.db?mode=rwc\"\n[worker]\nsecret = \"{}\"\n[admin]\n\
+             token = \"{}\"\n[webhooks]\nallow_private_targets = true\n\
+             [keys.px]\nkey_sha256 = \"{}\"\ninitial_credits = 100\nwebhook_url = \"{}\"\n\
+             webhook_secret = \"{SECRET}\"\n",
+            dir.path().display(),
+            crate::helpers::WORKER_SECRET,
+            crate::helpers::ADMIN_TOKEN,
+            crate::helpers::sha256(&key),
+            receiver.url()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("test.toml"), "").unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_video-batch-api"));
+    cmd.env("APP_CONFIG_DIR", dir.path())
+        .env("APP_ENVIRONMENT", "test")
+        .env("RUST_LOG", "warn")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .stdout(std::process::Stdio::null());
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        cmd.env(var, &proxy_url);
+    }
+    let (mut child, port) = crate::helpers::spawn_server(cmd);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/readyz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "binary did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = client
+        .post(format!("{base}/api/enterprise/video-batch"))
+        .header("x-api-key", &key)
+        .json(&TestApp::batch_body(Some("px"), 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = client
+        .post(format!("{base}/api/enterprise/video-batch/{id}/cancel"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got = receiver.wait_for(1, Duration::from_secs(20)).await;
+    assert!(verify(SECRET, &got[0]));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        proxied.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a delivery went through the proxy"
+    );
 }

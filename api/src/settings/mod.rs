@@ -189,6 +189,15 @@ pub struct WebhookSettings {
     pub concurrency: u32,
     /// Deliveries of one key sent at once, across all its endpoints.
     pub per_key_concurrency: u32,
+    /// How often an idle dispatcher looks for deliveries other nodes committed: always
+    /// [`WebhookSettings::POLL`], not a configuration setting (a test lengthens it to show
+    /// that its own node's events are sent without waiting for a poll).
+    pub poll: Duration,
+}
+
+impl WebhookSettings {
+    /// The dispatcher's poll interval.
+    pub const POLL: Duration = Duration::from_millis(100);
 }
 
 /// `[admin]`.

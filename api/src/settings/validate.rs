@@ -396,6 +396,7 @@ impl RawSettings {
                 "webhooks.per_key_concurrency",
                 self.webhooks.per_key_concurrency,
             )?,
+            poll: WebhookSettings::POLL,
         };
         let admin = AdminSettings {
             token: c.secret("admin.token", &self.admin.token)?,

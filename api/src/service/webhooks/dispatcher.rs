@@ -275,9 +275,6 @@ pub async fn record_attempt<C: ConnectionTrait>(
 /// The most deliveries sent to one endpoint (host and port) at once, across this dispatcher;
 /// as many more may wait for it in memory (still leased), the rest stay in the outbox.
 pub const PER_ENDPOINT: usize = 16;
-/// How often an idle dispatcher looks for deliveries other nodes committed (its own node's
-/// commits wake it at once). An empty look is one indexed statement that changes nothing.
-const POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// Consecutive timeouts after which an endpoint backs off.
 const BACKOFF_AFTER: u32 = 3;
 /// Connecting may take this long at most (less when the request timeout is shorter).
@@ -453,6 +450,10 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
         let settings = &runtime.settings.webhooks;
         let concurrency = settings.concurrency as usize;
         let per_key = settings.per_key_concurrency as usize;
+        // How often an idle dispatcher looks for deliveries other nodes committed (its own
+        // node's commits wake it at once). An empty look is one indexed statement that changes
+        // nothing.
+        let poll = settings.poll;
         // Waiting deliveries go first, as their endpoints and keys free up (in order, passing
         // over those whose key has no slot).
         for (ep, queue) in waiting.iter_mut() {
@@ -479,7 +480,7 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
             let drained = full
                 .iter()
                 .any(|ep| waiting.get(ep).map_or(0, VecDeque::len) <= PER_ENDPOINT / 2);
-            if drained || last_claim.elapsed() >= POLL {
+            if drained || last_claim.elapsed() >= poll {
                 room = room.min(PER_ENDPOINT);
             } else {
                 room = 0;
@@ -514,7 +515,7 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
                             // The endpoint has all it can take: the rest stays in the outbox.
                             None if waiting.get(&ep).map_or(0, VecDeque::len) >= PER_ENDPOINT => {
                                 full.insert(ep);
-                                Instant::now() + POLL
+                                Instant::now() + poll
                             }
                             None if key_queued < per_key => {
                                 waiting.entry(ep).or_default().push_back(d);
@@ -524,7 +525,7 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
                             }
                             // The key has all it can take (its slots, and as many waiting): the
                             // rest goes back, and claims pass the key over while it is full.
-                            None => Instant::now() + POLL,
+                            None => Instant::now() + poll,
                         };
                         let at = Utc::now()
                             + chrono::Duration::from_std(later - Instant::now())
@@ -553,7 +554,7 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
             // Events committed on this node wake the dispatcher at once; other nodes' events
             // are found by this short poll.
             _ = state.webhook_wakeup.notified() => {}
-            _ = tokio::time::sleep(POLL) => {}
+            _ = tokio::time::sleep(poll) => {}
             _ = stop.notified() => break,
         }
     }
