@@ -128,7 +128,11 @@ async fn a_stuck_endpoint_takes_sixteen_attempts_and_sixteen_waiting_and_no_more
     let (stuck, open) = stuck_endpoint().await;
     let receiver = Receiver::start(0, &[]).await;
     let app = TestApp::builder(backend)
-        .settings(|s| s.webhooks.timeout = Duration::from_secs(120))
+        .settings(|s| {
+            s.webhooks.timeout = Duration::from_secs(120);
+            // The endpoint's own cap is what is shown here, not the key's.
+            s.webhooks.per_key_concurrency = 64;
+        })
         .key(
             "stuck",
             &format!(
