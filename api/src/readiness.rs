@@ -1,7 +1,7 @@
 //! What `/readyz` reports: a background probe's latest finding, so that the answer never waits
 //! for the store. The probe reads through the read pool every [`PROBE_INTERVAL`] (bounded by
 //! [`PROBE_TIMEOUT`]); the store is not ready while groups of writes fail by a store failure
-//! (within `pipeline::FAILING_FOR` of the last), and meanwhile the probe writes one row through
+//! (within `commit::FAILING_FOR` of the last), and meanwhile the probe writes one row through
 //! the write pipeline, so that a store that still fails is seen failing without traffic.
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};

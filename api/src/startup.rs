@@ -99,7 +99,7 @@ pub async fn prepare_with_db(
         sea_orm::DbBackend::Sqlite => 1,
         _ => settings.database.write_lanes as usize,
     };
-    let writes = crate::store::pipeline::Writes::start(writer.clone(), lanes);
+    let writes = crate::store::commit::Writes::start(writer.clone(), lanes);
     crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));
     let runtime = Runtime::new(settings, &ids);
     Ok(Arc::new(AppState {

@@ -107,7 +107,7 @@ pub struct AppState {
     /// reload is refused here too, even while this node's configuration still lists it.
     pub revoked: ArcSwap<std::collections::HashSet<i64>>,
     /// The group-commit write lanes every request's writes go through.
-    pub writes: crate::store::pipeline::Writes,
+    pub writes: crate::store::commit::Writes,
     /// Woken when this node commits webhook events, so the dispatcher sends them at once.
     pub webhook_wakeup: tokio::sync::Notify,
     /// "Now" for rate-limit windows, audit minutes and "today" (tests may freeze it).

@@ -17,7 +17,7 @@ use governor::state::keyed::HashMapStateStore;
 use governor::{Quota, RateLimiter};
 
 use crate::clock::Clock;
-use crate::store::pipeline::Writes;
+use crate::store::commit::Writes;
 use crate::store::usage::{self, UsageRow};
 
 /// Distinct (key, address, minute, outcome) groups kept before further addresses share one

@@ -1,6 +1,6 @@
 //! The group-commit pipeline on PostgreSQL, where groups of several nodes take row locks side
 //! by side.
-use api::store::pipeline::Writes;
+use api::store::commit::Writes;
 use futures::future::join_all;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
@@ -20,7 +20,7 @@ fn add<'a>(
     txn: &'a api::store::unit::Txn<'a>,
     id: i64,
     pause: f64,
-) -> api::store::pipeline::UnitFuture<'a, ()> {
+) -> api::store::commit::UnitFuture<'a, ()> {
     Box::pin(async move {
         if pause > 0.0 {
             txn.execute_unprepared(&format!("SELECT pg_sleep({pause})"))

@@ -20,7 +20,7 @@ use crate::service::rate_limit;
 use crate::service::usage::UsageRow;
 use crate::service::webhooks;
 use crate::state::{KeyEntry, Runtime};
-use crate::store::pipeline::{self, Writes};
+use crate::store::commit::{self, Writes};
 use crate::store::unit::Txn;
 use crate::store::{items, jobs, wallets};
 
@@ -121,7 +121,7 @@ pub async fn create(
         audit,
     });
     let watch = Arc::clone(runtime);
-    let work = pipeline::work(move |txn| {
+    let work = commit::work(move |txn| {
         let unit = Arc::clone(&unit);
         let runtime = Arc::clone(&watch);
         Box::pin(async move {

@@ -14,7 +14,7 @@ use crate::schemas::worker::{ClaimedItem, ItemState};
 use crate::service::batches::finalize_if_done;
 use crate::service::credits::{self, LedgerKind, NewEntry};
 use crate::state::Runtime;
-use crate::store::pipeline::Writes;
+use crate::store::commit::Writes;
 use crate::store::unit::Txn;
 use crate::store::{items, jobs};
 

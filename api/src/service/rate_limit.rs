@@ -7,7 +7,7 @@ use crate::context::PendingQuota;
 use crate::domain::error_code::ErrorCode;
 use crate::domain::usage::UsageRow;
 use crate::error::ApiError;
-use crate::store::pipeline::{UnitFuture, Writes};
+use crate::store::commit::{UnitFuture, Writes};
 use crate::store::rate_limits;
 use crate::store::unit::Txn;
 

@@ -9,8 +9,8 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::service::batches::{close_queued, finalize_if_done};
 use crate::state::Runtime;
+use crate::store::commit::Writes;
 use crate::store::jobs;
-use crate::store::pipeline::Writes;
 use crate::store::unit::Txn;
 
 /// Enforces the completion windows that ended by now (up to 100 batches a pass): each batch's

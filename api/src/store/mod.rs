@@ -2,13 +2,13 @@
 //! Plain inserts and reads use sea-orm's builder; raw SQL only where a statement needs
 //! `RETURNING`, `ON CONFLICT`, `SKIP LOCKED`, a partial index or a multi-row form. The rules
 //! every statement follows (`SKIP LOCKED`, literal `LIMIT`s) are in [`sql`]. Services compose
-//! these functions inside the transactions of the write [`pipeline`]; the benchmark calls the
+//! these functions inside the transactions of the write lanes of [`commit`]; the benchmark calls the
 //! same functions.
+pub mod commit;
 pub mod items;
 pub mod jobs;
 pub mod keys;
 pub mod ledger;
-pub mod pipeline;
 pub mod probe;
 pub mod rate_limits;
 pub mod sql;

@@ -153,7 +153,7 @@ pub async fn delete_older_than<C: ConnectionTrait>(
 /// Writes one audit row through the write pipeline: with the other audit rows of the group
 /// it joins, in one statement, committed with that group.
 pub async fn record_through(
-    writes: &crate::store::pipeline::Writes,
+    writes: &crate::store::commit::Writes,
     row: UsageRow,
     now: DateTime<Utc>,
 ) -> Result<(), crate::error::ApiError> {
