@@ -3,13 +3,15 @@
 //! [`PROBE_TIMEOUT`]); the store is not ready while groups of writes fail by a store failure
 //! (within `commit::FAILING_FOR` of the last), and meanwhile the probe writes one row through
 //! the write pipeline, so that a store that still fails is seen failing without traffic.
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, Statement};
 
-use crate::state::AppState;
+use chrono::{DateTime, Utc};
+use sea_orm::DatabaseConnection;
+
+use crate::store::commit::Writes;
 
 /// How often the probe runs.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
@@ -82,16 +84,19 @@ impl Readiness {
         StoreState::from_u8(self.0.load(Ordering::Relaxed))
     }
 
-    fn set(&self, s: StoreState) {
+    /// Records what a probe found.
+    pub fn set(&self, s: StoreState) {
+        if s != self.get() {
+            tracing::info!(store = s.database(), "store readiness changed");
+        }
         self.0.store(s.as_u8(), Ordering::Relaxed);
         metrics::gauge!("store_up").set(if s == StoreState::Ready { 1.0 } else { 0.0 });
     }
 }
 
 /// One probe: read, then (while writes fail) write.
-async fn probe(state: &AppState) -> StoreState {
+pub async fn probe(db: &DatabaseConnection, writes: &Writes, now: DateTime<Utc>) -> StoreState {
     let read = async {
-        let db = &state.db;
         db.query_one_raw(Statement::from_string(
             db.get_database_backend(),
             "SELECT 1 AS v",
@@ -104,40 +109,18 @@ async fn probe(state: &AppState) -> StoreState {
         Ok(Ok(false)) => return StoreState::MigrationsPending,
         Ok(Err(_)) | Err(_) => return StoreState::Unreachable,
     }
-    if !state.writes.failing() {
+    if !writes.failing() {
         return StoreState::Ready;
     }
     // Writes failed lately: a write of the probe's own, which fails as long as the store does
     // (and keeps it counted as failing); ready again once no write has failed for a while.
-    let now = state.clock.now();
-    let write = state.writes.run(None, move |txn| {
+    let write = writes.run(None, move |txn| {
         Box::pin(async move { Ok(crate::store::probe::touch(txn, now).await?) })
     });
     let _ = tokio::time::timeout(PROBE_TIMEOUT, write).await;
-    if state.writes.failing() {
+    if writes.failing() {
         StoreState::WritesFailing
     } else {
         StoreState::Ready
     }
-}
-
-/// Probes once now, so that the first `/readyz` already has an answer.
-pub async fn probe_now(state: &AppState) {
-    state.readiness.set(probe(state).await);
-}
-
-/// Runs the probe for the life of the process.
-pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(PROBE_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let found = probe(&state).await;
-            if found != state.readiness.get() {
-                tracing::info!(store = found.database(), "store readiness changed");
-            }
-            state.readiness.set(found);
-        }
-    })
 }

@@ -213,8 +213,9 @@ impl Application {
         let background = spawn_background(Arc::clone(&self.state));
         let revocation = spawn_revocation_watch(Arc::clone(&self.state));
         let reaper = spawn_reaper(Arc::clone(&self.state));
-        crate::readiness::probe_now(&self.state).await;
-        let probe = crate::readiness::spawn(Arc::clone(&self.state));
+        // The first `/readyz` already has an answer.
+        self.state.readiness.set(probe_store(&self.state).await);
+        let probe = spawn_store_probe(Arc::clone(&self.state));
         let stop = Arc::new(tokio::sync::Notify::new());
         let dispatcher = self.state.runtime().settings.webhooks.dispatch.then(|| {
             tokio::spawn(crate::service::webhooks::run_dispatcher(
@@ -304,6 +305,23 @@ fn spawn_reaper(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "enforcing completion windows failed"),
             }
+        }
+    })
+}
+
+/// One readiness probe of the store (see [`crate::readiness`]).
+async fn probe_store(state: &AppState) -> crate::readiness::StoreState {
+    crate::readiness::probe(&state.db, &state.writes, state.clock.now()).await
+}
+
+/// Probes the store every [`crate::readiness::PROBE_INTERVAL`] for the life of the process.
+fn spawn_store_probe(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::readiness::PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            state.readiness.set(probe_store(&state).await);
         }
     })
 }
