@@ -8,6 +8,7 @@ mod m20261126_000001_key_policies;
 mod m20261126_000002_completion_windows;
 mod m20261202_000001_store_probe;
 mod m20261202_100001_batch_open_counts;
+mod m20261202_100002_usage_rollup;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000002_completion_windows::Migration),
             Box::new(m20261202_000001_store_probe::Migration),
             Box::new(m20261202_100001_batch_open_counts::Migration),
+            Box::new(m20261202_100002_usage_rollup::Migration),
         ]
     }
 }

@@ -22,6 +22,7 @@ mod policies;
 mod promises;
 mod reaper;
 mod retention;
+mod rollup;
 mod security;
 mod store_faults;
 mod targets;

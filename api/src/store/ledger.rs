@@ -1,4 +1,5 @@
-//! `credit_ledger`: the append-only record of every credit movement.
+//! `credit_ledger`: the append-only record of every credit movement, and `charge_rollup`, the
+//! credits charged per key and UTC day, added to by the same calls that write charges.
 use chrono::{DateTime, Utc};
 use entity::credit_ledger::{ActiveModel, Column, Entity, Model};
 use sea_orm::{
@@ -102,8 +103,10 @@ pub struct LedgerRow {
 /// Rows per multi-row insert (8 values each, far below both stores' limits on bound values).
 const INSERT_CHUNK: usize = 500;
 
-/// Appends rows in order, one statement per chunk.
+/// Appends rows in order, one statement per chunk, and adds their charges to the daily
+/// rollup (see [`add_charges_to_rollup`]).
 pub async fn insert_many<C: ConnectionTrait>(db: &C, rows: &[LedgerRow]) -> Result<(), DbErr> {
+    add_charges_to_rollup(db, rows).await?;
     for chunk in rows.chunks(INSERT_CHUNK) {
         let models = chunk.iter().map(|r| ActiveModel {
             api_key_id: Set(r.key_id),
@@ -119,6 +122,41 @@ pub async fn insert_many<C: ConnectionTrait>(db: &C, rows: &[LedgerRow]) -> Resu
         Entity::insert_many(models)
             .exec_without_returning(db)
             .await?;
+    }
+    Ok(())
+}
+
+/// Rollup rows per upsert: 3 values each.
+const ROLLUP_CHUNK: usize = 500;
+
+/// Adds the charges among `rows` to `charge_rollup`, summed per (key, UTC day) first: one
+/// multi-row upsert, rows in key order (the order every group locks rows in).
+async fn add_charges_to_rollup<C: ConnectionTrait>(
+    db: &C,
+    rows: &[LedgerRow],
+) -> Result<(), DbErr> {
+    let mut sums: std::collections::BTreeMap<(i64, String), i64> = Default::default();
+    for r in rows.iter().filter(|r| r.kind == LedgerKind::Charge) {
+        *sums
+            .entry((r.key_id, super::usage::day_of(r.created_at)))
+            .or_default() += r.amount;
+    }
+    let backend = db.get_database_backend();
+    let sums: Vec<((i64, String), i64)> = sums.into_iter().collect();
+    for chunk in sums.chunks(ROLLUP_CHUNK) {
+        let sql = format!(
+            "INSERT INTO charge_rollup (api_key_id, day, credits) VALUES {} \
+             ON CONFLICT (api_key_id, day) DO UPDATE SET \
+             credits = charge_rollup.credits + excluded.credits",
+            super::sql::value_rows(backend, chunk.len(), 3)
+        );
+        let values = chunk
+            .iter()
+            .flat_map(|((key, day), credits)| {
+                [(*key).into(), day.clone().into(), (*credits).into()]
+            })
+            .collect::<Vec<sea_orm::Value>>();
+        db.execute_raw(stmt(backend, &sql, values)).await?;
     }
     Ok(())
 }
