@@ -3,6 +3,7 @@ mod helpers;
 
 mod account;
 mod admin;
+mod backfill;
 mod cli;
 mod cluster;
 mod config;
