@@ -1,10 +1,8 @@
 //! `credit_ledger`: the append-only record of every credit movement, and `charge_rollup`, the
 //! credits charged per key and UTC day, added to by the same calls that write charges.
 use chrono::{DateTime, Utc};
-use entity::credit_ledger::{ActiveModel, Column, Entity, Model};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-};
+use entity::credit_ledger::{ActiveModel, Entity, Model};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, Set};
 use uuid::Uuid;
 
 use super::sql::stmt;
@@ -178,18 +176,31 @@ pub async fn by_idempotency_key<C: ConnectionTrait>(
         .await
 }
 
-/// Up to `max` of a key's rows older than `before` (by id), newest first.
+/// Up to `max` of a key's rows older than `before` (by id), newest first: read backwards
+/// through the (api_key_id, id) index, never more rows than the page, however long the key's
+/// history.
 pub async fn page<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
     before: Option<i64>,
     max: u64,
 ) -> Result<Vec<Model>, DbErr> {
-    let mut q = Entity::find().filter(Column::ApiKeyId.eq(key_id));
-    if let Some(b) = before {
-        q = q.filter(Column::Id.lt(b));
-    }
-    q.order_by_desc(Column::Id).limit(max).all(db).await
+    Entity::find()
+        .from_raw_sql(stmt(
+            db.get_database_backend(),
+            &page_sql(max),
+            [key_id.into(), before.unwrap_or(i64::MAX).into()],
+        ))
+        .all(db)
+        .await
+}
+
+/// The statement of [`page`] (`$1` key, `$2` before), its `LIMIT` written (see `sql::limit`).
+fn page_sql(max: u64) -> String {
+    format!(
+        "SELECT * FROM credit_ledger WHERE api_key_id = $1 AND id < $2 ORDER BY id DESC {}",
+        super::sql::limit(max)
+    )
 }
 
 /// Credits charged to a key per UTC day (`YYYY-MM-DD`) in `[from, to)`.
@@ -258,4 +269,25 @@ pub async fn apply_in(txn: &Txn<'_>, entry: NewEntry<'_>) -> Result<bool, DbErr>
     }
     txn.append_ledger(entry.row(now));
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::usage::plans::{migrated, plan};
+
+    /// The credits view reads the wallet by its key and the newest ledger page backwards
+    /// through the (api_key_id, id) index: no sort, no scan of the key's history.
+    #[tokio::test]
+    async fn the_credits_view_reads_its_rows_through_keys() {
+        let (_dir, db) = migrated().await;
+        let ledger = plan(&db, &page_sql(21), vec![1i64.into(), i64::MAX.into()]).await;
+        assert!(
+            ledger.contains("USING INDEX ix_credit_ledger_key_id (api_key_id=? AND id<?)"),
+            "{ledger}"
+        );
+        assert!(!ledger.contains("TEMP B-TREE"), "{ledger}");
+        let wallet = plan(&db, super::super::wallets::READ, vec![1i64.into()]).await;
+        assert!(wallet.contains("INTEGER PRIMARY KEY"), "{wallet}");
+    }
 }

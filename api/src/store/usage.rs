@@ -172,38 +172,40 @@ pub async fn daily<C: ConnectionTrait>(
 ) -> Result<Vec<DayUsage>, DbErr> {
     let backend = db.get_database_backend();
     let (from_day, to_day) = (day_of(from), day_of(to));
+    let values = || {
+        [
+            key_id.into(),
+            from_day.clone().into(),
+            to_day.clone().into(),
+        ]
+    };
     let rows = db
-        .query_all_raw(stmt(
-            backend,
-            "SELECT day, CAST(SUM(calls) AS BIGINT) AS calls, \
-             CAST(SUM(CASE WHEN status_class = 2 THEN calls ELSE 0 END) AS BIGINT) AS c2, \
-             CAST(SUM(CASE WHEN status_class = 4 THEN calls ELSE 0 END) AS BIGINT) AS c4, \
-             CAST(SUM(CASE WHEN status_class >= 5 THEN calls ELSE 0 END) AS BIGINT) AS c5, \
-             CAST(SUM(rate_limited) AS BIGINT) AS rl, CAST(SUM(batches) AS BIGINT) AS batches, \
-             CAST(SUM(items) AS BIGINT) AS items \
-             FROM usage_rollup WHERE api_key_id = $1 AND day >= $2 AND day < $3 \
-             GROUP BY day ORDER BY day",
-            [
-                key_id.into(),
-                from_day.clone().into(),
-                to_day.clone().into(),
-            ],
-        ))
+        .query_all_raw(stmt(backend, ROLLUP_DAYS, values()))
         .await?;
     let mut days = days_of(rows)?;
     let charged = db
-        .query_all_raw(stmt(
-            backend,
-            "SELECT day, credits FROM charge_rollup \
-             WHERE api_key_id = $1 AND day >= $2 AND day < $3",
-            [key_id.into(), from_day.into(), to_day.into()],
-        ))
+        .query_all_raw(stmt(backend, CHARGED_DAYS, values()))
         .await?;
     for r in charged {
         add_charged(&mut days, r.try_get("", "day")?, r.try_get("", "credits")?);
     }
     Ok(days.into_values().collect())
 }
+
+/// The calls of a key's days `[$2, $3)`, summed per day over the day's outcomes: a range of
+/// the rollup's primary key.
+const ROLLUP_DAYS: &str = "SELECT day, CAST(SUM(calls) AS BIGINT) AS calls, \
+     CAST(SUM(CASE WHEN status_class = 2 THEN calls ELSE 0 END) AS BIGINT) AS c2, \
+     CAST(SUM(CASE WHEN status_class = 4 THEN calls ELSE 0 END) AS BIGINT) AS c4, \
+     CAST(SUM(CASE WHEN status_class >= 5 THEN calls ELSE 0 END) AS BIGINT) AS c5, \
+     CAST(SUM(rate_limited) AS BIGINT) AS rl, CAST(SUM(batches) AS BIGINT) AS batches, \
+     CAST(SUM(items) AS BIGINT) AS items \
+     FROM usage_rollup WHERE api_key_id = $1 AND day >= $2 AND day < $3 \
+     GROUP BY day ORDER BY day";
+
+/// The credits charged on a key's days `[$2, $3)`: a range of the primary key.
+const CHARGED_DAYS: &str = "SELECT day, credits FROM charge_rollup \
+     WHERE api_key_id = $1 AND day >= $2 AND day < $3";
 
 /// The days of a usage query's rows (`day`, `calls`, `c2`, `c4`, `c5`, `rl`, `batches`,
 /// `items`), by day.
@@ -326,4 +328,60 @@ pub async fn record_through(
     now: DateTime<Utc>,
 ) -> Result<(), crate::error::ApiError> {
     writes.audit(row, now).await
+}
+
+/// Reading query plans on a migrated SQLite store (the statements' plans are part of their
+/// contract: a report or a page must not grow with history).
+#[cfg(test)]
+pub(crate) mod plans {
+    use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, Value};
+
+    /// A migrated SQLite store in a temporary folder.
+    pub async fn migrated() -> (tempfile::TempDir, DatabaseConnection) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/plans.db?mode=rwc", dir.path().display());
+        let db = crate::db::connect_url(&url, 1, None).await.unwrap();
+        crate::db::migrate(&db).await.unwrap();
+        (dir, db)
+    }
+
+    /// SQLite's plan of `sql`, one step per line.
+    pub async fn plan(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> String {
+        db.query_all_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            format!("EXPLAIN QUERY PLAN {sql}"),
+            values,
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<String>("", "detail").unwrap())
+        .collect::<Vec<_>>()
+        .join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plans::{migrated, plan};
+    use super::*;
+
+    /// A usage report reads a range of each rollup's primary key: its days' rows, no more.
+    #[tokio::test]
+    async fn a_usage_report_reads_a_key_range_of_the_rollups() {
+        let (_dir, db) = migrated().await;
+        let values = || vec![1i64.into(), "2026-01-01".into(), "2026-02-01".into()];
+        for (sql, index) in [
+            (ROLLUP_DAYS, "sqlite_autoindex_usage_rollup_1"),
+            (CHARGED_DAYS, "sqlite_autoindex_charge_rollup_1"),
+        ] {
+            let p = plan(&db, sql, values()).await;
+            assert!(
+                p.contains(&format!(
+                    "USING INDEX {index} (api_key_id=? AND day>? AND day<?)"
+                )),
+                "{p}"
+            );
+        }
+    }
 }
