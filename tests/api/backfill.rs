@@ -37,6 +37,9 @@ async fn one(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> Vec<i64>
         .collect()
 }
 
+/// An audit row: key, status, error code, batch, items, count (calls it stands for), day.
+type AuditRow = (Option<i64>, i32, Option<&'static str>, Option<Uuid>, i32, i64, u32);
+
 /// The store as the previous release left it: a key, an open batch of five items (two queued,
 /// one running, two succeeded), a completed one, audit rows on two days and two charges.
 async fn previous_release_rows(db: &DatabaseConnection) -> (Uuid, Uuid) {
@@ -64,8 +67,8 @@ async fn previous_release_rows(db: &DatabaseConnection) -> (Uuid, Uuid) {
                 id.into(),
                 rid.into(),
                 status.into(),
-                (total as i32).into(),
-                (succeeded as i32).into(),
+                total.into(),
+                succeeded.into(),
                 t(2, 1).into(),
             ],
         )
@@ -96,7 +99,7 @@ async fn previous_release_rows(db: &DatabaseConnection) -> (Uuid, Uuid) {
     }
     // Day 2: a create (201, 5 items), a refused create (429, an aggregated row of 3 calls), a
     // read; day 3: a not-found read. A stranger's call (no key) is nobody's usage.
-    let audits: [(Option<i64>, i32, Option<&str>, Option<Uuid>, i32, i64, u32); 5] = [
+    let audits: [AuditRow; 5] = [
         (Some(1), 201, None, Some(open), 5, 1, 2),
         (Some(1), 429, Some("RATE_LIMIT_EXCEEDED"), None, 0, 3, 2),
         (Some(1), 200, None, None, 0, 1, 2),
