@@ -9,6 +9,7 @@ mod m20261126_000002_completion_windows;
 mod m20261202_000001_store_probe;
 mod m20261202_100001_batch_open_counts;
 mod m20261202_100002_usage_rollup;
+mod m20261202_100003_batch_status_index;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000001_store_probe::Migration),
             Box::new(m20261202_100001_batch_open_counts::Migration),
             Box::new(m20261202_100002_usage_rollup::Migration),
+            Box::new(m20261202_100003_batch_status_index::Migration),
         ]
     }
 }

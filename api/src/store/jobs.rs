@@ -4,10 +4,7 @@
 //! ones), in the same transaction, so a read never counts items.
 use chrono::{DateTime, Utc};
 use entity::batch_job::{ActiveModel, Column, Entity, Model};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, Set,
-};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, FromQueryResult, Set};
 use uuid::Uuid;
 
 use super::sql::{NO_ROW_NO_CHANGE, limit, part_of, run_together, skip_locked, stmt};
@@ -403,22 +400,43 @@ fn poll_sql(max: u64) -> String {
     )
 }
 
-/// Up to `limit` of a key's batches older than `before` (by id), newest first.
+/// Up to `max` of a key's batches older than `before` (by id), newest first, optionally of
+/// one status: read backwards through the (api_key_id, id) index, or the
+/// (api_key_id, status, id) one, never more rows than the page.
 pub async fn page<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
     status: Option<&str>,
     before: Option<Uuid>,
-    limit: u64,
+    max: u64,
 ) -> Result<Vec<Model>, DbErr> {
-    let mut q = Entity::find().filter(Column::ApiKeyId.eq(key_id));
-    if let Some(s) = status {
-        q = q.filter(Column::Status.eq(s));
+    let mut values = vec![key_id.into()];
+    values.extend(status.map(Into::into));
+    values.extend(before.map(Into::into));
+    Entity::find()
+        .from_raw_sql(stmt(
+            db.get_database_backend(),
+            &page_sql(status.is_some(), before.is_some(), max),
+            values,
+        ))
+        .all(db)
+        .await
+}
+
+/// The statement of [`page`]: `$1` key, then the status and the id before, when given.
+fn page_sql(status: bool, before: bool, max: u64) -> String {
+    let mut sql = String::from("SELECT * FROM batch_job WHERE api_key_id = $1");
+    let mut n = 1;
+    if status {
+        n += 1;
+        sql.push_str(&format!(" AND status = ${n}"));
     }
-    if let Some(b) = before {
-        q = q.filter(Column::Id.lt(b));
+    if before {
+        n += 1;
+        sql.push_str(&format!(" AND id < ${n}"));
     }
-    q.order_by_desc(Column::Id).limit(limit).all(db).await
+    sql.push_str(&format!(" ORDER BY id DESC {}", limit(max)));
+    sql
 }
 
 /// Takes the batch row's lock (touching `updated_at`) if it belongs to the key: false when
@@ -718,4 +736,70 @@ pub async fn shift_open<C: ConnectionTrait>(
     );
     txn.execute_raw(stmt(backend, &sql, values)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::usage::plans::{migrated, plan};
+
+    /// A list page reads backwards through an index that matches its filter: no sort, no scan
+    /// of the key's other batches.
+    #[tokio::test]
+    async fn a_list_page_reads_its_batches_through_an_index() {
+        let (_dir, db) = migrated().await;
+        let id = || Uuid::now_v7().into();
+        for (status, before, index) in [
+            (false, false, "ix_batch_job_key_id (api_key_id=?)"),
+            (false, true, "ix_batch_job_key_id (api_key_id=? AND id<?)"),
+            (
+                true,
+                false,
+                "ix_batch_job_key_status (api_key_id=? AND status=?)",
+            ),
+            (
+                true,
+                true,
+                "ix_batch_job_key_status (api_key_id=? AND status=? AND id<?)",
+            ),
+        ] {
+            let mut values = vec![1i64.into()];
+            if status {
+                values.push("expired".into());
+            }
+            if before {
+                values.push(id());
+            }
+            let p = plan(&db, &page_sql(status, before, 21), values).await;
+            assert!(p.contains(&format!("USING INDEX {index}")), "{p}");
+            assert!(!p.contains("TEMP B-TREE"), "{p}");
+        }
+    }
+
+    /// A status poll reads the batch by its key and its first items through (batch_id, idx),
+    /// and reads no other item.
+    #[tokio::test]
+    async fn a_status_poll_reads_one_batch_row_and_one_page_of_items() {
+        let (_dir, db) = migrated().await;
+        let p = plan(
+            &db,
+            &poll_sql(101),
+            vec![Uuid::now_v7().into(), 1i64.into()],
+        )
+        .await;
+        assert!(
+            p.contains("SEARCH j USING INDEX sqlite_autoindex_batch_job_1 (id=?)"),
+            "{p}"
+        );
+        assert!(
+            p.contains(
+                "SEARCH batch_item USING INDEX sqlite_autoindex_batch_item_2 (batch_id=? AND idx>?)"
+            ),
+            "{p}"
+        );
+        // Nothing else of the batch's items is read (the page of at most `max` rows is
+        // ordered once more after the union).
+        let item_steps = p.lines().filter(|l| l.contains("batch_item")).count();
+        assert_eq!(item_steps, 1, "{p}");
+    }
 }
