@@ -38,10 +38,18 @@ async fn one(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> Vec<i64>
 }
 
 /// An audit row: key, status, error code, batch, items, count (calls it stands for), day.
-type AuditRow = (Option<i64>, i32, Option<&'static str>, Option<Uuid>, i32, i64, u32);
+type AuditRow = (
+    Option<i64>,
+    i32,
+    Option<&'static str>,
+    Option<Uuid>,
+    i32,
+    i64,
+    u32,
+);
 
 /// The store as the previous release left it: a key, an open batch of five items (two queued,
-/// one running, two succeeded), a completed one, audit rows on two days and two charges.
+/// one running, two succeeded), a completed one, audit rows on two days and three charges.
 async fn previous_release_rows(db: &DatabaseConnection) -> (Uuid, Uuid) {
     let t =
         |d: u32, h: u32| -> DateTime<Utc> { Utc.with_ymd_and_hms(2026, 11, d, h, 0, 0).unwrap() };
