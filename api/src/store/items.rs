@@ -3,15 +3,11 @@
 //! token), so a stale report matches no row and changes nothing; the statement returns the
 //! batches of the rows it moved, and their counts on the batch rows move with them in the same
 //! transaction (`jobs::shift_open`).
-use std::collections::BTreeMap;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use entity::batch_item::{ActiveModel, Entity, Model};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
-    Set,
-};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, FromQueryResult, Set};
 use uuid::Uuid;
 
 use super::sql::{limit, part_of, run_together, skip_locked, stmt};
@@ -522,28 +518,13 @@ pub async fn close_queued<C: ConnectionTrait>(
     Ok(n)
 }
 
-/// Queued and running counts of some batches, as their rows keep them (one read of the rows
-/// by primary key: no item is counted).
+/// Queued and running counts of some batches: kept on the batch rows (see
+/// [`super::jobs::open_counts`]), not counted from items.
 pub async fn open_counts<C: ConnectionTrait>(
     db: &C,
     batch_ids: &[Uuid],
 ) -> Result<HashMap<Uuid, (i64, i64)>, DbErr> {
-    if batch_ids.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let rows = entity::batch_job::Entity::find()
-        .select_only()
-        .column(entity::batch_job::Column::Id)
-        .column(entity::batch_job::Column::QueuedCount)
-        .column(entity::batch_job::Column::RunningCount)
-        .filter(entity::batch_job::Column::Id.is_in(batch_ids.to_vec()))
-        .into_tuple::<(Uuid, i32, i32)>()
-        .all(db)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, q, r)| (id, (i64::from(q), i64::from(r))))
-        .collect())
+    super::jobs::open_counts(db, batch_ids).await
 }
 
 /// Up to `max` items of a batch after index `after` (exclusive), in request order, through

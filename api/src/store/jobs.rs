@@ -439,6 +439,33 @@ fn page_sql(status: bool, before: bool, max: u64) -> String {
     sql
 }
 
+/// Queued and running counts of some batches, as their rows keep them: one read of the rows
+/// by primary key.
+pub async fn open_counts<C: ConnectionTrait>(
+    db: &C,
+    batch_ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, (i64, i64)>, DbErr> {
+    if batch_ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let sql = format!(
+        "SELECT id, queued_count, running_count FROM batch_job WHERE id IN ({})",
+        super::sql::placeholders(1, batch_ids.len())
+    );
+    let values = batch_ids.iter().map(|&id| id.into());
+    db.query_all_raw(stmt(db.get_database_backend(), &sql, values))
+        .await?
+        .into_iter()
+        .map(|r| {
+            let (q, n): (i32, i32) = (
+                r.try_get("", "queued_count")?,
+                r.try_get("", "running_count")?,
+            );
+            Ok((r.try_get("", "id")?, (i64::from(q), i64::from(n))))
+        })
+        .collect()
+}
+
 /// Takes the batch row's lock (touching `updated_at`) if it belongs to the key: false when
 /// there is no such batch.
 pub async fn lock_owned<C: ConnectionTrait>(
