@@ -159,6 +159,9 @@ async fn the_upgrade_backfills_open_counts_and_the_usage_rollup(backend: Backend
     let (open, done) = previous_release_rows(&db).await;
 
     migration::Migrator::up(&db, None).await.unwrap();
+    db.close().await.unwrap();
+    // Read back through a connection of its own.
+    let db = api::db::connect_url(&url, 1, None).await.unwrap();
 
     let counts = "SELECT CAST(queued_count AS BIGINT) AS v FROM batch_job WHERE id = $1 \
                   UNION ALL SELECT CAST(running_count AS BIGINT) FROM batch_job WHERE id = $1";
