@@ -130,7 +130,7 @@ pub fn register_known_series<'a>(key_names: impl Iterator<Item = &'a str>) {
     for outcome in ["applied", "rejected"] {
         metrics::counter!("config_reloads_total", "outcome" => outcome).increment(0);
     }
-    for table in ["usage_event", "webhook_delivery"] {
+    for table in ["usage_event", "webhook_delivery", "usage_rollup"] {
         metrics::counter!("retention_pruned_rows_total", "table" => table).increment(0);
     }
     for kind in crate::fault::FaultKind::ALL {

@@ -1,4 +1,5 @@
-//! A customer's batch; terminal item counts are kept here, under the batch row's lock.
+//! A customer's batch; its item counts (open and terminal) are kept here, changed with every
+//! item transition under the batch row's lock.
 use sea_orm::entity::prelude::*;
 
 #[sea_orm::model]
@@ -32,6 +33,10 @@ pub struct Model {
     /// When the window was enforced: its queued items expired, the batch ends `expired`.
     pub expired_at: Option<DateTimeUtc>,
     pub expired_count: i32,
+    /// Items waiting to be claimed.
+    pub queued_count: i32,
+    /// Items leased to a worker.
+    pub running_count: i32,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

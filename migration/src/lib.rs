@@ -7,6 +7,9 @@ mod m20261125_000002_retention_indexes;
 mod m20261126_000001_key_policies;
 mod m20261126_000002_completion_windows;
 mod m20261202_000001_store_probe;
+mod m20261202_100001_batch_open_counts;
+mod m20261202_100002_usage_rollup;
+mod m20261202_100003_batch_status_index;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -21,6 +24,9 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_key_policies::Migration),
             Box::new(m20261126_000002_completion_windows::Migration),
             Box::new(m20261202_000001_store_probe::Migration),
+            Box::new(m20261202_100001_batch_open_counts::Migration),
+            Box::new(m20261202_100002_usage_rollup::Migration),
+            Box::new(m20261202_100003_batch_status_index::Migration),
         ]
     }
 }

@@ -66,8 +66,8 @@ pub async fn claim_in(
         expires_at: now + lease,
     };
     let want = u64::from(max.clamp(1, 1000));
-    // A claim never waits on a lock (rows other transactions hold are skipped), so it can
-    // never be part of a deadlock.
+    // A claim skips the item rows other transactions hold; only the update of its batches'
+    // counts may wait for a batch row (see `items::claim`).
     let mut rows = if caps.is_empty() {
         items::claim(txn, lease, want, max_attempts as i32, now).await?
     } else {

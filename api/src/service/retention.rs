@@ -1,5 +1,5 @@
-//! Retention: old usage rows and finished webhook deliveries are deleted in small chunks through
-//! indexes made for it, so a pruning pass never holds a long lock. Safe on several nodes (two
+//! Retention: old usage rows, finished webhook deliveries and (only when configured) old days of
+//! the usage rollup are deleted in small chunks through indexes made for it, so a pruning pass never holds a long lock. Safe on several nodes (two
 //! nodes deleting the same chunk delete it once).
 use chrono::{DateTime, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr};
@@ -19,6 +19,8 @@ pub struct Pruned {
     pub usage: u64,
     /// `webhook_delivery` rows (their attempts go with them).
     pub webhook_deliveries: u64,
+    /// `usage_rollup` and `charge_rollup` rows.
+    pub usage_rollup: u64,
 }
 
 /// Deletes in chunks with `chunk` (rows deleted by one statement) until a chunk comes back
@@ -65,8 +67,15 @@ pub async fn prune(
         })
         .await?;
     }
+    if retention.usage_rollup_days > 0 {
+        let cutoff = now - TimeDelta::days(retention.usage_rollup_days.into());
+        pruned.usage_rollup = prune_table("usage_rollup", || {
+            usage::delete_rollup_older_than(db, cutoff, CHUNK)
+        })
+        .await?;
+    }
     if db.get_database_backend() == DbBackend::Sqlite
-        && pruned.usage + pruned.webhook_deliveries > 0
+        && pruned.usage + pruned.webhook_deliveries + pruned.usage_rollup > 0
     {
         db.execute_unprepared("PRAGMA incremental_vacuum").await?;
     }

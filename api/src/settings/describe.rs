@@ -29,8 +29,11 @@ impl Settings {
         );
         let _ = writeln!(
             out,
-            "retention.usage_days = {}  retention.webhook_days = {}",
-            self.retention.usage_days, self.retention.webhook_days
+            "retention.usage_days = {}  retention.webhook_days = {}  \
+             retention.usage_rollup_days = {}",
+            self.retention.usage_days,
+            self.retention.webhook_days,
+            self.retention.usage_rollup_days
         );
         for k in self.keys.values() {
             let l = &k.limits;

@@ -59,6 +59,9 @@ pub struct RetentionSettings {
     pub usage_days: u32,
     /// Finished webhook deliveries and their attempts (pending ones are never pruned).
     pub webhook_days: u32,
+    /// The daily usage rollup (calls per day and outcome, credits charged per day), which
+    /// usage reports read; it outlives the raw usage rows. Default 0: kept.
+    pub usage_rollup_days: u32,
 }
 
 /// `[server]`.

@@ -26,6 +26,8 @@ pub(super) struct RawSettings {
 pub(super) struct RawRetention {
     pub(super) usage_days: i64,
     pub(super) webhook_days: i64,
+    #[serde(default)]
+    pub(super) usage_rollup_days: i64,
 }
 
 #[derive(Deserialize)]

@@ -419,6 +419,10 @@ impl RawSettings {
         let retention = RetentionSettings {
             usage_days: days("retention.usage_days", self.retention.usage_days)?,
             webhook_days: days("retention.webhook_days", self.retention.webhook_days)?,
+            usage_rollup_days: days(
+                "retention.usage_rollup_days",
+                self.retention.usage_rollup_days,
+            )?,
         };
         let settings = Settings {
             environment: environment.to_string(),

@@ -1,14 +1,13 @@
 //! `batch_item`: one prompt of a batch, queued in fair order and claimed by workers under a
 //! lease. Every transition of an item is one conditional statement on its status (and lease
-//! token), so a stale report matches no row and changes nothing.
-use std::collections::HashMap;
+//! token), so a stale report matches no row and changes nothing; the statement returns the
+//! batches of the rows it moved, and their counts on the batch rows move with them in the same
+//! transaction (`jobs::shift_open`).
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
-use entity::batch_item::{ActiveModel, Column, Entity, Model};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
-    Set,
-};
+use entity::batch_item::{ActiveModel, Entity, Model};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, FromQueryResult, Set};
 use uuid::Uuid;
 
 use super::sql::{limit, part_of, run_together, skip_locked, stmt};
@@ -142,9 +141,12 @@ pub struct Lease<'a> {
 /// A claim of up to `max` queued items, head of the fair queue first, in one call on SQLite
 /// (see [`run_together`]): running items whose lease ended go back to the queue first (when
 /// attempts remain and their batch has no cancel request), then the items are leased, then
-/// their batches that were still queued are marked `processing`. Rows another transaction
-/// holds are skipped at every step (a batch row so held is marked by that transaction itself:
-/// see `jobs::lock_of_item`), so a claim never waits on a lock.
+/// their batches that were still queued are marked `processing`. Item rows another transaction
+/// holds are skipped (a batch row so held is marked by that transaction itself: see
+/// `jobs::lock_of_item`). A second call then moves the open counts of the batches touched
+/// (`jobs::shift_open`): on PostgreSQL that update waits for a batch row another transaction
+/// holds, so a claim can meet a deadlock (with a cancel of the same batch, say), which the
+/// write pipeline rolls back and runs again.
 pub async fn claim<C: ConnectionTrait>(
     txn: &C,
     lease: Lease<'_>,
@@ -182,10 +184,35 @@ pub async fn claim<C: ConnectionTrait>(
         ],
     )
     .await?;
-    rows.into_iter()
-        .filter(|r| part_of(r).as_deref() == Some("item"))
-        .map(leased)
-        .collect()
+    let mut shifts = BTreeMap::new();
+    let mut out = Vec::new();
+    for r in rows {
+        match part_of(&r).as_deref() {
+            Some("requeued") => requeued(&mut shifts, r.try_get("", "batch_id")?),
+            Some("item") => {
+                let item = leased(r)?;
+                leased_from_queue(&mut shifts, item.batch_id);
+                out.push(item);
+            }
+            _ => {}
+        }
+    }
+    super::jobs::shift_open(txn, &shifts).await?;
+    Ok(out)
+}
+
+/// Counts one item of `batch` moved from `running` back to `queued`.
+fn requeued(shifts: &mut BTreeMap<Uuid, (i32, i32)>, batch: Uuid) {
+    let s = shifts.entry(batch).or_default();
+    s.0 += 1;
+    s.1 -= 1;
+}
+
+/// Counts one item of `batch` moved from `queued` to `running`.
+fn leased_from_queue(shifts: &mut BTreeMap<Uuid, (i32, i32)>, batch: Uuid) {
+    let s = shifts.entry(batch).or_default();
+    s.0 -= 1;
+    s.1 += 1;
 }
 
 /// Running items of each of `keys` (through the partial index of running items per key).
@@ -260,11 +287,18 @@ pub async fn lease_ids<C: ConnectionTrait>(
         now.into(),
     ];
     values.extend(ids.iter().map(|id| (*id).into()));
-    txn.query_all_raw(stmt(backend, &sql, values))
+    let got = txn
+        .query_all_raw(stmt(backend, &sql, values))
         .await?
         .into_iter()
         .map(leased)
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut shifts = BTreeMap::new();
+    for item in &got {
+        leased_from_queue(&mut shifts, item.batch_id);
+    }
+    super::jobs::shift_open(txn, &shifts).await?;
+    Ok(got)
 }
 
 fn leased(r: sea_orm::QueryResult) -> Result<Leased, DbErr> {
@@ -287,24 +321,31 @@ pub async fn requeue_expired<C: ConnectionTrait>(
     max_attempts: i32,
 ) -> Result<u64, DbErr> {
     let backend = db.get_database_backend();
-    let r = db
-        .execute_raw(stmt(
+    let rows = db
+        .query_all_raw(stmt(
             backend,
             &requeue_sql(backend),
             [now.into(), max_attempts.into()],
         ))
         .await?;
-    Ok(r.rows_affected())
+    let mut shifts = BTreeMap::new();
+    for r in &rows {
+        requeued(&mut shifts, r.try_get("", "batch_id")?);
+    }
+    super::jobs::shift_open(db, &shifts).await?;
+    Ok(rows.len() as u64)
 }
 
-/// The statement of [`requeue_expired`]: `$1` now, `$2` max attempts.
+/// The statement of [`requeue_expired`]: `$1` now, `$2` max attempts; returns the batch of
+/// each requeued item.
 fn requeue_sql(backend: sea_orm::DbBackend) -> String {
     format!(
         "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
          lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
          WHERE id IN (SELECT id FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
          AND attempts < $2 \
-         AND batch_id NOT IN (SELECT id FROM batch_job WHERE cancel_requested_at IS NOT NULL){})",
+         AND batch_id NOT IN (SELECT id FROM batch_job WHERE cancel_requested_at IS NOT NULL){}) \
+         RETURNING 'requeued' AS part, batch_id",
         skip_locked(backend)
     )
 }
@@ -404,7 +445,8 @@ pub struct Failure<'a> {
 
 /// Records a failure when the token still holds a lease live at `f.live_at`: the item is
 /// requeued (retryable, attempts left, no cancel), cancelled (retryable with a cancel
-/// request) or failed. Returns the new status and the attempts.
+/// request) or failed, and the batch's open counts move with it. Returns the new status and
+/// the attempts.
 pub async fn settle_failure<C: ConnectionTrait>(
     txn: &C,
     id: ItemId,
@@ -419,7 +461,7 @@ pub async fn settle_failure<C: ConnectionTrait>(
                WHEN $5 AND $7 THEN 'cancelled' ELSE 'failed' END, \
              error = $3, lease_token = NULL, worker_id = NULL, lease_expires_at = NULL, updated_at = $4 \
              WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $8 \
-             RETURNING status, attempts",
+             RETURNING status, attempts, batch_id",
             [
                 id.into(),
                 f.token.into(),
@@ -433,7 +475,18 @@ pub async fn settle_failure<C: ConnectionTrait>(
         ))
         .await?
     {
-        Some(r) => Ok(Some((r.try_get("", "status")?, r.try_get("", "attempts")?))),
+        Some(r) => {
+            let status: entity::status::ItemState = r.try_get("", "status")?;
+            let batch: Uuid = r.try_get("", "batch_id")?;
+            let mut shifts = BTreeMap::new();
+            if status == entity::status::ItemState::Queued {
+                requeued(&mut shifts, batch);
+            } else {
+                shifts.insert(batch, (0, -1));
+            }
+            super::jobs::shift_open(txn, &shifts).await?;
+            Ok(Some((status, r.try_get("", "attempts")?)))
+        }
         None => Ok(None),
     }
 }
@@ -444,7 +497,7 @@ pub async fn exists<C: ConnectionTrait>(db: &C, id: Uuid) -> Result<bool, DbErr>
 }
 
 /// Closes a batch's queued items as `status` (`cancelled` on a cancel, `expired` when its
-/// completion window ended): how many.
+/// completion window ended), taking them off the batch's queued count: how many.
 pub async fn close_queued<C: ConnectionTrait>(
     txn: &C,
     batch_id: Uuid,
@@ -459,39 +512,19 @@ pub async fn close_queued<C: ConnectionTrait>(
             [batch_id.into(), now.into(), status.into()],
         ))
         .await?;
-    Ok(r.rows_affected())
+    let n = r.rows_affected();
+    let shift = (-i32::try_from(n).unwrap_or(i32::MAX), 0);
+    super::jobs::shift_open(txn, &BTreeMap::from([(batch_id, shift)])).await?;
+    Ok(n)
 }
 
-/// Queued and running counts of some batches.
+/// Queued and running counts of some batches: kept on the batch rows (see
+/// [`super::jobs::open_counts`]), not counted from items.
 pub async fn open_counts<C: ConnectionTrait>(
     db: &C,
     batch_ids: &[Uuid],
 ) -> Result<HashMap<Uuid, (i64, i64)>, DbErr> {
-    let mut out: HashMap<Uuid, (i64, i64)> = HashMap::new();
-    if batch_ids.is_empty() {
-        return Ok(out);
-    }
-    let rows = Entity::find()
-        .select_only()
-        .column(Column::BatchId)
-        .column(Column::Status)
-        .column_as(Column::Id.count(), "n")
-        .filter(Column::BatchId.is_in(batch_ids.to_vec()))
-        .filter(Column::Status.is_in(["queued", "running"]))
-        .group_by(Column::BatchId)
-        .group_by(Column::Status)
-        .into_tuple::<(Uuid, String, i64)>()
-        .all(db)
-        .await?;
-    for (id, status, n) in rows {
-        let e = out.entry(id).or_default();
-        if status == "queued" {
-            e.0 = n;
-        } else {
-            e.1 = n;
-        }
-    }
-    Ok(out)
+    super::jobs::open_counts(db, batch_ids).await
 }
 
 /// Up to `max` items of a batch after index `after` (exclusive), in request order, through

@@ -1,11 +1,10 @@
 //! `batch_job`: a customer's batch. Its row is the lock every transition of the batch takes,
-//! and it keeps the terminal item counts.
+//! and it keeps the item counts of every status: each statement that moves items from one
+//! status to another also moves the counts of their batches (see [`shift_open`] for the open
+//! ones), in the same transaction, so a read never counts items.
 use chrono::{DateTime, Utc};
 use entity::batch_job::{ActiveModel, Column, Entity, Model};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, Set,
-};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, FromQueryResult, Set};
 use uuid::Uuid;
 
 use super::sql::{NO_ROW_NO_CHANGE, limit, part_of, run_together, skip_locked, stmt};
@@ -105,10 +104,10 @@ impl NewJob<'_> {
              WHERE api_key_id = $1 AND balance - held >= $2";
         const BATCH_COLUMNS: &str = "id, api_key_id, request_id, fingerprint, status, \
              total_count, succeeded_count, failed_count, cancelled_count, expired_count, \
-             cost_per_video, required_credits, webhook_url, metadata, response, created_at, \
+             queued_count, running_count, cost_per_video, required_credits, webhook_url, metadata, response, created_at, \
              updated_at, expires_at";
         const BATCH_VALUES: &str =
-            "$4, $1, $5, $6, 'queued', $7, 0, 0, 0, 0, $8, $2, $9, $10, $11, $3, $3, $12";
+            "$4, $1, $5, $6, 'queued', $7, 0, 0, 0, 0, $7, 0, $8, $2, $9, $10, $11, $3, $3, $12";
         const ITEM_COLUMNS: &str = "id, batch_id, api_key_id, idx, prompt, params, status, \
              attempts, fair_pos, created_at, updated_at";
         let found = if backend == sea_orm::DbBackend::Postgres {
@@ -205,6 +204,8 @@ impl NewJob<'_> {
             expires_at: Set(self.expires_at),
             expired_at: Set(None),
             expired_count: Set(0),
+            queued_count: Set(self.total),
+            running_count: Set(0),
         })
         .on_conflict_do_nothing_on([Column::ApiKeyId, Column::RequestId])
         .exec(txn)
@@ -271,6 +272,8 @@ pub struct Visible {
     pub failed_count: i32,
     pub cancelled_count: i32,
     pub expired_count: i32,
+    pub queued_count: i32,
+    pub running_count: i32,
     pub cost_per_video: i64,
     pub required_credits: i64,
     pub webhook_url: Option<String>,
@@ -283,7 +286,7 @@ pub struct Visible {
 }
 
 /// The columns of [`Visible`], in its order.
-const VISIBLE: [&str; 17] = [
+const VISIBLE: [&str; 19] = [
     "id",
     "request_id",
     "status",
@@ -292,6 +295,8 @@ const VISIBLE: [&str; 17] = [
     "failed_count",
     "cancelled_count",
     "expired_count",
+    "queued_count",
+    "running_count",
     "cost_per_video",
     "required_credits",
     "webhook_url",
@@ -314,6 +319,8 @@ impl From<&Model> for Visible {
             failed_count: m.failed_count,
             cancelled_count: m.cancelled_count,
             expired_count: m.expired_count,
+            queued_count: m.queued_count,
+            running_count: m.running_count,
             cost_per_video: m.cost_per_video,
             required_credits: m.required_credits,
             webhook_url: m.webhook_url.clone(),
@@ -327,11 +334,12 @@ impl From<&Model> for Visible {
     }
 }
 
-/// A batch by id, if it belongs to the key, with its queued and running item counts and its
-/// first `max` items in request order, as their views show them: one statement, as every
-/// status poll runs it. The batch row and the items are two branches of one `UNION ALL` (the
-/// items' columns prefixed `i_`), the items read through the (batch_id, idx) index and never
-/// more than `max` of them.
+/// A batch by id, if it belongs to the key, with its queued and running item counts (from the
+/// batch row) and its first `max` items in request order, as their views show them: one
+/// statement, as every status poll runs it. The batch row and the items are two branches of
+/// one `UNION ALL` (the items' columns prefixed `i_`), the items read through the
+/// (batch_id, idx) index and never more than `max` of them: the cost of a poll does not grow
+/// with the batch.
 pub async fn owned_with_items<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
@@ -364,10 +372,7 @@ pub async fn owned_with_items<C: ConnectionTrait>(
         return Ok(None);
     }
     let job = Visible::from_query_result(&first, "")?;
-    let open = (
-        first.try_get::<i64>("", "open_queued")?,
-        first.try_get::<i64>("", "open_running")?,
-    );
+    let open = (i64::from(job.queued_count), i64::from(job.running_count));
     let items = rows
         .map(|r| super::items::Visible::from_query_result(&r, "i_"))
         .collect::<Result<Vec<_>, _>>()?;
@@ -381,13 +386,10 @@ fn poll_sql(max: u64) -> String {
         cols.iter().map(|c| f(c)).collect::<Vec<_>>().join(", ")
     };
     format!(
-        "SELECT 0 AS part, {batch}, \
-         (SELECT COUNT(*) FROM batch_item q WHERE q.batch_id = j.id AND q.status = 'queued') AS open_queued, \
-         (SELECT COUNT(*) FROM batch_item r WHERE r.batch_id = j.id AND r.status = 'running') AS open_running, \
-         {item_nulls} \
+        "SELECT 0 AS part, {batch}, {item_nulls} \
          FROM batch_job j WHERE j.id = $1 AND j.api_key_id = $2 \
          UNION ALL \
-         SELECT 1, {batch_nulls}, NULL, NULL, {items} FROM \
+         SELECT 1, {batch_nulls}, {items} FROM \
          (SELECT * FROM batch_item WHERE batch_id = $1 AND api_key_id = $2 AND idx > -1 ORDER BY idx {lim}) i \
          ORDER BY part, i_idx",
         batch = list(&VISIBLE, &|c| format!("j.{c}")),
@@ -398,22 +400,70 @@ fn poll_sql(max: u64) -> String {
     )
 }
 
-/// Up to `limit` of a key's batches older than `before` (by id), newest first.
+/// Up to `max` of a key's batches older than `before` (by id), newest first, optionally of
+/// one status: read backwards through the (api_key_id, id) index, or the
+/// (api_key_id, status, id) one, never more rows than the page.
 pub async fn page<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
     status: Option<&str>,
     before: Option<Uuid>,
-    limit: u64,
+    max: u64,
 ) -> Result<Vec<Model>, DbErr> {
-    let mut q = Entity::find().filter(Column::ApiKeyId.eq(key_id));
-    if let Some(s) = status {
-        q = q.filter(Column::Status.eq(s));
+    let mut values = vec![key_id.into()];
+    values.extend(status.map(Into::into));
+    values.extend(before.map(Into::into));
+    Entity::find()
+        .from_raw_sql(stmt(
+            db.get_database_backend(),
+            &page_sql(status.is_some(), before.is_some(), max),
+            values,
+        ))
+        .all(db)
+        .await
+}
+
+/// The statement of [`page`]: `$1` key, then the status and the id before, when given.
+fn page_sql(status: bool, before: bool, max: u64) -> String {
+    let mut sql = String::from("SELECT * FROM batch_job WHERE api_key_id = $1");
+    let mut n = 1;
+    if status {
+        n += 1;
+        sql.push_str(&format!(" AND status = ${n}"));
     }
-    if let Some(b) = before {
-        q = q.filter(Column::Id.lt(b));
+    if before {
+        n += 1;
+        sql.push_str(&format!(" AND id < ${n}"));
     }
-    q.order_by_desc(Column::Id).limit(limit).all(db).await
+    sql.push_str(&format!(" ORDER BY id DESC {}", limit(max)));
+    sql
+}
+
+/// Queued and running counts of some batches, as their rows keep them: one read of the rows
+/// by primary key.
+pub async fn open_counts<C: ConnectionTrait>(
+    db: &C,
+    batch_ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, (i64, i64)>, DbErr> {
+    if batch_ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let sql = format!(
+        "SELECT id, queued_count, running_count FROM batch_job WHERE id IN ({})",
+        super::sql::placeholders(1, batch_ids.len())
+    );
+    let values = batch_ids.iter().map(|&id| id.into());
+    db.query_all_raw(stmt(db.get_database_backend(), &sql, values))
+        .await?
+        .into_iter()
+        .map(|r| {
+            let (q, n): (i32, i32) = (
+                r.try_get("", "queued_count")?,
+                r.try_get("", "running_count")?,
+            );
+            Ok((r.try_get("", "id")?, (i64::from(q), i64::from(n))))
+        })
+        .collect()
 }
 
 /// Takes the batch row's lock (touching `updated_at`) if it belongs to the key: false when
@@ -462,9 +512,8 @@ pub async fn due_to_expire<C: ConnectionTrait>(
 ) -> Result<Vec<(Uuid, i64)>, DbErr> {
     let sql = format!(
         "SELECT id, api_key_id FROM batch_job WHERE status IN ('queued', 'processing') \
-         AND expires_at <= $1 AND (expired_at IS NULL OR EXISTS \
-         (SELECT 1 FROM batch_item WHERE batch_item.batch_id = batch_job.id \
-         AND batch_item.status = 'queued')) ORDER BY expires_at {}",
+         AND expires_at <= $1 AND (expired_at IS NULL OR queued_count > 0) \
+         ORDER BY expires_at {}",
         limit(max)
     );
     db.query_all_raw(stmt(db.get_database_backend(), &sql, [now.into()]))
@@ -602,7 +651,7 @@ pub async fn record_success<C: ConnectionTrait>(
     now: DateTime<Utc>,
 ) -> Result<Success, DbErr> {
     const LOCK_AND_COUNT: &str = "UPDATE batch_job SET updated_at = $3, \
-         succeeded_count = succeeded_count + 1, \
+         succeeded_count = succeeded_count + 1, running_count = running_count - 1, \
          status = CASE WHEN status = 'queued' THEN 'processing' ELSE status END \
          WHERE id = (SELECT batch_id FROM batch_item WHERE id = $1 AND lease_token = $2 \
          AND status = 'running' AND lease_expires_at >= $3) \
@@ -681,4 +730,103 @@ pub async fn count_outcome<C: ConnectionTrait>(
     txn.execute_raw(stmt(txn.get_database_backend(), sql, [id.into()]))
         .await?;
     Ok(())
+}
+
+/// Moves the open counts of batches by `(queued, running)` each: the companion of every item
+/// statement that moves items into, out of or between `queued` and `running` (claims,
+/// requeues, failures, cancels, expiries), run in the same transaction. One statement for all
+/// the batches, which PostgreSQL locks in id order (the order of the map).
+pub async fn shift_open<C: ConnectionTrait>(
+    txn: &C,
+    shifts: &std::collections::BTreeMap<Uuid, (i32, i32)>,
+) -> Result<(), DbErr> {
+    let shifts: Vec<(&Uuid, &(i32, i32))> = shifts.iter().filter(|(_, d)| **d != (0, 0)).collect();
+    if shifts.is_empty() {
+        return Ok(());
+    }
+    let backend = txn.get_database_backend();
+    // Three values per batch: id, queued, running.
+    let (mut queued, mut running, mut ids) = (String::new(), String::new(), Vec::new());
+    let mut values: Vec<sea_orm::Value> = Vec::with_capacity(shifts.len() * 3);
+    for (i, (id, (q, r))) in shifts.iter().enumerate() {
+        let at = 3 * i + 1;
+        queued.push_str(&format!(" WHEN ${at} THEN ${}", at + 1));
+        running.push_str(&format!(" WHEN ${at} THEN ${}", at + 2));
+        ids.push(format!("${at}"));
+        values.extend([(**id).into(), (*q).into(), (*r).into()]);
+    }
+    let sql = format!(
+        "UPDATE batch_job SET queued_count = queued_count + CASE id{queued} ELSE 0 END, \
+         running_count = running_count + CASE id{running} ELSE 0 END \
+         WHERE id IN ({})",
+        ids.join(", ")
+    );
+    txn.execute_raw(stmt(backend, &sql, values)).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::usage::plans::{migrated, plan};
+
+    /// A list page reads backwards through an index that matches its filter: no sort, no scan
+    /// of the key's other batches.
+    #[tokio::test]
+    async fn a_list_page_reads_its_batches_through_an_index() {
+        let (_dir, db) = migrated().await;
+        let id = || Uuid::now_v7().into();
+        for (status, before, index) in [
+            (false, false, "ix_batch_job_key_id (api_key_id=?)"),
+            (false, true, "ix_batch_job_key_id (api_key_id=? AND id<?)"),
+            (
+                true,
+                false,
+                "ix_batch_job_key_status (api_key_id=? AND status=?)",
+            ),
+            (
+                true,
+                true,
+                "ix_batch_job_key_status (api_key_id=? AND status=? AND id<?)",
+            ),
+        ] {
+            let mut values = vec![1i64.into()];
+            if status {
+                values.push("expired".into());
+            }
+            if before {
+                values.push(id());
+            }
+            let p = plan(&db, &page_sql(status, before, 21), values).await;
+            assert!(p.contains(&format!("USING INDEX {index}")), "{p}");
+            assert!(!p.contains("TEMP B-TREE"), "{p}");
+        }
+    }
+
+    /// A status poll reads the batch by its key and its first items through (batch_id, idx),
+    /// and reads no other item.
+    #[tokio::test]
+    async fn a_status_poll_reads_one_batch_row_and_one_page_of_items() {
+        let (_dir, db) = migrated().await;
+        let p = plan(
+            &db,
+            &poll_sql(101),
+            vec![Uuid::now_v7().into(), 1i64.into()],
+        )
+        .await;
+        assert!(
+            p.contains("SEARCH j USING INDEX sqlite_autoindex_batch_job_1 (id=?)"),
+            "{p}"
+        );
+        assert!(
+            p.contains(
+                "SEARCH batch_item USING INDEX sqlite_autoindex_batch_item_2 (batch_id=? AND idx>?)"
+            ),
+            "{p}"
+        );
+        // Nothing else of the batch's items is read (the page of at most `max` rows is
+        // ordered once more after the union).
+        let item_steps = p.lines().filter(|l| l.contains("batch_item")).count();
+        assert_eq!(item_steps, 1, "{p}");
+    }
 }

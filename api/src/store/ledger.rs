@@ -1,9 +1,8 @@
-//! `credit_ledger`: the append-only record of every credit movement.
+//! `credit_ledger`: the append-only record of every credit movement, and `charge_rollup`, the
+//! credits charged per key and UTC day, added to by the same calls that write charges.
 use chrono::{DateTime, Utc};
-use entity::credit_ledger::{ActiveModel, Column, Entity, Model};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-};
+use entity::credit_ledger::{ActiveModel, Entity, Model};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, Set};
 use uuid::Uuid;
 
 use super::sql::stmt;
@@ -102,8 +101,10 @@ pub struct LedgerRow {
 /// Rows per multi-row insert (8 values each, far below both stores' limits on bound values).
 const INSERT_CHUNK: usize = 500;
 
-/// Appends rows in order, one statement per chunk.
+/// Appends rows in order, one statement per chunk, and adds their charges to the daily
+/// rollup (see [`add_charges_to_rollup`]).
 pub async fn insert_many<C: ConnectionTrait>(db: &C, rows: &[LedgerRow]) -> Result<(), DbErr> {
+    add_charges_to_rollup(db, rows).await?;
     for chunk in rows.chunks(INSERT_CHUNK) {
         let models = chunk.iter().map(|r| ActiveModel {
             api_key_id: Set(r.key_id),
@@ -119,6 +120,41 @@ pub async fn insert_many<C: ConnectionTrait>(db: &C, rows: &[LedgerRow]) -> Resu
         Entity::insert_many(models)
             .exec_without_returning(db)
             .await?;
+    }
+    Ok(())
+}
+
+/// Rollup rows per upsert: 3 values each.
+const ROLLUP_CHUNK: usize = 500;
+
+/// Adds the charges among `rows` to `charge_rollup`, summed per (key, UTC day) first: one
+/// multi-row upsert, rows in key order (the order every group locks rows in).
+async fn add_charges_to_rollup<C: ConnectionTrait>(
+    db: &C,
+    rows: &[LedgerRow],
+) -> Result<(), DbErr> {
+    let mut sums: std::collections::BTreeMap<(i64, String), i64> = Default::default();
+    for r in rows.iter().filter(|r| r.kind == LedgerKind::Charge) {
+        *sums
+            .entry((r.key_id, super::usage::day_of(r.created_at)))
+            .or_default() += r.amount;
+    }
+    let backend = db.get_database_backend();
+    let sums: Vec<((i64, String), i64)> = sums.into_iter().collect();
+    for chunk in sums.chunks(ROLLUP_CHUNK) {
+        let sql = format!(
+            "INSERT INTO charge_rollup (api_key_id, day, credits) VALUES {} \
+             ON CONFLICT (api_key_id, day) DO UPDATE SET \
+             credits = charge_rollup.credits + excluded.credits",
+            super::sql::value_rows(backend, chunk.len(), 3)
+        );
+        let values = chunk
+            .iter()
+            .flat_map(|((key, day), credits)| {
+                [(*key).into(), day.clone().into(), (*credits).into()]
+            })
+            .collect::<Vec<sea_orm::Value>>();
+        db.execute_raw(stmt(backend, &sql, values)).await?;
     }
     Ok(())
 }
@@ -140,18 +176,31 @@ pub async fn by_idempotency_key<C: ConnectionTrait>(
         .await
 }
 
-/// Up to `max` of a key's rows older than `before` (by id), newest first.
+/// Up to `max` of a key's rows older than `before` (by id), newest first: read backwards
+/// through the (api_key_id, id) index, never more rows than the page, however long the key's
+/// history.
 pub async fn page<C: ConnectionTrait>(
     db: &C,
     key_id: i64,
     before: Option<i64>,
     max: u64,
 ) -> Result<Vec<Model>, DbErr> {
-    let mut q = Entity::find().filter(Column::ApiKeyId.eq(key_id));
-    if let Some(b) = before {
-        q = q.filter(Column::Id.lt(b));
-    }
-    q.order_by_desc(Column::Id).limit(max).all(db).await
+    Entity::find()
+        .from_raw_sql(stmt(
+            db.get_database_backend(),
+            &page_sql(max),
+            [key_id.into(), before.unwrap_or(i64::MAX).into()],
+        ))
+        .all(db)
+        .await
+}
+
+/// The statement of [`page`] (`$1` key, `$2` before), its `LIMIT` written (see `sql::limit`).
+fn page_sql(max: u64) -> String {
+    format!(
+        "SELECT * FROM credit_ledger WHERE api_key_id = $1 AND id < $2 ORDER BY id DESC {}",
+        super::sql::limit(max)
+    )
 }
 
 /// Credits charged to a key per UTC day (`YYYY-MM-DD`) in `[from, to)`.
@@ -220,4 +269,25 @@ pub async fn apply_in(txn: &Txn<'_>, entry: NewEntry<'_>) -> Result<bool, DbErr>
     }
     txn.append_ledger(entry.row(now));
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::usage::plans::{migrated, plan};
+
+    /// The credits view reads the wallet by its key and the newest ledger page backwards
+    /// through the (api_key_id, id) index: no sort, no scan of the key's history.
+    #[tokio::test]
+    async fn the_credits_view_reads_its_rows_through_keys() {
+        let (_dir, db) = migrated().await;
+        let ledger = plan(&db, &page_sql(21), vec![1i64.into(), i64::MAX.into()]).await;
+        assert!(
+            ledger.contains("USING INDEX ix_credit_ledger_key_id (api_key_id=? AND id<?)"),
+            "{ledger}"
+        );
+        assert!(!ledger.contains("TEMP B-TREE"), "{ledger}");
+        let wallet = plan(&db, super::super::wallets::READ, vec![1i64.into()]).await;
+        assert!(wallet.contains("INTEGER PRIMARY KEY"), "{wallet}");
+    }
 }

@@ -7,14 +7,13 @@ use sea_orm::{ConnectionTrait, DbErr};
 use super::sql::stmt;
 use crate::domain::money::{LedgerKind, MAX_BALANCE, Wallet};
 
+/// The statement of [`read`]: one row by its primary key.
+pub(super) const READ: &str = "SELECT balance, held FROM credit_wallet WHERE api_key_id = $1";
+
 /// Reads a wallet (a key without one has nothing).
 pub async fn read<C: ConnectionTrait>(db: &C, key_id: i64) -> Result<Wallet, DbErr> {
     let row = db
-        .query_one_raw(stmt(
-            db.get_database_backend(),
-            "SELECT balance, held FROM credit_wallet WHERE api_key_id = $1",
-            [key_id.into()],
-        ))
+        .query_one_raw(stmt(db.get_database_backend(), READ, [key_id.into()]))
         .await?;
     Ok(match row {
         Some(r) => Wallet {
