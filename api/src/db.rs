@@ -19,6 +19,7 @@ const MIGRATION_LOCK_ID: i64 = 0x7669_6465_6f62; // "videob"
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<DatabaseConnection> {
     PoolSpec::new(settings.url.expose(), settings.max_connections.max(2))
         .timeouts(settings.timeouts)
+        .cache_kib(settings.sqlite_cache_kib)
         .open()
         .await
 }
@@ -40,6 +41,7 @@ pub async fn writer_for(
         PoolSpec::new(settings.url.expose(), 1)
             .synchronous(settings.sqlite_synchronous)
             .timeouts(settings.timeouts)
+            .cache_kib(settings.sqlite_cache_kib)
             .page_limit(page_limit)
             .open()
             .await
@@ -74,6 +76,9 @@ pub async fn connect_url_with(
     spec.open().await
 }
 
+/// SQLite's own page cache per connection, KiB (what `config/base.toml` ships).
+const DEFAULT_SQLITE_CACHE_KIB: u32 = 2000;
+
 /// SQLite's `max_page_count` of a writer, shared with the pool so that every connection it
 /// opens (again, after a failure) applies it. 0: no limit of ours. Tests make a store "full"
 /// with it.
@@ -104,6 +109,7 @@ pub(crate) struct PoolSpec<'a> {
     synchronous: SqliteSynchronous,
     timeouts: StoreTimeouts,
     page_limit: Option<PageLimit>,
+    cache_kib: u32,
 }
 
 impl<'a> PoolSpec<'a> {
@@ -115,7 +121,13 @@ impl<'a> PoolSpec<'a> {
             synchronous: SqliteSynchronous::Normal,
             timeouts: StoreTimeouts::default(),
             page_limit: None,
+            cache_kib: DEFAULT_SQLITE_CACHE_KIB,
         }
+    }
+
+    pub(crate) fn cache_kib(mut self, kib: u32) -> Self {
+        self.cache_kib = kib;
+        self
     }
 
     pub(crate) fn synchronous(mut self, synchronous: SqliteSynchronous) -> Self {
@@ -158,6 +170,7 @@ impl<'a> PoolSpec<'a> {
             opts.test_before_acquire(false);
             let synchronous = self.synchronous;
             let busy = t.busy;
+            let cache = format!("-{}", self.cache_kib);
             opts.map_sqlx_sqlite_opts(move |o| {
                 o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
                     .synchronous(match synchronous {
@@ -167,6 +180,8 @@ impl<'a> PoolSpec<'a> {
                         }
                     })
                     .busy_timeout(busy)
+                    // Negative: KiB, per connection (see `database.sqlite_cache_kib`).
+                    .pragma("cache_size", cache.clone())
                     .foreign_keys(true)
                     // Takes effect on new databases: pruned pages go back to the file system.
                     .auto_vacuum(sea_orm::sqlx::sqlite::SqliteAutoVacuum::Incremental)

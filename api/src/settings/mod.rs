@@ -120,6 +120,8 @@ pub struct DatabaseSettings {
     pub sqlite_synchronous: SqliteSynchronous,
     /// How long a call may wait for the store before it is answered 503.
     pub timeouts: StoreTimeouts,
+    /// SQLite page cache of each pooled connection, in KiB.
+    pub sqlite_cache_kib: u32,
     /// SQLite `max_page_count` of the writer (0: SQLite's own limit). For fault tests: it makes
     /// the store "full" at a chosen size.
     pub sqlite_max_page_count: u64,

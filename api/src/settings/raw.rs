@@ -59,6 +59,7 @@ pub(super) struct RawDatabase {
     pub(super) statement_timeout_ms: i64,
     pub(super) lock_timeout_ms: i64,
     pub(super) busy_timeout_ms: i64,
+    pub(super) sqlite_cache_kib: i64,
     #[serde(default)]
     pub(super) sqlite_max_page_count: i64,
 }

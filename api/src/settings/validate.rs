@@ -157,8 +157,10 @@ impl RawSettings {
                 "must be 0 (no limit) or a positive number",
             )
         })?;
+        let sqlite_cache_kib = c.positive("database.sqlite_cache_kib", db.sqlite_cache_kib)?;
         let database = DatabaseSettings {
             timeouts,
+            sqlite_cache_kib,
             sqlite_max_page_count,
             url,
             max_connections: c
