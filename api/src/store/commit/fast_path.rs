@@ -40,7 +40,6 @@ pub(super) enum Ran {
 
 /// A fast attempt that committed; the group is answered from it.
 pub(super) struct FastDone {
-    outcome: Result<(), ApiError>,
     /// The count of each hit, in the order of `Group::hits`.
     counts: Vec<i64>,
     /// What each unit did, by where it came from.
@@ -48,13 +47,9 @@ pub(super) struct FastDone {
 }
 
 impl FastDone {
-    /// Answers every job of `group` with the group's outcome.
+    /// Answers every job of `group`: its group committed.
     pub(super) fn deliver(self, group: Group) {
-        let FastDone {
-            outcome,
-            counts,
-            ran,
-        } = self;
+        let FastDone { counts, ran } = self;
         let mut direct: Vec<Option<Unit>> = group.units.into_iter().map(Some).collect();
         let mut counted: Vec<Option<Unit>> = Vec::with_capacity(group.hits.len());
         for (hit, count) in group.hits.into_iter().zip(counts) {
@@ -64,9 +59,9 @@ impl FastDone {
                 reply,
                 ..
             } = hit;
-            let _ = reply.send(outcome.clone().map(|()| count));
+            let _ = reply.send(Ok(count));
             if let Some(then) = then_audit {
-                let _ = then.reply.send(outcome.clone());
+                let _ = then.reply.send(Ok(()));
             }
             counted.push(then_unit.map(|(_, u)| u));
         }
@@ -77,12 +72,12 @@ impl FastDone {
             };
             let Some(unit) = unit else { continue };
             match ran {
-                Ran::Done(completion) => completion(outcome.clone()),
+                Ran::Done(completion) => completion(Ok(())),
                 Ran::Refused(e) => (unit.fail)(e),
             }
         }
         for a in group.audits {
-            let _ = a.reply.send(outcome.clone());
+            let _ = a.reply.send(Ok(()));
         }
     }
 }
@@ -190,11 +185,7 @@ pub(super) async fn run_fast(
     match committed {
         Ok(()) => {
             appended.count_committed();
-            Fast::Done(FastDone {
-                outcome: Ok(()),
-                counts,
-                ran,
-            })
+            Fast::Done(FastDone { counts, ran })
         }
         // Not known to be committed: nobody is answered success (a store failure is 503, safe to
         // retry with the same request id).
