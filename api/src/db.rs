@@ -159,7 +159,6 @@ impl<'a> PoolSpec<'a> {
         opts.max_connections(self.max_connections.max(1))
             .min_connections(1)
             .acquire_timeout(t.acquire)
-            .connect_timeout(t.connect)
             .sqlx_logging(false);
         if let Some(schema) = self.schema {
             opts.set_schema_search_path(schema.to_string());

@@ -130,10 +130,8 @@ pub struct DatabaseSettings {
 /// `database.*_timeout_ms`: no call waits longer than these for the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoreTimeouts {
-    /// Waiting for a pooled connection.
+    /// Waiting for a pooled connection, opening a new one included (the connect timeout).
     pub acquire: std::time::Duration,
-    /// Opening a new connection (PostgreSQL).
-    pub connect: std::time::Duration,
     /// PostgreSQL `statement_timeout` of the API's statements (migrations have none).
     pub statement: std::time::Duration,
     /// PostgreSQL `lock_timeout` of the API's statements.
@@ -148,7 +146,6 @@ impl Default for StoreTimeouts {
         let wait = std::time::Duration::from_millis(1500);
         Self {
             acquire: wait,
-            connect: wait,
             statement: std::time::Duration::from_secs(2),
             lock: wait,
             busy: wait,

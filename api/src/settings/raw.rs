@@ -55,7 +55,6 @@ pub(super) struct RawDatabase {
     pub(super) write_lanes: i64,
     pub(super) sqlite_synchronous: String,
     pub(super) acquire_timeout_ms: i64,
-    pub(super) connect_timeout_ms: i64,
     pub(super) statement_timeout_ms: i64,
     pub(super) lock_timeout_ms: i64,
     pub(super) busy_timeout_ms: i64,

@@ -146,7 +146,6 @@ impl RawSettings {
         let db = &self.database;
         let timeouts = StoreTimeouts {
             acquire: ms("database.acquire_timeout_ms", db.acquire_timeout_ms)?,
-            connect: ms("database.connect_timeout_ms", db.connect_timeout_ms)?,
             statement: ms("database.statement_timeout_ms", db.statement_timeout_ms)?,
             lock: ms("database.lock_timeout_ms", db.lock_timeout_ms)?,
             busy: ms("database.busy_timeout_ms", db.busy_timeout_ms)?,
