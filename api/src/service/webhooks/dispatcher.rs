@@ -421,6 +421,9 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
     let mut waiting: HashMap<String, VecDeque<webhook_delivery::Model>> = HashMap::new();
     // Endpoints the last claim found with no room left, and when that claim ran (see below).
     let mut full: std::collections::HashSet<String> = Default::default();
+    // The last claim gave deliveries back because their key had no room: claim at most one
+    // key's worth next, so that a busy key's backlog is not leased and given back per send.
+    let mut key_was_full = false;
     let mut last_claim = Instant::now();
     let spawn = |sends: &mut JoinSet<Sent>,
                  endpoints: &mut Endpoints,
@@ -486,6 +489,9 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
                 room = 0;
             }
         }
+        if key_was_full {
+            room = room.min(per_key.max(1));
+        }
         // Claimed deliveries that were started or queued (not given back).
         let mut taken = 0;
         if room > 0 && sends.len() < concurrency {
@@ -497,6 +503,7 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
             match claim_due(&state.writer, room as u32, lock_for, &skip, &skip_keys).await {
                 Ok(batch) => {
                     full.clear();
+                    key_was_full = false;
                     let mut back = Vec::new();
                     for d in batch {
                         let ep = endpoint_of(&d.target_url);
@@ -525,7 +532,10 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
                             }
                             // The key has all it can take (its slots, and as many waiting): the
                             // rest goes back, and claims pass the key over while it is full.
-                            None => Instant::now() + poll,
+                            None => {
+                                key_was_full = true;
+                                Instant::now() + poll
+                            }
                         };
                         let at = Utc::now()
                             + chrono::Duration::from_std(later - Instant::now())
