@@ -137,7 +137,8 @@ static LAST_FAULT_MS: AtomicI64 = AtomicI64::new(0);
 /// How long after a store failure pooled connections are checked before use.
 pub const SUSPECT_FOR_MS: i64 = 10_000;
 
-fn now_ms() -> i64 {
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -112,18 +112,12 @@ pub(super) struct Counters {
     pub(super) commits: AtomicU64,
     pub(super) conflicts: AtomicU64,
     pub(super) isolated: AtomicU64,
-    /// Groups failed by a store failure.
-    pub(super) faults: AtomicU64,
     /// When a group last failed by a store failure (ms since the epoch; 0: never).
     pub(super) last_fault_ms: AtomicI64,
 }
 
 /// How long after a group failed by a store failure writes count as failing.
 pub const FAILING_FOR: std::time::Duration = std::time::Duration::from_secs(3);
-
-pub(super) fn epoch_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
 
 impl Counters {
     pub(super) fn conflict(&self) {

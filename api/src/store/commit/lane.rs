@@ -77,8 +77,9 @@ pub(super) async fn run_group(
         Ok(again) => (again, None),
         Err(e) => {
             if e.fault.is_some() {
-                counters.faults.fetch_add(1, Ordering::Relaxed);
-                counters.last_fault_ms.store(epoch_ms(), Ordering::Relaxed);
+                counters
+                    .last_fault_ms
+                    .store(crate::fault::now_ms(), Ordering::Relaxed);
             }
             tracing::error!(error = %e, "group commit failed: every call of the group was answered with the error");
             (Vec::new(), Some(e))

@@ -74,16 +74,10 @@ impl Writes {
         self.counters.isolated.load(Ordering::Relaxed)
     }
 
-    /// Groups failed as a whole by a store failure (disk full, I/O error, connection lost,
-    /// timeout); every job of such a group was answered `503`, none committed.
-    pub fn store_faults(&self) -> u64 {
-        self.counters.faults.load(Ordering::Relaxed)
-    }
-
     /// True when a group failed by a store failure within [`FAILING_FOR`]: writes are failing.
     pub fn failing(&self) -> bool {
         let last = self.counters.last_fault_ms.load(Ordering::Relaxed);
-        last != 0 && epoch_ms() - last < FAILING_FOR.as_millis() as i64
+        last != 0 && crate::fault::now_ms() - last < FAILING_FOR.as_millis() as i64
     }
 
     fn lane(&self, key: Option<i64>) -> &mpsc::Sender<Job> {
