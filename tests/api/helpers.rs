@@ -59,17 +59,28 @@ macro_rules! both_backends {
             mod $name {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn sqlite() {
-                    super::$name($crate::helpers::Backend::Sqlite).await;
+                    $crate::helpers::bounded(super::$name($crate::helpers::Backend::Sqlite)).await;
                 }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn postgres() {
                     if let Some(b) = $crate::helpers::Backend::postgres() {
-                        super::$name(b).await;
+                        $crate::helpers::bounded(super::$name(b)).await;
                     }
                 }
             }
         )*
     };
+}
+
+/// The longest a test may run: a test that hangs fails with this message instead of holding
+/// the whole run until CI gives up on it.
+pub const TEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(420);
+
+/// Runs a test body, failing it when it takes longer than [`TEST_LIMIT`].
+pub async fn bounded(body: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(TEST_LIMIT, body).await.is_err() {
+        panic!("the test did not finish within {} s", TEST_LIMIT.as_secs());
+    }
 }
 
 /// The plaintext of a test key.
@@ -101,6 +112,10 @@ impl Drop for Store {
                     .unwrap();
                 rt.block_on(async move {
                     if let Ok(db) = sea_orm::Database::connect(url).await {
+                        // A test that failed may leave a connection in a transaction that
+                        // holds a lock in the schema and is closed only after this returns:
+                        // give up (the schema stays behind) rather than wait for it forever.
+                        let _ = db.execute_unprepared("SET lock_timeout = '10s'").await;
                         let _ = db
                             .execute_unprepared(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
                             .await;

@@ -21,6 +21,7 @@ async fn in_flight_request_completes_during_shutdown(backend: Backend) {
         .settings(|s| {
             s.database.timeouts.busy = Duration::from_secs(30);
             s.database.timeouts.lock = Duration::from_secs(30);
+            s.database.timeouts.statement = Duration::from_secs(30);
         })
         .key("acme", "initial_credits = 100")
         .build()
@@ -52,13 +53,16 @@ async fn in_flight_request_completes_during_shutdown(backend: Backend) {
             .map(|r| r.status().as_u16())
     });
     if pg {
-        // In flight for sure: its transaction waits for the table lock.
+        // In flight for sure: its transaction waits for this test's table lock (other tests
+        // on the same server wait for locks of their own, so only this table counts).
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let waiting = locker
                 .query_one_raw(sea_orm::Statement::from_string(
                     sea_orm::DbBackend::Postgres,
-                    "SELECT COUNT(*) AS v FROM pg_locks WHERE NOT granted".to_string(),
+                    "SELECT COUNT(*) AS v FROM pg_locks \
+                     WHERE NOT granted AND relation = 'credit_wallet'::regclass"
+                        .to_string(),
                 ))
                 .await
                 .unwrap()
