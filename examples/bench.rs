@@ -550,6 +550,7 @@ async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
             NewItem {
                 prompt: prompt.to_string(),
                 params: params.map(str::to_string),
+                source_idx: None,
             }
         })
         .collect();
@@ -581,6 +582,7 @@ async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
             started: Instant::now(),
             now,
         },
+        retry_of: None,
     };
     let txn = begin_write(w).await?;
     let memo = GroupMemo::default();

@@ -346,6 +346,27 @@ fn user_agent(req: &Request) -> Option<String> {
 }
 
 /// Customer layer: quota headers on every response and a usage row for every call.
+/// A retry of failed items has only options: sent without a body (and so without a
+/// `Content-Type`), it reads as `{}` instead of being refused for its missing media type.
+fn empty_options_read_as_json(req: &mut Request, path: &str) {
+    use poem::http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+    let headers = req.headers();
+    let empty = headers
+        .get(CONTENT_LENGTH)
+        .is_none_or(|l| l.as_bytes() == b"0")
+        && !headers.contains_key(TRANSFER_ENCODING);
+    if req.method() == poem::http::Method::POST
+        && path.trim_end_matches('/').ends_with("/retry-failed")
+        && !headers.contains_key(CONTENT_TYPE)
+        && empty
+    {
+        req.headers_mut().insert(
+            CONTENT_TYPE,
+            poem::http::HeaderValue::from_static("application/json"),
+        );
+    }
+}
+
 pub async fn customer_audit<E: Endpoint>(
     ep: Arc<E>,
     req: Request,
@@ -355,6 +376,8 @@ pub async fn customer_audit<E: Endpoint>(
     let method = req.method().to_string();
     let path = req.original_uri().path().to_string();
     let user_agent = user_agent(&req);
+    let mut req = req;
+    empty_options_read_as_json(&mut req, &path);
     let is_create = rate_limit::scope_of(req.method(), &path) == SCOPE_BATCH;
     if is_create {
         // The create transaction writes its own usage row; give it the template.
@@ -367,7 +390,6 @@ pub async fn customer_audit<E: Endpoint>(
             user_agent: user_agent.clone(),
             ..Default::default()
         };
-        let mut req = req;
         req.extensions_mut()
             .insert(AuditTemplate(template, started));
         return finish(

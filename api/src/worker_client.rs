@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+
+use crate::domain::failure::FailureCode;
 use clap::Args;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -23,7 +25,10 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 2)]
     pub concurrency: usize,
     /// Command run per item; gets ITEM_ID, BATCH_ID, PROMPT, PARAMS_JSON, ATTEMPT and the item
-    /// JSON on stdin; the last line of its stdout is the result URL.
+    /// JSON on stdin; the last line of its stdout is the result URL. When it fails (exits
+    /// non-zero), a last line of stderr `error_code=CODE` (e.g. `error_code=content_policy`)
+    /// reports that code; otherwise the failure is `internal`. A render that runs out of time
+    /// is `render_timeout`.
     #[arg(long)]
     pub renderer_cmd: String,
     /// Name reported to the server.
@@ -218,7 +223,7 @@ async fn process(client: &reqwest::Client, args: &WorkerArgs, item: &Value) -> b
         ),
         Err(e) => (
             "fail",
-            json!({ "lease_token": token, "error": e.to_string(), "retryable": true }),
+            json!({ "lease_token": token, "error_code": failure_code(e), "message": failure_message(e) }),
         ),
     };
     if let Err(e) = report(client, args, &item_id, what, body).await {
@@ -226,6 +231,23 @@ async fn process(client: &reqwest::Client, args: &WorkerArgs, item: &Value) -> b
         return false;
     }
     outcome.is_ok()
+}
+
+/// The code a failed render reports: the one its error carries, else `internal`.
+fn failure_code(e: &anyhow::Error) -> &'static str {
+    e.downcast_ref::<FailureCode>()
+        .copied()
+        .unwrap_or(FailureCode::Internal)
+        .as_str()
+}
+
+/// What a failed render says: without the code it carries (sent beside it).
+fn failure_message(e: &anyhow::Error) -> String {
+    if e.downcast_ref::<FailureCode>().is_some() {
+        e.root_cause().to_string()
+    } else {
+        format!("{e:#}")
+    }
 }
 
 async fn render(
@@ -284,7 +306,12 @@ async fn render(
     heartbeat.abort();
     let output = match output {
         Ok(o) => o.context("waiting for the renderer")?,
-        Err(_) => anyhow::bail!("renderer timed out after {}s", args.timeout_seconds),
+        Err(_) => {
+            return Err(
+                anyhow::anyhow!("renderer timed out after {}s", args.timeout_seconds)
+                    .context(FailureCode::RenderTimeout),
+            );
+        }
     };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -296,7 +323,17 @@ async fn render(
             .into_iter()
             .rev()
             .collect();
-        anyhow::bail!("renderer exited with {}: {}", output.status, tail.trim());
+        let code = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .and_then(|l| l.trim().strip_prefix("error_code="))
+            .and_then(FailureCode::from_name)
+            .unwrap_or(FailureCode::Internal);
+        return Err(
+            anyhow::anyhow!("renderer exited with {}: {}", output.status, tail.trim())
+                .context(code),
+        );
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     stdout

@@ -23,7 +23,12 @@ pub struct Model {
     pub result_url: Option<String>,
     /// JSON, as reported by the worker.
     pub result: Option<String>,
+    /// The failure's message.
     pub error: Option<String>,
+    /// The failure's kind (`content_policy`, `worker_lost`, ...).
+    pub error_code: Option<String>,
+    /// The item's index in the batch this batch retried, if it is a retry.
+    pub source_idx: Option<i32>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

@@ -37,6 +37,12 @@ pub struct Model {
     pub queued_count: i32,
     /// Items leased to a worker.
     pub running_count: i32,
+    /// Failed items per error code, a JSON object (none: no failure yet).
+    pub error_counts: Option<String>,
+    /// The batch whose failed items this batch retries.
+    pub retry_of: Option<Uuid>,
+    /// The batch that retries this batch's failed items.
+    pub retried_by: Option<Uuid>,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

@@ -345,6 +345,53 @@ def main() -> int:
 
     flow.step("cancel_batch -> 200 Batch cancelled", cancel)
 
+    def claim_of(batch_id: str, n: int) -> list[dict]:
+        r = worker.post("/claim", json={"worker_id": "sdk-flow-worker", "max_items": 100})
+        check(r.status_code == 200, f"claim: HTTP {r.status_code} {r.text[:300]}")
+        mine = [i for i in r.json()["items"] if i["batch_id"] == batch_id]
+        check(len(mine) == n, f"claimed {len(mine)} of the batch's {n} items")
+        return sorted(mine, key=lambda i: i["prompt"])
+
+    def report(item: dict, what: str, body: dict) -> None:
+        r = worker.post(f"/items/{item['item_id']}/{what}", json={"lease_token": item["lease_token"], **body})
+        check(r.status_code == 200, f"{what}: HTTP {r.status_code} {r.text[:300]}")
+
+    def retry_failed() -> str:
+        resp = op("create_batch").sync_detailed(
+            client=customer, body=batch_request(["a fails", "b renders"])
+        )
+        raw = body_of(resp)
+        check(int(resp.status_code) == 201 and raw.get("batch_id"), f"create: {describe(resp)}")
+        batch_id = raw["batch_id"]
+        failing, rendering = claim_of(batch_id, 2)
+        report(failing, "fail", {"error_code": "content_policy", "message": "refused"})
+        report(rendering, "complete", {"result_url": "https://cdn.example.com/b.mp4"})
+        resp = op("get_batch_errors").sync_detailed(uuid.UUID(batch_id), client=customer)
+        check(int(resp.status_code) == 200, f"errors: expected 200, got {describe(resp)}")
+        lines = [json.loads(line) for line in resp.content.decode().splitlines() if line]
+        check(
+            [(e["index"], e["error_code"], e["prompt"]) for e in lines] == [(0, "content_policy", "a fails")],
+            f"errors export {lines}",
+        )
+        resp = op("retry_failed_items").sync_detailed(
+            uuid.UUID(batch_id), client=customer, body=model("RetryFailedRequest")()
+        )
+        check(int(resp.status_code) == 201, f"retry: expected 201, got {describe(resp)}")
+        check(isinstance(resp.parsed, model("BatchCreated")), f"201 not typed: parsed={resp.parsed!r}")
+        check(resp.parsed.total_count == 1, f"total_count {resp.parsed.total_count}")
+        retry_id = str(resp.parsed.batch_id)
+        resp = op("get_batch").sync_detailed(uuid.UUID(retry_id), client=customer)
+        b = resp.parsed
+        check(isinstance(b, model("Batch")), f"200 not typed: parsed={resp.parsed!r}")
+        check(str(b.retry_of) == batch_id, f"retry_of {b.retry_of}")
+        check(b.items[0].original_index == 0 and b.items[0].prompt == "a fails", f"items {b.items}")
+        # Render the retry, so that nothing stays held for the credits step.
+        (again,) = claim_of(retry_id, 1)
+        report(again, "complete", {"result_url": "https://cdn.example.com/a.mp4"})
+        return f"errors export of 1 line; retry {retry_id} of 1 item, rendered"
+
+    flow.step("get_batch_errors and retry_failed_items (a content_policy failure)", retry_failed)
+
     def credits() -> str:
         resp = op("get_credits").sync_detailed(client=customer)
         check(int(resp.status_code) == 200, f"expected 200, got {describe(resp)}")

@@ -1,5 +1,5 @@
 //! Upgrading a store that already holds batches and usage: the migrations that add the open
-//! counts and the usage rollup fill them from the rows already there.
+//! counts, the usage rollup and the failure codes fill them from the rows already there.
 use chrono::{DateTime, TimeZone, Utc};
 use migration::MigratorTrait;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, Value};
@@ -8,7 +8,7 @@ use uuid::Uuid;
 use crate::both_backends;
 use crate::helpers::{Backend, PgDatabase};
 
-both_backends!(the_upgrade_backfills_open_counts_and_the_usage_rollup);
+both_backends!(the_upgrade_backfills_open_counts_the_usage_rollup_and_failure_codes);
 
 /// Migrations applied before the ones under test.
 const BEFORE: u32 = 6;
@@ -144,7 +144,43 @@ async fn previous_release_rows(db: &DatabaseConnection) -> (Uuid, Uuid) {
     (open, done)
 }
 
-async fn the_upgrade_backfills_open_counts_and_the_usage_rollup(backend: Backend) {
+/// A finished batch of the previous release with two failed items: one whose lease ran out
+/// (the reaper's message) and one a worker reported.
+async fn previous_release_failures(db: &DatabaseConnection) -> Uuid {
+    let at = Utc.with_ymd_and_hms(2026, 11, 2, 1, 0, 0).unwrap();
+    let failed = Uuid::now_v7();
+    exec(
+        db,
+        "INSERT INTO batch_job (id, api_key_id, request_id, fingerprint, status, total_count, \
+         succeeded_count, failed_count, cancelled_count, expired_count, cost_per_video, \
+         required_credits, response, created_at, updated_at) \
+         VALUES ($1, 1, 'failed', 'f', 'completed', 3, 0, 3, 0, 0, 10, 30, '{}', $2, $2)",
+        vec![failed.into(), at.into()],
+    )
+    .await;
+    for (i, error) in ["lease expired", "renderer crashed", "renderer crashed"]
+        .into_iter()
+        .enumerate()
+    {
+        exec(
+            db,
+            "INSERT INTO batch_item (id, batch_id, api_key_id, idx, prompt, status, attempts, \
+             fair_pos, error, created_at, updated_at) \
+             VALUES ($1, $2, 1, $3, 'p', 'failed', 3, $3, $4, $5, $5)",
+            vec![
+                Uuid::now_v7().into(),
+                failed.into(),
+                (i as i32).into(),
+                error.into(),
+                at.into(),
+            ],
+        )
+        .await;
+    }
+    failed
+}
+
+async fn the_upgrade_backfills_open_counts_the_usage_rollup_and_failure_codes(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let pg = match &backend {
         Backend::Postgres(url) => Some(PgDatabase::create(url, "backfill").await),
@@ -157,6 +193,7 @@ async fn the_upgrade_backfills_open_counts_and_the_usage_rollup(backend: Backend
     let db = api::db::connect_url(&url, 1, None).await.unwrap();
     migration::Migrator::up(&db, Some(BEFORE)).await.unwrap();
     let (open, done) = previous_release_rows(&db).await;
+    let failed = previous_release_failures(&db).await;
 
     migration::Migrator::up(&db, None).await.unwrap();
     db.close().await.unwrap();
@@ -182,6 +219,41 @@ async fn the_upgrade_backfills_open_counts_and_the_usage_rollup(backend: Backend
     );
     assert_eq!((d2.batches, d2.items, d2.credits_charged), (1, 5, 10));
     assert_eq!((rolled[1].calls, rolled[1].credits_charged), (1, 20));
+    // Failures of the previous release have codes: a lease that ran out is `worker_lost`,
+    // anything else `internal`; the batch counts them per code.
+    let codes = db
+        .query_all_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            "SELECT error_code FROM batch_item WHERE batch_id = $1 ORDER BY idx",
+            [failed.into()],
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<Option<String>>("", "error_code").unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        codes,
+        [
+            Some("worker_lost".to_string()),
+            Some("internal".to_string()),
+            Some("internal".to_string())
+        ]
+    );
+    let job = api::store::jobs::owned(&db, 1, failed)
+        .await
+        .unwrap()
+        .unwrap();
+    let counts = api::store::jobs::error_counts(job.error_counts.as_deref());
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        [("internal".to_string(), 2), ("worker_lost".to_string(), 1)]
+    );
+    let untouched = api::store::jobs::owned(&db, 1, done)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(untouched.error_counts, None);
     db.close().await.unwrap();
     if let Some(pg) = pg {
         pg.drop_now().await;

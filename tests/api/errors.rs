@@ -225,15 +225,17 @@ fn customer_document_has_only_customer_operations_with_readable_ids() {
             "cancel_batch",
             "create_batch",
             "get_batch",
+            "get_batch_errors",
             "get_batch_results",
             "get_credits",
             "get_usage",
             "list_batch_items",
-            "list_batches"
+            "list_batches",
+            "retry_failed_items"
         ]
     );
     let codes = &spec["components"]["schemas"]["ErrorCode"]["enum"];
-    assert_eq!(codes.as_array().unwrap().len(), 13, "{codes}");
+    assert_eq!(codes.as_array().unwrap().len(), 15, "{codes}");
 }
 
 /// A field the documents declare `type: string` takes a JSON string and nothing else: a number

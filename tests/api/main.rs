@@ -12,6 +12,7 @@ mod crash;
 mod create;
 mod delivery;
 mod errors;
+mod failures;
 mod hostile;
 mod isolation;
 mod keys;

@@ -101,13 +101,16 @@ async fn the_wire_bodies_of_the_contract_are_pinned(backend: crate::helpers::Bac
             "cost_per_video": 10, "required_credits": 20, "webhook_url": null,
             "metadata": { "campaign": "q4" }, "created_at": "<time>", "updated_at": "<time>",
             "cancel_requested_at": null, "completed_at": null, "expires_at": "<time>",
+            "error_counts": {}, "retry_of": null, "retried_by": null,
             "items": [
                 { "item_id": "<uuid>", "index": 0, "prompt": "a red fox at dawn",
                   "params": { "duration_s": 5 }, "status": "queued", "attempts": 0,
-                  "result_url": null, "result": null, "error": null },
+                  "result_url": null, "result": null, "error_code": null, "message": null,
+                  "error": null },
                 { "item_id": "<uuid>", "index": 1, "prompt": "a city at night in the rain",
                   "params": null, "status": "queued", "attempts": 0,
-                  "result_url": null, "result": null, "error": null }
+                  "result_url": null, "result": null, "error_code": null, "message": null,
+                  "error": null }
             ]
         })
     );

@@ -30,6 +30,10 @@ pub enum ErrorCode {
     LeaseLost,
     /// The request conflicts with the resource's state.
     Conflict,
+    /// The batch still has queued or running items.
+    BatchNotFinished,
+    /// The batch has no failed (or expired) item to retry.
+    NothingToRetry,
     /// Something failed on our side.
     Internal,
     /// The store failed (disk full, I/O error, database unreachable, timeout): nothing was
@@ -52,6 +56,8 @@ impl ErrorCode {
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::LeaseLost => "LEASE_LOST",
             ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::BatchNotFinished => "BATCH_NOT_FINISHED",
+            ErrorCode::NothingToRetry => "NOTHING_TO_RETRY",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::StoreUnavailable => "STORE_UNAVAILABLE",
         }
@@ -64,10 +70,11 @@ impl ErrorCode {
             ErrorCode::IpNotAllowed => StatusCode::FORBIDDEN,
             ErrorCode::RateLimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::InsufficientCredits => StatusCode::PAYMENT_REQUIRED,
-            ErrorCode::IdempotencyConflict | ErrorCode::LeaseLost | ErrorCode::Conflict => {
-                StatusCode::CONFLICT
-            }
-            ErrorCode::ValidationError | ErrorCode::BatchTooLarge => {
+            ErrorCode::IdempotencyConflict
+            | ErrorCode::LeaseLost
+            | ErrorCode::Conflict
+            | ErrorCode::BatchNotFinished => StatusCode::CONFLICT,
+            ErrorCode::ValidationError | ErrorCode::BatchTooLarge | ErrorCode::NothingToRetry => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -1,5 +1,6 @@
 //! Typed values that can only be built valid ("parse, don't validate").
 pub mod error_code;
+pub mod failure;
 pub mod ids;
 pub mod money;
 pub mod policy;
@@ -76,6 +77,8 @@ pub struct NewItem {
     pub prompt: String,
     /// Params as compact JSON, if given.
     pub params: Option<String>,
+    /// Its index in the batch it retries (a retry of failed items only).
+    pub source_idx: Option<i32>,
 }
 
 /// A validated batch request.

@@ -14,10 +14,12 @@ use crate::domain::ids::{BatchId, KeyId};
 use crate::error::ApiError;
 use crate::schemas::batches::{
     Batch, BatchCreated, BatchList, BatchStatusFilter, CreateBatchRequest, ItemPage, ItemStatus,
+    RetryFailedRequest,
 };
 use crate::schemas::credits::{Credits, Usage};
-use crate::service::batches::{self, AuditInfo, CreateOutcome};
+use crate::service::batches::{self, AuditInfo, CreateOutcome, Export};
 use crate::service::credits;
+use crate::service::retry;
 use crate::state::AppState;
 
 /// Groups of the customer API.
@@ -52,9 +54,34 @@ pub enum CreateBatchResponse {
 #[derive(ApiResponse)]
 pub enum Results {
     /// One JSON object per line and item, in request order: `item_id`, `index`, `status`,
-    /// `attempts`, `result_url`, `result`, `error`.
+    /// `attempts`, `error_code`, `message`, `result_url`, `result`, `error`.
     #[oai(status = 200, content_type = "application/x-ndjson")]
     Ok(Binary<Body>),
+}
+
+/// Answer of the error export.
+#[derive(ApiResponse)]
+pub enum Errors {
+    /// One JSON object per line and failed or expired item, in request order: `item_id`,
+    /// `index`, `status`, `attempts`, `error_code`, `message`, `prompt`, `params`.
+    #[oai(status = 200, content_type = "application/x-ndjson")]
+    Ok(Binary<Body>),
+}
+
+/// What a call that creates a batch writes into its audit row, from the template the audit
+/// layer left on the request.
+fn audit_info(state: &AppState, req: &Request) -> AuditInfo {
+    let mut template = req
+        .extensions()
+        .get::<AuditTemplate>()
+        .cloned()
+        .unwrap_or_else(|| AuditTemplate(Default::default(), std::time::Instant::now()));
+    template.0.key_version = crate::context::current().and_then(|c| c.snapshot().key_version);
+    AuditInfo {
+        row: template.0,
+        started: template.1,
+        now: state.clock.now(),
+    }
 }
 
 /// Answer of the read endpoints.
@@ -126,12 +153,6 @@ impl CustomerApi {
     ) -> Result<CreateBatchResponse, ApiError> {
         let caller = auth.0;
         crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
-        let mut template = req
-            .extensions()
-            .get::<AuditTemplate>()
-            .cloned()
-            .unwrap_or_else(|| AuditTemplate(Default::default(), std::time::Instant::now()));
-        template.0.key_version = crate::context::current().and_then(|c| c.snapshot().key_version);
         let out = batches::create(
             &state.db,
             &state.writes,
@@ -139,11 +160,7 @@ impl CustomerApi {
             &caller.key,
             &body.0,
             idempotency_key.0.as_deref(),
-            AuditInfo {
-                row: template.0,
-                started: template.1,
-                now: state.clock.now(),
-            },
+            audit_info(&state, req),
         )
         .await?;
         Ok(match out {
@@ -235,8 +252,86 @@ impl CustomerApi {
     ) -> Result<Results, ApiError> {
         crate::context::update(|s| s.batch_id = Some(batch_id.0));
         batches::check_owner(&state.db, KeyId(auth.0.key.id), BatchId(batch_id.0)).await?;
-        let stream = batches::results_stream(state.db.clone(), batch_id.0);
+        let stream = batches::export_stream(state.db.clone(), batch_id.0, Export::Results);
         Ok(Results::Ok(Binary(Body::from_bytes_stream(stream))))
+    }
+
+    /// Export a batch's failures
+    ///
+    /// The failed and expired items as JSON Lines (`application/x-ndjson`), streamed in request
+    /// order: `item_id`, `index`, `status`, `attempts`, `error_code`, `message`, `prompt` and
+    /// `params` (and `original_index` in a retry), enough to act on each failure or resubmit
+    /// it. Empty while nothing failed. Another key's batch is 404.
+    #[oai(
+        path = "/video-batch/:batch_id/errors",
+        method = "get",
+        operation_id = "get_batch_errors",
+        tag = "CustomerTags::Batches"
+    )]
+    async fn get_batch_errors(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: CustomerKey,
+        batch_id: Path<Uuid>,
+    ) -> Result<Errors, ApiError> {
+        crate::context::update(|s| s.batch_id = Some(batch_id.0));
+        batches::check_owner(&state.db, KeyId(auth.0.key.id), BatchId(batch_id.0)).await?;
+        let stream = batches::export_stream(state.db.clone(), batch_id.0, Export::Errors);
+        Ok(Errors::Ok(Binary(Body::from_bytes_stream(stream))))
+    }
+
+    /// Retry a batch's failed items
+    ///
+    /// Creates a new batch of exactly the failed items (and the expired ones with
+    /// `include_expired`) of a finished batch, with their prompts and params; each new item
+    /// carries its `original_index`, the new batch `retry_of`, and the original `retried_by`.
+    /// It passes every check of a create: the create quota, the batch cap and a credit hold
+    /// (402 when the wallet cannot hold it). Idempotent like a create; without a
+    /// `request_id` a repeat answers the first retry (200). 409 `BATCH_NOT_FINISHED` while the
+    /// batch has queued or running items, 422 `NOTHING_TO_RETRY` when none failed.
+    #[oai(
+        path = "/video-batch/:batch_id/retry-failed",
+        method = "post",
+        operation_id = "retry_failed_items",
+        tag = "CustomerTags::Batches"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    async fn retry_failed_items(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: CustomerKey,
+        batch_id: Path<Uuid>,
+        /// Idempotency key; must equal `request_id` when both are sent.
+        #[oai(
+            name = "Idempotency-Key",
+            validator(min_length = 1, max_length = 255, pattern = r"^[A-Za-z0-9._:\-]+$")
+        )]
+        idempotency_key: Header<Option<String>>,
+        body: Json<Option<RetryFailedRequest>>,
+        req: &Request,
+    ) -> Result<CreateBatchResponse, ApiError> {
+        crate::context::update(|s| s.batch_id = Some(batch_id.0));
+        let caller = auth.0;
+        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
+        let body = body.0.unwrap_or_default();
+        let out = retry::retry_failed(
+            &state.db,
+            &state.writes,
+            &caller.runtime,
+            &caller.key,
+            batch_id.0,
+            retry::RetryRequest {
+                request_id: body.request_id.map(|r| r.into_string()),
+                include_expired: body.include_expired.unwrap_or(false),
+            },
+            idempotency_key.0.as_deref(),
+            audit_info(&state, req),
+        )
+        .await?;
+        Ok(match out {
+            CreateOutcome::Created(b) => CreateBatchResponse::Created(Json(b)),
+            CreateOutcome::Replayed(b) => CreateBatchResponse::Replayed(Json(b), "true".into()),
+        })
     }
 
     /// List batches

@@ -127,8 +127,9 @@ impl WorkerApi {
 
     /// Report failure
     ///
-    /// Requeues while attempts remain and `retryable` is true; otherwise fails the item and
-    /// releases its hold.
+    /// Requeues while attempts remain and the failure is retryable (`retryable`, or by default
+    /// its `error_code`); otherwise fails the item and releases its hold. The item keeps the
+    /// code and message, and the customer sees them.
     #[oai(
         path = "/items/:item_id/fail",
         method = "post",
@@ -142,16 +143,9 @@ impl WorkerApi {
         item_id: Path<Uuid>,
         body: Json<FailRequest>,
     ) -> Result<Json<ItemState>, ApiError> {
-        let state_now = leases::fail(
-            &state.db,
-            &state.writes,
-            auth.0,
-            ItemId(item_id.0),
-            LeaseToken(body.0.lease_token),
-            body.0.error.into_string(),
-            body.0.retryable,
-        )
-        .await?;
+        let report = leases::Reported::from_request(body.0)?;
+        let state_now =
+            leases::fail(&state.db, &state.writes, auth.0, ItemId(item_id.0), report).await?;
         state.webhook_wakeup.notify_one();
         Ok(Json(state_now))
     }

@@ -40,6 +40,19 @@ pub struct CreateBatchRequest {
     pub completion_window: Option<Text>,
 }
 
+/// A retry of a finished batch's failed items.
+#[derive(Object, Clone, Debug, Default)]
+#[oai(deny_unknown_fields)]
+pub struct RetryFailedRequest {
+    /// Idempotency key, as for a create (also accepted as the `Idempotency-Key` header).
+    /// Without one the retry's key is `retry-failed-{batch_id}`: repeating the call answers
+    /// the first retry again instead of making a second one.
+    #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[A-Za-z0-9._:\-]+$"))]
+    pub request_id: Option<Text>,
+    /// Retry the items that expired (their completion window ended) too (default false).
+    pub include_expired: Option<bool>,
+}
+
 /// Lifecycle of a batch.
 #[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
 #[oai(rename_all = "snake_case")]
@@ -82,6 +95,11 @@ impl BatchStatus {
         ]
         .into_iter()
         .find(|v| v.as_str() == s)
+    }
+
+    /// Completed, cancelled or expired: its status changes no more.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Cancelled | Self::Expired)
     }
 
     /// The stored name.
@@ -228,9 +246,18 @@ pub struct BatchItemView {
     pub result_url: Option<String>,
     /// Extra result data reported by the worker.
     pub result: Option<Value>,
-    /// Last error, once failed (or of the last failed attempt).
+    /// Why the item failed or expired (of the last failed attempt while it is retried).
+    #[oai(nullable)]
+    pub error_code: Option<crate::domain::failure::ItemErrorCode>,
+    /// What the worker said went wrong, with `error_code`.
+    #[oai(nullable)]
+    pub message: Option<String>,
+    /// The same as `message` (its older name).
     #[oai(nullable)]
     pub error: Option<String>,
+    /// In a batch made by `retry-failed`: the item's `index` in the batch it retries.
+    #[oai(skip_serializing_if_is_none)]
+    pub original_index: Option<i32>,
 }
 
 /// A batch with counts (and items, when read one at a time).
@@ -266,6 +293,14 @@ pub struct Batch {
     /// When the completion window ends (null: no window).
     #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// Failed and expired items per `error_code` (empty while none).
+    pub error_counts: BTreeMap<String, i64>,
+    /// The batch whose failed items this batch retries (`retry-failed`).
+    #[oai(nullable)]
+    pub retry_of: Option<Uuid>,
+    /// The batch that retries this batch's failed items, once one was made.
+    #[oai(nullable)]
+    pub retried_by: Option<Uuid>,
     /// The first items in request order (only when reading one batch; at most 100).
     #[oai(skip_serializing_if_is_none)]
     pub items: Option<Vec<BatchItemView>>,

@@ -74,17 +74,24 @@ pub struct CompleteRequest {
     pub result: Option<BTreeMap<String, Value>>,
 }
 
-/// Report failure.
+/// Report failure: what kind (`error_code`) and what happened (`message`).
 #[derive(Object, Clone, Debug)]
 #[oai(deny_unknown_fields)]
 pub struct FailRequest {
     /// The claim's token.
     pub lease_token: Uuid,
-    /// What went wrong.
+    /// The kind of failure; it decides `retryable` when that is not sent (`render_timeout`,
+    /// `worker_lost` and `internal` are retried). Without it the failure is `internal`.
+    pub error_code: Option<crate::domain::failure::FailureCode>,
+    /// What went wrong, shown to the customer with the code (1–4096 characters).
     #[oai(validator(min_length = 1, max_length = 4096))]
-    pub error: Text,
-    /// Try again while attempts remain.
-    pub retryable: bool,
+    pub message: Option<Text>,
+    /// What went wrong: the older name of `message` (send one of the two, or neither with an
+    /// `error_code`).
+    #[oai(validator(min_length = 1, max_length = 4096))]
+    pub error: Option<Text>,
+    /// Try again while attempts remain (default: decided by `error_code`).
+    pub retryable: Option<bool>,
 }
 
 /// The item after a report.

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use std::sync::Arc;
 
+use crate::domain::failure::ItemErrorCode;
 use crate::domain::ids::{BatchId, KeyId};
 use crate::domain::{NewBatch, RequestId};
 use crate::error::{ApiError, ErrorCode};
@@ -56,6 +57,43 @@ pub async fn create(
     header_request_id: Option<&str>,
     audit: AuditInfo,
 ) -> Result<CreateOutcome, ApiError> {
+    create_batch(
+        db,
+        writes,
+        runtime,
+        key,
+        req,
+        header_request_id,
+        audit,
+        None,
+    )
+    .await
+}
+
+/// What makes a create a retry of another batch's failed items.
+#[derive(Clone, Debug)]
+pub struct RetryOf {
+    /// The batch retried.
+    pub batch_id: Uuid,
+    /// The fingerprint of the retry request (it stands for the request's items).
+    pub fingerprint: String,
+    /// Each item's index in the batch retried, in the order of the request's items.
+    pub source_idx: Vec<i32>,
+}
+
+/// [`create`], or a retry of failed items when `retry` is given: the same checks, hold and
+/// writes, with the new batch linked to the one it retries in the same transaction.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn create_batch(
+    db: &DatabaseConnection,
+    writes: &Writes,
+    runtime: &Arc<Runtime>,
+    key: &KeyEntry,
+    req: &CreateBatchRequest,
+    header_request_id: Option<&str>,
+    audit: AuditInfo,
+    retry: Option<RetryOf>,
+) -> Result<CreateOutcome, ApiError> {
     let (rid, chosen_by_client) = match (&req.request_id, header_request_id) {
         (Some(body), Some(header)) if **body != *header => {
             return Err(ApiError::validation(
@@ -68,7 +106,10 @@ pub async fn create(
         (None, None) => (RequestId::generate(), false),
     };
     crate::context::update(|s| s.call_request_id = Some(rid.as_str().to_string()));
-    let fingerprint = crate::service::validate::fingerprint(req);
+    let fingerprint = match &retry {
+        Some(r) => r.fingerprint.clone(),
+        None => crate::service::validate::fingerprint(req),
+    };
 
     // A repeat of a committed request is answered before anything else. An id the server just
     // made up cannot have been used; a repeat still in flight is caught by the batch insert.
@@ -79,11 +120,16 @@ pub async fn create(
     }
 
     let limits = &key.policy.limits;
-    let batch = crate::service::validate::new_batch(
+    let mut batch = crate::service::validate::new_batch(
         req,
         limits,
         runtime.settings.webhooks.allow_private_targets,
     )?;
+    if let Some(r) = &retry {
+        for (item, idx) in batch.items.iter_mut().zip(&r.source_idx) {
+            item.source_idx = Some(*idx);
+        }
+    }
     if batch.webhook_url.is_some() && key.policy.webhook_secret.is_none() {
         return Err(ApiError::validation(
             "webhook_url",
@@ -119,6 +165,7 @@ pub async fn create(
         now,
         expires_at,
         audit,
+        retry_of: retry.map(|r| r.batch_id),
     });
     let watch = Arc::clone(runtime);
     let work = commit::work(move |txn| {
@@ -187,6 +234,8 @@ pub struct NewBatchUnit {
     /// The end of the batch's completion window, if it has one.
     pub expires_at: Option<DateTime<Utc>>,
     pub audit: AuditInfo,
+    /// The batch whose failed items this one retries.
+    pub retry_of: Option<Uuid>,
 }
 
 /// The create's writes, a unit of a group: the conditional wallet hold (a create refused for
@@ -212,6 +261,7 @@ pub async fn write_new_batch(
         now,
         expires_at,
         ref audit,
+        retry_of,
     } = *u;
     // Stored for replays, which report the credits available at replay time instead.
     let mut response = BatchCreated {
@@ -281,6 +331,9 @@ pub async fn write_new_batch(
             .batch(batch_id)
             .row(now),
     );
+    if let Some(original) = retry_of {
+        jobs::link_retry(txn, original, batch_id).await?;
+    }
 
     let mut row = audit.row.clone();
     row.status = 201;
@@ -350,6 +403,15 @@ pub fn view(job: &jobs::Visible, open: (i64, i64), items: Option<Vec<BatchItemVi
         cancel_requested_at: job.cancel_requested_at,
         completed_at: job.completed_at,
         expires_at: job.expires_at,
+        error_counts: {
+            let mut counts = jobs::error_counts(job.error_counts.as_deref());
+            if job.expired_count > 0 {
+                counts.insert("expired".into(), job.expired_count.into());
+            }
+            counts
+        },
+        retry_of: job.retry_of,
+        retried_by: job.retried_by,
         items,
         items_next_cursor: None,
     }
@@ -366,7 +428,10 @@ pub fn item_view(m: &items::Visible) -> BatchItemView {
         attempts: m.attempts,
         result_url: m.result_url.clone(),
         result: parse_json(m.result.as_deref()),
+        error_code: ItemErrorCode::of_item(m.status, m.error_code.as_deref()),
+        message: m.error.clone(),
         error: m.error.clone(),
+        original_index: m.source_idx,
     }
 }
 
@@ -447,42 +512,74 @@ pub async fn items_page<C: ConnectionTrait>(
     items_after(db, batch_id, status, after, limit).await
 }
 
-/// Items read per query while streaming results.
-const RESULTS_CHUNK: u64 = 1000;
+/// Items read per query while streaming an export.
+const EXPORT_CHUNK: u64 = 1000;
 
-/// Every item's outcome as JSON Lines, read 1,000 at a time through the index: memory stays
-/// flat however large the batch. Check ownership first with [`check_owner`].
-pub fn results_stream(
+/// Which items an export streams, and what it says of each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Export {
+    /// Every item's outcome (`/results`).
+    Results,
+    /// The failed and expired items, with their prompts and params (`/errors`).
+    Errors,
+}
+
+/// The items of an export as JSON Lines, in request order, read 1,000 at a time through the
+/// (batch_id, idx) index: memory stays flat however large the batch. Check ownership first
+/// with [`check_owner`].
+pub fn export_stream(
     db: DatabaseConnection,
     batch_id: Uuid,
+    export: Export,
 ) -> impl futures::Stream<Item = Result<hyper::body::Bytes, std::io::Error>> + Send + 'static {
     futures::stream::unfold(Some(-1i32), move |after| {
         let db = db.clone();
         async move {
             let after = after?;
-            let rows = match items::page(&db, batch_id, None, Some(after), RESULTS_CHUNK).await {
+            let read = match export {
+                Export::Results => {
+                    items::page(&db, batch_id, None, Some(after), EXPORT_CHUNK).await
+                }
+                Export::Errors => items::failures_after(&db, batch_id, after, EXPORT_CHUNK).await,
+            };
+            let rows = match read {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(error = %e, %batch_id, "streaming results failed");
-                    return Some((Err(std::io::Error::other("reading results failed")), None));
+                    tracing::error!(error = %e, %batch_id, "streaming an export failed");
+                    return Some((Err(std::io::Error::other("reading the items failed")), None));
                 }
             };
             let last = rows.last().map(|r| r.idx)?;
             let mut out = Vec::with_capacity(rows.len() * 160);
             for r in &rows {
-                let line = json!({
+                let code = ItemErrorCode::of_item(r.status, r.error_code.as_deref())
+                    .map(ItemErrorCode::as_str);
+                let mut line = json!({
                     "item_id": r.id,
                     "index": r.idx,
                     "status": ItemStatus::from(r.status).as_str(),
                     "attempts": r.attempts,
-                    "result_url": r.result_url,
-                    "result": parse_json(r.result.as_deref()),
-                    "error": r.error,
+                    "error_code": code,
+                    "message": r.error,
                 });
+                match export {
+                    Export::Results => {
+                        line["result_url"] = json!(r.result_url);
+                        line["result"] = json!(parse_json(r.result.as_deref()));
+                        line["error"] = json!(r.error);
+                    }
+                    Export::Errors => {
+                        line["prompt"] = json!(r.prompt);
+                        line["params"] = json!(parse_json(r.params.as_deref()));
+                    }
+                }
+                if let Some(i) = r.source_idx {
+                    line["original_index"] = json!(i);
+                }
                 out.extend_from_slice(line.to_string().as_bytes());
                 out.push(b'\n');
             }
-            let next = (rows.len() as u64 == RESULTS_CHUNK).then_some(last);
+            let next = (rows.len() as u64 == EXPORT_CHUNK).then_some(last);
             Some((Ok(hyper::body::Bytes::from(out)), next))
         }
     })
@@ -723,6 +820,7 @@ mod tests {
                     NewItem {
                         prompt: "a".into(),
                         params: None,
+                        source_idx: None,
                     };
                     2
                 ],
@@ -741,6 +839,7 @@ mod tests {
                 started: std::time::Instant::now(),
                 now,
             },
+            retry_of: None,
         }
     }
 
@@ -881,6 +980,7 @@ mod tests {
             NewItem {
                 prompt: "p".into(),
                 params: None,
+                source_idx: None,
             };
             1200
         ];

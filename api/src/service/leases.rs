@@ -7,10 +7,11 @@ use chrono::{DateTime, Duration, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use uuid::Uuid;
 
+use crate::domain::failure::FailureCode;
 use crate::domain::ids::{ItemId, LeaseToken};
 use crate::error::ApiError;
 use crate::schemas::batches::{BatchStatus, ItemStatus};
-use crate::schemas::worker::{ClaimedItem, ItemState};
+use crate::schemas::worker::{ClaimedItem, FailRequest, ItemState};
 use crate::service::batches::finalize_if_done;
 use crate::service::credits::{self, LedgerKind, NewEntry};
 use crate::state::Runtime;
@@ -163,16 +164,13 @@ pub async fn reap_expired(
                 move |txn| {
                     let runtime = Arc::clone(&runtime);
                     Box::pin(async move {
-                        fail_in(
-                            txn,
-                            &runtime,
-                            ItemId(id),
-                            LeaseToken(token),
-                            "lease expired",
-                            true,
-                            at,
-                        )
-                        .await
+                        let report = Reported {
+                            token: LeaseToken(token),
+                            code: FailureCode::WorkerLost,
+                            message: items::LEASE_EXPIRED.to_string(),
+                            retryable: true,
+                        };
+                        fail_in(txn, &runtime, ItemId(id), &report, at).await
                     })
                 }
             })
@@ -372,6 +370,49 @@ pub async fn complete_in(
     })
 }
 
+/// A failure as a worker reported it, with the defaults applied.
+#[derive(Clone, Debug)]
+pub struct Reported {
+    pub token: LeaseToken,
+    pub code: FailureCode,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl Reported {
+    /// The report of a `fail` call: `message` (or its older name `error`; not both), the code
+    /// (`internal` when not sent), and `retryable` (by default the code's). A report without a
+    /// code and without a message says nothing and is refused.
+    pub fn from_request(req: FailRequest) -> Result<Self, ApiError> {
+        let message = match (req.message, req.error) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::validation(
+                    "error",
+                    "send the message once, as `message` (`error` is its older name)",
+                ));
+            }
+            (Some(m), None) | (None, Some(m)) => Some(m.into_string()),
+            (None, None) => None,
+        };
+        let (code, message) = match (req.error_code, message) {
+            (Some(code), message) => (code, message.unwrap_or_else(|| code.as_str().to_string())),
+            (None, Some(message)) => (FailureCode::Internal, message),
+            (None, None) => {
+                return Err(ApiError::validation(
+                    "error_code",
+                    "say what failed: send `error_code` and, ideally, a `message`",
+                ));
+            }
+        };
+        Ok(Self {
+            token: LeaseToken(req.lease_token),
+            retryable: req.retryable.unwrap_or(code.retryable_by_default()),
+            code,
+            message,
+        })
+    }
+}
+
 /// Reports failure: requeued while attempts remain and the error is retryable (and the batch
 /// is not being cancelled); otherwise final, with the item's hold released.
 pub async fn fail(
@@ -379,17 +420,13 @@ pub async fn fail(
     writes: &Writes,
     runtime: Arc<Runtime>,
     item: ItemId,
-    token: LeaseToken,
-    error: String,
-    retryable: bool,
+    report: Reported,
 ) -> Result<ItemState, ApiError> {
     let key = lane_of(db, writes, item.0).await?;
     writes
         .run(key, move |txn| {
-            let (runtime, error) = (Arc::clone(&runtime), error.clone());
-            Box::pin(async move {
-                fail_in(txn, &runtime, item, token, &error, retryable, Utc::now()).await
-            })
+            let (runtime, report) = (Arc::clone(&runtime), report.clone());
+            Box::pin(async move { fail_in(txn, &runtime, item, &report, Utc::now()).await })
         })
         .await
 }
@@ -400,9 +437,7 @@ async fn fail_in(
     txn: &Txn<'_>,
     runtime: &Runtime,
     item: ItemId,
-    token: LeaseToken,
-    error: &str,
-    retryable: bool,
+    report: &Reported,
     live_at: DateTime<Utc>,
 ) -> Result<ItemState, ApiError> {
     let item_id = item.0;
@@ -411,9 +446,10 @@ async fn fail_in(
     // One conditional update on item and token decides the outcome; a stale token matches no
     // row and changes nothing.
     let failure = items::Failure {
-        token,
-        error,
-        retryable,
+        token: report.token,
+        code: report.code.as_str(),
+        error: &report.message,
+        retryable: report.retryable,
         max_attempts: runtime.settings.worker.max_attempts as i32,
         cancel_requested: batch.cancel_requested,
         live_at,
@@ -435,6 +471,9 @@ async fn fail_in(
     };
     let batch_status = if let Some(outcome) = outcome {
         jobs::count_outcome(txn, batch.id, outcome).await?;
+        if outcome == jobs::Outcome::Failed {
+            jobs::count_failure_code(txn, batch.id, report.code.as_str()).await?;
+        }
         let release =
             NewEntry::new(batch.key_id, LedgerKind::Release, batch.cost).item(batch.id, item_id);
         if !credits::apply_in(txn, release).await? {

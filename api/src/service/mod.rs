@@ -6,6 +6,7 @@ pub mod keys;
 pub mod leases;
 pub mod rate_limit;
 pub mod retention;
+pub mod retry;
 pub mod usage;
 pub mod validate;
 pub mod webhooks;

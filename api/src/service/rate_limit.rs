@@ -13,10 +13,16 @@ use crate::store::unit::Txn;
 
 pub use crate::domain::quota::{SCOPE_BATCH, SCOPE_READ, SCOPE_REFUSED, SCOPE_UNAUTHENTICATED};
 
-/// The quota scope a customer call counts against: creating a batch is `batch`, every other
+/// The quota scope a customer call counts against: creating a batch (a create, or a retry of
+/// failed items) is `batch`, every other
 /// customer call `read`. The one place that decides it.
 pub fn scope_of(method: &poem::http::Method, path: &str) -> &'static str {
-    if method == poem::http::Method::POST && path.trim_end_matches('/').ends_with("/video-batch") {
+    let path = path.trim_end_matches('/');
+    // A retry of failed items creates a batch: the same quota as a create.
+    if method == poem::http::Method::POST
+        && (path.ends_with("/video-batch")
+            || (path.contains("/video-batch/") && path.ends_with("/retry-failed")))
+    {
         SCOPE_BATCH
     } else {
         SCOPE_READ

@@ -62,6 +62,7 @@ pub fn new_batch(
         items.push(NewItem {
             prompt: item.prompt.to_string(),
             params,
+            source_idx: None,
         });
     }
     let webhook_url = match &req.webhook_url {

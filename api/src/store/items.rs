@@ -26,10 +26,12 @@ pub struct Visible {
     pub result_url: Option<String>,
     pub result: Option<String>,
     pub error: Option<String>,
+    pub error_code: Option<String>,
+    pub source_idx: Option<i32>,
 }
 
 /// The columns of [`Visible`], in its order.
-pub(super) const VISIBLE: [&str; 9] = [
+pub(super) const VISIBLE: [&str; 11] = [
     "id",
     "idx",
     "prompt",
@@ -39,6 +41,8 @@ pub(super) const VISIBLE: [&str; 9] = [
     "result_url",
     "result",
     "error",
+    "error_code",
+    "source_idx",
 ];
 
 impl From<&Model> for Visible {
@@ -53,6 +57,8 @@ impl From<&Model> for Visible {
             result_url: m.result_url.clone(),
             result: m.result.clone(),
             error: m.error.clone(),
+            error_code: m.error_code.clone(),
+            source_idx: m.source_idx,
         }
     }
 }
@@ -109,6 +115,8 @@ pub async fn insert_queued<C: ConnectionTrait>(
             result_url: Set(None),
             result: Set(None),
             error: Set(None),
+            error_code: Set(None),
+            source_idx: Set(item.source_idx),
             created_at: Set(now),
             updated_at: Set(now),
         })
@@ -341,7 +349,8 @@ pub async fn requeue_expired<C: ConnectionTrait>(
 fn requeue_sql(backend: sea_orm::DbBackend) -> String {
     format!(
         "UPDATE batch_item SET status = 'queued', lease_token = NULL, worker_id = NULL, \
-         lease_expires_at = NULL, error = 'lease expired', updated_at = $1 \
+         lease_expires_at = NULL, error = 'lease expired', error_code = 'worker_lost', \
+         updated_at = $1 \
          WHERE id IN (SELECT id FROM batch_item WHERE status = 'running' AND lease_expires_at < $1 \
          AND attempts < $2 \
          AND batch_id NOT IN (SELECT id FROM batch_job WHERE cancel_requested_at IS NOT NULL){}) \
@@ -428,10 +437,16 @@ pub async fn extend_lease<C: ConnectionTrait>(
     }
 }
 
+/// The message a lease that ran out leaves on its item (with the code `worker_lost`).
+pub const LEASE_EXPIRED: &str = "lease expired";
+
 /// A failure report, decided in one statement.
 #[derive(Clone, Copy, Debug)]
 pub struct Failure<'a> {
     pub token: LeaseToken,
+    /// The failure's code (`worker_lost`, ...).
+    pub code: &'a str,
+    /// Its message.
     pub error: &'a str,
     /// The worker says another attempt may succeed.
     pub retryable: bool,
@@ -459,7 +474,8 @@ pub async fn settle_failure<C: ConnectionTrait>(
             "UPDATE batch_item SET status = CASE \
                WHEN $5 AND attempts < $6 AND NOT $7 THEN 'queued' \
                WHEN $5 AND $7 THEN 'cancelled' ELSE 'failed' END, \
-             error = $3, lease_token = NULL, worker_id = NULL, lease_expires_at = NULL, updated_at = $4 \
+             error = $3, error_code = $9, lease_token = NULL, worker_id = NULL, \
+             lease_expires_at = NULL, updated_at = $4 \
              WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $8 \
              RETURNING status, attempts, batch_id",
             [
@@ -471,6 +487,7 @@ pub async fn settle_failure<C: ConnectionTrait>(
                 f.max_attempts.into(),
                 f.cancel_requested.into(),
                 f.live_at.into(),
+                f.code.into(),
             ],
         ))
         .await?
@@ -546,6 +563,29 @@ pub async fn page<C: ConnectionTrait>(
     sql.push_str(&format!(" ORDER BY idx {}", limit(max)));
     Entity::find()
         .from_raw_sql(stmt(db.get_database_backend(), &sql, values))
+        .all(db)
+        .await
+}
+
+/// Up to `max` failed or expired items of a batch after index `after`, in request order
+/// (through the (batch_id, idx) index).
+pub async fn failures_after<C: ConnectionTrait>(
+    db: &C,
+    batch_id: Uuid,
+    after: i32,
+    max: u64,
+) -> Result<Vec<Model>, DbErr> {
+    let sql = format!(
+        "SELECT * FROM batch_item WHERE batch_id = $1 AND idx > $2 \
+         AND status IN ('failed', 'expired') ORDER BY idx {}",
+        limit(max)
+    );
+    Entity::find()
+        .from_raw_sql(stmt(
+            db.get_database_backend(),
+            &sql,
+            [batch_id.into(), after.into()],
+        ))
         .all(db)
         .await
 }

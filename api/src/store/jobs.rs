@@ -66,7 +66,7 @@ impl NewJob<'_> {
         let backend = txn.get_database_backend();
         // $1 key, $2 credits, $3 now, $4 batch id, $5 request id, $6 fingerprint, $7 items,
         // $8 cost per video, $9 webhook url, $10 metadata, $11 response, $12 window end, then
-        // five values per item: id, index, prompt, params, fair position.
+        // six values per item: id, index, prompt, params, fair position, index retried.
         let mut values: Vec<sea_orm::Value> = vec![
             self.key_id.into(),
             self.required_credits.into(),
@@ -85,11 +85,12 @@ impl NewJob<'_> {
         for (i, item) in items.iter().enumerate() {
             let first = values.len() + 1;
             rows.push(format!(
-                "(${first}, ${}, ${}, ${}, ${})",
+                "(${first}, ${}, ${}, ${}, ${}, ${})",
                 first + 1,
                 first + 2,
                 first + 3,
-                first + 4
+                first + 4,
+                first + 5
             ));
             values.extend([
                 Uuid::now_v7().into(),
@@ -97,6 +98,7 @@ impl NewJob<'_> {
                 item.prompt.clone().into(),
                 item.params.clone().into(),
                 (start_pos + i as i64).into(),
+                item.source_idx.into(),
             ]);
         }
         let rows = rows.join(", ");
@@ -109,7 +111,7 @@ impl NewJob<'_> {
         const BATCH_VALUES: &str =
             "$4, $1, $5, $6, 'queued', $7, 0, 0, 0, 0, $7, 0, $8, $2, $9, $10, $11, $3, $3, $12";
         const ITEM_COLUMNS: &str = "id, batch_id, api_key_id, idx, prompt, params, status, \
-             attempts, fair_pos, created_at, updated_at";
+             attempts, fair_pos, created_at, updated_at, source_idx";
         let found = if backend == sea_orm::DbBackend::Postgres {
             // No row comes back when the hold was refused, and then nothing changed.
             let sql = format!(
@@ -117,8 +119,8 @@ impl NewJob<'_> {
                  b AS (INSERT INTO batch_job ({BATCH_COLUMNS}) SELECT {BATCH_VALUES} FROM w \
                  ON CONFLICT (api_key_id, request_id) DO NOTHING RETURNING id), \
                  i AS (INSERT INTO batch_item ({ITEM_COLUMNS}) \
-                 SELECT v.id, b.id, $1, v.idx, v.prompt, v.params, 'queued', 0, v.pos, $3, $3 \
-                 FROM b CROSS JOIN (VALUES {rows}) AS v (id, idx, prompt, params, pos) RETURNING 1) \
+                 SELECT v.id, b.id, $1, v.idx, v.prompt, v.params, 'queued', 0, v.pos, $3, $3, v.src \
+                 FROM b CROSS JOIN (VALUES {rows}) AS v (id, idx, prompt, params, pos, src) RETURNING 1) \
                  SELECT 'wallet' AS part, balance, held FROM w \
                  UNION ALL SELECT 'batch', NULL, NULL FROM b"
             );
@@ -133,7 +135,7 @@ impl NewJob<'_> {
             let items = format!(
                 "INSERT INTO batch_item ({ITEM_COLUMNS}) \
                  SELECT v.column1, $4, $1, v.column2, v.column3, v.column4, 'queued', 0, \
-                 v.column5, $3, $3 FROM (VALUES {rows}) AS v WHERE changes() > 0 \
+                 v.column5, $3, $3, v.column6 FROM (VALUES {rows}) AS v WHERE changes() > 0 \
                  RETURNING 'item' AS part"
             );
             run_together(txn, &[&hold, &batch, &items], values).await?
@@ -206,6 +208,9 @@ impl NewJob<'_> {
             expired_count: Set(0),
             queued_count: Set(self.total),
             running_count: Set(0),
+            error_counts: Set(None),
+            retry_of: Set(None),
+            retried_by: Set(None),
         })
         .on_conflict_do_nothing_on([Column::ApiKeyId, Column::RequestId])
         .exec(txn)
@@ -283,10 +288,13 @@ pub struct Visible {
     pub cancel_requested_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
+    pub error_counts: Option<String>,
+    pub retry_of: Option<Uuid>,
+    pub retried_by: Option<Uuid>,
 }
 
 /// The columns of [`Visible`], in its order.
-const VISIBLE: [&str; 19] = [
+const VISIBLE: [&str; 22] = [
     "id",
     "request_id",
     "status",
@@ -306,6 +314,9 @@ const VISIBLE: [&str; 19] = [
     "cancel_requested_at",
     "completed_at",
     "expires_at",
+    "error_counts",
+    "retry_of",
+    "retried_by",
 ];
 
 impl From<&Model> for Visible {
@@ -330,6 +341,9 @@ impl From<&Model> for Visible {
             cancel_requested_at: m.cancel_requested_at,
             completed_at: m.completed_at,
             expires_at: m.expires_at,
+            error_counts: m.error_counts.clone(),
+            retry_of: m.retry_of,
+            retried_by: m.retried_by,
         }
     }
 }
@@ -658,7 +672,7 @@ pub async fn record_success<C: ConnectionTrait>(
          RETURNING 'batch' AS part, id, api_key_id, cost_per_video, cancel_requested_at, status, \
          total_count - succeeded_count - failed_count - cancelled_count - expired_count AS open";
     const SUCCEED: &str = "UPDATE batch_item SET status = 'succeeded', result_url = $4, \
-         result = $5, error = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $3 \
+         result = $5, error = NULL, error_code = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $3 \
          WHERE id = $1 AND lease_token = $2 AND status = 'running' AND lease_expires_at >= $3 \
          RETURNING 'item' AS part, attempts";
     let rows = run_together(
@@ -730,6 +744,66 @@ pub async fn count_outcome<C: ConnectionTrait>(
     txn.execute_raw(stmt(txn.get_database_backend(), sql, [id.into()]))
         .await?;
     Ok(())
+}
+
+/// Links a retry to the batch it retries: `retry_of` on the new batch, `retried_by` on the
+/// original (the latest retry, when there were several).
+pub async fn link_retry<C: ConnectionTrait>(
+    txn: &C,
+    original: Uuid,
+    retry: Uuid,
+) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    txn.execute_raw(stmt(
+        backend,
+        "UPDATE batch_job SET retry_of = $1 WHERE id = $2",
+        [original.into(), retry.into()],
+    ))
+    .await?;
+    txn.execute_raw(stmt(
+        backend,
+        "UPDATE batch_job SET retried_by = $1 WHERE id = $2",
+        [retry.into(), original.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Counts one final failure of code `code` in the batch's `error_counts` (call with the batch
+/// row locked, with [`count_outcome`]).
+pub async fn count_failure_code<C: ConnectionTrait>(
+    txn: &C,
+    id: Uuid,
+    code: &str,
+) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    let current = txn
+        .query_one_raw(stmt(
+            backend,
+            "SELECT error_counts FROM batch_job WHERE id = $1",
+            [id.into()],
+        ))
+        .await?
+        .map(|r| r.try_get::<Option<String>>("", "error_counts"))
+        .transpose()?
+        .flatten();
+    let mut counts = error_counts(current.as_deref());
+    *counts.entry(code.to_string()).or_insert(0) += 1;
+    let text = serde_json::to_string(&counts).map_err(|e| DbErr::Custom(e.to_string()))?;
+    txn.execute_raw(stmt(
+        backend,
+        "UPDATE batch_job SET error_counts = $1 WHERE id = $2",
+        [text.into(), id.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// The failed items per code of a batch's stored `error_counts` (empty when none).
+pub fn error_counts(stored: Option<&str>) -> std::collections::BTreeMap<String, i64> {
+    stored
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default()
 }
 
 /// Moves the open counts of batches by `(queued, running)` each: the companion of every item
