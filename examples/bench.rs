@@ -188,6 +188,9 @@ async fn webhooks_bench(opts: &Opts) -> Result<()> {
                         created_at: Set(now),
                         updated_at: Set(now),
                         delivered_at: Set(None),
+                        held_at: Set(None),
+                        resend_key: Set(None),
+                        recovered_at: Set(None),
                     }
                 })
                 .collect();

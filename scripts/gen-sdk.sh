@@ -17,8 +17,8 @@ OPENAPI_TYPESCRIPT="openapi-typescript@7.13.0"
 TYPESCRIPT="typescript@5.9.3"
 DOC="${SDK_DOC:-api/openapi.json}"
 OUT="$ROOT/sdk"
-# The operation ids the customer SDK must hold (the design's, plus paging, the exports and retry-failed).
-OPERATIONS="create_batch get_batch list_batch_items get_batch_results get_batch_errors retry_failed_items list_batches cancel_batch get_credits get_usage"
+# The operation ids the customer SDK must hold (the design's, plus paging, the exports, retry-failed and webhook operations).
+OPERATIONS="create_batch get_batch list_batch_items get_batch_results get_batch_errors retry_failed_items list_batches cancel_batch get_credits get_usage list_webhook_deliveries get_webhook_delivery resend_webhook_delivery recover_webhooks list_webhook_endpoints enable_webhook_endpoint"
 started=$(date +%s)
 status=0
 log="$(mktemp -d /tmp/gen-sdk.XXXXXX)"

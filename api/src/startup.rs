@@ -112,6 +112,7 @@ pub async fn prepare_with_db(
         revoked: ArcSwap::from_pointee(revoked),
         clock,
         webhook_wakeup: tokio::sync::Notify::new(),
+        webhook_back: Default::default(),
         strangers,
         refused_keys,
         readiness: crate::readiness::Readiness::default(),

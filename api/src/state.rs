@@ -110,6 +110,9 @@ pub struct AppState {
     pub writes: crate::store::commit::Writes,
     /// Woken when this node commits webhook events, so the dispatcher sends them at once.
     pub webhook_wakeup: tokio::sync::Notify,
+    /// Webhook URLs a customer said are back (a resend, a recover, an enable): this node's
+    /// dispatcher ends their backoff and sends to them at once.
+    pub webhook_back: std::sync::Mutex<Vec<String>>,
     /// "Now" for rate-limit windows, audit minutes and "today" (tests may freeze it).
     pub clock: crate::clock::Clock,
     /// This node's budget and aggregated audit of calls without a valid key.

@@ -70,6 +70,14 @@ pub fn describe() {
     );
     describe_gauge!("queue_items", "Items by status (queued, running)");
     describe_gauge!(
+        "webhook_endpoints_disabled",
+        "Webhook endpoints disabled after failing for webhooks.disable_after (their events are held)"
+    );
+    describe_counter!(
+        "webhook_endpoints_disabled_total",
+        "Webhook endpoints disabled after failing for webhooks.disable_after"
+    );
+    describe_gauge!(
         "webhook_deliveries_pending",
         "Webhook deliveries waiting to be sent"
     );
@@ -168,6 +176,8 @@ pub async fn sample_gauges(db: &sea_orm::DatabaseConnection) -> Result<(), sea_o
     metrics::gauge!("queue_items", "status" => "queued").set(queued as f64);
     metrics::gauge!("queue_items", "status" => "running").set(running as f64);
     metrics::gauge!("webhook_deliveries_pending").set(webhooks::pending_count(db).await? as f64);
+    metrics::gauge!("webhook_endpoints_disabled")
+        .set(webhooks::disabled_endpoints(db).await? as f64);
     // The head of the fair queue (through its partial index): how long work has been waiting.
     let age = items::queue_head_created_at(db).await?.map_or(0.0, |t| {
         (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0

@@ -13,6 +13,10 @@ pub struct Model {
     pub error: Option<String>,
     pub duration_ms: i64,
     pub created_at: DateTimeUtc,
+    /// What kind of failure: dns, connect, timeout, tls, refused_target, http, config.
+    pub error_kind: Option<String>,
+    /// The first 1 KB of the answer's body.
+    pub response_excerpt: Option<String>,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

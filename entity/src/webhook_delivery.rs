@@ -23,6 +23,12 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub delivered_at: Option<DateTimeUtc>,
+    /// Set while its endpoint is disabled: not sent until the endpoint is enabled again.
+    pub held_at: Option<DateTimeUtc>,
+    /// The `Idempotency-Key` of the customer's last resend.
+    pub resend_key: Option<String>,
+    /// When a customer's recover sent it again (once per delivery).
+    pub recovered_at: Option<DateTimeUtc>,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

@@ -11,6 +11,7 @@ mod m20261202_100001_batch_open_counts;
 mod m20261202_100002_usage_rollup;
 mod m20261202_100003_batch_status_index;
 mod m20261202_200001_failed_items;
+mod m20261202_300001_webhook_operations;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_100002_usage_rollup::Migration),
             Box::new(m20261202_100003_batch_status_index::Migration),
             Box::new(m20261202_200001_failed_items::Migration),
+            Box::new(m20261202_300001_webhook_operations::Migration),
         ]
     }
 }

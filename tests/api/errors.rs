@@ -224,13 +224,19 @@ fn customer_document_has_only_customer_operations_with_readable_ids() {
         [
             "cancel_batch",
             "create_batch",
+            "enable_webhook_endpoint",
             "get_batch",
             "get_batch_errors",
             "get_batch_results",
             "get_credits",
             "get_usage",
+            "get_webhook_delivery",
             "list_batch_items",
             "list_batches",
+            "list_webhook_deliveries",
+            "list_webhook_endpoints",
+            "recover_webhooks",
+            "resend_webhook_delivery",
             "retry_failed_items"
         ]
     );

@@ -1020,6 +1020,9 @@ pub fn delivery_row(
         created_at: Set(at),
         updated_at: Set(at),
         delivered_at: Set(None),
+        held_at: Set(None),
+        resend_key: Set(None),
+        recovered_at: Set(None),
     }
 }
 

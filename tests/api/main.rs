@@ -33,5 +33,6 @@ mod security;
 mod store_faults;
 mod targets;
 mod two_nodes;
+mod webhook_ops;
 mod webhooks;
 mod wire;

@@ -176,7 +176,7 @@ pub(crate) fn verify(secret: &str, r: &Received) -> bool {
 
 /// A port that stays ours but refuses connections (bound, not listening) until a receiver
 /// starts on it with [`Receiver::start_on`]: it is never released for another process to take.
-fn reserve_port() -> (tokio::net::TcpSocket, u16) {
+pub(crate) fn reserve_port() -> (tokio::net::TcpSocket, u16) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let port = socket.local_addr().unwrap().port();

@@ -110,8 +110,10 @@ pub struct KeyPolicy {
     pub webhook_url: Option<String>,
     /// `whsec_...` signing secret.
     pub webhook_secret: Option<Secret>,
-    /// Previous secret, during rotation.
+    /// Previous secret, during rotation: deliveries are signed with both secrets.
     pub webhook_previous_secret: Option<Secret>,
+    /// When the previous secret stops signing (None: while it is configured).
+    pub webhook_previous_secret_expires_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Subscribed events.
     pub webhook_events: Vec<String>,
     /// Granted once when the key is first created.

@@ -29,6 +29,8 @@ pub enum CustomerTags {
     Batches,
     /// Wallet and usage.
     Account,
+    /// Your webhook deliveries and endpoints: inspect, resend, recover, enable.
+    Webhooks,
 }
 
 /// The customer API.

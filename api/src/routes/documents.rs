@@ -3,7 +3,9 @@
 use poem::{EndpointExt, Route};
 use poem_openapi::OpenApiService;
 
-use crate::routes::{admin::AdminApi, batches::CustomerApi, worker::WorkerApi};
+use crate::routes::{
+    admin::AdminApi, batches::CustomerApi, webhooks::CustomerWebhooksApi, worker::WorkerApi,
+};
 
 /// Title shown in the documents.
 pub const TITLE: &str = "video-batch-api";
@@ -25,9 +27,9 @@ fn service<T: poem_openapi::OpenApi>(
 }
 
 /// The customer document (`/openapi.json`), served under `/api/enterprise`.
-pub fn customer_service() -> OpenApiService<CustomerApi, ()> {
+pub fn customer_service() -> OpenApiService<(CustomerApi, CustomerWebhooksApi), ()> {
     service(
-        CustomerApi,
+        (CustomerApi, CustomerWebhooksApi),
         "customer API",
         "Submit batches of video prompts, follow them, and read your credits and usage. \
          Authenticate with the `x-api-key` header. Every error has the same JSON shape.",

@@ -3,4 +3,5 @@ pub mod admin;
 pub mod batches;
 pub mod documents;
 pub mod health;
+pub mod webhooks;
 pub mod worker;

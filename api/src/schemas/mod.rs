@@ -3,4 +3,5 @@ pub mod admin;
 pub mod batches;
 pub mod credits;
 pub mod text;
+pub mod webhooks;
 pub mod worker;

@@ -651,12 +651,12 @@ fn bad_cursor() -> ApiError {
     ApiError::validation("cursor", "is not a cursor returned by this endpoint")
 }
 
-fn encode_cursor(id: Uuid) -> String {
+pub(crate) fn encode_cursor(id: Uuid) -> String {
     use base64::Engine;
     CURSOR.encode(id.as_bytes())
 }
 
-fn decode_cursor(c: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn decode_cursor(c: &str) -> Result<Uuid, ApiError> {
     use base64::Engine;
     CURSOR
         .decode(c)

@@ -191,6 +191,8 @@ pub struct WebhookSettings {
     pub concurrency: u32,
     /// Deliveries of one key sent at once, across all its endpoints.
     pub per_key_concurrency: u32,
+    /// An endpoint whose deliveries have all failed for this long is disabled.
+    pub disable_after: Duration,
     /// How often an idle dispatcher looks for deliveries other nodes committed: always
     /// [`WebhookSettings::POLL`], not a configuration setting (a test lengthens it to show
     /// that its own node's events are sent without waiting for a poll).

@@ -90,6 +90,7 @@ pub(super) struct RawKey {
     pub(super) webhook_url: Option<String>,
     pub(super) webhook_secret: Option<String>,
     pub(super) webhook_previous_secret: Option<String>,
+    pub(super) webhook_previous_secret_expires_at: Option<String>,
     #[serde(default, deserialize_with = "opt_string_or_list")]
     pub(super) webhook_events: Option<Vec<String>>,
     #[serde(default)]
@@ -122,6 +123,7 @@ pub(super) struct RawWebhooks {
     pub(super) dispatch: bool,
     pub(super) concurrency: i64,
     pub(super) per_key_concurrency: i64,
+    pub(super) disable_after: String,
 }
 
 #[derive(Deserialize)]

@@ -263,6 +263,25 @@ impl RawSettings {
                 .as_deref()
                 .map(|s| c.whsec(&f("webhook_previous_secret"), s))
                 .transpose()?;
+            let webhook_previous_secret_expires_at = match &k.webhook_previous_secret_expires_at {
+                None => None,
+                Some(_) if webhook_previous_secret.is_none() => {
+                    return Err(c.err(
+                        &f("webhook_previous_secret"),
+                        "is required when webhook_previous_secret_expires_at is set",
+                    ));
+                }
+                Some(at) => Some(
+                    chrono::DateTime::parse_from_rfc3339(at)
+                        .map_err(|_| {
+                            c.err(
+                                &f("webhook_previous_secret_expires_at"),
+                                "must be an RFC 3339 time, e.g. 2026-12-01T00:00:00Z",
+                            )
+                        })?
+                        .with_timezone(&chrono::Utc),
+                ),
+            };
             if k.webhook_url.is_some() && webhook_secret.is_none() {
                 return Err(c.err(&f("webhook_secret"), "is required when webhook_url is set"));
             }
@@ -356,6 +375,7 @@ impl RawSettings {
                     webhook_url: k.webhook_url,
                     webhook_secret,
                     webhook_previous_secret,
+                    webhook_previous_secret_expires_at,
                     webhook_events,
                     initial_credits: k.initial_credits,
                     disabled: k.disabled,
@@ -397,6 +417,18 @@ impl RawSettings {
                 "webhooks.per_key_concurrency",
                 self.webhooks.per_key_concurrency,
             )?,
+            disable_after: match humantime::parse_duration(&self.webhooks.disable_after) {
+                Ok(d) if !d.is_zero() => d,
+                _ => {
+                    return Err(c.err(
+                        "webhooks.disable_after",
+                        format!(
+                            "{:?} is not a positive duration like 5days, 12h or 30s",
+                            self.webhooks.disable_after
+                        ),
+                    ));
+                }
+            },
             poll: WebhookSettings::POLL,
         };
         let admin = AdminSettings {

@@ -4,8 +4,8 @@
 use chrono::{DateTime, Utc};
 use entity::webhook_delivery::{Column, Entity, Model};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, FromQueryResult,
+    QueryFilter, QueryOrder, QuerySelect,
 };
 use uuid::Uuid;
 
@@ -23,7 +23,7 @@ pub struct NewDelivery<'a> {
 }
 
 impl NewDelivery<'_> {
-    /// Appends the delivery, due at once.
+    /// Appends the delivery, due at once (held when its endpoint is disabled).
     pub async fn insert<C: ConnectionTrait>(
         &self,
         txn: &C,
@@ -32,8 +32,10 @@ impl NewDelivery<'_> {
         txn.execute_raw(stmt(
             txn.get_database_backend(),
             "INSERT INTO webhook_delivery (id, api_key_id, batch_id, event_type, payload, target_url, status, \
-             attempt_count, next_attempt_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7, $7)",
+             attempt_count, next_attempt_at, created_at, updated_at, held_at) \
+             SELECT $1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7, $7, \
+             (SELECT $7 FROM webhook_endpoint WHERE api_key_id = $2 AND url = $6 \
+              AND disabled_at IS NOT NULL)",
             [
                 Uuid::now_v7().into(),
                 self.key_id.into(),
@@ -77,7 +79,8 @@ pub async fn lease_due(
     }
     let sql = format!(
         "UPDATE webhook_delivery SET attempt_count = attempt_count + 1, locked_until = $2, updated_at = $1 \
-         WHERE id IN (SELECT id FROM webhook_delivery WHERE status = 'pending' AND next_attempt_at <= $1 \
+         WHERE id IN (SELECT id FROM webhook_delivery WHERE status = 'pending' AND held_at IS NULL \
+         AND next_attempt_at <= $1 \
          AND (locked_until IS NULL OR locked_until < $1) {skip}ORDER BY next_attempt_at {}{}) \
          RETURNING id",
         limit(max),
@@ -104,6 +107,10 @@ pub async fn lease_due(
 pub struct AttemptRow<'a> {
     pub status_code: Option<u16>,
     pub error: Option<&'a str>,
+    /// The failure's kind (`dns`, `connect`, `timeout`, `tls`, `refused_target`, `http`, ...).
+    pub kind: Option<&'a str>,
+    /// The first 1 KB of the answer.
+    pub excerpt: Option<&'a str>,
     pub duration_ms: i64,
 }
 
@@ -127,8 +134,8 @@ pub async fn record_attempt<C: ConnectionTrait>(
     let backend = txn.get_database_backend();
     txn.execute_raw(stmt(
         backend,
-        "INSERT INTO webhook_attempt (delivery_id, attempt, status_code, error, duration_ms, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO webhook_attempt (delivery_id, attempt, status_code, error, duration_ms, \
+         created_at, error_kind, response_excerpt) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         [
             d.id.into(),
             d.attempt_count.into(),
@@ -136,6 +143,8 @@ pub async fn record_attempt<C: ConnectionTrait>(
             a.error.map(str::to_string).into(),
             a.duration_ms.into(),
             now.into(),
+            a.kind.map(str::to_string).into(),
+            a.excerpt.map(str::to_string).into(),
         ],
     ))
     .await?;
@@ -221,7 +230,7 @@ pub async fn pending_count<C: ConnectionTrait>(db: &C) -> Result<i64, DbErr> {
     match db
         .query_one_raw(stmt(
             db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM webhook_delivery WHERE status = 'pending'",
+            "SELECT COUNT(*) AS n FROM webhook_delivery WHERE status = 'pending' AND held_at IS NULL",
             [],
         ))
         .await?
@@ -245,6 +254,239 @@ pub async fn delete_finished_older_than<C: ConnectionTrait>(
     );
     let r = db
         .execute_raw(stmt(db.get_database_backend(), &sql, [cutoff.into()]))
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// Notes an attempt's outcome on its endpoint (key and URL): a success ends a failing run; a
+/// failure starts one or extends it. A run that began `disable_after` ago or earlier disables
+/// the endpoint and holds its pending deliveries: true when this attempt disabled it.
+pub async fn note_endpoint<C: ConnectionTrait>(
+    txn: &C,
+    key_id: i64,
+    url: &str,
+    success: bool,
+    now: DateTime<Utc>,
+    disable_after: chrono::Duration,
+) -> Result<bool, DbErr> {
+    let backend = txn.get_database_backend();
+    let sql = if success {
+        "INSERT INTO webhook_endpoint (api_key_id, url, last_success_at, updated_at) \
+         VALUES ($1, $2, $3, $3) ON CONFLICT (api_key_id, url) DO UPDATE SET \
+         last_success_at = $3, failing_since = NULL, updated_at = $3"
+    } else {
+        "INSERT INTO webhook_endpoint (api_key_id, url, failing_since, last_failure_at, updated_at) \
+         VALUES ($1, $2, $3, $3, $3) ON CONFLICT (api_key_id, url) DO UPDATE SET \
+         last_failure_at = $3, updated_at = $3, \
+         failing_since = COALESCE(webhook_endpoint.failing_since, $3)"
+    };
+    txn.execute_raw(stmt(backend, sql, [key_id.into(), url.into(), now.into()]))
+        .await?;
+    if success {
+        return Ok(false);
+    }
+    let disabled = txn
+        .execute_raw(stmt(
+            backend,
+            "UPDATE webhook_endpoint SET disabled_at = $3 WHERE api_key_id = $1 AND url = $2 \
+             AND disabled_at IS NULL AND failing_since <= $4",
+            [
+                key_id.into(),
+                url.into(),
+                now.into(),
+                (now - disable_after).into(),
+            ],
+        ))
+        .await?
+        .rows_affected()
+        == 1;
+    if disabled {
+        txn.execute_raw(stmt(
+            backend,
+            "UPDATE webhook_delivery SET held_at = $3 WHERE api_key_id = $1 AND target_url = $2 \
+             AND status = 'pending' AND held_at IS NULL",
+            [key_id.into(), url.into(), now.into()],
+        ))
+        .await?;
+    }
+    Ok(disabled)
+}
+
+/// One endpoint a key sends to, as the dispatcher last saw it.
+#[derive(Clone, Debug, FromQueryResult)]
+pub struct Endpoint {
+    pub url: String,
+    pub failing_since: Option<DateTime<Utc>>,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_failure_at: Option<DateTime<Utc>>,
+    pub disabled_at: Option<DateTime<Utc>>,
+}
+
+/// The endpoints a key has sent to, by URL.
+pub async fn endpoints<C: ConnectionTrait>(db: &C, key_id: i64) -> Result<Vec<Endpoint>, DbErr> {
+    Endpoint::find_by_statement(stmt(
+        db.get_database_backend(),
+        "SELECT url, failing_since, last_success_at, last_failure_at, disabled_at \
+         FROM webhook_endpoint WHERE api_key_id = $1 ORDER BY url",
+        [key_id.into()],
+    ))
+    .all(db)
+    .await
+}
+
+/// Enables a key's endpoint again and releases its held deliveries (due at once): the number
+/// released, or None when the key never sent to that URL.
+pub async fn enable_endpoint<C: ConnectionTrait>(
+    txn: &C,
+    key_id: i64,
+    url: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<u64>, DbErr> {
+    let backend = txn.get_database_backend();
+    let found = txn
+        .execute_raw(stmt(
+            backend,
+            "UPDATE webhook_endpoint SET disabled_at = NULL, failing_since = NULL, updated_at = $3 \
+             WHERE api_key_id = $1 AND url = $2",
+            [key_id.into(), url.into(), now.into()],
+        ))
+        .await?
+        .rows_affected();
+    if found == 0 {
+        return Ok(None);
+    }
+    let released = txn
+        .execute_raw(stmt(
+            backend,
+            "UPDATE webhook_delivery SET held_at = NULL, next_attempt_at = $3, updated_at = $3 \
+             WHERE api_key_id = $1 AND target_url = $2 AND held_at IS NOT NULL",
+            [key_id.into(), url.into(), now.into()],
+        ))
+        .await?
+        .rows_affected();
+    Ok(Some(released))
+}
+
+/// Endpoints disabled now (for the gauge).
+pub async fn disabled_endpoints<C: ConnectionTrait>(db: &C) -> Result<i64, DbErr> {
+    match db
+        .query_one_raw(stmt(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM webhook_endpoint WHERE disabled_at IS NOT NULL",
+            [],
+        ))
+        .await?
+    {
+        Some(r) => r.try_get("", "n"),
+        None => Ok(0),
+    }
+}
+
+/// What a customer's list of deliveries filters on.
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryFilter<'a> {
+    /// `pending` (not held), `held`, `succeeded` or `failed`.
+    pub status: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    pub batch_id: Option<Uuid>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Older than this delivery (the cursor).
+    pub before: Option<Uuid>,
+}
+
+/// Up to `max` of a key's deliveries, newest first, through the (api_key_id, id) index.
+pub async fn page_of_key<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    f: &DeliveryFilter<'_>,
+    max: u64,
+) -> Result<Vec<Model>, DbErr> {
+    let mut q = Entity::find().filter(Column::ApiKeyId.eq(key_id));
+    match f.status {
+        Some("held") => {
+            q = q
+                .filter(Column::Status.eq("pending"))
+                .filter(Column::HeldAt.is_not_null())
+        }
+        Some("pending") => {
+            q = q
+                .filter(Column::Status.eq("pending"))
+                .filter(Column::HeldAt.is_null())
+        }
+        Some(s) => q = q.filter(Column::Status.eq(s)),
+        None => {}
+    }
+    if let Some(e) = f.event_type {
+        q = q.filter(Column::EventType.eq(e));
+    }
+    if let Some(b) = f.batch_id {
+        q = q.filter(Column::BatchId.eq(b));
+    }
+    if let Some(t) = f.since {
+        q = q.filter(Column::CreatedAt.gte(t));
+    }
+    if let Some(c) = f.before {
+        q = q.filter(Column::Id.lt(c));
+    }
+    q.order_by_desc(Column::Id).limit(max).all(db).await
+}
+
+/// The attempts of a delivery, in order.
+pub async fn attempts_of<C: ConnectionTrait>(
+    db: &C,
+    delivery: Uuid,
+) -> Result<Vec<entity::webhook_attempt::Model>, DbErr> {
+    use entity::webhook_attempt as a;
+    a::Entity::find()
+        .filter(a::Column::DeliveryId.eq(delivery))
+        .order_by_asc(a::Column::Id)
+        .all(db)
+        .await
+}
+
+/// Starts a new attempt series of a key's delivery for a customer's resend (same
+/// `webhook-id`), recording its Idempotency-Key: false when the delivery is still pending or
+/// held (an attempt is due or in flight already) or is not the key's.
+pub async fn resend<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    id: Uuid,
+    idempotency_key: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<bool, DbErr> {
+    let r = db
+        .execute_raw(stmt(
+            db.get_database_backend(),
+            "UPDATE webhook_delivery SET status = 'pending', attempt_count = 0, next_attempt_at = $3, \
+             updated_at = $3, resend_key = $4 \
+             WHERE id = $1 AND api_key_id = $2 AND status <> 'pending'",
+            [id.into(), key_id.into(), now.into(), idempotency_key.into()],
+        ))
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Sends again, once each, every delivery of the key that ended `failed` and was created at or
+/// after `since`, oldest first (they are due in creation order), held when their endpoint is
+/// disabled: how many. A delivery a recover sent once is not sent by another.
+pub async fn recover<C: ConnectionTrait>(
+    db: &C,
+    key_id: i64,
+    since: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<u64, DbErr> {
+    let r = db
+        .execute_raw(stmt(
+            db.get_database_backend(),
+            "UPDATE webhook_delivery SET status = 'pending', attempt_count = 0, \
+             next_attempt_at = created_at, updated_at = $3, recovered_at = $3, \
+             held_at = (SELECT $3 FROM webhook_endpoint e WHERE e.api_key_id = $1 \
+               AND e.url = webhook_delivery.target_url AND e.disabled_at IS NOT NULL) \
+             WHERE api_key_id = $1 AND status = 'failed' AND created_at >= $2 \
+             AND recovered_at IS NULL",
+            [key_id.into(), since.into(), now.into()],
+        ))
         .await?;
     Ok(r.rows_affected())
 }

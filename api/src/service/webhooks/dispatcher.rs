@@ -22,6 +22,11 @@ pub struct Attempt {
     pub status: Option<u16>,
     /// Transport or policy error.
     pub error: Option<String>,
+    /// What kind of failure: `dns`, `connect`, `timeout`, `tls`, `refused_target`, `http`,
+    /// `config` (None on success).
+    pub kind: Option<&'static str>,
+    /// The first 1 KB of the answer's body, when one came.
+    pub excerpt: Option<String>,
     /// Seconds asked by `Retry-After`.
     pub retry_after: Option<u64>,
     /// Whether retrying can help (false for refused targets and 410).
@@ -85,8 +90,10 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
                 error: Option<String>,
                 retry_after: Option<u64>,
                 retryable: bool| Attempt {
+        kind: error.as_ref().map(|_| "config"),
         status,
         error,
+        excerpt: None,
         retry_after,
         retryable,
         duration_ms: started.elapsed().as_millis() as i64,
@@ -113,14 +120,31 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
         Err(e) if e.contains("timed out") => {
             let mut a = done(None, Some(e), None, true);
             a.timed_out = true;
+            a.kind = Some("dns");
             return a;
         }
-        Err(e) => return done(None, Some(e), None, false),
+        Err(e) => {
+            let kind = if e.contains("resolve") {
+                "dns"
+            } else {
+                "refused_target"
+            };
+            let mut a = done(None, Some(e), None, kind == "dns");
+            a.kind = Some(kind);
+            return a;
+        }
     };
     let msg_id = webhook_id(d.id);
     let ts = Utc::now().timestamp();
     let mut signatures = Vec::new();
-    for s in std::iter::once(secret).chain(key.policy.webhook_previous_secret.as_ref()) {
+    // During a rotation both secrets sign (receivers verify with either), until the previous
+    // one expires.
+    let previous = key.policy.webhook_previous_secret.as_ref().filter(|_| {
+        key.policy
+            .webhook_previous_secret_expires_at
+            .is_none_or(|until| Utc::now() < until)
+    });
+    for s in std::iter::once(secret).chain(previous) {
         match decode_whsec(s.expose()) {
             Ok(k) => signatures.push(sign(&k, &msg_id, ts, &d.payload)),
             Err(e) => return done(None, Some(format!("webhook secret: {e}")), None, false),
@@ -147,22 +171,65 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok());
-            if r.status().is_success() {
+            let success = r.status().is_success();
+            let excerpt = excerpt(r).await;
+            let mut a = if success {
                 done(Some(status), None, None, true)
             } else {
-                done(
+                let mut a = done(
                     Some(status),
                     Some(format!("HTTP {status}")),
                     retry_after,
                     status != 410,
-                )
-            }
+                );
+                a.kind = Some("http");
+                a
+            };
+            a.excerpt = excerpt;
+            a
         }
         Err(e) => {
             let mut a = done(None, Some(format!("request failed: {e}")), None, true);
             a.timed_out = e.is_timeout() || e.is_connect();
+            a.kind = Some(transport_kind(&e));
             a
         }
+    }
+}
+
+/// The most of an answer's body an attempt keeps.
+const EXCERPT_BYTES: usize = 1024;
+
+/// The first [`EXCERPT_BYTES`] of an answer's body (the rest is not read).
+async fn excerpt(mut r: reqwest::Response) -> Option<String> {
+    let mut body = Vec::new();
+    while body.len() < EXCERPT_BYTES {
+        match r.chunk().await {
+            Ok(Some(c)) => body.extend_from_slice(&c),
+            _ => break,
+        }
+    }
+    body.truncate(EXCERPT_BYTES);
+    (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The kind of a failed request: `timeout`, `tls`, `connect`, or `request`.
+fn transport_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        return "timeout";
+    }
+    let mut chain = String::new();
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        chain.push_str(&s.to_string().to_ascii_lowercase());
+        source = s.source();
+    }
+    if chain.contains("certificate") || chain.contains("tls") || chain.contains("handshake") {
+        "tls"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "request"
     }
 }
 
@@ -266,9 +333,31 @@ pub async fn record_attempt<C: ConnectionTrait>(
     let row = webhooks::AttemptRow {
         status_code: a.status,
         error: a.error.as_deref(),
+        kind: a.kind,
+        excerpt: a.excerpt.as_deref(),
         duration_ms: a.duration_ms,
     };
     webhooks::record_attempt(txn, d, &row, webhooks::Next { status, at: next }, now).await?;
+    // The endpoint's state: a success clears its failing run; a run of failures longer than
+    // `webhooks.disable_after` disables it and holds its pending deliveries.
+    let disable_after = chrono::Duration::from_std(runtime.settings.webhooks.disable_after)
+        .unwrap_or(chrono::Duration::days(5));
+    if webhooks::note_endpoint(
+        txn,
+        d.api_key_id,
+        &d.target_url,
+        success,
+        now,
+        disable_after,
+    )
+    .await?
+    {
+        tracing::warn!(
+            key_id = d.api_key_id, url = %d.target_url,
+            "webhook endpoint disabled: every delivery failed for webhooks.disable_after"
+        );
+        metrics::counter!("webhook_endpoints_disabled_total").increment(1);
+    }
     Ok(status)
 }
 
@@ -288,7 +377,8 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 struct Endpoints {
     in_flight: HashMap<String, usize>,
     by_key: HashMap<i64, usize>,
-    timeouts: HashMap<String, (u32, Instant)>,
+    /// Per endpoint: timeouts in a row, the end of its backoff, and backoffs so far.
+    timeouts: HashMap<String, (u32, Instant, u32)>,
 }
 
 impl Endpoints {
@@ -296,8 +386,8 @@ impl Endpoints {
     fn backing_off(&self, ep: &str) -> Option<Instant> {
         self.timeouts
             .get(ep)
-            .filter(|(n, until)| *n >= BACKOFF_AFTER && *until > Instant::now())
-            .map(|(_, until)| *until)
+            .filter(|(n, until, _)| *n >= BACKOFF_AFTER && *until > Instant::now())
+            .map(|(_, until, _)| *until)
     }
 
     /// A send to `ep` may start now.
@@ -332,12 +422,14 @@ impl Endpoints {
             let entry = self
                 .timeouts
                 .entry(ep.to_string())
-                .or_insert((0, Instant::now()));
+                .or_insert((0, Instant::now(), 0));
             entry.0 += 1;
-            if entry.0 >= BACKOFF_AFTER {
-                // 5 s, 10 s, 20 s … up to 5 minutes.
-                let exp = (entry.0 - BACKOFF_AFTER).min(6);
-                entry.1 = Instant::now() + std::time::Duration::from_secs(5u64 << exp);
+            let now = Instant::now();
+            if entry.0 >= BACKOFF_AFTER && entry.1 <= now {
+                // 5 s, 10 s, 20 s … up to 5 minutes, one step per backoff: attempts already in
+                // flight when a backoff began fail without lengthening it.
+                entry.1 = now + std::time::Duration::from_secs(5u64 << entry.2.min(6));
+                entry.2 += 1;
                 tracing::warn!(endpoint = %ep, timeouts = entry.0, "webhook endpoint backs off");
             }
         } else {
@@ -447,6 +539,15 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
     loop {
         while let Some(done) = sends.try_join_next() {
             finished(done, &mut endpoints, &mut records);
+        }
+        // A customer says these endpoints are back: no backoff for them.
+        for url in state
+            .webhook_back
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+        {
+            endpoints.timeouts.remove(&endpoint_of(&url));
         }
         while records.try_join_next().is_some() {}
         let runtime = state.runtime();

@@ -1,6 +1,7 @@
 //! Webhooks (Standard Webhooks v1), cut along their seams: signing, the SSRF target guard,
 //! the outbox written with each state change, the dispatcher that sends, and admin queries.
 pub mod admin;
+pub mod customer;
 pub mod dispatcher;
 pub mod outbox;
 pub mod signing;
