@@ -329,6 +329,7 @@ async fn render(
             .find(|l| !l.trim().is_empty())
             .and_then(|l| l.trim().strip_prefix("error_code="))
             .and_then(FailureCode::from_name)
+            .filter(|c| *c != FailureCode::Expired)
             .unwrap_or(FailureCode::Internal);
         return Err(
             anyhow::anyhow!("renderer exited with {}: {}", output.status, tail.trim())

@@ -1,6 +1,6 @@
 //! Failures a customer can act on: typed error codes on items, exports and webhooks, counts
 //! per code on the batch, the error export, and retry-failed through every guard of a create.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -16,29 +16,6 @@ both_backends!(
 
 fn id(v: &Value) -> String {
     v["batch_id"].as_str().expect("batch_id").to_string()
-}
-
-async fn wait_batch(app: &TestApp, key: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let b: Value = app.get_batch(key, id).await.json().await.unwrap();
-        if done(&b) {
-            return b;
-        }
-        assert!(Instant::now() < deadline, "{b}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn get_text(app: &TestApp, key: &str, path: &str) -> (u16, String) {
-    let r = app
-        .client
-        .get(format!("{}/api/enterprise{path}", app.base))
-        .header("x-api-key", key)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.text().await.unwrap())
 }
 
 fn lines(text: &str) -> Vec<Value> {
@@ -106,6 +83,8 @@ async fn failure_codes_reach_items_exports_counts_and_webhooks(backend: Backend)
     assert_eq!(r.status(), 422);
     let r = fail_with(&app, &items[0], json!({"message": "a", "error": "b"})).await;
     assert_eq!(r.status(), 422);
+    let r = fail_with(&app, &items[0], json!({"error_code": "expired"})).await;
+    assert_eq!(r.status(), 422, "only the service gives `expired`");
 
     let reports = [
         ("content_policy", Some("refused by the policy")),
@@ -131,7 +110,9 @@ async fn failure_codes_reach_items_exports_counts_and_webhooks(backend: Backend)
     app.expire_lease(items[6]["item_id"].as_str().unwrap())
         .await;
     assert_eq!(app.complete(&items[7]).await.status(), 200);
-    let b = wait_batch(&app, &key, &batch, |b| b["status"] == "completed").await;
+    let b = app
+        .wait_batch(&key, &batch, |b| b["status"] == "completed")
+        .await;
 
     let expected_codes = [
         "content_policy",
@@ -180,7 +161,9 @@ async fn failure_codes_reach_items_exports_counts_and_webhooks(backend: Backend)
     );
 
     // The error export: the seven failures in request order, with prompts to act on.
-    let (status, text) = get_text(&app, &key, &format!("/video-batch/{batch}/errors")).await;
+    let (status, text) = app
+        .customer_get(&key, &format!("/video-batch/{batch}/errors"))
+        .await;
     assert_eq!(status, 200);
     let errors = lines(&text);
     assert_eq!(errors.len(), 7, "{text}");
@@ -201,7 +184,9 @@ async fn failure_codes_reach_items_exports_counts_and_webhooks(backend: Backend)
         assert_eq!(e["status"], "failed", "{e}");
     }
     // The results export carries the codes too.
-    let (status, text) = get_text(&app, &key, &format!("/video-batch/{batch}/results")).await;
+    let (status, text) = app
+        .customer_get(&key, &format!("/video-batch/{batch}/results"))
+        .await;
     assert_eq!(status, 200);
     let results = lines(&text);
     assert_eq!(results.len(), 8);
@@ -275,7 +260,8 @@ async fn retry_failed_makes_a_batch_of_exactly_the_failed_items(backend: Backend
         };
         assert_eq!(s.status(), 200);
     }
-    wait_batch(&app, &key, &batch, |b| b["status"] == "completed").await;
+    app.wait_batch(&key, &batch, |b| b["status"] == "completed")
+        .await;
     // Another key does not see the batch.
     let r = retry(&app, app.key("other"), &batch, None).await;
     assert_eq!(r.status(), 404);
@@ -332,7 +318,8 @@ async fn retry_failed_makes_a_batch_of_exactly_the_failed_items(backend: Backend
     for item in &again {
         assert_eq!(app.complete(item).await.status(), 200);
     }
-    wait_batch(&app, &key, &retry_id, |b| b["status"] == "completed").await;
+    app.wait_batch(&key, &retry_id, |b| b["status"] == "completed")
+        .await;
     let r = retry(&app, &key, &retry_id, None).await;
     assert_eq!(r.status(), 422);
     assert_eq!(
@@ -354,7 +341,8 @@ async fn retry_failed_makes_a_batch_of_exactly_the_failed_items(backend: Backend
         let r = fail_with(&app, item, json!({"error_code": "invalid_params"})).await;
         assert_eq!(r.status(), 200);
     }
-    wait_batch(&app, &key, &second, |b| b["status"] == "completed").await;
+    app.wait_batch(&key, &second, |b| b["status"] == "completed")
+        .await;
     let filler = (0..5)
         .map(|i| json!({"prompt": format!("f{i}")}))
         .collect::<Vec<_>>();
@@ -395,13 +383,17 @@ async fn retry_failed_includes_expired_items_on_request(backend: Backend) {
     assert_eq!(running.len(), 1);
     let r = fail_with(&app, &running[0], json!({"error_code": "content_policy"})).await;
     assert_eq!(r.status(), 200);
-    let b = wait_batch(&app, &key, &batch, |b| b["status"] == "expired").await;
+    let b = app
+        .wait_batch(&key, &batch, |b| b["status"] == "expired")
+        .await;
     assert_eq!(
         b["error_counts"],
         json!({"content_policy": 1, "expired": 2}),
         "{b}"
     );
-    let (_, text) = get_text(&app, &key, &format!("/video-batch/{batch}/errors")).await;
+    let (_, text) = app
+        .customer_get(&key, &format!("/video-batch/{batch}/errors"))
+        .await;
     let errors = lines(&text);
     let mut codes: Vec<&str> = errors
         .iter()

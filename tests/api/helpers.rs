@@ -523,6 +523,31 @@ impl TestApp {
         self.keys.get(name).expect("known key")
     }
 
+    /// Reads the key's batch `id` until `done` holds for it (at most 30 s), and returns it.
+    pub async fn wait_batch(&self, key: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let b: Value = self.get_batch(key, id).await.json().await.unwrap();
+            if done(&b) {
+                return b;
+            }
+            assert!(std::time::Instant::now() < deadline, "{b}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `GET /api/enterprise{path}` with the key: status and body.
+    pub async fn customer_get(&self, key: &str, path: &str) -> (u16, String) {
+        let r = self
+            .client
+            .get(format!("{}/api/enterprise{path}", self.base))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
     /// A body with `n` items.
     pub fn batch_body(request_id: Option<&str>, n: usize) -> Value {
         let items: Vec<Value> = (0..n)

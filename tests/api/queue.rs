@@ -3,7 +3,7 @@
 //! position and go first) and completion windows (`0` = none, `24h` by default, an item
 //! retried after the window is expired at the next pass, a running item that fails after the
 //! window is released, cancel wins over the window).
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -211,18 +211,6 @@ async fn past_the_window(batch: &Value) {
     }
 }
 
-async fn wait_batch(app: &TestApp, key: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let b: Value = app.get_batch(key, id).await.json().await.unwrap();
-        if done(&b) {
-            return b;
-        }
-        assert!(Instant::now() < deadline, "{b}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Two items run when the window ends: one fails retryably (it is expired at the next pass,
 /// never handed out again) and one fails for good (released); the batch ends `expired` with
 /// nothing charged and nothing held.
@@ -240,7 +228,9 @@ async fn after_the_window_a_retry_expires_and_a_failure_is_released(backend: Bac
     past_the_window(&v).await;
     assert_eq!(app.fail(&running[0], true).await.status(), 200);
     assert_eq!(app.fail(&running[1], false).await.status(), 200);
-    let b = wait_batch(&app, &key, &batch, |b| b["status"] == "expired").await;
+    let b = app
+        .wait_batch(&key, &batch, |b| b["status"] == "expired")
+        .await;
     assert_eq!(b["counts"]["expired"], 1, "the retried item expired: {b}");
     assert_eq!(b["counts"]["failed"], 1, "{b}");
     assert!(
@@ -267,10 +257,11 @@ async fn cancel_wins_over_the_window(backend: Backend) {
     assert_eq!(app.cancel_batch(&key, &batch).await.status(), 200);
     past_the_window(&v).await;
     assert_eq!(app.complete(&running[0]).await.status(), 200);
-    let b = wait_batch(&app, &key, &batch, |b| {
-        b["status"] == "cancelled" || b["status"] == "expired"
-    })
-    .await;
+    let b = app
+        .wait_batch(&key, &batch, |b| {
+            b["status"] == "cancelled" || b["status"] == "expired"
+        })
+        .await;
     assert_eq!(b["status"], "cancelled", "{b}");
     assert_eq!(b["counts"]["cancelled"], 2, "{b}");
     assert_eq!(b["counts"]["expired"], 0, "{b}");

@@ -52,6 +52,27 @@ async fn finish_batches(app: &TestApp, key: &str, prefix: &str, n: usize) {
     }
 }
 
+/// An endpoint that refuses connections (its port reserved, not listening: start a receiver on
+/// the socket to bring it up), its URL, and an app whose key `acme` sends its webhooks there.
+fn down_endpoint(
+    backend: Backend,
+) -> (
+    tokio::net::TcpSocket,
+    String,
+    crate::helpers::TestAppBuilder,
+) {
+    let (socket, port) = reserve_port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let builder = TestApp::builder(backend).key(
+        "acme",
+        &format!(
+            "initial_credits = 10000\nrate_limit_per_min = 1000\n\
+             webhook_url = \"{url}\"\nwebhook_secret = \"{SECRET}\""
+        ),
+    );
+    (socket, url, builder)
+}
+
 /// Waits until the key's deliveries in `status` number `n`.
 async fn wait_deliveries(app: &TestApp, key: &str, status: &str, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -83,16 +104,8 @@ async fn wait_deliveries(app: &TestApp, key: &str, status: &str, n: usize) -> Ve
 /// receiver) and a second recover sends nothing; resend of a delivered event arrives again with
 /// its `webhook-id`, once per `Idempotency-Key`; another key sees none of it.
 async fn an_outage_is_recovered_once_and_resend_keeps_the_webhook_id(backend: Backend) {
-    let (socket, port) = reserve_port();
-    let url = format!("http://127.0.0.1:{port}/hook");
-    let app = TestApp::builder(backend)
-        .key(
-            "acme",
-            &format!(
-                "initial_credits = 10000\nrate_limit_per_min = 1000\n\
-                 webhook_url = \"{url}\"\nwebhook_secret = \"{SECRET}\""
-            ),
-        )
+    let (socket, url, builder) = down_endpoint(backend);
+    let app = builder
         .key("other", "initial_credits = 100")
         .settings(|s| {
             // One attempt each: the outage fails them at once.
@@ -252,15 +265,8 @@ async fn an_outage_is_recovered_once_and_resend_keeps_the_webhook_id(backend: Ba
 /// is disabled, its pending and new events are held (never sent), and enabling it releases
 /// them.
 async fn an_endpoint_failing_too_long_is_disabled_and_enable_releases_its_events(backend: Backend) {
-    let (socket, port) = reserve_port();
-    let url = format!("http://127.0.0.1:{port}/hook");
-    let app = TestApp::builder(backend)
-        .key(
-            "acme",
-            &format!(
-                "initial_credits = 10000\nwebhook_url = \"{url}\"\nwebhook_secret = \"{SECRET}\""
-            ),
-        )
+    let (socket, url, builder) = down_endpoint(backend);
+    let app = builder
         .settings(|s| {
             s.webhooks.retry_schedule = vec![Duration::from_millis(300); 40];
             s.webhooks.disable_after = Duration::from_secs(1);

@@ -105,12 +105,10 @@ async fn the_wire_bodies_of_the_contract_are_pinned(backend: crate::helpers::Bac
             "items": [
                 { "item_id": "<uuid>", "index": 0, "prompt": "a red fox at dawn",
                   "params": { "duration_s": 5 }, "status": "queued", "attempts": 0,
-                  "result_url": null, "result": null, "error_code": null, "message": null,
-                  "error": null },
+                  "result_url": null, "result": null, "message": null, "error": null },
                 { "item_id": "<uuid>", "index": 1, "prompt": "a city at night in the rain",
                   "params": null, "status": "queued", "attempts": 0,
-                  "result_url": null, "result": null, "error_code": null, "message": null,
-                  "error": null }
+                  "result_url": null, "result": null, "message": null, "error": null }
             ]
         })
     );

@@ -5,7 +5,7 @@ use poem::web::Data;
 use poem::{Body, Request};
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::{Binary, Json};
-use poem_openapi::{ApiResponse, OpenApi, Tags};
+use poem_openapi::{ApiResponse, Tags};
 use uuid::Uuid;
 
 use crate::auth::CustomerKey;
@@ -70,6 +70,19 @@ pub enum Errors {
     Ok(Binary<Body>),
 }
 
+/// The body of an export of the key's batch (404 for another key's batch), streamed.
+async fn export(
+    state: &AppState,
+    key_id: i64,
+    batch_id: Uuid,
+    export: Export,
+) -> Result<Binary<Body>, ApiError> {
+    crate::context::update(|s| s.batch_id = Some(batch_id));
+    batches::check_owner(&state.db, KeyId(key_id), BatchId(batch_id)).await?;
+    let stream = batches::export_stream(state.db.clone(), batch_id, export);
+    Ok(Binary(Body::from_bytes_stream(stream)))
+}
+
 /// What a call that creates a batch writes into its audit row, from the template the audit
 /// layer left on the request.
 fn audit_info(state: &AppState, req: &Request) -> AuditInfo {
@@ -94,40 +107,7 @@ pub enum Read<T: poem_openapi::types::ToJSON + Send + Sync> {
     Ok(Json<T>),
 }
 
-#[OpenApi(
-    prefix_path = "/",
-    response_header(
-        name = "RateLimit-Policy",
-        ty = "String",
-        description = "Quota policy of this call's scope, e.g. `\"batch\";q=60;w=60`"
-    ),
-    response_header(
-        name = "RateLimit",
-        ty = "String",
-        description = "Quota left and seconds to reset, e.g. `\"batch\";r=12;t=31`"
-    ),
-    response_header(
-        name = "X-RateLimit-Limit",
-        ty = "u32",
-        description = "Calls allowed per minute"
-    ),
-    response_header(
-        name = "X-RateLimit-Remaining",
-        ty = "u32",
-        description = "Calls left in this minute"
-    ),
-    response_header(
-        name = "X-RateLimit-Reset",
-        ty = "u32",
-        description = "Seconds until the minute ends"
-    ),
-    response_header(
-        name = "x-request-id",
-        ty = "String",
-        description = "Request id (echoed when sent)"
-    )
-)]
-#[allow(clippy::duplicated_attributes)]
+crate::routes::customer_api! {
 impl CustomerApi {
     /// Create a batch
     ///
@@ -252,10 +232,9 @@ impl CustomerApi {
         auth: CustomerKey,
         batch_id: Path<Uuid>,
     ) -> Result<Results, ApiError> {
-        crate::context::update(|s| s.batch_id = Some(batch_id.0));
-        batches::check_owner(&state.db, KeyId(auth.0.key.id), BatchId(batch_id.0)).await?;
-        let stream = batches::export_stream(state.db.clone(), batch_id.0, Export::Results);
-        Ok(Results::Ok(Binary(Body::from_bytes_stream(stream))))
+        Ok(Results::Ok(
+            export(&state, auth.0.key.id, batch_id.0, Export::Results).await?,
+        ))
     }
 
     /// Export a batch's failures
@@ -276,10 +255,9 @@ impl CustomerApi {
         auth: CustomerKey,
         batch_id: Path<Uuid>,
     ) -> Result<Errors, ApiError> {
-        crate::context::update(|s| s.batch_id = Some(batch_id.0));
-        batches::check_owner(&state.db, KeyId(auth.0.key.id), BatchId(batch_id.0)).await?;
-        let stream = batches::export_stream(state.db.clone(), batch_id.0, Export::Errors);
-        Ok(Errors::Ok(Binary(Body::from_bytes_stream(stream))))
+        Ok(Errors::Ok(
+            export(&state, auth.0.key.id, batch_id.0, Export::Errors).await?,
+        ))
     }
 
     /// Retry a batch's failed items
@@ -463,4 +441,5 @@ impl CustomerApi {
             .await?,
         )))
     }
+}
 }

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use poem::Request;
 use poem::web::Data;
-use poem_openapi::OpenApi;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use uuid::Uuid;
@@ -31,40 +30,7 @@ fn endpoints_back(state: &AppState, urls: impl IntoIterator<Item = String>) {
 /// The customer's webhook operations.
 pub struct CustomerWebhooksApi;
 
-#[OpenApi(
-    prefix_path = "/",
-    response_header(
-        name = "RateLimit-Policy",
-        ty = "String",
-        description = "Quota policy of this call's scope, e.g. `\"read\";q=600;w=60`"
-    ),
-    response_header(
-        name = "RateLimit",
-        ty = "String",
-        description = "Quota left and seconds to reset, e.g. `\"read\";r=12;t=31`"
-    ),
-    response_header(
-        name = "X-RateLimit-Limit",
-        ty = "u32",
-        description = "Calls allowed per minute"
-    ),
-    response_header(
-        name = "X-RateLimit-Remaining",
-        ty = "u32",
-        description = "Calls left in this minute"
-    ),
-    response_header(
-        name = "X-RateLimit-Reset",
-        ty = "u32",
-        description = "Seconds until the minute ends"
-    ),
-    response_header(
-        name = "x-request-id",
-        ty = "String",
-        description = "Request id (echoed when sent)"
-    )
-)]
-#[allow(clippy::duplicated_attributes)]
+crate::routes::customer_api! {
 impl CustomerWebhooksApi {
     /// List webhook deliveries
     ///
@@ -248,4 +214,5 @@ impl CustomerWebhooksApi {
         endpoints_back(&state, [out.endpoint.url.clone()]);
         Ok(Read::Ok(Json(out)))
     }
+}
 }

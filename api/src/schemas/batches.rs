@@ -246,9 +246,11 @@ pub struct BatchItemView {
     pub result_url: Option<String>,
     /// Extra result data reported by the worker.
     pub result: Option<Value>,
-    /// Why the item failed or expired (of the last failed attempt while it is retried).
-    #[oai(nullable)]
-    pub error_code: Option<crate::domain::failure::ItemErrorCode>,
+    // Why the item failed or expired (of the last failed attempt while it is retried); absent
+    // while nothing failed. (A plain comment: a described enum field becomes an `allOf` that
+    // stock generators refuse.)
+    #[oai(skip_serializing_if_is_none)]
+    pub error_code: Option<crate::domain::failure::FailureCode>,
     /// What the worker said went wrong, with `error_code`.
     #[oai(nullable)]
     pub message: Option<String>,

@@ -74,14 +74,18 @@ pub struct CompleteRequest {
     pub result: Option<BTreeMap<String, Value>>,
 }
 
-/// Report failure: what kind (`error_code`) and what happened (`message`).
+/// Report failure: what kind (`error_code`, any code but `expired`, which only the service
+/// gives; without it the failure is `internal`) and what happened (`message`). The code decides
+/// `retryable` when that is not sent: `render_timeout`, `worker_lost` and `internal` are
+/// retried while attempts remain, the others are not.
 #[derive(Object, Clone, Debug)]
 #[oai(deny_unknown_fields)]
 pub struct FailRequest {
     /// The claim's token.
     pub lease_token: Uuid,
-    /// The kind of failure; it decides `retryable` when that is not sent (`render_timeout`,
-    /// `worker_lost` and `internal` are retried). Without it the failure is `internal`.
+    // The kind of failure (any code but `expired`, which only the service gives); it decides
+    // `retryable` when that is not sent (`render_timeout`, `worker_lost` and `internal` are
+    // retried). Without it the failure is `internal`. (A plain comment: see `BatchItemView`.)
     pub error_code: Option<crate::domain::failure::FailureCode>,
     /// What went wrong, shown to the customer with the code (1–4096 characters).
     #[oai(validator(min_length = 1, max_length = 4096))]

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use std::sync::Arc;
 
-use crate::domain::failure::ItemErrorCode;
+use crate::domain::failure::FailureCode;
 use crate::domain::ids::{BatchId, KeyId};
 use crate::domain::{NewBatch, RequestId};
 use crate::error::{ApiError, ErrorCode};
@@ -428,7 +428,7 @@ pub fn item_view(m: &items::Visible) -> BatchItemView {
         attempts: m.attempts,
         result_url: m.result_url.clone(),
         result: parse_json(m.result.as_deref()),
-        error_code: ItemErrorCode::of_item(m.status, m.error_code.as_deref()),
+        error_code: FailureCode::of_item(m.status, m.error_code.as_deref()),
         message: m.error.clone(),
         error: m.error.clone(),
         original_index: m.source_idx,
@@ -552,8 +552,8 @@ pub fn export_stream(
             let last = rows.last().map(|r| r.idx)?;
             let mut out = Vec::with_capacity(rows.len() * 160);
             for r in &rows {
-                let code = ItemErrorCode::of_item(r.status, r.error_code.as_deref())
-                    .map(ItemErrorCode::as_str);
+                let code = FailureCode::of_item(r.status, r.error_code.as_deref())
+                    .map(FailureCode::as_str);
                 let mut line = json!({
                     "item_id": r.id,
                     "index": r.idx,

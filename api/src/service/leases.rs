@@ -394,6 +394,13 @@ impl Reported {
             (Some(m), None) | (None, Some(m)) => Some(m.into_string()),
             (None, None) => None,
         };
+        if req.error_code == Some(FailureCode::Expired) {
+            return Err(ApiError::validation(
+                "error_code",
+                "`expired` is given by the service when a completion window ends; report what \
+                 happened to the item (e.g. `render_timeout`, `internal`)",
+            ));
+        }
         let (code, message) = match (req.error_code, message) {
             (Some(code), message) => (code, message.unwrap_or_else(|| code.as_str().to_string())),
             (None, Some(message)) => (FailureCode::Internal, message),
