@@ -5,9 +5,12 @@
 use serde_json::{Value, json};
 
 /// Request bodies declared with `deny_unknown_fields`.
-const CLOSED_OBJECTS: [&str; 8] = [
+const CLOSED_OBJECTS: [&str; 11] = [
     "BatchItemInput",
     "CreateBatchRequest",
+    "RetryFailedRequest",
+    "RecoverRequest",
+    "EnableEndpointRequest",
     "ClaimRequest",
     "HeartbeatRequest",
     "CompleteRequest",
@@ -22,7 +25,8 @@ fn examples() -> Vec<(&'static str, Value)> {
     let item = json!({
         "item_id": item_id, "index": 0, "prompt": "a red fox at dawn",
         "params": { "duration_s": 5 }, "status": "succeeded", "attempts": 1,
-        "result_url": "https://cdn.example.com/renders/fox.mp4", "result": null, "error": null
+        "result_url": "https://cdn.example.com/renders/fox.mp4", "result": null,
+        "message": null, "error": null
     });
     let counts = json!({ "total": 2, "queued": 0, "running": 1, "succeeded": 1, "failed": 0, "cancelled": 0, "expired": 0 });
     let batch = json!({
@@ -30,7 +34,8 @@ fn examples() -> Vec<(&'static str, Value)> {
         "cost_per_video": 10, "required_credits": 20, "webhook_url": null,
         "metadata": { "campaign": "q4" }, "created_at": "2026-11-24T12:00:00Z",
         "updated_at": "2026-11-24T12:00:05Z", "cancel_requested_at": null, "completed_at": null,
-        "expires_at": "2026-11-25T12:00:00Z"
+        "expires_at": "2026-11-25T12:00:00Z", "error_counts": {}, "retry_of": null,
+        "retried_by": null
     });
     let mut batch_with_items = batch.clone();
     batch_with_items["items"] = json!([item]);
@@ -99,8 +104,17 @@ fn examples() -> Vec<(&'static str, Value)> {
             "FailRequest",
             json!({
                 "lease_token": "7f1e6a52-3c0b-4d8e-9a41-2b5c6d7e8f90",
-                "error": "renderer ran out of GPU memory", "retryable": true
+                "error_code": "render_timeout", "message": "no frame after 600 s"
             }),
+        ),
+        (
+            "RetryFailedRequest",
+            json!({ "request_id": "order-42-retry", "include_expired": false }),
+        ),
+        ("RecoverRequest", json!({ "since": "2026-11-24T10:00:00Z" })),
+        (
+            "EnableEndpointRequest",
+            json!({ "url": "https://hooks.example.com/video-batch" }),
         ),
         (
             "GrantRequest",

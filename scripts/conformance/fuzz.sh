@@ -111,6 +111,10 @@ print('"path.key" = { dictionary = "keys", probability = 0.8 }')
 # else). These operations, and only these, count 422 as an accepted answer to valid data.
 cross_field = {
     "create_batch": "request_id and the Idempotency-Key header must be equal when both are sent",
+    "retry_failed_items": "request_id and the Idempotency-Key header must be equal when both "
+    "are sent; a finished batch with nothing failed has nothing to retry",
+    "fail_item": "a report says error_code or message (not both message and its older name "
+    "error), and never the service's own code expired",
     "get_usage": "from <= to, at most 366 days apart",
     "get_key_usage": "from <= to, at most 366 days apart",
 }

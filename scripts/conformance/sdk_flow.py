@@ -38,6 +38,8 @@ OPERATIONS = {
     "get_batch": "batches",
     "list_batches": "batches",
     "cancel_batch": "batches",
+    "get_batch_errors": "batches",
+    "retry_failed_items": "batches",
     "get_credits": "account",
     "get_usage": "account",
 }
