@@ -27,6 +27,9 @@ async fn in_flight_request_completes_during_shutdown(backend: Backend) {
         .build()
         .await;
     let key = app.key("acme").to_string();
+    let key_id = app
+        .scalar("SELECT id AS v FROM api_key WHERE name = 'acme'")
+        .await;
     // Hold the database's write lock so that a create is still in flight when shutdown starts.
     let locker = app.db();
     let pg = backend.is_postgres();
@@ -79,8 +82,16 @@ async fn in_flight_request_completes_during_shutdown(backend: Backend) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     } else {
-        // SQLite shows no waiter: give the create time to reach its write.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // SQLite shows no waiter: the server does, once the create waits for its commit.
+        let writes = app.state().writes.clone();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while writes.waiting_for(key_id) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the create never reached its write"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     assert!(!request.is_finished(), "the create waits for the lock");
     let port = app.port;

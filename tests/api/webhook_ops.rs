@@ -343,7 +343,9 @@ async fn an_endpoint_failing_too_long_is_disabled_and_enable_releases_its_events
 }
 
 /// While a previous secret is valid both secrets sign (a receiver may verify with either);
-/// once `webhook_previous_secret_expires_at` has passed only the current one does.
+/// once `webhook_previous_secret_expires_at` has passed only the current one does. (The
+/// expired key is written with the names `previous_webhook_secret[_expires_at]`, which the
+/// configuration accepts too.)
 async fn an_expired_previous_secret_stops_signing(backend: Backend) {
     const OLD: &str = "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
     let receiver = Receiver::start(0, &[]).await;
@@ -361,8 +363,8 @@ async fn an_expired_previous_secret_stops_signing(backend: Backend) {
             "expired",
             &format!(
                 "initial_credits = 100\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"\n\
-                 webhook_previous_secret = \"{OLD}\"\n\
-                 webhook_previous_secret_expires_at = \"2020-01-01T00:00:00Z\"",
+                 previous_webhook_secret = \"{OLD}\"\n\
+                 previous_webhook_secret_expires_at = \"2020-01-01T00:00:00Z\"",
                 receiver.url()
             ),
         )

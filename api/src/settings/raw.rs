@@ -89,7 +89,9 @@ pub(super) struct RawKey {
     pub(super) ip_allowlist: Option<Vec<String>>,
     pub(super) webhook_url: Option<String>,
     pub(super) webhook_secret: Option<String>,
+    #[serde(alias = "previous_webhook_secret")]
     pub(super) webhook_previous_secret: Option<String>,
+    #[serde(alias = "previous_webhook_secret_expires_at")]
     pub(super) webhook_previous_secret_expires_at: Option<String>,
     #[serde(default, deserialize_with = "opt_string_or_list")]
     pub(super) webhook_events: Option<Vec<String>>,

@@ -124,7 +124,9 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
             return a;
         }
         Err(e) => {
-            let kind = if e.contains("resolve") {
+            // A name that does not resolve (yet) may resolve on a later try; a target
+            // refused by policy (a private address, a bad URL) never will.
+            let kind = if e.starts_with("cannot resolve") || e.ends_with("resolves to no address") {
                 "dns"
             } else {
                 "refused_target"

@@ -114,6 +114,8 @@ pub(super) struct Counters {
     pub(super) isolated: AtomicU64,
     /// When a group last failed by a store failure (ms since the epoch; 0: never).
     pub(super) last_fault_ms: AtomicI64,
+    /// Calls of each key handed to a lane whose outcome has not come back yet.
+    pub(super) waiting: std::sync::Mutex<std::collections::HashMap<i64, usize>>,
 }
 
 /// How long after a group failed by a store failure writes count as failing.

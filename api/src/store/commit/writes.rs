@@ -80,6 +80,32 @@ impl Writes {
         last != 0 && crate::fault::now_ms() - last < FAILING_FOR.as_millis() as i64
     }
 
+    /// Calls of `key` handed to a lane whose outcome has not come back yet (they wait for
+    /// their group to commit, or for the store).
+    pub fn waiting_for(&self, key: i64) -> usize {
+        let waiting = self
+            .counters
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        waiting.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Counts a call of `key` as waiting until the returned guard is dropped.
+    fn wait_of(&self, key: Option<i64>) -> Option<Waiting> {
+        let key = key?;
+        let mut waiting = self
+            .counters
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *waiting.entry(key).or_default() += 1;
+        Some(Waiting {
+            key,
+            counters: Arc::clone(&self.counters),
+        })
+    }
+
     fn lane(&self, key: Option<i64>) -> &mpsc::Sender<Job> {
         let i = match key {
             Some(k) => k.rem_euclid(self.lanes.len() as i64) as usize,
@@ -114,6 +140,7 @@ impl Writes {
         then_audit: Option<AuditAfter>,
         then_unit: Option<(i64, Unit)>,
     ) -> Result<i64, ApiError> {
+        let _waiting = self.wait_of(Some(key));
         let (reply, rx) = oneshot::channel();
         let hit = Hit {
             key,
@@ -162,6 +189,7 @@ impl Writes {
     pub async fn audit(&self, row: UsageRow, at: DateTime<Utc>) -> Result<(), ApiError> {
         let (reply, rx) = oneshot::channel();
         let key = row.api_key_id;
+        let _waiting = self.wait_of(key);
         let audit = Audit {
             row,
             at,
@@ -182,6 +210,7 @@ impl Writes {
         T: Send + 'static,
         F: for<'a> FnMut(&'a Txn<'a>) -> UnitFuture<'a, T> + Send + 'static,
     {
+        let _waiting = self.wait_of(key);
         let (unit, rx) = unit(key, work);
         self.send(key, Job::Unit(unit)).await?;
         rx.await
@@ -204,6 +233,7 @@ impl Writes {
         T: Send + 'static,
         F: for<'a> FnMut(&'a Txn<'a>) -> UnitFuture<'a, T> + Send + 'static,
     {
+        let _waiting = self.wait_of(Some(key));
         let (work, rx) = unit(Some(key), work);
         let then = (i64::from(limit), work);
         let count = self
@@ -273,4 +303,26 @@ where
         fail: Box::new(fail),
     };
     (unit, rx)
+}
+
+/// One call of a key counted as waiting (see [`Writes::waiting_for`]) while it lives.
+struct Waiting {
+    key: i64,
+    counters: Arc<Counters>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut waiting = self
+            .counters
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = waiting.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&self.key);
+            }
+        }
+    }
 }
