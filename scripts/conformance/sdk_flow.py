@@ -12,15 +12,18 @@ the generated model for that status (e.g. `BatchCreated` for 201, `ErrorBody` fo
 
 Environment: BASE_URL, SDK_PATH (folder holding the `video_batch_client` package), API_KEY,
 POOR_API_KEY (too few credits for one item), BURST_API_KEY (rate_limit_per_min = 2),
-WORKER_SECRET.
+WORKER_SECRET, HOOK_API_KEY (a key whose webhook_url is http://127.0.0.1:HOOK_PORT, signed with
+HOOK_SECRET and, during its rotation, HOOK_OLD_SECRET).
 """
 
 from __future__ import annotations
 
+import http.server
 import importlib
 import json
 import os
 import sys
+import threading
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +45,8 @@ OPERATIONS = {
     "retry_failed_items": "batches",
     "get_credits": "account",
     "get_usage": "account",
+    "list_webhook_deliveries": "webhooks",
+    "resend_webhook_delivery": "webhooks",
 }
 
 
@@ -414,6 +419,74 @@ def main() -> int:
         return f"{len(resp.parsed.days)} day(s), {sum(d.calls for d in resp.parsed.days)} calls"
 
     flow.step("get_usage -> 200 Usage", usage)
+
+    # --- webhooks: a rotation verified by the standardwebhooks library, then a resend -------
+    hook_key = client_for(os.environ["HOOK_API_KEY"])
+    received: list[tuple[dict, bytes]] = []
+    arrived = threading.Condition()
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the handler's name is fixed)
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            with arrived:
+                received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                arrived.notify_all()
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["HOOK_PORT"])), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def wait_received(n: int) -> list[tuple[dict, bytes]]:
+        with arrived:
+            arrived.wait_for(lambda: len(received) >= n, timeout=30)
+            check(len(received) >= n, f"{len(received)} of {n} webhook deliveries arrived")
+            return list(received)
+
+    def rotation() -> str:
+        from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+        resp = op("create_batch").sync_detailed(client=hook_key, body=batch_request(["hooked"]))
+        raw = body_of(resp)
+        check(int(resp.status_code) == 201 and raw.get("batch_id"), f"create: {describe(resp)}")
+        (item,) = claim_of(raw["batch_id"], 1)
+        report(item, "complete", {"result_url": "https://cdn.example.com/hooked.mp4"})
+        headers, body = wait_received(1)[0]
+        for name in ("HOOK_SECRET", "HOOK_OLD_SECRET"):
+            event = Webhook(os.environ[name]).verify(body, headers)
+            check(event["type"] == "batch.completed", f"event {event}")
+            check(event["data"]["batch_id"] == raw["batch_id"], f"event {event}")
+        try:
+            Webhook("whsec_" + "B" * 43 + "=").verify(body, headers)
+        except WebhookVerificationError:
+            pass
+        else:
+            raise StepFailed("a delivery verified with a secret that never signed it")
+        flow.state["hook_batch"] = raw["batch_id"]
+        return f"batch.completed {headers['webhook-id']} verified with the new and the old secret"
+
+    flow.step("webhook during a secret rotation verifies with both secrets (standardwebhooks)", rotation)
+
+    def resend() -> str:
+        batch_id = flow.need("hook_batch")
+        resp = op("list_webhook_deliveries").sync_detailed(client=hook_key)
+        check(int(resp.status_code) == 200, f"list: expected 200, got {describe(resp)}")
+        check(isinstance(resp.parsed, model("DeliveryList")), f"200 not typed: parsed={resp.parsed!r}")
+        mine = [d for d in resp.parsed.data if str(d.batch_id) == batch_id]
+        check(len(mine) == 1 and str(mine[0].status) == "delivered", f"deliveries {resp.parsed.data}")
+        delivery = mine[0]
+        resp = op("resend_webhook_delivery").sync_detailed(
+            delivery.delivery_id, client=hook_key, idempotency_key=f"resend-{uuid.uuid4().hex[:8]}"
+        )
+        check(int(resp.status_code) == 200, f"resend: expected 200, got {describe(resp)}")
+        headers, _ = wait_received(2)[1]
+        check(headers["webhook-id"] == delivery.webhook_id, f"resent as {headers['webhook-id']}")
+        return f"resent {delivery.webhook_id} with the same webhook-id"
+
+    flow.step("list_webhook_deliveries and resend_webhook_delivery (same webhook-id)", resend)
 
     total = flow.passed + len(flow.failed)
     print()
