@@ -241,9 +241,11 @@ async fn retry_failed_makes_a_batch_of_exactly_the_failed_items(backend: Backend
     // Unfinished: 409, nothing created.
     let r = retry(&app, &key, &batch, None).await;
     assert_eq!(r.status(), 409);
+    let v = r.json::<Value>().await.unwrap();
     assert_eq!(
-        r.json::<Value>().await.unwrap()["error"],
-        "BATCH_NOT_FINISHED"
+        (v["error"].as_str(), v["details"]["reason"].as_str()),
+        (Some("CONFLICT"), Some("batch_not_finished")),
+        "{v}"
     );
     for (i, item) in items.iter().enumerate() {
         let s = match i {
@@ -322,9 +324,11 @@ async fn retry_failed_makes_a_batch_of_exactly_the_failed_items(backend: Backend
         .await;
     let r = retry(&app, &key, &retry_id, None).await;
     assert_eq!(r.status(), 422);
+    let v = r.json::<Value>().await.unwrap();
     assert_eq!(
-        r.json::<Value>().await.unwrap()["error"],
-        "NOTHING_TO_RETRY"
+        (v["error"].as_str(), v["details"]["reason"].as_str()),
+        (Some("VALIDATION_ERROR"), Some("nothing_to_retry")),
+        "{v}"
     );
 
     // A wallet that cannot hold the retry: 402 and nothing written.

@@ -30,10 +30,8 @@ pub enum ErrorCode {
     LeaseLost,
     /// The request conflicts with the resource's state.
     Conflict,
-    /// The batch still has queued or running items.
-    BatchNotFinished,
-    /// The batch has no failed (or expired) item to retry.
-    NothingToRetry,
+    /// The key's scopes do not include what the operation needs.
+    ForbiddenScope,
     /// Something failed on our side.
     Internal,
     /// The store failed (disk full, I/O error, database unreachable, timeout): nothing was
@@ -56,8 +54,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::LeaseLost => "LEASE_LOST",
             ErrorCode::Conflict => "CONFLICT",
-            ErrorCode::BatchNotFinished => "BATCH_NOT_FINISHED",
-            ErrorCode::NothingToRetry => "NOTHING_TO_RETRY",
+            ErrorCode::ForbiddenScope => "FORBIDDEN_SCOPE",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::StoreUnavailable => "STORE_UNAVAILABLE",
         }
@@ -67,14 +64,13 @@ impl ErrorCode {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::IpNotAllowed => StatusCode::FORBIDDEN,
+            ErrorCode::IpNotAllowed | ErrorCode::ForbiddenScope => StatusCode::FORBIDDEN,
             ErrorCode::RateLimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::InsufficientCredits => StatusCode::PAYMENT_REQUIRED,
-            ErrorCode::IdempotencyConflict
-            | ErrorCode::LeaseLost
-            | ErrorCode::Conflict
-            | ErrorCode::BatchNotFinished => StatusCode::CONFLICT,
-            ErrorCode::ValidationError | ErrorCode::BatchTooLarge | ErrorCode::NothingToRetry => {
+            ErrorCode::IdempotencyConflict | ErrorCode::LeaseLost | ErrorCode::Conflict => {
+                StatusCode::CONFLICT
+            }
+            ErrorCode::ValidationError | ErrorCode::BatchTooLarge => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

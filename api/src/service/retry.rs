@@ -48,8 +48,9 @@ fn fingerprint(batch_id: Uuid, include_expired: bool) -> String {
 }
 
 /// Retries the failed items of the key's batch `batch_id`: 404 for another key's batch, 409
-/// `BATCH_NOT_FINISHED` while items are queued or running, 422 `NOTHING_TO_RETRY` when no
-/// item failed (or expired, when included); otherwise what a create answers.
+/// `CONFLICT` (reason `batch_not_finished`) while items are queued or running, 422
+/// `VALIDATION_ERROR` (reason `nothing_to_retry`) when no item failed (or expired, when
+/// included); otherwise what a create answers.
 #[allow(clippy::too_many_arguments)]
 pub async fn retry_failed(
     db: &DatabaseConnection,
@@ -114,7 +115,7 @@ pub async fn retry_failed(
     let status = BatchStatus::from(original.status);
     if !status.is_final() || original.queued_count + original.running_count > 0 {
         return Err(ApiError::new(
-            ErrorCode::BatchNotFinished,
+            ErrorCode::Conflict,
             format!(
                 "batch {batch_id} is {} with {} queued and {} running items: retry its \
                  failed items once it has finished",
@@ -123,18 +124,22 @@ pub async fn retry_failed(
                 original.running_count
             ),
         )
-        .with_details(serde_json::json!({ "status": status.as_str() })));
+        .with_details(serde_json::json!({
+            "reason": "batch_not_finished",
+            "status": status.as_str(),
+        })));
     }
     let (inputs, source_idx) = failures(db, batch_id, req.include_expired).await?;
     if inputs.is_empty() {
         return Err(ApiError::new(
-            ErrorCode::NothingToRetry,
+            ErrorCode::ValidationError,
             if req.include_expired {
                 format!("batch {batch_id} has no failed or expired item")
             } else {
                 format!("batch {batch_id} has no failed item (expired ones: include_expired)")
             },
-        ));
+        )
+        .with_details(serde_json::json!({ "reason": "nothing_to_retry" })));
     }
     create_batch(
         db,
