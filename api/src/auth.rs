@@ -11,6 +11,7 @@ use crate::context::PendingQuota;
 use crate::error::{ApiError, ErrorCode};
 use crate::service::keys::sha256_hex;
 use crate::service::rate_limit::{self, SCOPE_BATCH};
+use crate::settings::KeyScope;
 use crate::state::{AppState, KeyEntry, Runtime};
 
 /// An authenticated customer: the key and the configuration it was checked against.
@@ -79,6 +80,27 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
                     .unwrap_or_else(|| "unknown".into())
             ),
         ));
+    }
+    if let Some(needed) = KeyScope::of_call(req.method(), req.original_uri().path())
+        && !key.policy.has_scope(needed)
+    {
+        // Outside the key's scopes: refused before any quota is used or any work done; the
+        // audit layer writes its row, bounded per key and address like an allowlist refusal.
+        let info = rate_limit::RateInfo::untouched(scope, limit, now);
+        crate::context::update(|s| s.rate = Some(info));
+        let held: Vec<&str> = key.policy.scopes.iter().map(|s| s.as_str()).collect();
+        return Err(ApiError::new(
+            ErrorCode::ForbiddenScope,
+            format!(
+                "this key's scopes ({}) do not include {}",
+                held.join(", "),
+                needed.as_str()
+            ),
+        )
+        .with_details(serde_json::json!({
+            "required_scope": needed.as_str(),
+            "key_scopes": held,
+        })));
     }
     if scope == SCOPE_BATCH {
         // Counted later, in one commit with what the call writes: a read with its usage row

@@ -227,6 +227,20 @@ mod tests {
         assert_eq!(create["additionalProperties"], false);
         assert_eq!(create["example"]["items"][0]["prompt"], "a red fox at dawn");
         assert_eq!(create["properties"]["webhook_url"]["format"], "uri");
+        // Every operation states the scope a key needs for it, the one the server checks.
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                let m = poem::http::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+                let scope =
+                    crate::settings::KeyScope::of_call(&m, &format!("/api/enterprise{path}"))
+                        .unwrap_or_else(|| panic!("{method} {path} needs no scope"));
+                let description = op["description"].as_str().unwrap_or_default();
+                assert!(
+                    description.contains(&format!("Scope: `{}`.", scope.as_str())),
+                    "{method} {path}: {description}"
+                );
+            }
+        }
         let usage = &doc["paths"]["/usage"]["get"]["parameters"];
         for p in usage.as_array().unwrap() {
             assert_eq!(p["schema"]["format"], "date", "{p}");

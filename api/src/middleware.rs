@@ -443,10 +443,13 @@ async fn finish(
     {
         return Ok(throttle(state, None, ctx.client_ip, retry_after));
     }
-    // A valid key refused for its client address: bounded like strangers, per key and address
-    // (the key's calls from allowed addresses never spend this budget).
+    // A valid key refused for its client address or its scopes: bounded like strangers, per
+    // key and address (the key's admitted calls never spend this budget).
     if let Some(key_id) = call.key_id
-        && call.error_code == Some(ErrorCode::IpNotAllowed)
+        && matches!(
+            call.error_code,
+            Some(ErrorCode::IpNotAllowed | ErrorCode::ForbiddenScope)
+        )
         && let Verdict::Throttled { retry_after } =
             state.refused_keys.check(Some(key_id), ctx.client_ip)
     {

@@ -1,10 +1,10 @@
 //! Calls refused before any work: those that carry no valid key ("strangers"), and a valid
-//! key's calls refused for their client address (its IP allowlist) or before routing (body too
-//! large or too slow). Each (key or none, client address) gets a small budget per minute, kept
-//! in this node's memory. Within it, calls are answered and audited one row each; beyond it
-//! they are refused with 429 at no database cost, and their audit is aggregated into one row
-//! per (key, address, minute, outcome) written in the background. "Now" is the application's
-//! clock, so tests that freeze it count exactly.
+//! key's calls refused for their client address (its IP allowlist), for its scopes, or before
+//! routing (body too large or too slow). Each (key or none, client address) gets a small
+//! budget per minute, kept in this node's memory. Within it, calls are answered and audited one
+//! row each; beyond it they are refused with 429 at no database cost, and their audit is
+//! aggregated into one row per (key, address, minute, outcome) written in the background.
+//! "Now" is the application's clock, so tests that freeze it count exactly.
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU32;

@@ -710,7 +710,20 @@ impl TestApp {
         .await
     }
 
-    /// POST to the admin API.
+    /// GETs `/api/admin{path}` with the admin token and returns its JSON (asserting a 200).
+    pub async fn admin_get(&self, path: &str) -> Value {
+        let r = self
+            .client
+            .get(format!("{}/api/admin{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200, "{path}");
+        r.json().await.expect("JSON")
+    }
+
+    /// POSTs `body` to `/api/admin{path}` with the admin token (and an `Idempotency-Key`).
     pub async fn admin_post(
         &self,
         path: &str,

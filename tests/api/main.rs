@@ -29,6 +29,7 @@ mod races;
 mod reaper;
 mod retention;
 mod rollup;
+mod scopes;
 mod security;
 mod store_faults;
 mod targets;

@@ -5,25 +5,13 @@
 use serde_json::{Value, json};
 
 use crate::both_backends;
-use crate::helpers::{ADMIN_TOKEN, Backend, TestApp};
+use crate::helpers::{Backend, TestApp};
 
 both_backends!(
     admin_reads_a_keys_wallet_and_ledger_and_lists_effective_policies,
     a_workers_optional_result_is_returned_with_the_item,
     a_usage_range_over_several_days_includes_its_last_day,
 );
-
-async fn admin_get(app: &TestApp, path: &str) -> Value {
-    let r = app
-        .client
-        .get(format!("{}/api/admin{path}", app.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{path}");
-    r.json().await.unwrap()
-}
 
 async fn admin_reads_a_keys_wallet_and_ledger_and_lists_effective_policies(backend: Backend) {
     let app = TestApp::builder(backend)
@@ -52,7 +40,7 @@ async fn admin_reads_a_keys_wallet_and_ledger_and_lists_effective_policies(backe
         .await;
     assert_eq!(r.status(), 200);
 
-    let w = admin_get(&app, "/keys/acme/credits").await;
+    let w = app.admin_get("/keys/acme/credits").await;
     assert_eq!(w["key"], "acme");
     // 100 + 30 granted, 7 charged; 7 held for the other item.
     assert_eq!(
@@ -79,7 +67,7 @@ async fn admin_reads_a_keys_wallet_and_ledger_and_lists_effective_policies(backe
     let mine = app.wallet(&key).await;
     assert_eq!((mine.balance, mine.held), (123, 7));
 
-    let keys = admin_get(&app, "/keys").await;
+    let keys = app.admin_get("/keys").await;
     let list = keys
         .as_array()
         .unwrap_or_else(|| keys["keys"].as_array().unwrap());

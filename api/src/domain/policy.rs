@@ -57,6 +57,72 @@ impl KeyVersion {
     }
 }
 
+/// What a key may do. Every customer operation needs one scope; a key holds all of them unless
+/// its `scopes` name fewer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyScope {
+    /// Create, cancel and retry batches.
+    BatchesWrite,
+    /// Read batches, their items and exports.
+    BatchesRead,
+    /// Read the wallet.
+    CreditsRead,
+    /// Read usage reports.
+    UsageRead,
+    /// Read webhook deliveries and endpoints.
+    WebhooksRead,
+    /// Resend and recover deliveries, enable endpoints.
+    WebhooksWrite,
+}
+
+impl KeyScope {
+    /// Every scope, in the order they are documented.
+    pub const ALL: [KeyScope; 6] = [
+        KeyScope::BatchesWrite,
+        KeyScope::BatchesRead,
+        KeyScope::CreditsRead,
+        KeyScope::UsageRead,
+        KeyScope::WebhooksRead,
+        KeyScope::WebhooksWrite,
+    ];
+
+    /// The configured and documented name, e.g. `batches:write`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyScope::BatchesWrite => "batches:write",
+            KeyScope::BatchesRead => "batches:read",
+            KeyScope::CreditsRead => "credits:read",
+            KeyScope::UsageRead => "usage:read",
+            KeyScope::WebhooksRead => "webhooks:read",
+            KeyScope::WebhooksWrite => "webhooks:write",
+        }
+    }
+
+    /// The scope of a name (`None`: no such scope).
+    pub fn parse(name: &str) -> Option<KeyScope> {
+        KeyScope::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// The scope a customer call needs, from its method and path (the one place that decides
+    /// it; `None` for a path outside the customer API, which no key reaches).
+    pub fn of_call(method: &poem::http::Method, path: &str) -> Option<KeyScope> {
+        let rest = path
+            .trim_end_matches('/')
+            .strip_prefix("/api/enterprise/")?;
+        let write = method != poem::http::Method::GET && method != poem::http::Method::HEAD;
+        let (resource, _) = rest.split_once('/').unwrap_or((rest, ""));
+        Some(match (resource, write) {
+            ("video-batch", true) => KeyScope::BatchesWrite,
+            ("video-batch", false) => KeyScope::BatchesRead,
+            ("credits", _) => KeyScope::CreditsRead,
+            ("usage", _) => KeyScope::UsageRead,
+            ("webhooks", true) => KeyScope::WebhooksWrite,
+            ("webhooks", false) => KeyScope::WebhooksRead,
+            _ => return None,
+        })
+    }
+}
+
 /// Limits every key inherits from `[defaults]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyLimits {
@@ -126,9 +192,16 @@ pub struct KeyPolicy {
     pub low_credit_threshold: Option<i64>,
     /// At most this many of the key's items run at once (None: unlimited).
     pub max_running_items: Option<u32>,
+    /// What the key may do (all scopes unless configured otherwise), sorted.
+    pub scopes: Vec<KeyScope>,
 }
 
 impl KeyPolicy {
+    /// True when the key holds `scope`.
+    pub fn has_scope(&self, scope: KeyScope) -> bool {
+        self.scopes.contains(&scope)
+    }
+
     /// True when a call from `ip` may use the key: any call when the allowlist is empty,
     /// otherwise only calls whose client address is known and allowed (an address that could
     /// not be determined never passes an allowlist).
@@ -144,5 +217,79 @@ impl KeyPolicy {
         };
         self.limits.ip_allowlist.is_empty()
             || self.limits.ip_allowlist.iter().any(|n| n.contains(&ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyScope;
+    use poem::http::Method;
+
+    #[test]
+    fn every_customer_path_needs_its_scope() {
+        let cases = [
+            (
+                Method::POST,
+                "/api/enterprise/video-batch",
+                KeyScope::BatchesWrite,
+            ),
+            (
+                Method::POST,
+                "/api/enterprise/video-batch/",
+                KeyScope::BatchesWrite,
+            ),
+            (
+                Method::POST,
+                "/api/enterprise/video-batch/b/cancel",
+                KeyScope::BatchesWrite,
+            ),
+            (
+                Method::POST,
+                "/api/enterprise/video-batch/b/retry-failed",
+                KeyScope::BatchesWrite,
+            ),
+            (
+                Method::GET,
+                "/api/enterprise/video-batch",
+                KeyScope::BatchesRead,
+            ),
+            (
+                Method::GET,
+                "/api/enterprise/video-batch/b/errors",
+                KeyScope::BatchesRead,
+            ),
+            (
+                Method::GET,
+                "/api/enterprise/credits",
+                KeyScope::CreditsRead,
+            ),
+            (Method::GET, "/api/enterprise/usage", KeyScope::UsageRead),
+            (
+                Method::GET,
+                "/api/enterprise/webhooks/deliveries",
+                KeyScope::WebhooksRead,
+            ),
+            (
+                Method::POST,
+                "/api/enterprise/webhooks/recover",
+                KeyScope::WebhooksWrite,
+            ),
+        ];
+        for (method, path, scope) in cases {
+            assert_eq!(
+                KeyScope::of_call(&method, path),
+                Some(scope),
+                "{method} {path}"
+            );
+        }
+        assert_eq!(KeyScope::of_call(&Method::GET, "/api/admin/keys"), None);
+        assert_eq!(
+            KeyScope::of_call(&Method::GET, "/api/enterprise/other"),
+            None
+        );
+        for s in KeyScope::ALL {
+            assert_eq!(KeyScope::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(KeyScope::parse("batches:delete"), None);
     }
 }

@@ -346,6 +346,7 @@ impl AdminApi {
                         .iter()
                         .map(|n| n.to_string())
                         .collect(),
+                    scopes: k.scopes.iter().map(|s| s.as_str().to_string()).collect(),
                     webhook_url: k.webhook_url.clone(),
                     webhook_secret_set: k.webhook_secret.is_some(),
                     webhook_events: k.webhook_events.clone(),

@@ -114,6 +114,8 @@ impl CustomerApi {
     /// Holds `total_count * cost_per_video` credits and queues the items. Idempotent by
     /// `request_id` (or the `Idempotency-Key` header): a repeat with the same body returns the
     /// stored answer with status 200; the same id with another body is 409.
+    ///
+    /// Scope: `batches:write`.
     #[oai(
         path = "/video-batch",
         method = "post",
@@ -156,6 +158,8 @@ impl CustomerApi {
     /// The batch with its counts and its first 100 items; `items_next_cursor` is present when
     /// more follow (page them with `GET /video-batch/{batch_id}/items`, or export every outcome
     /// with `GET /video-batch/{batch_id}/results`). Another key's batch is 404.
+    ///
+    /// Scope: `batches:read`.
     #[oai(
         path = "/video-batch/:batch_id",
         method = "get",
@@ -178,6 +182,8 @@ impl CustomerApi {
     ///
     /// In request order, optionally of one status. Pass `next_cursor` as `cursor` for the next
     /// page. Another key's batch is 404.
+    ///
+    /// Scope: `batches:read`.
     #[oai(
         path = "/video-batch/:batch_id/items",
         method = "get",
@@ -220,6 +226,8 @@ impl CustomerApi {
     /// Every item's outcome as JSON Lines (`application/x-ndjson`), streamed in request order,
     /// like a Batch API output file: fetch it once when the batch is final instead of polling
     /// every item. Another key's batch is 404.
+    ///
+    /// Scope: `batches:read`.
     #[oai(
         path = "/video-batch/:batch_id/results",
         method = "get",
@@ -243,6 +251,8 @@ impl CustomerApi {
     /// order: `item_id`, `index`, `status`, `attempts`, `error_code`, `message`, `prompt` and
     /// `params` (and `original_index` in a retry), enough to act on each failure or resubmit
     /// it. Empty while nothing failed. Another key's batch is 404.
+    ///
+    /// Scope: `batches:read`.
     #[oai(
         path = "/video-batch/:batch_id/errors",
         method = "get",
@@ -267,8 +277,11 @@ impl CustomerApi {
     /// carries its `original_index`, the new batch `retry_of`, and the original `retried_by`.
     /// It passes every check of a create: the create quota, the batch cap and a credit hold
     /// (402 when the wallet cannot hold it). Idempotent like a create; without a
-    /// `request_id` a repeat answers the first retry (200). 409 `BATCH_NOT_FINISHED` while the
-    /// batch has queued or running items, 422 `NOTHING_TO_RETRY` when none failed.
+    /// `request_id` a repeat answers the first retry (200). 409 `CONFLICT` (`details.reason`
+    /// `batch_not_finished`) while the batch has queued or running items, 422
+    /// `VALIDATION_ERROR` (`details.reason` `nothing_to_retry`) when none failed.
+    ///
+    /// Scope: `batches:write`.
     #[oai(
         path = "/video-batch/:batch_id/retry-failed",
         method = "post",
@@ -317,6 +330,8 @@ impl CustomerApi {
     /// List batches
     ///
     /// Newest first, without items. Pass `next_cursor` as `cursor` for the next page.
+    ///
+    /// Scope: `batches:read`.
     #[oai(
         path = "/video-batch",
         method = "get",
@@ -355,6 +370,8 @@ impl CustomerApi {
     ///
     /// Queued items are cancelled and their holds released at once; running items may finish.
     /// Cancelling a final batch changes nothing.
+    ///
+    /// Scope: `batches:write`.
     #[oai(
         path = "/video-batch/:batch_id/cancel",
         method = "post",
@@ -387,6 +404,8 @@ impl CustomerApi {
     /// Get credits
     ///
     /// Balance, held and available credits, and the latest ledger rows.
+    ///
+    /// Scope: `credits:read`.
     #[oai(
         path = "/credits",
         method = "get",
@@ -413,6 +432,8 @@ impl CustomerApi {
     /// The key's own calls and credits charged per UTC day, `from` to `to` inclusive
     /// (default: the last 30 days). `from` must not be after `to`, and the period spans at
     /// most 366 days (422 otherwise).
+    ///
+    /// Scope: `usage:read`.
     #[oai(
         path = "/usage",
         method = "get",

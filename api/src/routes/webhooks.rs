@@ -38,6 +38,8 @@ impl CustomerWebhooksApi {
     /// its last attempt. Filter by status, event type, batch and creation time; pass
     /// `next_cursor` as `cursor` for the next page. Deliveries removed by retention
     /// (`retention.webhook_days`) are no longer listed.
+    ///
+    /// Scope: `webhooks:read`.
     #[oai(
         path = "/webhooks/deliveries",
         method = "get",
@@ -89,6 +91,8 @@ impl CustomerWebhooksApi {
     ///
     /// The delivery with every attempt: when, the HTTP status or the kind of failure, the
     /// latency and the first 1 KB of the answer. Another key's delivery is 404.
+    ///
+    /// Scope: `webhooks:read`.
     #[oai(
         path = "/webhooks/deliveries/:delivery_id",
         method = "get",
@@ -112,6 +116,8 @@ impl CustomerWebhooksApi {
     /// (receivers deduplicate by it). A delivery with an attempt due or in flight is answered
     /// as it is: never two attempts at once. A repeat with the same `Idempotency-Key` sends
     /// nothing more. 409 while its endpoint is disabled; another key's delivery is 404.
+    ///
+    /// Scope: `webhooks:write`.
     #[oai(
         path = "/webhooks/deliveries/:delivery_id/resend",
         method = "post",
@@ -149,6 +155,8 @@ impl CustomerWebhooksApi {
     /// Sends again, once each and oldest first, every delivery of the key that ended `failed`
     /// and was created at or after `since` (e.g. the start of an outage of your endpoint),
     /// under the usual per-endpoint limits. A repeat of the call queues nothing new.
+    ///
+    /// Scope: `webhooks:write`.
     #[oai(
         path = "/webhooks/recover",
         method = "post",
@@ -172,6 +180,8 @@ impl CustomerWebhooksApi {
     /// Each URL the key's webhooks go to, with its state: `enabled`, `failing` (every attempt
     /// since `failing_since` failed) or `disabled` (failing for `webhooks.disable_after`: new
     /// events are held until you enable it).
+    ///
+    /// Scope: `webhooks:read`.
     #[oai(
         path = "/webhooks/endpoints",
         method = "get",
@@ -192,6 +202,8 @@ impl CustomerWebhooksApi {
     ///
     /// Enables a disabled endpoint again and releases its held events, sent at once oldest
     /// first. A URL the key never sent to is 404.
+    ///
+    /// Scope: `webhooks:write`.
     #[oai(
         path = "/webhooks/endpoints/enable",
         method = "post",

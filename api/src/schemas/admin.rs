@@ -63,6 +63,9 @@ pub struct KeyInfo {
     pub max_prompt_chars: u32,
     /// Allowed networks (empty: any).
     pub ip_allowlist: Vec<String>,
+    /// What the key may do: `batches:write`, `batches:read`, `credits:read`, `usage:read`,
+    /// `webhooks:read`, `webhooks:write`.
+    pub scopes: Vec<String>,
     /// Webhook target.
     #[oai(nullable)]
     pub webhook_url: Option<String>,

@@ -64,6 +64,11 @@ impl Settings {
                     .map(|n| n.to_string())
                     .collect::<Vec<_>>()
             );
+            let _ = writeln!(
+                out,
+                "scopes = {:?}",
+                k.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>()
+            );
             let _ = writeln!(out, "webhook_url = {:?}", k.webhook_url);
             let _ = writeln!(
                 out,

@@ -12,7 +12,9 @@ mod load;
 mod raw;
 mod validate;
 
-pub use crate::domain::policy::{KeyPolicy, KeyVersion, PolicyLimits, PreviousKey, Secret};
+pub use crate::domain::policy::{
+    KeyPolicy, KeyScope, KeyVersion, PolicyLimits, PreviousKey, Secret,
+};
 pub use load::{ConfigError, ConfigSource};
 
 /// The name of the key that `config/local.toml` ships for trying the service out.

@@ -104,6 +104,8 @@ pub(super) struct RawKey {
     pub(super) low_credit_threshold: Option<i64>,
     pub(super) max_running_items: Option<i64>,
     pub(super) completion_window: Option<String>,
+    #[serde(default, deserialize_with = "opt_string_or_list")]
+    pub(super) scopes: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

@@ -357,6 +357,40 @@ impl RawSettings {
                 .max_running_items
                 .map(|v| c.positive(&f("max_running_items"), v))
                 .transpose()?;
+            let scopes = match &k.scopes {
+                None => KeyScope::ALL.to_vec(),
+                Some(names) => {
+                    let known = || {
+                        KeyScope::ALL
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    let mut scopes = Vec::new();
+                    for n in names {
+                        let Some(s) = KeyScope::parse(n.trim()) else {
+                            return Err(c.err(
+                                &f("scopes"),
+                                format!("unknown scope {n:?}; known: {}", known()),
+                            ));
+                        };
+                        scopes.push(s);
+                    }
+                    if scopes.is_empty() {
+                        return Err(c.err(
+                            &f("scopes"),
+                            format!(
+                                "names no scope (to refuse every call, set disabled = true); known: {}",
+                                known()
+                            ),
+                        ));
+                    }
+                    scopes.sort_unstable();
+                    scopes.dedup();
+                    scopes
+                }
+            };
             if !(0..=crate::domain::money::MAX_BALANCE).contains(&k.initial_credits) {
                 return Err(c.err(
                     &f("initial_credits"),
@@ -382,6 +416,7 @@ impl RawSettings {
                     previous_key,
                     low_credit_threshold,
                     max_running_items,
+                    scopes,
                 }),
             );
         }
