@@ -233,6 +233,16 @@ async fn assert_only_acknowledged(fresh: &DatabaseConnection, answers: &Answers,
         answers.created.len()
     );
     assert_ledger_invariant(fresh).await;
+    eprintln!(
+        "full store: creates {} answered 201 (all committed) and {} answered 503 (none stored); \
+         completions {} 200 and {} 503; grants {} 200 and {} 503",
+        answers.created.len(),
+        answers.refused.len(),
+        answers.completed.len(),
+        answers.not_completed.len(),
+        answers.granted,
+        answers.not_granted
+    );
 }
 
 /// Seeds batches and claims items, so that completions run while the store fails.
