@@ -12,6 +12,7 @@ mod crash;
 mod create;
 mod delivery;
 mod errors;
+mod exports;
 mod failures;
 mod hostile;
 mod isolation;

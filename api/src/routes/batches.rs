@@ -5,7 +5,7 @@ use poem::web::Data;
 use poem::{Body, Request};
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::{Binary, Json};
-use poem_openapi::{ApiResponse, Tags};
+use poem_openapi::{ApiResponse, ResponseContent, Tags};
 use uuid::Uuid;
 
 use crate::auth::CustomerKey;
@@ -52,13 +52,25 @@ pub enum CreateBatchResponse {
     ),
 }
 
+/// An export's body: JSON Lines, or the very same lines as a download for a client whose
+/// `Accept` names `application/octet-stream` and not `application/x-ndjson` (stock SDK
+/// generators type that one as bytes).
+#[derive(ResponseContent)]
+pub enum ExportBody {
+    /// JSON Lines.
+    #[oai(content_type = "application/x-ndjson")]
+    JsonLines(Binary<Body>),
+    /// The same lines as a download.
+    Download(Binary<Body>),
+}
+
 /// Answer of the results export.
 #[derive(ApiResponse)]
 pub enum Results {
     /// One JSON object per line and item, in request order: `item_id`, `index`, `status`,
     /// `attempts`, `error_code`, `message`, `result_url`, `result`, `error`.
-    #[oai(status = 200, content_type = "application/x-ndjson")]
-    Ok(Binary<Body>),
+    #[oai(status = 200)]
+    Ok(ExportBody),
 }
 
 /// Answer of the error export.
@@ -66,21 +78,45 @@ pub enum Results {
 pub enum Errors {
     /// One JSON object per line and failed or expired item, in request order: `item_id`,
     /// `index`, `status`, `attempts`, `error_code`, `message`, `prompt`, `params`.
-    #[oai(status = 200, content_type = "application/x-ndjson")]
-    Ok(Binary<Body>),
+    #[oai(status = 200)]
+    Ok(ExportBody),
 }
 
-/// The body of an export of the key's batch (404 for another key's batch), streamed.
+/// Whether the client asked for the download form: its `Accept` names
+/// `application/octet-stream` and not JSON Lines (`*/*`, none, or both: JSON Lines).
+fn wants_download(req: &Request) -> bool {
+    let accept = req
+        .headers()
+        .get_all(poem::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",")
+        .to_ascii_lowercase();
+    accept.contains("application/octet-stream") && !accept.contains("application/x-ndjson")
+}
+
+/// The body of an export of the key's batch (404 for another key's batch), streamed, in the
+/// form the client asked for.
 async fn export(
     state: &AppState,
+    req: &Request,
     key_id: i64,
     batch_id: Uuid,
     export: Export,
-) -> Result<Binary<Body>, ApiError> {
+) -> Result<ExportBody, ApiError> {
     crate::context::update(|s| s.batch_id = Some(batch_id));
     batches::check_owner(&state.db, KeyId(key_id), BatchId(batch_id)).await?;
-    let stream = batches::export_stream(state.db.clone(), batch_id, export);
-    Ok(Binary(Body::from_bytes_stream(stream)))
+    let body = Binary(Body::from_bytes_stream(batches::export_stream(
+        state.db.clone(),
+        batch_id,
+        export,
+    )));
+    Ok(if wants_download(req) {
+        ExportBody::Download(body)
+    } else {
+        ExportBody::JsonLines(body)
+    })
 }
 
 /// What a call that creates a batch writes into its audit row, from the template the audit
@@ -225,7 +261,8 @@ impl CustomerApi {
     ///
     /// Every item's outcome as JSON Lines (`application/x-ndjson`), streamed in request order,
     /// like a Batch API output file: fetch it once when the batch is final instead of polling
-    /// every item. Another key's batch is 404.
+    /// every item. With `Accept: application/octet-stream` the same lines come as a download.
+    /// Another key's batch is 404.
     ///
     /// Scope: `batches:read`.
     #[oai(
@@ -237,11 +274,12 @@ impl CustomerApi {
     async fn get_batch_results(
         &self,
         state: Data<&Arc<AppState>>,
+        req: &Request,
         auth: CustomerKey,
         batch_id: Path<Uuid>,
     ) -> Result<Results, ApiError> {
         Ok(Results::Ok(
-            export(&state, auth.0.key.id, batch_id.0, Export::Results).await?,
+            export(&state, req, auth.0.key.id, batch_id.0, Export::Results).await?,
         ))
     }
 
@@ -250,7 +288,8 @@ impl CustomerApi {
     /// The failed and expired items as JSON Lines (`application/x-ndjson`), streamed in request
     /// order: `item_id`, `index`, `status`, `attempts`, `error_code`, `message`, `prompt` and
     /// `params` (and `original_index` in a retry), enough to act on each failure or resubmit
-    /// it. Empty while nothing failed. Another key's batch is 404.
+    /// it. Empty while nothing failed. With `Accept: application/octet-stream` the same lines
+    /// come as a download. Another key's batch is 404.
     ///
     /// Scope: `batches:read`.
     #[oai(
@@ -262,11 +301,12 @@ impl CustomerApi {
     async fn get_batch_errors(
         &self,
         state: Data<&Arc<AppState>>,
+        req: &Request,
         auth: CustomerKey,
         batch_id: Path<Uuid>,
     ) -> Result<Errors, ApiError> {
         Ok(Errors::Ok(
-            export(&state, auth.0.key.id, batch_id.0, Export::Errors).await?,
+            export(&state, req, auth.0.key.id, batch_id.0, Export::Errors).await?,
         ))
     }
 

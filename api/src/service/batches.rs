@@ -512,8 +512,9 @@ pub async fn items_page<C: ConnectionTrait>(
     items_after(db, batch_id, status, after, limit).await
 }
 
-/// Items read per query while streaming an export.
-const EXPORT_CHUNK: u64 = 1000;
+/// Items read per query while streaming an export: with prompts, params and messages of a few
+/// KB each, a page is a few MB of rows, of their JSON and of the chunk sent.
+const EXPORT_CHUNK: u64 = 250;
 
 /// Which items an export streams, and what it says of each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
