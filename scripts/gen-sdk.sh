@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Generates the customer SDKs from the committed customer document api/openapi.json:
 #   sdk/python/      Python client (openapi-python-client, pinned in scripts/conformance/requirements.txt)
-#                    package `video_batch_client`, one module per operation id
+#                    package `video_batch_client`, one module per operation id; the same
+#                    generator is also run stock (default options, no config) and must not warn
 #   sdk/typescript/  TypeScript types (openapi-typescript, pinned below), type-checked with tsc
 # sdk/ is git-ignored. Fails when a generator prints a warning or an error about the document
 # (a warning there means part of the document is dropped from the SDK), when the generated
@@ -65,6 +66,28 @@ PY
 else
     echo "FAIL: no python package generated"; status=1
 fi
+
+# --- Python, stock ------------------------------------------------------------------------
+# What a customer runs: the generator with its default options and no configuration file (its
+# default post-hook formats with ruff, pinned in the requirements). Any warning fails, and
+# every promised operation must be in the package it made.
+conf_log "openapi-python-client generate --path $DOC (stock: default options, no config)"
+mkdir -p "$log/stock"
+rc=0
+doc_abs="$(cd "$(dirname "$DOC")" && pwd)/$(basename "$DOC")"
+(cd "$log/stock" && PATH="$VENV/bin:$PATH" "$VENV/bin/openapi-python-client" generate \
+    --path "$doc_abs") >"$log/stock.txt" 2>&1 || rc=$?
+cat "$log/stock.txt"
+if [ "$rc" -ne 0 ]; then
+    echo "FAIL: stock openapi-python-client exited $rc"; status=1
+elif grep -qiE 'warning|unable to process|cannot parse|error' "$log/stock.txt"; then
+    echo "FAIL: stock openapi-python-client warned about $DOC"; status=1
+fi
+for op in $OPERATIONS; do
+    if ! find "$log/stock" -path "*/api/*/$op.py" | grep -q .; then
+        echo "FAIL: stock python client lacks $op"; status=1
+    fi
+done
 
 # --- TypeScript ---------------------------------------------------------------------------
 conf_log "$OPENAPI_TYPESCRIPT < $DOC"
