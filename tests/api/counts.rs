@@ -328,13 +328,17 @@ async fn batch_counts_equal_a_recount_of_items_after_random_transitions(backend:
         .await;
     assert!(retried > 0, "no item was claimed again after a requeue");
 
-    // The API answers the stored counts (final batches: nothing moves them any more).
+    // The API answers the stored counts (final batches: nothing moves them any more). A batch
+    // still open above may have become final since (its short window ended in the background),
+    // so the stored counts are read again after the listing: a batch final when listed has not
+    // moved since.
     let listed: Value = app
         .list_batches(&key, "limit=100")
         .await
         .json()
         .await
         .unwrap();
+    let rows = stored_and_recounted(&app).await;
     let mut checked = 0;
     for b in listed["data"].as_array().unwrap() {
         if matches!(b["status"].as_str(), Some("queued" | "processing")) {
