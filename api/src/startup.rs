@@ -358,7 +358,8 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             }
             // Pruning last: the gauges are exported first, also at start.
             if n % 12 == 1 {
-                let now = chrono::Utc::now();
+                // The application's clock, as every count and row is stamped with it.
+                let now = state.clock.now();
                 if let Err(e) = crate::service::rate_limit::prune(&state.writer, now).await {
                     tracing::warn!(error = %e, "pruning rate-limit windows failed");
                 }

@@ -188,14 +188,7 @@ async fn an_export_comes_as_a_download_when_asked_for(backend: Backend) {
         .build()
         .await;
     let key = app.key("acme").to_string();
-    let r = app
-        .create_batch(&key, &TestApp::batch_body(Some("dl"), 3))
-        .await;
-    assert_eq!(r.status(), 201);
-    let id = r.json::<serde_json::Value>().await.unwrap()["batch_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app.created_batch_id(&key, "dl", 3).await;
     let get = |accept: Option<&'static str>| {
         let mut r = app
             .client

@@ -559,6 +559,18 @@ impl TestApp {
         }
     }
 
+    /// Creates a batch of `n` items under `request_id` (asserting 201) and returns its id.
+    pub async fn created_batch_id(&self, key: &str, request_id: &str, n: usize) -> String {
+        let r = self
+            .create_batch(key, &Self::batch_body(Some(request_id), n))
+            .await;
+        assert_eq!(r.status(), 201, "create {request_id}");
+        r.json::<Value>().await.expect("JSON")["batch_id"]
+            .as_str()
+            .expect("batch_id")
+            .to_string()
+    }
+
     /// POST /api/enterprise/video-batch.
     pub async fn create_batch(&self, key: &str, body: &Value) -> reqwest::Response {
         self.client

@@ -105,13 +105,7 @@ async fn a_workers_optional_result_is_returned_with_the_item(backend: Backend) {
         .build()
         .await;
     let key = app.key("acme").to_string();
-    let r = app
-        .create_batch(&key, &TestApp::batch_body(Some("res"), 2))
-        .await;
-    let batch = r.json::<Value>().await.unwrap()["batch_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let batch = app.created_batch_id(&key, "res", 2).await;
     let items = app.claim("w", 2).await;
     let extra = json!({ "duration_s": 12.5, "frames": 300, "codec": "h264" });
     let r = app

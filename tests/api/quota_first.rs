@@ -2,16 +2,26 @@
 //! runs a single query.
 use std::time::Duration;
 
+use sea_orm::{ConnectionTrait, TransactionTrait};
+
+use crate::both_backends;
 use crate::helpers::{Backend, TestApp};
 
-/// The read pool is held whole by the test (SQLite: reads have a pool of their own, writes go
-/// through the writer), so any query of a handler would wait for a connection for 30 s. Reads
-/// over the quota are answered 429 at once: their handlers never ran; the last admitted read
-/// is still served once the pool is free.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_read_over_its_quota_runs_no_query_of_its_handler() {
-    let app = TestApp::builder(Backend::Sqlite)
-        .settings(|s| s.database.timeouts.acquire = Duration::from_secs(30))
+both_backends!(a_read_over_its_quota_runs_no_query_of_its_handler);
+
+/// The handler's reads are made to wait: on SQLite the test holds the whole read pool (reads
+/// have a pool of their own, writes go through the writer), on PostgreSQL an exclusive lock on
+/// `batch_job`, so any query of a batch read would wait (for 30 s here). Reads over the quota
+/// are answered 429 at once: their handlers never ran; the last admitted read is still served
+/// once the test lets go.
+async fn a_read_over_its_quota_runs_no_query_of_its_handler(backend: Backend) {
+    let pg = backend.is_postgres();
+    let app = TestApp::builder(backend)
+        .settings(|s| {
+            s.database.timeouts.acquire = Duration::from_secs(30);
+            s.database.timeouts.lock = Duration::from_secs(30);
+            s.database.timeouts.statement = Duration::from_secs(30);
+        })
         .key(
             "acme",
             "initial_credits = 1000\nread_rate_limit_per_min = 3",
@@ -20,25 +30,29 @@ async fn a_read_over_its_quota_runs_no_query_of_its_handler() {
         .await;
     app.freeze_clock();
     let key = app.key("acme").to_string();
-    let r = app
-        .create_batch(&key, &TestApp::batch_body(Some("q"), 1))
-        .await;
-    assert_eq!(r.status(), 201);
-    let id = r.json::<serde_json::Value>().await.unwrap()["batch_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app.created_batch_id(&key, "q", 1).await;
     for _ in 0..2 {
         assert_eq!(app.get_batch(&key, &id).await.status(), 200);
     }
 
-    // Hold every read connection.
-    let pool = app.db().get_sqlite_connection_pool().clone();
+    // Make every read of a batch wait.
+    let locker = app.db();
     let mut held = Vec::new();
-    while let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(300), pool.acquire()).await {
-        held.push(c);
-    }
-    assert!(!held.is_empty(), "the read pool is held");
+    let lock = if pg {
+        let txn = locker.begin().await.unwrap();
+        txn.execute_unprepared("LOCK TABLE batch_job IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        Some(txn)
+    } else {
+        let pool = locker.get_sqlite_connection_pool().clone();
+        while let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(300), pool.acquire()).await
+        {
+            held.push(c);
+        }
+        assert!(!held.is_empty(), "the read pool is held");
+        None
+    };
 
     // The third read is admitted: its handler waits for a connection.
     let admitted = tokio::spawn({
@@ -81,5 +95,8 @@ async fn a_read_over_its_quota_runs_no_query_of_its_handler() {
         "the admitted read waits for the pool"
     );
     drop(held);
+    if let Some(txn) = lock {
+        txn.commit().await.unwrap();
+    }
     assert_eq!(admitted.await.unwrap().unwrap(), 200);
 }
