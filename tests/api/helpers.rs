@@ -704,6 +704,21 @@ impl TestApp {
         v["items"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Completes `item` as a worker does: a report answered 503 (nothing was stored; on a busy
+    /// machine a report may wait longer than the lock timeout for its batch row) is sent again,
+    /// up to 20 times. Returns the last status.
+    pub async fn complete_retrying(&self, item: &Value) -> u16 {
+        let mut status = self.complete(item).await.status().as_u16();
+        for _ in 0..20 {
+            if status != 503 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            status = self.complete(item).await.status().as_u16();
+        }
+        status
+    }
+
     /// Completes a claimed item.
     pub async fn complete(&self, item: &Value) -> reqwest::Response {
         self.worker_post(

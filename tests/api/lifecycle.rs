@@ -63,7 +63,7 @@ async fn concurrent_workers_claim_each_item_once(backend: Backend) {
                     break;
                 }
                 for item in items {
-                    assert_eq!(node.complete(&item).await.status(), 200);
+                    assert_eq!(node.complete_retrying(&item).await, 200);
                     mine.push(item["item_id"].as_str().unwrap().to_string());
                 }
             }

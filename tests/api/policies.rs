@@ -354,7 +354,7 @@ async fn a_capped_key_never_runs_more_than_its_cap_and_claims_fill_from_other_ke
                             .insert(item["item_id"].as_str().unwrap().to_string()),
                         "an item was claimed twice"
                     );
-                    assert_eq!(node.complete(&item).await.status(), 200);
+                    assert_eq!(node.complete_retrying(&item).await, 200);
                     done.fetch_add(1, Ordering::SeqCst);
                 }
                 if done.load(Ordering::SeqCst) >= 40 {
