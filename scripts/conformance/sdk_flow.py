@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import threading
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -472,10 +473,16 @@ def main() -> int:
 
     def resend() -> str:
         batch_id = flow.need("hook_batch")
-        resp = op("list_webhook_deliveries").sync_detailed(client=hook_key)
-        check(int(resp.status_code) == 200, f"list: expected 200, got {describe(resp)}")
-        check(isinstance(resp.parsed, model("DeliveryList")), f"200 not typed: parsed={resp.parsed!r}")
-        mine = [d for d in resp.parsed.data if str(d.batch_id) == batch_id]
+        # The receiver answered; the server records the attempt's outcome right after.
+        deadline = time.monotonic() + 20
+        while True:
+            resp = op("list_webhook_deliveries").sync_detailed(client=hook_key)
+            check(int(resp.status_code) == 200, f"list: expected 200, got {describe(resp)}")
+            check(isinstance(resp.parsed, model("DeliveryList")), f"200 not typed: parsed={resp.parsed!r}")
+            mine = [d for d in resp.parsed.data if str(d.batch_id) == batch_id]
+            if (len(mine) == 1 and str(mine[0].status) == "delivered") or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         check(len(mine) == 1 and str(mine[0].status) == "delivered", f"deliveries {resp.parsed.data}")
         delivery = mine[0]
         resp = op("resend_webhook_delivery").sync_detailed(
