@@ -584,6 +584,7 @@ async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
             },
             started: Instant::now(),
             now,
+            quota: None,
         },
         retry_of: None,
     };
@@ -596,7 +597,7 @@ async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
     if written.is_none() {
         bail!("batch conflict");
     }
-    t.write_appended().await?;
+    api::store::appended::write_unit(&t).await?;
     drop(t);
     txn.commit().await?;
     Ok(())
@@ -695,7 +696,7 @@ async fn raw_claim(p: &Pools, worker: &str, max: u32) -> Result<Vec<Claimed>> {
     )
     .await
     .map_err(|e| anyhow!("{e}"))?;
-    t.write_appended().await?;
+    api::store::appended::write_unit(&t).await?;
     drop(t);
     txn.commit().await?;
     Ok(items
@@ -723,7 +724,7 @@ async fn raw_complete(p: &Pools, item_id: Uuid, token: Uuid) -> Result<()> {
     )
     .await
     .map_err(|e| anyhow!("{e}"))?;
-    t.write_appended().await?;
+    api::store::appended::write_unit(&t).await?;
     drop(t);
     txn.commit().await?;
     Ok(())

@@ -3,6 +3,7 @@
 # ceilings of its two halves (HTTP layer, database statements), in one run.
 #
 #   scripts/bench.sh [--quick] [--out FILE] [--no-pg | --no-sqlite] [--no-build] [--report FILE]
+#                    [--growth]
 #
 #   --quick     short windows and fewer levels: the whole run takes about 3 minutes once built
 #   --out FILE  where the JSON report goes (default target/bench/bench-{quick,full}.json);
@@ -11,6 +12,7 @@
 #   --no-sqlite PostgreSQL only (L_http is still measured)
 #   --no-build  use the binaries already in target/release
 #   --report F  only print the table of an earlier JSON report F
+#   --growth    only the cost-growth phase (10. below; a full run includes it)
 #
 # Environment: BENCH_PG_URL (default postgres://postgres@127.0.0.1:5432/postgres) is the
 # maintenance database used to CREATE and DROP the fresh benchmark databases.
@@ -44,6 +46,13 @@
 #      L_stock_claim is a claim of 10 and its 10 reports, one transaction each, the same way
 #      (target: worker items/s >= 1.0 x L_stock_claim);
 #   9. status polls: get_batch of one batch and /healthz of the same server, closed loop c=32.
+#  10. cost growth (SQLite): the same calls on a store of ~0.23 M items and 10,000 usage rows and
+#      on one of ~2.2 M items and 1,000,000 usage rows (scripts/bench/seed_growth.py: a year of
+#      finished 100-item batches with a charge row per item, 30,000 queued items, a 50,000-item
+#      batch, 20 batches of 1,000 and 20 of 2 items on two other keys): restart to healthy, idle
+#      CPU, list, get of a 2-item, a 100-item and the 50,000-item batch, list of 20 batches of 1,000 and of
+#      20 of 2 items, usage over 90 days, credits (closed loop c=16), create, claim (8 workers),
+#      peak RSS; each rate on the large store / the same on the small one (target >= 0.8).
 # On PostgreSQL it runs ANALYZE after each preload and warm-up (what autovacuum would have done;
 # this machine's PostgreSQL has autovacuum off, and a young database otherwise keeps the plans
 # it cached while empty). See docs/benchmarks.md for the method and the latest figures.
@@ -53,16 +62,17 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-QUICK=0 NO_PG=0 NO_SQLITE=0 NO_BUILD=0 OUT="" REPORT=""
+QUICK=0 NO_PG=0 NO_SQLITE=0 NO_BUILD=0 OUT="" REPORT="" GROWTH_ONLY=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --no-pg) NO_PG=1 ;;
         --no-sqlite) NO_SQLITE=1 ;;
         --no-build) NO_BUILD=1 ;;
+        --growth) GROWTH_ONLY=1 ;;
         --out) OUT="$2"; shift ;;
         --report) REPORT="$2"; shift ;;
-        -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,58p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -87,6 +97,9 @@ else
     PRELOAD=100000
 fi
 OPEN_CONC=64             # connections oha keeps for the open-loop runs
+GROWTH_DUR=$(( QUICK == 1 ? 3 : 8 ))    # seconds per call measured in the growth phase
+GROWTH_SMALL=130000      # finished history items of the small growth store (+ ~100,000 others)
+GROWTH_LARGE=2130000     # the same on the large store
 WH_N=$(( QUICK == 1 ? 5000 : 20000 ))   # webhook deliveries committed at once
 WH_SECONDS=$(( QUICK == 1 ? 5 : 15 ))   # seconds of 200 events/s
 MAX_CONN=16              # the server's pool size (config/base.toml); the raw loops use the same
@@ -108,6 +121,7 @@ log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 # ---- the table -------------------------------------------------------------------------------
 print_report() { # JSON_FILE: prints the header line and the Markdown table
     local table header
+    jq -e '.backends | length > 0' "$1" >/dev/null || return 0
     table="$(jq -r '
   def r0: if . == null then "–" else (. | round | tostring) end;
   def r2: if . == null then "–" else ((. * 100 | round) / 100 | tostring) end;
@@ -169,6 +183,7 @@ print_report() { # JSON_FILE: prints the header line and the Markdown table
 
 if [[ -n $REPORT ]]; then
     print_report "$REPORT"
+    print_growth "$REPORT"
     exit 0
 fi
 
@@ -548,6 +563,124 @@ EOF
         '.[$name].webhooks = ($w + {peak_rss_mb: $rss})' <<<"$BACKENDS")"
 }
 
+# ---- cost growth: the same calls on a small and a large store (SQLite) ------------------------
+# oha_get NAME URL KEY -> one closed-loop GET (c=16, GROWTH_DUR s) summary with .name
+oha_get() {
+    timeout 300 "${GEN[@]}" oha --no-tui --output-format json -o "$TMP/g.json" -c 16 -z "${GROWTH_DUR}s" -w \
+        -H "x-api-key: $3" "$2" >/dev/null
+    jq -c --arg n "$1" '. + {name: $n}' <<<"$(oha_summary "$TMP/g.json")"
+}
+
+# growth_store LABEL HISTORY_ITEMS USAGE_ROWS -> JSON of one store's figures
+growth_store() {
+    local label="$1" history="$2" usage="$3" db port base cfg pid seed t0 t1 restart_ms idle
+    local k1 k2 k3 small hundred huge calls="[]" c from to w create rss api
+    db="$TMP/growth-$label.db"; port="$(free_port)"; base="http://127.0.0.1:$port"; cfg="$TMP/growth.toml"
+    k1="vb_growth_bench_$label" k2="vb_growth_wide_$label" k3="vb_growth_narrow_$label"
+    cat >"$cfg" <<EOF
+[server]
+bind = "127.0.0.1:$port"
+ops_bind = "127.0.0.1:0"
+shutdown_grace_seconds = 5
+
+[database]
+max_connections = $MAX_CONN
+
+[keys.bench]
+key_sha256 = "$(printf '%s' "$k1" | sha256sum | cut -d' ' -f1)"
+rate_limit_per_min = 1_000_000_000
+read_rate_limit_per_min = 1_000_000_000
+max_batch_items = 100
+
+[keys.wide]
+key_sha256 = "$(printf '%s' "$k2" | sha256sum | cut -d' ' -f1)"
+read_rate_limit_per_min = 1_000_000_000
+
+[keys.narrow]
+key_sha256 = "$(printf '%s' "$k3" | sha256sum | cut -d' ' -f1)"
+read_rate_limit_per_min = 1_000_000_000
+EOF
+    # The server makes the schema and the keys; the seeder writes the history under them.
+    APP__DATABASE__URL="sqlite://$db?mode=rwc" "${SRV[@]}" "$BIN" --config "$cfg" serve >"$TMP/growth-$label.log" 2>&1 &
+    pid=$!; PIDS+=("$pid"); wait_http "$base/readyz"; stop_pid "$pid"
+    log "growth $label: seeding $history history items and $usage usage rows"
+    seed="$(python3 "$ROOT/scripts/bench/seed_growth.py" "$db" "$history" "$usage" 30000)"
+    log "  $(jq -r '"\(.items) items in \(.batches) batches, \(.ledger) ledger rows, \(.usage) usage rows, \(.file_mib) MiB, in \(.seconds) s"' <<<"$seed")"
+    sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+    t0="$(date +%s%N)"
+    APP__DATABASE__URL="sqlite://$db?mode=rwc" "${SRV[@]}" "$BIN" --config "$cfg" serve >>"$TMP/growth-$label.log" 2>&1 &
+    pid=$!; PIDS+=("$pid"); wait_http "$base/readyz"
+    restart_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+    sleep 2
+    t0="$(cpu_ticks "$pid")"; sleep 10; t1="$(cpu_ticks "$pid")"
+    idle="$(jq -n --argjson dt "$((t1 - t0))" --argjson hz "$CLK_TCK" '$dt / $hz / 10 * 100')"
+    log "  restart to healthy $restart_ms ms; idle CPU $(jq -r '.*100|round/100' <<<"$idle") % of a core"
+    api="$base/api/enterprise"
+    small="$(curl -fsS -H "x-api-key: $k3" "$api/video-batch?limit=1" | jq -r '.data[0].batch_id')"
+    hundred="$(curl -fsS -H "x-api-key: $k1" "$api/video-batch?limit=1" | jq -r '.data[0].batch_id')"
+    huge="$(curl -fsS -H "x-api-key: $k2" "$api/video-batch?limit=25" | jq -r '[.data[] | select(.counts.total == 50000)][0].batch_id')"
+    from="$(date -u -d '89 days ago' +%Y-%m-%d)"; to="$(date -u +%Y-%m-%d)"
+    for c in "list|$api/video-batch?limit=20|$k1" "get_2|$api/video-batch/$small|$k3" "get_100|$api/video-batch/$hundred|$k1" \
+             "get_50000|$api/video-batch/$huge|$k2" "list_20x1000|$api/video-batch?limit=20|$k2" \
+             "list_20x2|$api/video-batch?limit=20|$k3" "usage_90d|$api/usage?from=$from&to=$to|$k1" \
+             "credits|$api/credits|$k1"; do
+        IFS='|' read -r n u k <<<"$c"
+        calls="$(jq -c --argjson r "$(oha_get "$n" "$u" "$k")" '. + [$r]' <<<"$calls")"
+    done
+    timeout 300 "${GEN[@]}" oha --no-tui --output-format json -o "$TMP/g.json" -c 16 -z "${GROWTH_DUR}s" -w \
+        -m POST -H "x-api-key: $k1" -H 'content-type: application/json' -d "$BODY" "$api/video-batch" >/dev/null
+    create="$(jq -c '. + {name: "create"}' <<<"$(oha_summary "$TMP/g.json")")"
+    w="$(timeout 300 "${GEN[@]}" "$BENCH" worker --base "$base" --secret local-worker-secret --conc 8 --seconds "$GROWTH_DUR")"
+    calls="$(jq -c --argjson c "$create" --argjson w "$w" '. + [$c, {name: "claim", rps: $w.units_per_s, errors: $w.errors}]' <<<"$calls")"
+    rss="$(peak_rss_mb "$pid")"
+    log "  $(jq -r 'map("\(.name) \(.rps | floor)/s") | join(", ")' <<<"$calls"); peak RSS $rss MB"
+    stop_pid "$pid"
+    jq -nc --argjson seed "$seed" --argjson calls "$calls" --argjson restart "$restart_ms" \
+        --argjson idle "$idle" --argjson rss "$rss" \
+        '{seed: $seed, calls: $calls, restart_ms: $restart, idle_cpu_pct: $idle, peak_rss_mb: $rss}'
+}
+
+# growth_phase -> sets GROWTH (JSON): both stores and the ratios large / small per call
+growth_phase() {
+    local small large
+    small="$(growth_store small "$GROWTH_SMALL" 10000)"
+    large="$(growth_store large "$GROWTH_LARGE" 1000000)"
+    GROWTH="$(jq -nc --argjson s "$small" --argjson l "$large" '
+        {small: $s, large: $l,
+         ratios: ([$l.calls[] | . as $c | {key: .name,
+                   value: ($c.rps / ([$s.calls[] | select(.name == $c.name)][0].rps))}] | from_entries),
+         list_1000_vs_2: ([$l.calls[] | select(.name == "list_20x1000")][0].rps
+                          / [$l.calls[] | select(.name == "list_20x2")][0].rps),
+         get_50000_vs_2: ([$l.calls[] | select(.name == "get_50000")][0].rps
+                          / [$l.calls[] | select(.name == "get_2")][0].rps),
+         get_50000_vs_100: ([$l.calls[] | select(.name == "get_50000")][0].rps
+                            / [$l.calls[] | select(.name == "get_100")][0].rps)}')"
+}
+
+print_growth() { # JSON_FILE: the growth table, when the report has one
+    jq -e '.growth != null' "$1" >/dev/null 2>&1 || return 0
+    jq -r '
+  def r0: if . == null then "–" else (. | round | tostring) end;
+  def r2: if . == null then "–" else ((. * 100 | round) / 100 | tostring) end;
+  def ok(c): if c then "yes" else "**NO**" end;
+  .growth as $g
+  | def rate($st; $n): [$st.calls[] | select(.name == $n)][0];
+  ( "",
+    "Cost growth (SQLite): small store \($g.small.seed.items) items, \($g.small.seed.usage) usage rows, \($g.small.seed.file_mib) MiB; large store \($g.large.seed.items) items, \($g.large.seed.usage) usage rows, \($g.large.seed.file_mib) MiB.",
+    "",
+    "| call | small store, req/s (p99 ms) | large store, req/s (p99 ms) | large / small (target ≥ 0.8) |",
+    "| --- | ---: | ---: | ---: |",
+    ( $g.large.calls[] | .name as $n | rate($g.small; $n) as $s
+      | "| \($n) | \($s.rps | r0) (\($s.p99_ms | r2)) | \(.rps | r0) (\(.p99_ms | r2)) | \($g.ratios[$n] | r2) \(ok($g.ratios[$n] >= 0.8)) |" ),
+    "| **list of 20 × 1,000-item batches / list of 20 × 2-item batches** (large store, target ≥ 0.8) | | | \($g.list_1000_vs_2 | r2) \(ok($g.list_1000_vs_2 >= 0.8)) |",
+    "| **get of the 50,000-item batch / get of a 100-item batch** (both answer counts and a first page of 100 items; large store, target ≥ 0.8) | | | \($g.get_50000_vs_100 | r2) \(ok($g.get_50000_vs_100 >= 0.8)) |",
+    "| get of the 50,000-item batch / get of a 2-item batch (a page of 100 items against one of 2) | | | \($g.get_50000_vs_2 | r2) |",
+    "| restart to healthy, ms (target < 5000) | \($g.small.restart_ms) | \($g.large.restart_ms) \(ok($g.large.restart_ms < 5000)) | |",
+    "| idle CPU, % of a core (target < 5) | \($g.small.idle_cpu_pct | r2) | \($g.large.idle_cpu_pct | r2) \(ok($g.large.idle_cpu_pct < 5)) | |",
+    "| peak RSS, MB (target ≤ 150) | \($g.small.peak_rss_mb | r0) | \($g.large.peak_rss_mb | r0) \(ok($g.large.peak_rss_mb <= 150)) | |"
+  )' "$1"
+}
+
 # ---- the run ---------------------------------------------------------------------------------
 START=$(date +%s)
 # The code measured: HEAD when the binaries were built (+dirty when api/ or src/ had changes).
@@ -558,10 +691,17 @@ if awk -v l="$LOAD_BEFORE" 'BEGIN { exit !(l > 0.5) }'; then
     log "warning: load average is $LOAD_BEFORE before the run: other work on this machine skews the figures"
 fi
 log "mode $MODE; levels ${LEVELS[*]} x ${DUR}s; open loop ${OPEN_DUR}s; workers ${WLEVELS[*]} x ${WDUR}s"
-log "L_http: trivial poem endpoint"
 L_HTTP="" BACKENDS="{}"
-measure_l_http
+if [[ $GROWTH_ONLY == 0 ]]; then
+    log "L_http: trivial poem endpoint"
+    measure_l_http
+fi
 
+GROWTH="null"
+if [[ $GROWTH_ONLY == 1 ]]; then
+    NO_SQLITE=1 NO_PG=1
+    L_HTTP="null"
+fi
 if [[ $NO_SQLITE == 0 ]]; then
     run_backend sqlite "sqlite://$TMP/server.db?mode=rwc" \
         "sqlite://$TMP/l_db.db?mode=rwc" "sqlite://$TMP/l_claim.db?mode=rwc"
@@ -580,8 +720,12 @@ else
     log "PostgreSQL: skipped (--no-pg, or $PG_URL not reachable)"
 fi
 
+if [[ $GROWTH_ONLY == 1 || ( $QUICK == 0 && $NO_SQLITE == 0 ) ]]; then
+    growth_phase
+fi
+
 mkdir -p "$(dirname "$OUT")"
-jq -n --argjson http "$L_HTTP" --argjson b "$BACKENDS" \
+jq -n --argjson http "${L_HTTP:-null}" --argjson b "$BACKENDS" --argjson growth "$GROWTH" \
     --arg mode "$MODE" --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     --arg commit "$COMMIT" \
     --arg cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
@@ -594,7 +738,7 @@ jq -n --argjson http "$L_HTTP" --argjson b "$BACKENDS" \
                 loadavg_before: $load, loadavg_after_1_5_15: $load_after},
       params: {levels: $levels, seconds_per_level: $dur, open_loop_seconds: $odur,
                worker_levels: $wlevels, worker_seconds: $wdur},
-      l_http: $http, backends: $b, run_seconds: $seconds}' >"$OUT"
+      l_http: $http, backends: $b, growth: $growth, run_seconds: $seconds}' >"$OUT"
 
-print_report "$OUT" | tee "${OUT%.json}.md"
+{ print_report "$OUT"; print_growth "$OUT"; } | tee "${OUT%.json}.md"
 log "JSON report: $OUT; table: ${OUT%.json}.md"

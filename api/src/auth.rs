@@ -14,12 +14,19 @@ use crate::service::rate_limit::{self, SCOPE_BATCH};
 use crate::settings::KeyScope;
 use crate::state::{AppState, KeyEntry, Runtime};
 
-/// An authenticated customer: the key and the configuration it was checked against.
+/// An authenticated customer: the key, the configuration it was checked against, and the
+/// call's quota when the call is counted later, in the commit of what it writes.
 pub struct Caller {
     /// The key.
     pub key: KeyEntry,
     /// The configuration in force for this call.
     pub runtime: Arc<Runtime>,
+    /// Which of the key's secrets authenticated the call (`current` or `previous`).
+    pub key_version: &'static str,
+    /// A call that creates a batch is counted in the commit that writes it: its quota is
+    /// handed to the service with the call ([`crate::service::batches::AuditInfo::quota`]).
+    /// `None` for every other call (counted before the handler ran).
+    pub quota: Option<PendingQuota>,
 }
 
 /// Customer API key, sent in the `x-api-key` header.
@@ -102,19 +109,25 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
             "key_scopes": held,
         })));
     }
+    let key_version = version.as_str();
     if scope == SCOPE_BATCH {
-        // Counted later, in one commit with what the call writes: a read with its usage row
-        // once answered, a create with its batch (`service::batches::create`). Both are
-        // answered 429 then if over the quota; what ran before the count only read.
-        crate::context::update(|s| {
-            s.pending_quota = Some(PendingQuota {
-                key_name: key.policy.name.clone(),
-                scope,
-                limit,
-                at: now,
-            })
+        // Counted later, in one commit with what the call writes: the batch, by the create
+        // service that receives the quota with the caller; a create refused before it counts
+        // (a bad body) is counted with its usage row by the audit layer, which is told of the
+        // quota here. Either answers 429 if over the quota; what ran before only read.
+        let quota = PendingQuota {
+            key_name: key.policy.name.clone(),
+            scope,
+            limit,
+            at: now,
+        };
+        crate::context::update(|s| s.pending_quota = Some(quota.clone()));
+        return Ok(Caller {
+            key,
+            runtime,
+            key_version,
+            quota: Some(quota),
         });
-        return Ok(Caller { key, runtime });
     }
     // Counted before the handler runs: a call over its quota does no work at all.
     let info = match rate_limit::admit(&state.writes, key.id, scope, limit, now).await {
@@ -123,7 +136,12 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
             // The store fails to count: a read is still served from what can be read (while
             // SQLite is full, reads keep working), uncounted.
             tracing::warn!(error = %e, "a read is served uncounted: the store fails");
-            return Ok(Caller { key, runtime });
+            return Ok(Caller {
+                key,
+                runtime,
+                key_version,
+                quota: None,
+            });
         }
         Err(e) => return Err(e),
     };
@@ -131,7 +149,12 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
     if info.exceeded {
         return Err(rate_limit::refusal(&key.policy.name, &info));
     }
-    Ok(Caller { key, runtime })
+    Ok(Caller {
+        key,
+        runtime,
+        key_version,
+        quota: None,
+    })
 }
 
 /// Worker secret, sent as `Authorization: Bearer <secret>`.

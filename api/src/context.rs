@@ -33,9 +33,13 @@ pub struct CallState {
     pub key_version: Option<&'static str>,
     /// Quota consulted for this call.
     pub rate: Option<RateInfo>,
-    /// The call's quota when it is counted late: a read's with its usage row once answered,
-    /// a create's with its batch (whoever takes it counts the call).
+    /// The quota of a call that creates a batch, counted late: by the create service (which
+    /// receives it with the caller) in the batch's commit, else by the audit layer with the
+    /// call's usage row.
     pub pending_quota: Option<PendingQuota>,
+    /// The create service has consulted the pending quota (counted it, or failed trying): the
+    /// audit layer does not count the call again.
+    pub quota_consulted: bool,
     /// Error code of the response.
     pub error_code: Option<ErrorCode>,
     /// Batch touched.
@@ -48,9 +52,9 @@ pub struct CallState {
     pub audited: bool,
 }
 
-/// The quota a call counts against, left by the authentication to be counted in the same
-/// commit as what the call writes: a read's usage row (the audit layer) or a create's batch
-/// (the create service; a create refused before writing is counted like a read). Whatever ran
+/// The quota a call that creates a batch counts against, counted in the same commit as what the
+/// call writes: the batch (the create service, which receives it as an argument), or the
+/// call's usage row when the create was refused before it counted (the audit layer). Whatever ran
 /// before the count only read, so a call over the quota is answered 429 as if refused first.
 #[derive(Debug, Clone)]
 pub struct PendingQuota {
@@ -111,13 +115,6 @@ pub fn call_request_id() -> Option<String> {
             .call_request_id
             .unwrap_or_else(|| ctx.x_request_id.clone())
     })
-}
-
-/// Takes the current call's pending quota: whoever takes it counts the call.
-pub fn take_pending_quota() -> Option<PendingQuota> {
-    let mut taken = None;
-    update(|s| taken = s.pending_quota.take());
-    taken
 }
 
 /// Records the error code of the response being built.

@@ -494,7 +494,7 @@ async fn finish(
         return Ok(resp);
     }
     let audited = match (&call.pending_quota, call.key_id) {
-        (Some(q), Some(key_id)) => {
+        (Some(q), Some(key_id)) if !call.quota_consulted => {
             // A read: its count and its row in one commit; over the quota it becomes a 429.
             let refused_id = ctx.x_request_id.clone();
             match rate_limit::admit_and_audit(&state.writes, key_id, q, row, refused_id).await {

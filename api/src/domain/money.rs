@@ -1,4 +1,6 @@
 //! Credits: the wallet's limits and the kinds of movement the ledger records.
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 /// The largest balance a wallet may hold (far below `i64::MAX`, so sums never overflow; SQLite
 /// would silently turn an overflowing integer into a float).
@@ -21,4 +23,17 @@ impl Wallet {
     pub fn available(&self) -> i64 {
         self.balance - self.held
     }
+}
+
+/// A ledger row as it is written (owned: the rows units append wait for their group).
+#[derive(Clone, Debug)]
+pub struct LedgerRow {
+    pub key_id: i64,
+    pub kind: LedgerKind,
+    pub amount: i64,
+    pub batch_id: Option<Uuid>,
+    pub item_id: Option<Uuid>,
+    pub note: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
 }

@@ -8,7 +8,7 @@ use poem_openapi::payload::{Binary, Json};
 use poem_openapi::{ApiResponse, ResponseContent, Tags};
 use uuid::Uuid;
 
-use crate::auth::CustomerKey;
+use crate::auth::{Caller, CustomerKey};
 use crate::context::AuditTemplate;
 use crate::domain::ids::{BatchId, KeyId};
 use crate::error::ApiError;
@@ -121,17 +121,20 @@ async fn export(
 
 /// What a call that creates a batch writes into its audit row, from the template the audit
 /// layer left on the request.
-fn audit_info(state: &AppState, req: &Request) -> AuditInfo {
+/// What a create needs to count and audit itself: the audit layer's usage-row template, the
+/// key's secret version and the caller's quota.
+fn audit_info(state: &AppState, req: &Request, caller: &Caller) -> AuditInfo {
     let mut template = req
         .extensions()
         .get::<AuditTemplate>()
         .cloned()
         .unwrap_or_else(|| AuditTemplate(Default::default(), std::time::Instant::now()));
-    template.0.key_version = crate::context::current().and_then(|c| c.snapshot().key_version);
+    template.0.key_version = Some(caller.key_version);
     AuditInfo {
         row: template.0,
         started: template.1,
         now: state.clock.now(),
+        quota: caller.quota.clone(),
     }
 }
 
@@ -180,7 +183,7 @@ impl CustomerApi {
             &caller.key,
             &body.0,
             idempotency_key.0.as_deref(),
-            audit_info(&state, req),
+            audit_info(&state, req, &caller),
         )
         .await?;
         Ok(match out {
@@ -358,7 +361,7 @@ impl CustomerApi {
                 include_expired: body.include_expired.unwrap_or(false),
             },
             idempotency_key.0.as_deref(),
-            audit_info(&state, req),
+            audit_info(&state, req, &caller),
         )
         .await?;
         Ok(match out {

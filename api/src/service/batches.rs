@@ -14,7 +14,7 @@ use crate::domain::ids::{BatchId, KeyId};
 use crate::domain::{NewBatch, RequestId};
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::batches::{
-    Batch, BatchCounts, BatchCreated, BatchItemView, BatchStatus, CreateBatchRequest, ItemStatus,
+    Batch, BatchCreated, BatchItemView, BatchStatus, CreateBatchRequest, ItemStatus,
 };
 use crate::service::credits::{self, LedgerKind, NewEntry};
 use crate::service::rate_limit;
@@ -23,7 +23,10 @@ use crate::service::webhooks;
 use crate::state::{KeyEntry, Runtime};
 use crate::store::commit::{self, Writes};
 use crate::store::unit::Txn;
-use crate::store::{items, jobs, wallets};
+use crate::store::{counts, items, jobs, wallets};
+
+use super::views::parse_json;
+use super::views::{item_view, view};
 
 /// How a create ended.
 #[derive(Debug)]
@@ -43,6 +46,9 @@ pub struct AuditInfo {
     pub started: std::time::Instant,
     /// The service's time of the call (the batch's `created_at` and the audit minute).
     pub now: chrono::DateTime<Utc>,
+    /// The call's quota, counted in the commit that writes the batch (over it, nothing is
+    /// written and the call is answered 429). `None`: the call was counted already.
+    pub quota: Option<crate::context::PendingQuota>,
 }
 
 /// Creates a batch, or replays / refuses a repeat of an earlier request id.
@@ -153,6 +159,8 @@ pub(crate) async fn create_batch(
                 .unwrap_or(at)
         });
 
+    let mut audit = audit;
+    let quota = audit.quota.take();
     let unit = Arc::new(NewBatchUnit {
         key_id: key.id,
         rid: rid.as_str().to_string(),
@@ -187,10 +195,12 @@ pub(crate) async fn create_batch(
             Ok(created)
         })
     });
-    // The call's quota, when the authentication left it to be counted here: counted in the
-    // group that writes the batch (one commit for both); over the quota nothing is written.
-    let written = match crate::context::take_pending_quota() {
+    // The call's quota, when it is counted here: in the group that writes the batch (one
+    // commit for both); over the quota nothing is written. From here on the call is counted
+    // by this service, whatever happens, and never again by the audit layer.
+    let written = match quota {
         Some(q) => {
+            crate::context::update(|s| s.quota_consulted = true);
             let (info, written) = rate_limit::admit_and_run(writes, key.id, &q, work).await?;
             crate::context::update(|s| s.rate = Some(info.clone()));
             written.ok_or_else(|| rate_limit::refusal(&q.key_name, &info))?
@@ -375,66 +385,6 @@ async fn replay(
     Ok(CreateOutcome::Replayed(stored))
 }
 
-fn parse_json(text: Option<&str>) -> Option<serde_json::Value> {
-    text.and_then(|t| serde_json::from_str(t).ok())
-}
-
-/// Builds the wire view of a batch.
-pub fn view(job: &jobs::Visible, open: (i64, i64), items: Option<Vec<BatchItemView>>) -> Batch {
-    Batch {
-        batch_id: job.id,
-        request_id: job.request_id.clone(),
-        status: BatchStatus::from(job.status),
-        counts: BatchCounts {
-            total: job.total_count.into(),
-            queued: open.0,
-            running: open.1,
-            succeeded: job.succeeded_count.into(),
-            failed: job.failed_count.into(),
-            cancelled: job.cancelled_count.into(),
-            expired: job.expired_count.into(),
-        },
-        cost_per_video: job.cost_per_video,
-        required_credits: job.required_credits,
-        webhook_url: job.webhook_url.clone(),
-        metadata: parse_json(job.metadata.as_deref()),
-        created_at: job.created_at,
-        updated_at: job.updated_at,
-        cancel_requested_at: job.cancel_requested_at,
-        completed_at: job.completed_at,
-        expires_at: job.expires_at,
-        error_counts: {
-            let mut counts = jobs::error_counts(job.error_counts.as_deref());
-            if job.expired_count > 0 {
-                counts.insert("expired".into(), job.expired_count.into());
-            }
-            counts
-        },
-        retry_of: job.retry_of,
-        retried_by: job.retried_by,
-        items,
-        items_next_cursor: None,
-    }
-}
-
-/// Wire view of an item.
-pub fn item_view(m: &items::Visible) -> BatchItemView {
-    BatchItemView {
-        item_id: m.id,
-        index: m.idx,
-        prompt: m.prompt.clone(),
-        params: parse_json(m.params.as_deref()),
-        status: ItemStatus::from(m.status),
-        attempts: m.attempts,
-        result_url: m.result_url.clone(),
-        result: parse_json(m.result.as_deref()),
-        error_code: FailureCode::of_item(m.status, m.error_code.as_deref()),
-        message: m.error.clone(),
-        error: m.error.clone(),
-        original_index: m.source_idx,
-    }
-}
-
 /// One batch of a key, with its first page of items; another key's batch is not found.
 pub async fn get<C: ConnectionTrait>(
     db: &C,
@@ -616,7 +566,7 @@ pub async fn list<C: ConnectionTrait>(
     let more = jobs.len() as u64 > limit;
     jobs.truncate(limit as usize);
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
-    let open = items::open_counts(db, &ids).await?;
+    let open = counts::open_counts(db, &ids).await?;
     let next = if more {
         jobs.last().map(|j| encode_cursor(j.id))
     } else {
@@ -836,6 +786,7 @@ mod tests {
             now,
             expires_at: None,
             audit: AuditInfo {
+                quota: None,
                 row: UsageRow::default(),
                 started: std::time::Instant::now(),
                 now,
@@ -855,7 +806,7 @@ mod tests {
         let r = write_new_batch(&t, u).await;
         let untouched = t.changed_nothing();
         if r.is_ok() {
-            t.write_appended().await.unwrap();
+            crate::store::appended::write_unit(&t).await.unwrap();
         }
         (r, untouched)
     }

@@ -9,5 +9,6 @@ pub mod retention;
 pub mod retry;
 pub mod usage;
 pub mod validate;
+pub mod views;
 pub mod webhooks;
 pub mod windows;

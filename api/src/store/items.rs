@@ -2,8 +2,8 @@
 //! lease. Every transition of an item is one conditional statement on its status (and lease
 //! token), so a stale report matches no row and changes nothing; the statement returns the
 //! batches of the rows it moved, and their counts on the batch rows move with them in the same
-//! transaction (`jobs::shift_open`).
-use std::collections::{BTreeMap, HashMap};
+//! transaction (`counts::shift_open`).
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use entity::batch_item::{ActiveModel, Entity, Model};
@@ -152,7 +152,7 @@ pub struct Lease<'a> {
 /// their batches that were still queued are marked `processing`. Item rows another transaction
 /// holds are skipped (a batch row so held is marked by that transaction itself: see
 /// `jobs::lock_of_item`). A second call then moves the open counts of the batches touched
-/// (`jobs::shift_open`): on PostgreSQL that update waits for a batch row another transaction
+/// (`counts::shift_open`): on PostgreSQL that update waits for a batch row another transaction
 /// holds, so a claim can meet a deadlock (with a cancel of the same batch, say), which the
 /// write pipeline rolls back and runs again.
 pub async fn claim<C: ConnectionTrait>(
@@ -205,7 +205,7 @@ pub async fn claim<C: ConnectionTrait>(
             _ => {}
         }
     }
-    super::jobs::shift_open(txn, &shifts).await?;
+    super::counts::shift_open(txn, &shifts).await?;
     Ok(out)
 }
 
@@ -305,7 +305,7 @@ pub async fn lease_ids<C: ConnectionTrait>(
     for item in &got {
         leased_from_queue(&mut shifts, item.batch_id);
     }
-    super::jobs::shift_open(txn, &shifts).await?;
+    super::counts::shift_open(txn, &shifts).await?;
     Ok(got)
 }
 
@@ -340,7 +340,7 @@ pub async fn requeue_expired<C: ConnectionTrait>(
     for r in &rows {
         requeued(&mut shifts, r.try_get("", "batch_id")?);
     }
-    super::jobs::shift_open(db, &shifts).await?;
+    super::counts::shift_open(db, &shifts).await?;
     Ok(rows.len() as u64)
 }
 
@@ -501,7 +501,7 @@ pub async fn settle_failure<C: ConnectionTrait>(
             } else {
                 shifts.insert(batch, (0, -1));
             }
-            super::jobs::shift_open(txn, &shifts).await?;
+            super::counts::shift_open(txn, &shifts).await?;
             Ok(Some((status, r.try_get("", "attempts")?)))
         }
         None => Ok(None),
@@ -531,17 +531,8 @@ pub async fn close_queued<C: ConnectionTrait>(
         .await?;
     let n = r.rows_affected();
     let shift = (-i32::try_from(n).unwrap_or(i32::MAX), 0);
-    super::jobs::shift_open(txn, &BTreeMap::from([(batch_id, shift)])).await?;
+    super::counts::shift_open(txn, &BTreeMap::from([(batch_id, shift)])).await?;
     Ok(n)
-}
-
-/// Queued and running counts of some batches: kept on the batch rows (see
-/// [`super::jobs::open_counts`]), not counted from items.
-pub async fn open_counts<C: ConnectionTrait>(
-    db: &C,
-    batch_ids: &[Uuid],
-) -> Result<HashMap<Uuid, (i64, i64)>, DbErr> {
-    super::jobs::open_counts(db, batch_ids).await
 }
 
 /// Up to `max` items of a batch after index `after` (exclusive), in request order, through

@@ -85,18 +85,7 @@ impl<'a> NewEntry<'a> {
     }
 }
 
-/// A ledger row as it is written (owned: the rows units append wait for their group).
-#[derive(Clone, Debug)]
-pub struct LedgerRow {
-    pub key_id: i64,
-    pub kind: LedgerKind,
-    pub amount: i64,
-    pub batch_id: Option<Uuid>,
-    pub item_id: Option<Uuid>,
-    pub note: Option<String>,
-    pub idempotency_key: Option<String>,
-    pub created_at: DateTime<Utc>,
-}
+pub use crate::domain::money::LedgerRow;
 
 /// Rows per multi-row insert (8 values each, far below both stores' limits on bound values).
 const INSERT_CHUNK: usize = 500;
@@ -136,7 +125,7 @@ async fn add_charges_to_rollup<C: ConnectionTrait>(
     let mut sums: std::collections::BTreeMap<(i64, String), i64> = Default::default();
     for r in rows.iter().filter(|r| r.kind == LedgerKind::Charge) {
         *sums
-            .entry((r.key_id, super::usage::day_of(r.created_at)))
+            .entry((r.key_id, super::sql::day_of(r.created_at)))
             .or_default() += r.amount;
     }
     let backend = db.get_database_backend();
@@ -211,7 +200,7 @@ pub async fn charged_per_day<C: ConnectionTrait>(
     to: DateTime<Utc>,
 ) -> Result<Vec<(String, i64)>, DbErr> {
     let backend = db.get_database_backend();
-    let day = super::usage::day_expr(backend, "created_at");
+    let day = super::sql::day_expr(backend, "created_at");
     let sql = format!(
         "SELECT {day} AS day, CAST(SUM(amount) AS BIGINT) AS charged FROM credit_ledger \
          WHERE api_key_id = $1 AND kind = 'charge' AND created_at >= $2 AND created_at < $3 GROUP BY {day}"

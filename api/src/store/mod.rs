@@ -4,7 +4,9 @@
 //! every statement follows (`SKIP LOCKED`, literal `LIMIT`s) are in [`sql`]. Services compose
 //! these functions inside the transactions of the write lanes of [`commit`]; the benchmark calls the
 //! same functions.
+pub mod appended;
 pub mod commit;
+pub mod counts;
 pub mod items;
 pub mod jobs;
 pub mod keys;

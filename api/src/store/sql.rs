@@ -1,4 +1,5 @@
 //! The few rules every statement of the store follows, in one place.
+use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, QueryResult, Statement, Value};
 
 /// A statement with `$n` placeholders (understood by both SQLite and PostgreSQL).
@@ -137,6 +138,19 @@ pub const MAX_LIMIT: u64 = 10_000;
 /// time it runs. The number is an integer we clamp, so writing it is safe.
 pub fn limit(n: u64) -> String {
     format!("LIMIT {}", n.clamp(1, MAX_LIMIT))
+}
+
+/// The UTC day of `t` as the rollups key it.
+pub fn day_of(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d").to_string()
+}
+
+/// The UTC date (`YYYY-MM-DD`) of a timestamp column, as SQL.
+pub fn day_expr(backend: DbBackend, col: &str) -> String {
+    match backend {
+        DbBackend::Postgres => format!("to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
+        _ => format!("substr({col}, 1, 10)"),
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! - it notes whether the unit changed a row: a unit that fails having changed nothing can be
 //!   answered without a savepoint to roll back to (the group's fast path);
 //! - it holds the rows the unit appends to append-only tables (ledger, audit), which the group
-//!   writes for all its units at once, one multi-row statement per table, before it commits.
+//!   writes for all its units at once, one multi-row statement per table, before it commits
+//!   ([`super::appended::write`]). This file names no table module: the tables use it.
 //!
 //! Statements go to the transaction as they are; nothing else is changed about them.
 use std::collections::{BTreeMap, HashMap};
@@ -16,8 +17,8 @@ use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, ExecResult, QueryResult, Statement,
 };
 
-use super::ledger::LedgerRow;
-use super::usage::UsageRow;
+use crate::domain::money::LedgerRow;
+use crate::domain::usage::UsageRow;
 
 /// What a unit appended, for the group to write.
 #[derive(Default)]
@@ -53,23 +54,6 @@ impl Appended {
             metrics::counter!("credits_total", "kind" => row.kind.as_str())
                 .increment(row.amount.unsigned_abs());
         }
-    }
-
-    /// Writes the rows: one statement per table (per chunk of rows), and one update per
-    /// wallet, by key id. A wallet whose rule the sum would break fails the write.
-    pub async fn write<C: ConnectionTrait>(&self, db: &C) -> Result<(), DbErr> {
-        let now = Utc::now();
-        for (&key, &(balance, held)) in &self.wallets {
-            if !super::wallets::add(db, key, balance, held, now).await? {
-                return Err(DbErr::Custom(format!(
-                    "the group's credit movements of key {key} break its wallet's rule"
-                )));
-            }
-        }
-        super::ledger::insert_many(db, &self.ledger).await?;
-        let usage: Vec<(&UsageRow, DateTime<Utc>)> =
-            self.usage.iter().map(|(r, at)| (r, *at)).collect();
-        super::usage::insert_many(db, &usage).await
     }
 }
 
@@ -168,12 +152,6 @@ impl<'a> Txn<'a> {
     /// Hands over what the unit appended.
     pub fn take_appended(&self) -> Appended {
         self.with(|r| std::mem::take(&mut r.appended))
-    }
-
-    /// Writes what the unit appended into its transaction now (for a unit run on its own,
-    /// outside a group: the benchmark's one-commit-per-call loops).
-    pub async fn write_appended(&self) -> Result<(), DbErr> {
-        self.take_appended().write(self.inner).await
     }
 
     /// Applies the wallet movements of `key_id` that earlier units of the group left to it, so

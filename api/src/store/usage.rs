@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
-use sea_orm::{ConnectionTrait, DbBackend, DbErr};
+use sea_orm::{ConnectionTrait, DbErr};
 
-use super::sql::{limit, stmt, value_rows};
+use super::sql::{day_expr, day_of, limit, stmt, value_rows};
 pub use crate::domain::usage::{DayUsage, UsageRow};
 
 /// The UTC minute containing `t`.
@@ -90,11 +90,6 @@ struct Sums {
     items: i64,
 }
 
-/// The UTC day of `t` as the rollups key it.
-pub fn day_of(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%d").to_string()
-}
-
 /// Rollup rows per upsert: 8 values each.
 const ROLLUP_CHUNK: usize = 256;
 
@@ -151,14 +146,6 @@ async fn add_to_rollup<C: ConnectionTrait>(
         db.execute_raw(stmt(backend, &sql, values)).await?;
     }
     Ok(())
-}
-
-/// The UTC date (`YYYY-MM-DD`) of a timestamp column, as SQL.
-pub(super) fn day_expr(backend: DbBackend, col: &str) -> String {
-    match backend {
-        DbBackend::Postgres => format!("to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
-        _ => format!("substr({col}, 1, 10)"),
-    }
 }
 
 /// Per-day usage of a key in `[from, to)` (UTC day boundaries), oldest first, as reports

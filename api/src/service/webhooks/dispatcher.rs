@@ -684,3 +684,109 @@ pub async fn run_dispatcher(state: Arc<AppState>, stop: Arc<tokio::sync::Notify>
     while records.join_next().await.is_some() {}
     tracing::info!("webhook dispatcher stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn retry_delays_are_jittered_by_at_most_a_tenth_either_way() {
+        let base = Duration::from_secs(300);
+        let delays: Vec<i64> = (0..2_000)
+            .map(|_| jittered(base).num_milliseconds())
+            .collect();
+        assert!(
+            delays.iter().all(|d| (270_000..=330_000).contains(d)),
+            "{:?}",
+            (delays.iter().min(), delays.iter().max())
+        );
+        // Spread over the whole band (not a constant, not one side only), so that deliveries
+        // failing together do not retry together.
+        let (min, max) = (delays.iter().min().unwrap(), delays.iter().max().unwrap());
+        assert!(*min < 276_000 && *max > 324_000, "spread {min}..{max}");
+        let distinct: std::collections::HashSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 1_000, "{} distinct delays", distinct.len());
+        assert_eq!(jittered(Duration::ZERO), chrono::Duration::zero());
+    }
+
+    /// A receiver that reads one request and answers 204; it reports the request's first line.
+    async fn one_shot_receiver() -> (SocketAddr, tokio::sync::oneshot::Receiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            s.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            let _ = tx.send(text.lines().next().unwrap_or_default().to_string());
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn the_request_goes_only_to_the_addresses_the_guard_checked() {
+        // `.invalid` never resolves (RFC 6761): the request can only arrive if the sender
+        // connects to the checked address without asking DNS again, so a name rebound to a
+        // private address after the check is never reached.
+        let (addr, first_line) = one_shot_receiver().await;
+        let client = client_for("hooks.rebind.invalid", &[addr], Duration::from_secs(10)).unwrap();
+        let resp = client
+            .post(format!("http://hooks.rebind.invalid:{}/hook", addr.port()))
+            .body("{}")
+            .send()
+            .await
+            .expect("sent to the pinned address");
+        assert_eq!(resp.status().as_u16(), 204);
+        assert_eq!(first_line.await.unwrap(), "POST /hook HTTP/1.1");
+        // Another port of the same host is not pinned: it would need DNS, and `.invalid` fails.
+        let err = client
+            .post("http://hooks.rebind.invalid:1/hook")
+            .send()
+            .await
+            .expect_err("unpinned");
+        assert!(err.is_connect() || err.is_request(), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connect_that_hangs_is_given_up_at_the_connect_deadline() {
+        // A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+        // neither succeeds nor fails until the client gives up.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            match tokio::time::timeout(
+                Duration::from_millis(300),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(s)) => fillers.push(s),
+                _ => break,
+            }
+        }
+        // The delivery's own timeout is long; the connect deadline is what ends the attempt.
+        let client = client_for("hooks.example.test", &[addr], Duration::from_secs(60)).unwrap();
+        let started = Instant::now();
+        let err = client
+            .post(format!("http://hooks.example.test:{}/hook", addr.port()))
+            .send()
+            .await
+            .expect_err("the connect hangs");
+        let took = started.elapsed();
+        assert!(err.is_connect() || err.is_timeout(), "{err:?}");
+        assert!(matches!(transport_kind(&err), "timeout" | "connect"));
+        assert!(
+            took >= CONNECT_TIMEOUT - Duration::from_millis(200) && took < Duration::from_secs(30),
+            "gave up after {took:?}"
+        );
+        drop((listener, fillers));
+    }
+}

@@ -52,7 +52,7 @@ pub async fn enqueue_batch_event<C: ConnectionTrait>(
     let Some(url) = target(runtime, job.api_key_id, job.webhook_url.as_deref(), event) else {
         return Ok(());
     };
-    let view = crate::service::batches::view(&job.into(), (0, 0), None);
+    let view = crate::service::views::view(&job.into(), (0, 0), None);
     let data =
         serde_json::to_value(poem_openapi::types::ToJSON::to_json(&view)).unwrap_or_default();
     enqueue(txn, job.api_key_id, Some(job.id), &url, event, data, now).await
@@ -87,11 +87,11 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
         return Ok(());
     };
     let mut data = serde_json::to_value(poem_openapi::types::ToJSON::to_json(
-        &crate::service::batches::view(&(&job).into(), (0, 0), None),
+        &crate::service::views::view(&(&job).into(), (0, 0), None),
     ))
     .unwrap_or_default();
     data["item"] =
-        poem_openapi::types::ToJSON::to_json(&crate::service::batches::item_view(&(&item).into()))
+        poem_openapi::types::ToJSON::to_json(&crate::service::views::item_view(&(&item).into()))
             .unwrap_or_default();
     enqueue(txn, job.api_key_id, Some(job.id), &url, event, data, now).await
 }

@@ -13,6 +13,25 @@ pub async fn check_target(
     url: &str,
     allow_private: bool,
 ) -> Result<(String, Vec<SocketAddr>), String> {
+    check_target_with(url, allow_private, |host, port| async move {
+        tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map(|a| a.collect())
+    })
+    .await
+}
+
+/// [`check_target`] with the name resolution given: the system resolver in production, one a
+/// test controls (a resolver that never answers) in the tests.
+async fn check_target_with<F, Fut>(
+    url: &str,
+    allow_private: bool,
+    resolve: F,
+) -> Result<(String, Vec<SocketAddr>), String>
+where
+    F: FnOnce(String, u16) -> Fut,
+    Fut: Future<Output = std::io::Result<Vec<SocketAddr>>>,
+{
     let parsed = url::Url::parse(url).map_err(|_| format!("invalid URL {url:?}"))?;
     if parsed.scheme() != "https" && parsed.scheme() != "http" {
         return Err(format!(
@@ -29,11 +48,10 @@ pub async fn check_target(
     let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
         // A resolver that never answers must not hold a send slot for long.
-        Err(_) => tokio::time::timeout(DNS_TIMEOUT, tokio::net::lookup_host((bare.as_str(), port)))
+        Err(_) => tokio::time::timeout(DNS_TIMEOUT, resolve(bare.clone(), port))
             .await
             .map_err(|_| format!("resolving {bare} timed out"))?
-            .map_err(|e| format!("cannot resolve {bare}: {e}"))?
-            .collect(),
+            .map_err(|e| format!("cannot resolve {bare}: {e}"))?,
     };
     if addrs.is_empty() {
         return Err(format!("{bare} resolves to no address"));
@@ -54,6 +72,48 @@ pub async fn check_target(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resolver_that_never_answers_is_given_up_after_the_dns_deadline() {
+        let started = tokio::time::Instant::now();
+        let err = check_target_with("https://hooks.example.com/in", false, |_, _| {
+            std::future::pending::<std::io::Result<Vec<SocketAddr>>>()
+        })
+        .await
+        .expect_err("a resolver that never answers");
+        // The clock is paused: it advances only through the deadline's own timer.
+        assert_eq!(started.elapsed(), DNS_TIMEOUT, "{err}");
+        assert_eq!(err, "resolving hooks.example.com timed out");
+    }
+
+    #[tokio::test]
+    async fn every_resolved_address_is_checked_and_returned() {
+        let public: SocketAddr = "93.184.216.34:443".parse().unwrap();
+        let private: SocketAddr = "10.1.2.3:443".parse().unwrap();
+        // One private address among public ones refuses the target (rebinding to a private
+        // address through a second record is caught).
+        let err = check_target_with("https://hooks.example.com/in", false, |h, p| async move {
+            assert_eq!((h.as_str(), p), ("hooks.example.com", 443));
+            Ok(vec![public, private])
+        })
+        .await
+        .expect_err("a private address among the records");
+        assert!(err.contains("10.1.2.3") && err.contains("refused"), "{err}");
+        // What is returned is exactly what was checked: the sender connects only there.
+        let (host, addrs) =
+            check_target_with("https://hooks.example.com/in", false, |_, _| async move {
+                Ok(vec![public])
+            })
+            .await
+            .unwrap();
+        assert_eq!((host.as_str(), addrs), ("hooks.example.com", vec![public]));
+        let err = check_target_with("https://hooks.example.com/in", false, |_, _| async move {
+            Ok(vec![])
+        })
+        .await
+        .expect_err("no address");
+        assert_eq!(err, "hooks.example.com resolves to no address");
+    }
 
     #[tokio::test]
     async fn private_and_odd_targets_are_refused() {

@@ -175,7 +175,7 @@ pub(super) async fn run_fast(
         appended.usage.push((a.row.clone(), a.at));
     }
     appended.wallets = memo.take_wallets();
-    if let Err(e) = appended.write(&txn).await {
+    if let Err(e) = crate::store::appended::write(&txn, &appended).await {
         return abandon(txn, e.into()).await;
     }
 

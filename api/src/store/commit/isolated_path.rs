@@ -156,7 +156,7 @@ pub(super) async fn run_isolated(
         // The unit's appended rows are written in its savepoint, so that they fail with it.
         let appended = t.take_appended();
         let result = match result {
-            Ok(completion) => match appended.write(&sp).await {
+            Ok(completion) => match crate::store::appended::write(&sp, &appended).await {
                 Ok(()) => Ok(completion),
                 Err(e) => Err(ApiError::from(e)),
             },
