@@ -1,6 +1,7 @@
 //! Logging (`RUST_LOG` filtering, text or JSON lines) and Prometheus metrics.
 use std::sync::OnceLock;
 
+use crate::domain::ids::KeyId;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
@@ -196,7 +197,11 @@ pub async fn sample_low_credits(
 ) -> Result<(), sea_orm::DbErr> {
     let mut below = 0u32;
     for (key_id, threshold) in thresholds {
-        if crate::store::wallets::read(db, *key_id).await?.available() < *threshold {
+        if crate::store::wallets::read(db, KeyId(*key_id))
+            .await?
+            .available()
+            < *threshold
+        {
             below += 1;
         }
     }

@@ -120,7 +120,7 @@ pub(crate) async fn create_batch(
     // A repeat of a committed request is answered before anything else. An id the server just
     // made up cannot have been used; a repeat still in flight is caught by the batch insert.
     if chosen_by_client
-        && let Some(existing) = jobs::by_request_id(db, key.id, rid.as_str()).await?
+        && let Some(existing) = jobs::by_request_id(db, KeyId(key.id), rid.as_str()).await?
     {
         return replay(db, key.id, existing, &fingerprint).await;
     }
@@ -208,7 +208,7 @@ pub(crate) async fn create_batch(
         None => writes.run(Some(key.id), work).await?,
     };
     let Some(response) = written else {
-        let existing = jobs::by_request_id(db, key.id, rid.as_str())
+        let existing = jobs::by_request_id(db, KeyId(key.id), rid.as_str())
             .await?
             .ok_or_else(|| ApiError::internal("idempotency conflict row vanished"))?;
         return replay(db, key.id, existing, &fingerprint).await;
@@ -290,7 +290,7 @@ pub async fn write_new_batch(
     };
     let response_json = serde_json::to_string(&response).map_err(ApiError::internal)?;
     let start_pos = txn
-        .fair_start(key_id, n, || items::fair_start(txn, key_id))
+        .fair_start(key_id, n, || items::fair_start(txn, KeyId(key_id)))
         .await?;
     let job = jobs::NewJob {
         id: batch_id,
@@ -315,7 +315,7 @@ pub async fn write_new_batch(
             // An earlier request with the same id won (in this group or committed): the hold
             // is given back, so the wallet is as it was; the caller answers as a repeat once
             // that request is committed.
-            if !wallets::apply(txn, key_id, LedgerKind::Release, need, now).await? {
+            if !wallets::apply(txn, KeyId(key_id), LedgerKind::Release, need, now).await? {
                 return Err(ApiError::internal("undoing a hold failed: held too small"));
             }
             return Ok(None);
@@ -323,10 +323,13 @@ pub async fn write_new_batch(
         jobs::Held::Refused => {
             // Nothing is written. A repeat of a request committed since the caller looked is
             // answered as one, not refused.
-            if jobs::by_request_id(txn, key_id, rid).await?.is_some() {
+            if jobs::by_request_id(txn, KeyId(key_id), rid)
+                .await?
+                .is_some()
+            {
                 return Ok(None);
             }
-            let w = wallets::read(txn, key_id).await?;
+            let w = wallets::read(txn, KeyId(key_id)).await?;
             return Err(ApiError::new(
                 ErrorCode::InsufficientCredits,
                 format!("batch needs {need} credits, {} available", w.available()),
@@ -392,7 +395,7 @@ pub async fn get<C: ConnectionTrait>(
     batch: BatchId,
 ) -> Result<Batch, ApiError> {
     let (key_id, batch_id) = (key.0, batch.0);
-    let (job, open, mut rows) = jobs::owned_with_items(db, key_id, batch_id, ITEMS_PAGE + 1)
+    let (job, open, mut rows) = jobs::owned_with_items(db, KeyId(key_id), batch_id, ITEMS_PAGE + 1)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
     let next = page_cursor(&mut rows, ITEMS_PAGE, |r| r.idx);
@@ -421,7 +424,7 @@ async fn owned_batch<C: ConnectionTrait>(
     key_id: i64,
     batch_id: Uuid,
 ) -> Result<batch_job::Model, ApiError> {
-    jobs::owned(db, key_id, batch_id)
+    jobs::owned(db, KeyId(key_id), batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))
 }
@@ -557,7 +560,7 @@ pub async fn list<C: ConnectionTrait>(
     let before = cursor.map(decode_cursor).transpose()?;
     let mut jobs = jobs::page(
         db,
-        key_id,
+        KeyId(key_id),
         status.map(BatchStatus::as_str),
         before,
         limit + 1,
@@ -658,14 +661,14 @@ async fn cancel_in(
 ) -> Result<(), ApiError> {
     let now = Utc::now();
     // A final batch is answered as it is, with nothing written.
-    let seen = jobs::owned(txn, key_id, batch_id)
+    let seen = jobs::owned(txn, KeyId(key_id), batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
     if seen.status.is_final() {
         return Ok(());
     }
     // Lock the batch row first: every transition of this batch serialises on it.
-    if !jobs::lock_owned(txn, key_id, batch_id, now).await? {
+    if !jobs::lock_owned(txn, KeyId(key_id), batch_id, now).await? {
         return Err(ApiError::not_found("batch", batch_id));
     }
     let job = jobs::by_id(txn, batch_id)
@@ -812,7 +815,7 @@ mod tests {
     }
 
     async fn held(db: &DatabaseConnection) -> (i64, i64) {
-        let w = wallets::read(db, 1).await.unwrap();
+        let w = wallets::read(db, KeyId(1)).await.unwrap();
         (w.balance, w.held)
     }
 

@@ -2,6 +2,7 @@
 //! append-only ledger row, inside the caller's transaction.
 use sea_orm::{ConnectionTrait, DbErr};
 
+use crate::domain::ids::KeyId;
 pub use crate::domain::money::{LedgerKind, MAX_BALANCE, Wallet};
 pub use crate::store::ledger::{NewEntry, apply, apply_in};
 use crate::store::{ledger, wallets};
@@ -12,12 +13,12 @@ pub async fn by_idempotency_key<C: ConnectionTrait>(
     key_id: i64,
     idempotency_key: &str,
 ) -> Result<Option<entity::credit_ledger::Model>, DbErr> {
-    ledger::by_idempotency_key(db, key_id, idempotency_key).await
+    ledger::by_idempotency_key(db, KeyId(key_id), idempotency_key).await
 }
 
 /// Reads a wallet.
 pub async fn wallet<C: ConnectionTrait>(db: &C, key_id: i64) -> Result<Wallet, DbErr> {
-    wallets::read(db, key_id).await
+    wallets::read(db, KeyId(key_id)).await
 }
 
 /// The newest ledger rows of a key, newest first; `before` pages by id.
@@ -27,7 +28,7 @@ pub async fn ledger<C: ConnectionTrait>(
     limit: u64,
     before: Option<i64>,
 ) -> Result<Vec<entity::credit_ledger::Model>, DbErr> {
-    ledger::page(db, key_id, before, limit).await
+    ledger::page(db, KeyId(key_id), before, limit).await
 }
 
 /// The wallet as customers and admins see it: balance, held, available and the newest

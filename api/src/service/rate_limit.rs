@@ -5,6 +5,7 @@ use serde_json::json;
 
 use crate::context::PendingQuota;
 use crate::domain::error_code::ErrorCode;
+use crate::domain::ids::KeyId;
 use crate::domain::usage::UsageRow;
 use crate::error::ApiError;
 use crate::store::commit::{UnitFuture, Writes};
@@ -137,7 +138,7 @@ pub async fn hit<C: ConnectionTrait>(
     limit: u32,
     now: DateTime<Utc>,
 ) -> Result<RateInfo, DbErr> {
-    let count = rate_limits::increment(db, key_id, scope, window_start(now)).await?;
+    let count = rate_limits::increment(db, KeyId(key_id), scope, window_start(now)).await?;
     Ok(RateInfo::after(scope, limit, count, now))
 }
 

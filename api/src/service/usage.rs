@@ -2,6 +2,7 @@
 use chrono::{NaiveDate, TimeDelta};
 use sea_orm::ConnectionTrait;
 
+use crate::domain::ids::KeyId;
 use crate::store::usage::daily;
 pub use crate::store::usage::{DayUsage, UsageRow, minute_bucket, record_through};
 
@@ -37,7 +38,7 @@ pub async fn report<C: ConnectionTrait>(
     }
     let start = from_day.and_time(chrono::NaiveTime::MIN).and_utc();
     let end = to_day.and_time(chrono::NaiveTime::MIN).and_utc() + TimeDelta::days(1);
-    let days = daily(db, key_id, start, end).await?;
+    let days = daily(db, KeyId(key_id), start, end).await?;
     Ok(crate::schemas::credits::Usage {
         from: start,
         to: end,

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
 
+use crate::domain::ids::KeyId;
 use crate::error::ApiError;
 use crate::service::batches::{close_queued, finalize_if_done};
 use crate::state::Runtime;
@@ -48,7 +49,7 @@ async fn expire_in(
     batch_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    if !jobs::lock_owned(txn, key_id, batch_id, now).await? {
+    if !jobs::lock_owned(txn, KeyId(key_id), batch_id, now).await? {
         return Ok(());
     }
     let Some(job) = jobs::by_id(txn, batch_id).await? else {

@@ -5,13 +5,14 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr};
 
 use super::unit::Appended;
+use crate::domain::ids::KeyId;
 use crate::domain::usage::UsageRow;
 
 /// Writes `a`'s rows. A wallet whose rule the sum would break fails the write.
 pub async fn write<C: ConnectionTrait>(db: &C, a: &Appended) -> Result<(), DbErr> {
     let now = Utc::now();
     for (&key, &(balance, held)) in &a.wallets {
-        if !super::wallets::add(db, key, balance, held, now).await? {
+        if !super::wallets::add(db, KeyId(key), balance, held, now).await? {
             return Err(DbErr::Custom(format!(
                 "the group's credit movements of key {key} break its wallet's rule"
             )));

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::sql::{limit, part_of, run_together, skip_locked, stmt};
 use crate::domain::NewItem;
-use crate::domain::ids::{ItemId, LeaseToken};
+use crate::domain::ids::{ItemId, KeyId, LeaseToken};
 
 /// The columns of an item that its view shows: a status poll reads these, no more.
 #[derive(Clone, Debug, FromQueryResult)]
@@ -65,7 +65,7 @@ impl From<&Model> for Visible {
 
 /// Where a key's new batch starts in the fair queue: right after the key's own queued items,
 /// but never before the queue's head, so a key's backlog cannot delay another key's batch.
-pub async fn fair_start<C: ConnectionTrait>(txn: &C, key_id: i64) -> Result<i64, DbErr> {
+pub async fn fair_start<C: ConnectionTrait>(txn: &C, key_id: KeyId) -> Result<i64, DbErr> {
     let row = txn
         .query_one_raw(stmt(
             txn.get_database_backend(),
@@ -91,7 +91,7 @@ const INSERT_CHUNK: usize = 500;
 pub async fn insert_queued<C: ConnectionTrait>(
     txn: &C,
     batch_id: Uuid,
-    key_id: i64,
+    key_id: KeyId,
     start_pos: i64,
     items: &[NewItem],
     now: DateTime<Utc>,
@@ -102,7 +102,7 @@ pub async fn insert_queued<C: ConnectionTrait>(
         .map(|(i, item)| ActiveModel {
             id: Set(Uuid::now_v7()),
             batch_id: Set(batch_id),
-            api_key_id: Set(key_id),
+            api_key_id: Set(key_id.0),
             idx: Set(i as i32),
             prompt: Set(item.prompt.clone()),
             params: Set(item.params.clone()),

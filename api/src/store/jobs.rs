@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::sql::{NO_ROW_NO_CHANGE, limit, part_of, run_together, skip_locked, stmt};
 use crate::domain::NewItem;
-use crate::domain::ids::{ItemId, LeaseToken};
+use crate::domain::ids::{ItemId, KeyId, LeaseToken};
 use crate::domain::money::Wallet;
 
 /// A batch row as a create writes it.
@@ -170,14 +170,15 @@ impl NewJob<'_> {
         start_pos: i64,
     ) -> Result<Held, DbErr> {
         let (key_id, id, now) = (self.key_id, self.id, self.now);
-        let Some(wallet) = super::wallets::hold(txn, key_id, self.required_credits, now).await?
+        let Some(wallet) =
+            super::wallets::hold(txn, KeyId(key_id), self.required_credits, now).await?
         else {
             return Ok(Held::Refused);
         };
         if !self.insert_if_absent(txn).await? {
             return Ok(Held::Repeat(wallet));
         }
-        super::items::insert_queued(txn, id, key_id, start_pos, items, now).await?;
+        super::items::insert_queued(txn, id, KeyId(key_id), start_pos, items, now).await?;
         Ok(Held::Created(wallet))
     }
 
@@ -222,7 +223,7 @@ impl NewJob<'_> {
 /// The key's batch with this request id.
 pub async fn by_request_id<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     request_id: &str,
 ) -> Result<Option<Model>, DbErr> {
     // The create's hottest lookup.
@@ -254,7 +255,7 @@ pub async fn by_id<C: ConnectionTrait>(db: &C, id: Uuid) -> Result<Option<Model>
 /// A batch by id, if it belongs to the key.
 pub async fn owned<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     id: Uuid,
 ) -> Result<Option<Model>, DbErr> {
     // Every status poll runs this.
@@ -356,7 +357,7 @@ impl From<&Model> for Visible {
 /// with the batch.
 pub async fn owned_with_items<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     id: Uuid,
     max: u64,
 ) -> Result<Option<(Visible, (i64, i64), Vec<super::items::Visible>)>, DbErr> {
@@ -419,7 +420,7 @@ fn poll_sql(max: u64) -> String {
 /// (api_key_id, status, id) one, never more rows than the page.
 pub async fn page<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     status: Option<&str>,
     before: Option<Uuid>,
     max: u64,
@@ -457,7 +458,7 @@ fn page_sql(status: bool, before: bool, max: u64) -> String {
 /// there is no such batch.
 pub async fn lock_owned<C: ConnectionTrait>(
     txn: &C,
-    key_id: i64,
+    key_id: KeyId,
     id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<bool, DbErr> {

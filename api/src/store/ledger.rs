@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::sql::stmt;
 use super::unit::Txn;
+use crate::domain::ids::KeyId;
 use crate::domain::money::LedgerKind;
 
 /// One ledger row; what it refers to is named, everything else is `None` by default.
@@ -151,7 +152,7 @@ async fn add_charges_to_rollup<C: ConnectionTrait>(
 /// The row an admin movement with this Idempotency-Key wrote, if any.
 pub async fn by_idempotency_key<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     idempotency_key: &str,
 ) -> Result<Option<Model>, DbErr> {
     // The pair is unique, so no LIMIT (see `sql::limit`).
@@ -170,7 +171,7 @@ pub async fn by_idempotency_key<C: ConnectionTrait>(
 /// history.
 pub async fn page<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     before: Option<i64>,
     max: u64,
 ) -> Result<Vec<Model>, DbErr> {
@@ -195,7 +196,7 @@ fn page_sql(max: u64) -> String {
 /// Credits charged to a key per UTC day (`YYYY-MM-DD`) in `[from, to)`.
 pub async fn charged_per_day<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<(String, i64)>, DbErr> {
@@ -221,7 +222,7 @@ pub async fn charged_per_day<C: ConnectionTrait>(
 /// nothing) when the wallet's rule would break: overdraft on hold, below held on adjust.
 pub async fn apply<C: ConnectionTrait>(txn: &C, entry: NewEntry<'_>) -> Result<bool, DbErr> {
     let now = chrono::Utc::now();
-    if !super::wallets::apply(txn, entry.key_id, entry.kind, entry.amount, now).await? {
+    if !super::wallets::apply(txn, KeyId(entry.key_id), entry.kind, entry.amount, now).await? {
         return Ok(false);
     }
     metrics::counter!("credits_total", "kind" => entry.kind.as_str())
@@ -251,7 +252,9 @@ pub async fn apply_in(txn: &Txn<'_>, entry: NewEntry<'_>) -> Result<bool, DbErr>
             txn.append_wallet(entry.key_id, balance, held);
         }
         _ => {
-            if !super::wallets::apply(txn, entry.key_id, entry.kind, entry.amount, now).await? {
+            if !super::wallets::apply(txn, KeyId(entry.key_id), entry.kind, entry.amount, now)
+                .await?
+            {
                 return Ok(false);
             }
         }

@@ -2,16 +2,17 @@
 use sea_orm::{ConnectionTrait, DbErr};
 
 use super::sql::{stmt, value_rows};
+use crate::domain::ids::KeyId;
 
 /// Counts one call in a window in one atomic statement (an upsert): the count after it.
 /// Exact under any concurrency and on any number of nodes.
 pub async fn increment<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     scope: &str,
     window_start: i64,
 ) -> Result<i64, DbErr> {
-    let counts = add_many(db, &[(key_id, scope, window_start, 1)]).await?;
+    let counts = add_many(db, &[(key_id.0, scope, window_start, 1)]).await?;
     counts
         .into_iter()
         .next()
@@ -65,7 +66,7 @@ pub async fn add_many<C: ConnectionTrait>(
 /// Calls counted so far in a window.
 pub async fn count<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     scope: &str,
     window_start: i64,
 ) -> Result<i64, DbErr> {

@@ -17,6 +17,7 @@ use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, ExecResult, QueryResult, Statement,
 };
 
+use crate::domain::ids::KeyId;
 use crate::domain::money::LedgerRow;
 use crate::domain::usage::UsageRow;
 
@@ -168,7 +169,7 @@ impl<'a> Txn<'a> {
         let Some((balance, held)) = pending else {
             return Ok(());
         };
-        if super::wallets::add(self, key_id, balance, held, chrono::Utc::now()).await? {
+        if super::wallets::add(self, KeyId(key_id), balance, held, chrono::Utc::now()).await? {
             Ok(())
         } else {
             Err(DbErr::Custom(format!(

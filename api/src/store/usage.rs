@@ -9,6 +9,7 @@ use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DbErr};
 
 use super::sql::{day_expr, day_of, limit, stmt, value_rows};
+use crate::domain::ids::KeyId;
 pub use crate::domain::usage::{DayUsage, UsageRow};
 
 /// The UTC minute containing `t`.
@@ -153,7 +154,7 @@ async fn add_to_rollup<C: ConnectionTrait>(
 /// the credits charged) through their primary keys.
 pub async fn daily<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<DayUsage>, DbErr> {
@@ -237,7 +238,7 @@ fn add_charged(days: &mut BTreeMap<String, DayUsage>, d: String, charged: i64) {
 /// history; reports never call it).
 pub async fn daily_from_raw_rows<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<DayUsage>, DbErr> {

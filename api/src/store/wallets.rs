@@ -5,13 +5,14 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr};
 
 use super::sql::stmt;
+use crate::domain::ids::KeyId;
 use crate::domain::money::{LedgerKind, MAX_BALANCE, Wallet};
 
 /// The statement of [`read`]: one row by its primary key.
 pub(super) const READ: &str = "SELECT balance, held FROM credit_wallet WHERE api_key_id = $1";
 
 /// Reads a wallet (a key without one has nothing).
-pub async fn read<C: ConnectionTrait>(db: &C, key_id: i64) -> Result<Wallet, DbErr> {
+pub async fn read<C: ConnectionTrait>(db: &C, key_id: KeyId) -> Result<Wallet, DbErr> {
     let row = db
         .query_one_raw(stmt(db.get_database_backend(), READ, [key_id.into()]))
         .await?;
@@ -31,7 +32,7 @@ pub async fn read<C: ConnectionTrait>(db: &C, key_id: i64) -> Result<Wallet, DbE
 /// would overdraw on a hold, or go below held or above the maximum on a grant or adjust.
 pub async fn apply<C: ConnectionTrait>(
     txn: &C,
-    key_id: i64,
+    key_id: KeyId,
     kind: LedgerKind,
     amount: i64,
     now: DateTime<Utc>,
@@ -69,7 +70,7 @@ pub async fn apply<C: ConnectionTrait>(
 /// releases of one key that a group sums (see [`super::unit`]).
 pub async fn add<C: ConnectionTrait>(
     txn: &C,
-    key_id: i64,
+    key_id: KeyId,
     balance: i64,
     held: i64,
     now: DateTime<Utc>,
@@ -96,7 +97,7 @@ pub async fn add<C: ConnectionTrait>(
 /// the credits are not there (nothing changed).
 pub async fn hold<C: ConnectionTrait>(
     txn: &C,
-    key_id: i64,
+    key_id: KeyId,
     amount: i64,
     now: DateTime<Utc>,
 ) -> Result<Option<Wallet>, DbErr> {

@@ -6,6 +6,7 @@ use entity::webhook_delivery;
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
 
+use crate::domain::ids::KeyId;
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::webhooks::{
     Delivery, DeliveryAttempt, DeliveryDetail, DeliveryState, EndpointEnabled, EndpointState,
@@ -59,7 +60,7 @@ pub async fn list(
         since: q.since,
         before: q.cursor.as_deref().map(decode_cursor).transpose()?,
     };
-    let mut rows = webhooks::page_of_key(db, key_id, &filter, q.limit + 1).await?;
+    let mut rows = webhooks::page_of_key(db, KeyId(key_id), &filter, q.limit + 1).await?;
     let next = if rows.len() as u64 > q.limit {
         rows.truncate(q.limit as usize);
         rows.last().map(|d| encode_cursor(d.id))
@@ -134,7 +135,10 @@ pub async fn resend(
             .run(Some(key_id), move |txn| {
                 let key = idempotency_key.clone();
                 Box::pin(async move {
-                    Ok(webhooks::resend(txn, key_id, id, key.as_deref(), Utc::now()).await?)
+                    Ok(
+                        webhooks::resend(txn, KeyId(key_id), id, key.as_deref(), Utc::now())
+                            .await?,
+                    )
                 })
             })
             .await?;
@@ -147,7 +151,9 @@ pub async fn resend(
 pub async fn recover(writes: &Writes, key_id: i64, since: DateTime<Utc>) -> Result<u64, ApiError> {
     writes
         .run(Some(key_id), move |txn| {
-            Box::pin(async move { Ok(webhooks::recover(txn, key_id, since, Utc::now()).await?) })
+            Box::pin(
+                async move { Ok(webhooks::recover(txn, KeyId(key_id), since, Utc::now()).await?) },
+            )
         })
         .await
 }
@@ -174,7 +180,7 @@ pub async fn endpoints(
     db: &DatabaseConnection,
     key: &KeyEntry,
 ) -> Result<Vec<WebhookEndpoint>, ApiError> {
-    let mut out: Vec<WebhookEndpoint> = webhooks::endpoints(db, key.id)
+    let mut out: Vec<WebhookEndpoint> = webhooks::endpoints(db, KeyId(key.id))
         .await?
         .iter()
         .map(endpoint_view)
@@ -207,9 +213,9 @@ pub async fn enable(
     let released = writes
         .run(Some(key_id), move |txn| {
             let url = target.clone();
-            Box::pin(
-                async move { Ok(webhooks::enable_endpoint(txn, key_id, &url, Utc::now()).await?) },
-            )
+            Box::pin(async move {
+                Ok(webhooks::enable_endpoint(txn, KeyId(key_id), &url, Utc::now()).await?)
+            })
         })
         .await?;
     let Some(released) = released else {
@@ -218,7 +224,7 @@ pub async fn enable(
             format!("no webhook was ever sent to {url} by this key"),
         ));
     };
-    let endpoint = webhooks::endpoints(db, key_id)
+    let endpoint = webhooks::endpoints(db, KeyId(key_id))
         .await?
         .iter()
         .find(|e| e.url == url)

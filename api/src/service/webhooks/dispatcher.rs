@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use super::signing::{decode_whsec, sign, webhook_id};
 use super::target_guard::check_target;
 
+use crate::domain::ids::KeyId;
 use crate::state::{AppState, Runtime};
 use crate::store::webhooks;
 
@@ -346,7 +347,7 @@ pub async fn record_attempt<C: ConnectionTrait>(
         .unwrap_or(chrono::Duration::days(5));
     if webhooks::note_endpoint(
         txn,
-        d.api_key_id,
+        KeyId(d.api_key_id),
         &d.target_url,
         success,
         now,

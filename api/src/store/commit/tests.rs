@@ -464,7 +464,9 @@ async fn charges_of_a_group_move_the_wallet_exactly_once_each() {
         ok += usize::from(t.await.unwrap().is_ok());
     }
     assert_eq!(ok, 10);
-    let w = crate::store::wallets::read(&db, 1).await.unwrap();
+    let w = crate::store::wallets::read(&db, crate::domain::ids::KeyId(1))
+        .await
+        .unwrap();
     assert_eq!((w.balance, w.held), (900, 0));
     assert_eq!(rows_of(&db, "credit_ledger").await, 10);
 }
