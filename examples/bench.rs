@@ -539,7 +539,14 @@ fn bench_runtime() -> Result<Arc<Runtime>> {
 async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
     let w = &p.writer;
     let now = Utc::now();
-    rate_limit::hit(w, key_id, rate_limit::SCOPE_BATCH, u32::MAX, now).await?;
+    rate_limit::hit(
+        w,
+        api::domain::ids::KeyId(key_id),
+        rate_limit::SCOPE_BATCH,
+        u32::MAX,
+        now,
+    )
+    .await?;
     let rid = format!("req_{}", Uuid::now_v7().simple());
     if api::store::jobs::by_request_id(w, api::domain::ids::KeyId(key_id), &rid)
         .await?

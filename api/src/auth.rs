@@ -8,6 +8,7 @@ use poem_openapi::auth::{ApiKey, Bearer};
 use subtle::ConstantTimeEq;
 
 use crate::context::PendingQuota;
+use crate::domain::ids::KeyId;
 use crate::error::{ApiError, ErrorCode};
 use crate::service::keys::sha256_hex;
 use crate::service::rate_limit::{self, SCOPE_BATCH};
@@ -130,7 +131,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         });
     }
     // Counted before the handler runs: a call over its quota does no work at all.
-    let info = match rate_limit::admit(&state.writes, key.id, scope, limit, now).await {
+    let info = match rate_limit::admit(&state.writes, KeyId(key.id), scope, limit, now).await {
         Ok(info) => info,
         Err(e) if e.fault.is_some() && req.method() == poem::http::Method::GET => {
             // The store fails to count: a read is still served from what can be read (while

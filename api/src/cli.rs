@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::domain::ids::KeyId;
 use crate::service::credits::{self, LedgerKind};
 use crate::settings::{ConfigSource, Settings};
 
@@ -213,7 +214,7 @@ pub async fn run() -> anyhow::Result<()> {
                         credits::NewEntry::new(id, LedgerKind::Grant, amount).note(note.as_deref());
                     credits::apply(&txn, grant).await?;
                     txn.commit().await?;
-                    let w = credits::wallet(&db, id).await?;
+                    let w = credits::wallet(&db, KeyId(id)).await?;
                     println!(
                         "granted {amount} to {key}: balance {} held {} available {}",
                         w.balance,
@@ -225,14 +226,14 @@ pub async fn run() -> anyhow::Result<()> {
                     let id = crate::service::keys::id_by_name(&db, &key)
                         .await?
                         .with_context(|| format!("no key named {key:?}"))?;
-                    let w = credits::wallet(&db, id).await?;
+                    let w = credits::wallet(&db, KeyId(id)).await?;
                     println!(
                         "{key}: balance {} held {} available {}",
                         w.balance,
                         w.held,
                         w.available()
                     );
-                    for row in credits::ledger(&db, id, 20, None).await? {
+                    for row in credits::ledger(&db, KeyId(id), 20, None).await? {
                         println!(
                             "  #{:<6} {} {:<8} {:>10}  {}{}",
                             row.id,

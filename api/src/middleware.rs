@@ -10,6 +10,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use crate::context::{self, AuditTemplate, RequestCtx};
+use crate::domain::ids::KeyId;
 use crate::error::{ApiError, ErrorCode, catch_all};
 use crate::service::rate_limit::{
     self, RateInfo, SCOPE_BATCH, SCOPE_READ, SCOPE_REFUSED, SCOPE_UNAUTHENTICATED,
@@ -497,7 +498,9 @@ async fn finish(
         (Some(q), Some(key_id)) if !call.quota_consulted => {
             // A read: its count and its row in one commit; over the quota it becomes a 429.
             let refused_id = ctx.x_request_id.clone();
-            match rate_limit::admit_and_audit(&state.writes, key_id, q, row, refused_id).await {
+            match rate_limit::admit_and_audit(&state.writes, KeyId(key_id), q, row, refused_id)
+                .await
+            {
                 Ok((info, audited)) => {
                     if info.exceeded {
                         resp = keep_operation(

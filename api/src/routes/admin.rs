@@ -8,6 +8,7 @@ use poem_openapi::{OpenApi, Tags};
 use sea_orm::SqlErr;
 
 use crate::auth::AdminAuth;
+use crate::domain::ids::KeyId;
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::admin::{
     AdjustRequest, AdminWallet, DeliveryStatus, GrantRequest, KeyInfo, ReloadResult,
@@ -47,7 +48,7 @@ impl AdminApi {
         limit: u64,
         before: Option<i64>,
     ) -> Result<AdminWallet, ApiError> {
-        let view = credits::view(&state.db, key_id, limit, before).await?;
+        let view = credits::view(&state.db, KeyId(key_id), limit, before).await?;
         Ok(AdminWallet {
             key: name.to_string(),
             balance: view.balance,
@@ -80,7 +81,7 @@ impl AdminApi {
                     Box::pin(async move {
                         if let Some(k) = idem.as_deref()
                             && let Some(earlier) =
-                                credits::by_idempotency_key(txn, key_id, k).await?
+                                credits::by_idempotency_key(txn, KeyId(key_id), k).await?
                         {
                             return same_movement(&earlier, kind, amount, note.as_deref(), k);
                         }
@@ -89,11 +90,11 @@ impl AdminApi {
                             .idempotency_key(idem.as_deref());
                         match credits::apply(txn, entry).await {
                             Ok(true) => {
-                                let w = credits::wallet(txn, key_id).await?;
+                                let w = credits::wallet(txn, KeyId(key_id)).await?;
                                 crate::service::webhooks::outbox::enqueue_low_credits(
                                     txn,
                                     &runtime,
-                                    key_id,
+                                    KeyId(key_id),
                                     w.available() - amount,
                                     w.available(),
                                     chrono::Utc::now(),
@@ -102,7 +103,7 @@ impl AdminApi {
                                 Ok(())
                             }
                             Ok(false) => {
-                                let w = credits::wallet(txn, key_id).await?;
+                                let w = credits::wallet(txn, KeyId(key_id)).await?;
                                 Err(ApiError::new(
                                 ErrorCode::Conflict,
                                 format!(
@@ -136,7 +137,8 @@ impl AdminApi {
             // A concurrent movement with the same Idempotency-Key won: compare with it.
             Err(e) if e.code == ErrorCode::IdempotencyConflict && e.message == REPEATED => {
                 if let Some(k) = idem.as_deref()
-                    && let Some(earlier) = credits::by_idempotency_key(&state.db, key_id, k).await?
+                    && let Some(earlier) =
+                        credits::by_idempotency_key(&state.db, KeyId(key_id), k).await?
                 {
                     same_movement(&earlier, kind, amount, note.as_deref(), k)?;
                 }
@@ -307,7 +309,7 @@ impl AdminApi {
         Ok(Json(
             usage::report(
                 &state.db,
-                id,
+                KeyId(id),
                 state.clock.now().date_naive(),
                 from.0.as_deref(),
                 to.0.as_deref(),

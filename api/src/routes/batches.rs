@@ -396,7 +396,7 @@ impl CustomerApi {
     ) -> Result<Read<BatchList>, ApiError> {
         let (data, next_cursor) = batches::list(
             &state.db,
-            auth.0.key.id,
+            KeyId(auth.0.key.id),
             status.0.map(Into::into),
             u64::from(limit.0.unwrap_or(20)),
             cursor.0.as_deref(),
@@ -466,7 +466,7 @@ impl CustomerApi {
         let key_id = auth.0.key.id;
         let limit = u64::from(limit.0.unwrap_or(50));
         Ok(Read::Ok(Json(
-            credits::view(&state.db, key_id, limit, None).await?,
+            credits::view(&state.db, KeyId(key_id), limit, None).await?,
         )))
     }
 
@@ -497,7 +497,7 @@ impl CustomerApi {
         Ok(Read::Ok(Json(
             crate::service::usage::report(
                 &state.db,
-                auth.0.key.id,
+                KeyId(auth.0.key.id),
                 state.clock.now().date_naive(),
                 from.0.as_deref(),
                 to.0.as_deref(),

@@ -122,7 +122,7 @@ pub(crate) async fn create_batch(
     if chosen_by_client
         && let Some(existing) = jobs::by_request_id(db, KeyId(key.id), rid.as_str()).await?
     {
-        return replay(db, key.id, existing, &fingerprint).await;
+        return replay(db, KeyId(key.id), existing, &fingerprint).await;
     }
 
     let limits = &key.policy.limits;
@@ -185,7 +185,7 @@ pub(crate) async fn create_batch(
                 crate::service::webhooks::outbox::enqueue_low_credits(
                     txn,
                     &runtime,
-                    unit.key_id,
+                    KeyId(unit.key_id),
                     c.available_credits,
                     c.remaining_credits,
                     unit.now,
@@ -201,7 +201,8 @@ pub(crate) async fn create_batch(
     let written = match quota {
         Some(q) => {
             crate::context::update(|s| s.quota_consulted = true);
-            let (info, written) = rate_limit::admit_and_run(writes, key.id, &q, work).await?;
+            let (info, written) =
+                rate_limit::admit_and_run(writes, KeyId(key.id), &q, work).await?;
             crate::context::update(|s| s.rate = Some(info.clone()));
             written.ok_or_else(|| rate_limit::refusal(&q.key_name, &info))?
         }
@@ -211,7 +212,7 @@ pub(crate) async fn create_batch(
         let existing = jobs::by_request_id(db, KeyId(key.id), rid.as_str())
             .await?
             .ok_or_else(|| ApiError::internal("idempotency conflict row vanished"))?;
-        return replay(db, key.id, existing, &fingerprint).await;
+        return replay(db, KeyId(key.id), existing, &fingerprint).await;
     };
 
     crate::context::update(|s| {
@@ -364,7 +365,7 @@ pub async fn write_new_batch(
 
 async fn replay(
     db: &DatabaseConnection,
-    key_id: i64,
+    key_id: KeyId,
     existing: batch_job::Model,
     fingerprint: &str,
 ) -> Result<CreateOutcome, ApiError> {
@@ -421,10 +422,10 @@ pub const ITEMS_PAGE: u64 = 100;
 /// The batch, if it belongs to the key (another key's batch is "not found").
 async fn owned_batch<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     batch_id: Uuid,
 ) -> Result<batch_job::Model, ApiError> {
-    jobs::owned(db, KeyId(key_id), batch_id)
+    jobs::owned(db, key_id, batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))
 }
@@ -460,7 +461,7 @@ pub async fn items_page<C: ConnectionTrait>(
     cursor: Option<&str>,
 ) -> Result<(Vec<BatchItemView>, Option<String>), ApiError> {
     let (key_id, batch_id) = (key.0, batch.0);
-    owned_batch(db, key_id, batch_id).await?;
+    owned_batch(db, KeyId(key_id), batch_id).await?;
     let after = cursor.map(decode_item_cursor).transpose()?;
     items_after(db, batch_id, status, after, limit).await
 }
@@ -546,13 +547,13 @@ pub async fn check_owner<C: ConnectionTrait>(
     batch: BatchId,
 ) -> Result<(), ApiError> {
     let (key_id, batch_id) = (key.0, batch.0);
-    owned_batch(db, key_id, batch_id).await.map(|_| ())
+    owned_batch(db, KeyId(key_id), batch_id).await.map(|_| ())
 }
 
 /// A page of a key's batches, newest first. The cursor is opaque to clients.
 pub async fn list<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     status: Option<BatchStatus>,
     limit: u64,
     cursor: Option<&str>,
@@ -560,7 +561,7 @@ pub async fn list<C: ConnectionTrait>(
     let before = cursor.map(decode_cursor).transpose()?;
     let mut jobs = jobs::page(
         db,
-        KeyId(key_id),
+        key_id,
         status.map(BatchStatus::as_str),
         before,
         limit + 1,
@@ -647,7 +648,7 @@ pub async fn cancel(
     writes
         .run(Some(key_id), move |txn| {
             let runtime = Arc::clone(&runtime);
-            Box::pin(async move { cancel_in(txn, &runtime, key_id, batch_id).await })
+            Box::pin(async move { cancel_in(txn, &runtime, KeyId(key_id), batch_id).await })
         })
         .await?;
     get(db, key, batch).await
@@ -656,19 +657,19 @@ pub async fn cancel(
 async fn cancel_in(
     txn: &Txn<'_>,
     runtime: &Runtime,
-    key_id: i64,
+    key_id: KeyId,
     batch_id: Uuid,
 ) -> Result<(), ApiError> {
     let now = Utc::now();
     // A final batch is answered as it is, with nothing written.
-    let seen = jobs::owned(txn, KeyId(key_id), batch_id)
+    let seen = jobs::owned(txn, key_id, batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
     if seen.status.is_final() {
         return Ok(());
     }
     // Lock the batch row first: every transition of this batch serialises on it.
-    if !jobs::lock_owned(txn, KeyId(key_id), batch_id, now).await? {
+    if !jobs::lock_owned(txn, key_id, batch_id, now).await? {
         return Err(ApiError::not_found("batch", batch_id));
     }
     let job = jobs::by_id(txn, batch_id)

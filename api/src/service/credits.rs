@@ -10,32 +10,32 @@ use crate::store::{ledger, wallets};
 /// The ledger row an admin movement with this Idempotency-Key wrote, if any.
 pub async fn by_idempotency_key<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     idempotency_key: &str,
 ) -> Result<Option<entity::credit_ledger::Model>, DbErr> {
-    ledger::by_idempotency_key(db, KeyId(key_id), idempotency_key).await
+    ledger::by_idempotency_key(db, key_id, idempotency_key).await
 }
 
 /// Reads a wallet.
-pub async fn wallet<C: ConnectionTrait>(db: &C, key_id: i64) -> Result<Wallet, DbErr> {
-    wallets::read(db, KeyId(key_id)).await
+pub async fn wallet<C: ConnectionTrait>(db: &C, key_id: KeyId) -> Result<Wallet, DbErr> {
+    wallets::read(db, key_id).await
 }
 
 /// The newest ledger rows of a key, newest first; `before` pages by id.
 pub async fn ledger<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     limit: u64,
     before: Option<i64>,
 ) -> Result<Vec<entity::credit_ledger::Model>, DbErr> {
-    ledger::page(db, KeyId(key_id), before, limit).await
+    ledger::page(db, key_id, before, limit).await
 }
 
 /// The wallet as customers and admins see it: balance, held, available and the newest
 /// ledger rows (newest first; `before` pages by id). The one place the view is built.
 pub async fn view<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     limit: u64,
     before: Option<i64>,
 ) -> Result<crate::schemas::credits::Credits, DbErr> {

@@ -8,6 +8,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection};
 use uuid::Uuid;
 
 use crate::domain::failure::FailureCode;
+use crate::domain::ids::KeyId;
 use crate::domain::ids::{ItemId, LeaseToken};
 use crate::error::ApiError;
 use crate::schemas::batches::{BatchStatus, ItemStatus};
@@ -191,7 +192,7 @@ pub async fn reap_expired(
 /// order as cancel, so the two never deadlock).
 struct LockedBatch {
     id: Uuid,
-    key_id: i64,
+    key_id: KeyId,
     cost: i64,
     cancel_requested: bool,
     status: BatchStatus,
@@ -214,7 +215,7 @@ impl From<jobs::LockedJob> for LockedBatch {
     fn from(b: jobs::LockedJob) -> Self {
         LockedBatch {
             id: b.id,
-            key_id: b.key_id,
+            key_id: KeyId(b.key_id),
             cost: b.cost_per_video,
             cancel_requested: b.cancel_requested,
             status: BatchStatus::from(b.status),
@@ -344,7 +345,7 @@ pub async fn complete_in(
             jobs::Success::Raced => return Err(ApiError::lease_lost(item_id)),
         };
     let charge =
-        NewEntry::new(batch.key_id, LedgerKind::Charge, batch.cost).item(batch.id, item_id);
+        NewEntry::new(batch.key_id.0, LedgerKind::Charge, batch.cost).item(batch.id, item_id);
     if !credits::apply_in(txn, charge).await? {
         return Err(ApiError::internal(format!(
             "charge failed for item {item_id}: held too small"
@@ -482,7 +483,7 @@ async fn fail_in(
             jobs::count_failure_code(txn, batch.id, report.code.as_str()).await?;
         }
         let release =
-            NewEntry::new(batch.key_id, LedgerKind::Release, batch.cost).item(batch.id, item_id);
+            NewEntry::new(batch.key_id.0, LedgerKind::Release, batch.cost).item(batch.id, item_id);
         if !credits::apply_in(txn, release).await? {
             return Err(ApiError::internal(format!(
                 "release failed for item {item_id}: held too small"

@@ -9,7 +9,7 @@ pub use crate::store::usage::{DayUsage, UsageRow, minute_bucket, record_through}
 /// A key's usage for the UTC days `from..=to` (default: the 30 days up to `today`), as served.
 pub async fn report<C: ConnectionTrait>(
     db: &C,
-    key_id: i64,
+    key_id: KeyId,
     today: NaiveDate,
     from: Option<&str>,
     to: Option<&str>,
@@ -38,7 +38,7 @@ pub async fn report<C: ConnectionTrait>(
     }
     let start = from_day.and_time(chrono::NaiveTime::MIN).and_utc();
     let end = to_day.and_time(chrono::NaiveTime::MIN).and_utc() + TimeDelta::days(1);
-    let days = daily(db, KeyId(key_id), start, end).await?;
+    let days = daily(db, key_id, start, end).await?;
     Ok(crate::schemas::credits::Usage {
         from: start,
         to: end,

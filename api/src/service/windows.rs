@@ -32,7 +32,9 @@ pub async fn expire_due(
         let result = writes
             .run(Some(key_id), move |txn| {
                 let runtime = Arc::clone(&runtime);
-                Box::pin(async move { expire_in(txn, &runtime, key_id, batch_id, now).await })
+                Box::pin(
+                    async move { expire_in(txn, &runtime, KeyId(key_id), batch_id, now).await },
+                )
             })
             .await;
         if let Err(e) = result {
@@ -45,11 +47,11 @@ pub async fn expire_due(
 async fn expire_in(
     txn: &Txn<'_>,
     runtime: &Runtime,
-    key_id: i64,
+    key_id: KeyId,
     batch_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    if !jobs::lock_owned(txn, KeyId(key_id), batch_id, now).await? {
+    if !jobs::lock_owned(txn, key_id, batch_id, now).await? {
         return Ok(());
     }
     let Some(job) = jobs::by_id(txn, batch_id).await? else {

@@ -50,7 +50,7 @@ pub struct ListQuery {
 /// A page of the key's deliveries, newest first, and the cursor of the next page.
 pub async fn list(
     db: &DatabaseConnection,
-    key_id: i64,
+    key_id: KeyId,
     q: &ListQuery,
 ) -> Result<(Vec<Delivery>, Option<String>), ApiError> {
     let filter = DeliveryFilter {
@@ -60,7 +60,7 @@ pub async fn list(
         since: q.since,
         before: q.cursor.as_deref().map(decode_cursor).transpose()?,
     };
-    let mut rows = webhooks::page_of_key(db, KeyId(key_id), &filter, q.limit + 1).await?;
+    let mut rows = webhooks::page_of_key(db, key_id, &filter, q.limit + 1).await?;
     let next = if rows.len() as u64 > q.limit {
         rows.truncate(q.limit as usize);
         rows.last().map(|d| encode_cursor(d.id))
@@ -73,19 +73,19 @@ pub async fn list(
 /// The key's delivery `id`, or 404.
 async fn owned(
     db: &DatabaseConnection,
-    key_id: i64,
+    key_id: KeyId,
     id: Uuid,
 ) -> Result<webhook_delivery::Model, ApiError> {
     webhooks::by_id(db, id)
         .await?
-        .filter(|d| d.api_key_id == key_id)
+        .filter(|d| d.api_key_id == key_id.0)
         .ok_or_else(|| ApiError::not_found("webhook delivery", id))
 }
 
 /// A delivery with its attempts.
 pub async fn detail(
     db: &DatabaseConnection,
-    key_id: i64,
+    key_id: KeyId,
     id: Uuid,
 ) -> Result<DeliveryDetail, ApiError> {
     let d = owned(db, key_id, id).await?;
@@ -114,7 +114,7 @@ pub async fn detail(
 pub async fn resend(
     db: &DatabaseConnection,
     writes: &Writes,
-    key_id: i64,
+    key_id: KeyId,
     id: Uuid,
     idempotency_key: Option<String>,
 ) -> Result<Delivery, ApiError> {
@@ -132,13 +132,10 @@ pub async fn resend(
     let replay = idempotency_key.is_some() && d.resend_key == idempotency_key;
     if d.status != "pending" && !replay {
         writes
-            .run(Some(key_id), move |txn| {
+            .run(Some(key_id.0), move |txn| {
                 let key = idempotency_key.clone();
                 Box::pin(async move {
-                    Ok(
-                        webhooks::resend(txn, KeyId(key_id), id, key.as_deref(), Utc::now())
-                            .await?,
-                    )
+                    Ok(webhooks::resend(txn, key_id, id, key.as_deref(), Utc::now()).await?)
                 })
             })
             .await?;
@@ -148,12 +145,14 @@ pub async fn resend(
 
 /// Sends again each failed delivery of the key created at or after `since` (once per
 /// delivery, oldest first): how many were queued.
-pub async fn recover(writes: &Writes, key_id: i64, since: DateTime<Utc>) -> Result<u64, ApiError> {
+pub async fn recover(
+    writes: &Writes,
+    key_id: KeyId,
+    since: DateTime<Utc>,
+) -> Result<u64, ApiError> {
     writes
-        .run(Some(key_id), move |txn| {
-            Box::pin(
-                async move { Ok(webhooks::recover(txn, KeyId(key_id), since, Utc::now()).await?) },
-            )
+        .run(Some(key_id.0), move |txn| {
+            Box::pin(async move { Ok(webhooks::recover(txn, key_id, since, Utc::now()).await?) })
         })
         .await
 }
@@ -206,16 +205,16 @@ pub async fn endpoints(
 pub async fn enable(
     db: &DatabaseConnection,
     writes: &Writes,
-    key_id: i64,
+    key_id: KeyId,
     url: String,
 ) -> Result<EndpointEnabled, ApiError> {
     let target = url.clone();
     let released = writes
-        .run(Some(key_id), move |txn| {
+        .run(Some(key_id.0), move |txn| {
             let url = target.clone();
-            Box::pin(async move {
-                Ok(webhooks::enable_endpoint(txn, KeyId(key_id), &url, Utc::now()).await?)
-            })
+            Box::pin(
+                async move { Ok(webhooks::enable_endpoint(txn, key_id, &url, Utc::now()).await?) },
+            )
         })
         .await?;
     let Some(released) = released else {
@@ -224,7 +223,7 @@ pub async fn enable(
             format!("no webhook was ever sent to {url} by this key"),
         ));
     };
-    let endpoint = webhooks::endpoints(db, KeyId(key_id))
+    let endpoint = webhooks::endpoints(db, key_id)
         .await?
         .iter()
         .find(|e| e.url == url)

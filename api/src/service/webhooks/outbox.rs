@@ -6,13 +6,14 @@ use sea_orm::{ConnectionTrait, DbErr};
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::domain::ids::KeyId;
 use crate::state::Runtime;
 use crate::store::webhooks::NewDelivery;
 use crate::store::{items, jobs};
 
 async fn enqueue<C: ConnectionTrait>(
     txn: &C,
-    key_id: i64,
+    key_id: KeyId,
     batch_id: Option<Uuid>,
     target: &str,
     event: &str,
@@ -21,7 +22,7 @@ async fn enqueue<C: ConnectionTrait>(
 ) -> Result<(), DbErr> {
     let payload = json!({ "type": event, "timestamp": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "data": data });
     NewDelivery {
-        key_id,
+        key_id: key_id.0,
         batch_id,
         event_type: event,
         payload: payload.to_string(),
@@ -31,8 +32,13 @@ async fn enqueue<C: ConnectionTrait>(
     .await
 }
 
-fn target(runtime: &Runtime, key_id: i64, batch_url: Option<&str>, event: &str) -> Option<String> {
-    let key = runtime.by_id.get(&key_id)?;
+fn target(
+    runtime: &Runtime,
+    key_id: KeyId,
+    batch_url: Option<&str>,
+    event: &str,
+) -> Option<String> {
+    let key = runtime.by_id.get(&key_id.0)?;
     if !key.policy.webhook_events.iter().any(|e| e == event) {
         return None;
     }
@@ -49,13 +55,27 @@ pub async fn enqueue_batch_event<C: ConnectionTrait>(
     event: &str,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    let Some(url) = target(runtime, job.api_key_id, job.webhook_url.as_deref(), event) else {
+    let Some(url) = target(
+        runtime,
+        KeyId(job.api_key_id),
+        job.webhook_url.as_deref(),
+        event,
+    ) else {
         return Ok(());
     };
     let view = crate::service::views::view(&job.into(), (0, 0), None);
     let data =
         serde_json::to_value(poem_openapi::types::ToJSON::to_json(&view)).unwrap_or_default();
-    enqueue(txn, job.api_key_id, Some(job.id), &url, event, data, now).await
+    enqueue(
+        txn,
+        KeyId(job.api_key_id),
+        Some(job.id),
+        &url,
+        event,
+        data,
+        now,
+    )
+    .await
 }
 
 /// Records `item.succeeded` / `item.failed` for keys that subscribe to them.
@@ -63,7 +83,7 @@ pub async fn enqueue_batch_event<C: ConnectionTrait>(
 pub async fn enqueue_item_event<C: ConnectionTrait>(
     txn: &C,
     runtime: &Runtime,
-    key_id: i64,
+    key_id: KeyId,
     batch_id: Uuid,
     item_id: Uuid,
     event: &str,
@@ -72,7 +92,7 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
     // Most keys do not subscribe to item events: decide before reading anything.
     let subscribed = runtime
         .by_id
-        .get(&key_id)
+        .get(&key_id.0)
         .is_some_and(|k| k.policy.webhook_events.iter().any(|e| e == event));
     if !subscribed {
         return Ok(());
@@ -80,7 +100,12 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
     let Some(job) = jobs::by_id(txn, batch_id).await? else {
         return Ok(());
     };
-    let Some(url) = target(runtime, job.api_key_id, job.webhook_url.as_deref(), event) else {
+    let Some(url) = target(
+        runtime,
+        KeyId(job.api_key_id),
+        job.webhook_url.as_deref(),
+        event,
+    ) else {
         return Ok(());
     };
     let Some(item) = items::by_id(txn, item_id).await? else {
@@ -93,7 +118,16 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
     data["item"] =
         poem_openapi::types::ToJSON::to_json(&crate::service::views::item_view(&(&item).into()))
             .unwrap_or_default();
-    enqueue(txn, job.api_key_id, Some(job.id), &url, event, data, now).await
+    enqueue(
+        txn,
+        KeyId(job.api_key_id),
+        Some(job.id),
+        &url,
+        event,
+        data,
+        now,
+    )
+    .await
 }
 
 /// Records `credits.low` when a movement took the key's available credits from at or above
@@ -103,12 +137,12 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
 pub async fn enqueue_low_credits<C: ConnectionTrait>(
     txn: &C,
     runtime: &Runtime,
-    key_id: i64,
+    key_id: KeyId,
     before: i64,
     after: i64,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    let Some(key) = runtime.by_id.get(&key_id) else {
+    let Some(key) = runtime.by_id.get(&key_id.0) else {
         return Ok(());
     };
     let Some(threshold) = key.policy.low_credit_threshold else {
