@@ -61,7 +61,21 @@ fn client_for(
     if let Some(c) = cache.lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(c);
     }
-    let client = reqwest::Client::builder()
+    let client = builder(host, addrs, timeout).build()?;
+    if let Ok(mut m) = cache.lock() {
+        if m.len() >= MAX_CLIENTS {
+            m.clear();
+        }
+        m.insert(key, client.clone());
+    }
+    Ok(client)
+}
+
+/// The settings of every webhook client: no proxy, no redirect, the delivery's deadline and the
+/// connect deadline, connections only to the checked addresses, HTTP/2 when the receiver offers
+/// it (ALPN), kept-alive connections.
+fn builder(host: &str, addrs: &[SocketAddr], timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
         // Proxy variables would resolve the target elsewhere and bypass the pinning below.
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
@@ -73,14 +87,6 @@ fn client_for(
             "video-batch-api-webhooks/",
             env!("CARGO_PKG_VERSION")
         ))
-        .build()?;
-    if let Ok(mut m) = cache.lock() {
-        if m.len() >= MAX_CLIENTS {
-            m.clear();
-        }
-        m.insert(key, client.clone());
-    }
-    Ok(client)
 }
 
 /// Signs and sends one attempt of a delivery.
@@ -789,5 +795,64 @@ mod tests {
             "gave up after {took:?}"
         );
         drop((listener, fillers));
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_offers_http2_is_sent_http2() {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use tokio_rustls::rustls;
+        // A TLS receiver for `hooks.h2.test` that offers h2 and HTTP/1.1 (ALPN), as most do.
+        let cert = rcgen::generate_simple_self_signed(vec!["hooks.h2.test".to_string()]).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            // The receiver answers with the protocol the request came in.
+                            let version = format!("{:?}", req.version());
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(hyper::body::Bytes::from(version)),
+                            ))
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        // The sender's own client settings, trusting this receiver's certificate.
+        let trusted = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
+        let client = builder("hooks.h2.test", &[addr], Duration::from_secs(10))
+            .add_root_certificate(trusted)
+            .build()
+            .unwrap();
+        for _ in 0..2 {
+            let resp = client
+                .post(format!("https://hooks.h2.test:{}/hook", addr.port()))
+                .body("{}")
+                .send()
+                .await
+                .expect("sent over TLS");
+            assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+            assert_eq!(resp.text().await.unwrap(), "HTTP/2.0");
+        }
     }
 }
