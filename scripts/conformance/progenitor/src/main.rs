@@ -75,6 +75,12 @@ struct Flow {
 }
 
 impl Flow {
+    /// `get_batch`, typed.
+    async fn batch_of(&self, id: &uuid::Uuid) -> Result<types::Batch, String> {
+        let r = self.api.get_batch(id).await.map_err(|e| e.to_string())?;
+        Ok(r.into_inner())
+    }
+
     async fn worker_call(&self, path: &str, body: Value) -> Result<Value, String> {
         let r = self
             .worker
@@ -130,12 +136,7 @@ impl Flow {
 
     async fn read(&self) -> Step {
         let id = self.batch.ok_or("no batch")?;
-        let b = self
-            .api
-            .get_batch(&id)
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner();
+        let b = self.batch_of(&id).await?;
         check(b.counts.queued == 2 && b.items.len() == 2, || {
             format!("{b:?}")
         })?;
@@ -193,12 +194,7 @@ impl Flow {
 
     async fn finished(&self) -> Step {
         let id = self.batch.ok_or("no batch")?;
-        let b = self
-            .api
-            .get_batch(&id)
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner();
+        let b = self.batch_of(&id).await?;
         check(b.counts.succeeded == 1 && b.counts.failed == 1, || {
             format!("counts {:?}", b.counts)
         })?;
@@ -264,12 +260,7 @@ impl Flow {
         })?;
         let retry = r.into_inner();
         check(retry.total_count == 1, || format!("{retry:?}"))?;
-        let b = self
-            .api
-            .get_batch(&retry.batch_id)
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner();
+        let b = self.batch_of(&retry.batch_id).await?;
         check(
             b.retry_of == Some(id) && b.items[0].prompt == "a blue whale",
             || format!("{b:?}"),
