@@ -78,6 +78,66 @@ async fn retention_prunes_rows_older_than_the_configured_age(backend: Backend) {
     delivery(&app, key_id, "failed", 31).await;
     delivery(&app, key_id, "succeeded", 5).await;
     delivery(&app, key_id, "pending", 60).await;
+    // Endpoints: one idle for 40 days (pruned); one idle as long but disabled (it holds
+    // deliveries until enabled), one idle as long with a pending delivery, one used yesterday.
+    let writer = &app.state().writer;
+    let days_ago = |d: i64| Utc::now() - TimeDelta::days(d);
+    let day = chrono::Duration::days(1);
+    let kid = api::domain::ids::KeyId(key_id);
+    use api::store::webhooks::note_endpoint;
+    note_endpoint(
+        writer,
+        kid,
+        "https://idle.example/in",
+        true,
+        days_ago(40),
+        day,
+    )
+    .await
+    .unwrap();
+    note_endpoint(
+        writer,
+        kid,
+        "https://recent.example/in",
+        true,
+        days_ago(1),
+        day,
+    )
+    .await
+    .unwrap();
+    note_endpoint(
+        writer,
+        kid,
+        "https://hooks.example/x",
+        true,
+        days_ago(40),
+        day,
+    )
+    .await
+    .unwrap();
+    note_endpoint(
+        writer,
+        kid,
+        "https://down.example/in",
+        false,
+        days_ago(60),
+        day,
+    )
+    .await
+    .unwrap();
+    assert!(
+        note_endpoint(
+            writer,
+            kid,
+            "https://down.example/in",
+            false,
+            days_ago(40),
+            day
+        )
+        .await
+        .unwrap(),
+        "failing for 20 days disables it"
+    );
     let retention = app.state().runtime().settings.retention;
     assert_eq!((retention.usage_days, retention.webhook_days), (90, 30));
     let pruned = api::service::retention::prune(&app.state().writer, &retention, Utc::now())
@@ -85,6 +145,22 @@ async fn retention_prunes_rows_older_than_the_configured_age(backend: Backend) {
         .unwrap();
     assert_eq!(pruned.usage, 4);
     assert_eq!(pruned.webhook_deliveries, 2);
+    assert_eq!(pruned.webhook_endpoints, 1);
+    let urls: Vec<String> = api::store::webhooks::endpoints(writer, kid)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.url)
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            "https://down.example/in",
+            "https://hooks.example/x",
+            "https://recent.example/in"
+        ],
+        "a disabled endpoint, one with a pending delivery and a recent one stay"
+    );
     assert_eq!(
         app.scalar("SELECT COUNT(*) AS v FROM usage_event").await,
         2,

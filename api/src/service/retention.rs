@@ -1,4 +1,4 @@
-//! Retention: old usage rows, finished webhook deliveries and (only when configured) old days of
+//! Retention: old usage rows, finished webhook deliveries (and endpoints idle as long) and (only when configured) old days of
 //! the usage rollup are deleted in small chunks through indexes made for it, so a pruning pass never holds a long lock. Safe on several nodes (two
 //! nodes deleting the same chunk delete it once).
 use chrono::{DateTime, TimeDelta, Utc};
@@ -19,6 +19,9 @@ pub struct Pruned {
     pub usage: u64,
     /// `webhook_delivery` rows (their attempts go with them).
     pub webhook_deliveries: u64,
+    /// `webhook_endpoint` rows of endpoints idle as long (neither disabled nor with a pending
+    /// delivery).
+    pub webhook_endpoints: u64,
     /// `usage_rollup` and `charge_rollup` rows.
     pub usage_rollup: u64,
 }
@@ -66,6 +69,10 @@ pub async fn prune(
             webhooks::delete_finished_older_than(db, cutoff, CHUNK)
         })
         .await?;
+        pruned.webhook_endpoints = prune_table("webhook_endpoint", || {
+            webhooks::delete_idle_endpoints_older_than(db, cutoff, CHUNK)
+        })
+        .await?;
     }
     if retention.usage_rollup_days > 0 {
         let cutoff = now - TimeDelta::days(retention.usage_rollup_days.into());
@@ -75,7 +82,8 @@ pub async fn prune(
         .await?;
     }
     if db.get_database_backend() == DbBackend::Sqlite
-        && pruned.usage + pruned.webhook_deliveries + pruned.usage_rollup > 0
+        && pruned.usage + pruned.webhook_deliveries + pruned.webhook_endpoints + pruned.usage_rollup
+            > 0
     {
         db.execute_unprepared("PRAGMA incremental_vacuum").await?;
     }

@@ -259,6 +259,28 @@ pub async fn delete_finished_older_than<C: ConnectionTrait>(
     Ok(r.rows_affected())
 }
 
+/// Deletes up to `max` endpoints nothing was sent to since `cutoff` (by their `updated_at`),
+/// unless disabled (a disabled endpoint holds deliveries until it is enabled) or still the
+/// target of a pending delivery: the rows endpoints a key stopped using leave behind.
+pub async fn delete_idle_endpoints_older_than<C: ConnectionTrait>(
+    db: &C,
+    cutoff: DateTime<Utc>,
+    max: u64,
+) -> Result<u64, DbErr> {
+    let sql = format!(
+        "DELETE FROM webhook_endpoint WHERE (api_key_id, url) IN \
+         (SELECT e.api_key_id, e.url FROM webhook_endpoint e \
+          WHERE e.updated_at < $1 AND e.disabled_at IS NULL AND NOT EXISTS \
+          (SELECT 1 FROM webhook_delivery d WHERE d.status = 'pending' \
+           AND d.api_key_id = e.api_key_id AND d.target_url = e.url) {})",
+        limit(max)
+    );
+    let r = db
+        .execute_raw(stmt(db.get_database_backend(), &sql, [cutoff.into()]))
+        .await?;
+    Ok(r.rows_affected())
+}
+
 /// Notes an attempt's outcome on its endpoint (key and URL): a success ends a failing run; a
 /// failure starts one or extends it. A run that began `disable_after` ago or earlier disables
 /// the endpoint and holds its pending deliveries: true when this attempt disabled it.
