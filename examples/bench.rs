@@ -592,6 +592,7 @@ async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
             started: Instant::now(),
             now,
             quota: None,
+            record: None,
         },
         retry_of: None,
     };

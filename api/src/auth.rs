@@ -7,7 +7,7 @@ use poem_openapi::SecurityScheme;
 use poem_openapi::auth::{ApiKey, Bearer};
 use subtle::ConstantTimeEq;
 
-use crate::context::PendingQuota;
+use crate::call::PendingQuota;
 use crate::domain::ids::KeyId;
 use crate::error::{ApiError, ErrorCode};
 use crate::service::keys::sha256_hex;
@@ -63,7 +63,13 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         return Err(ApiError::unauthorized("invalid or disabled API key"));
     };
     let ctx = crate::context::current();
-    crate::context::update(|s| {
+    let record = crate::call::of(req);
+    let note = |f: &dyn Fn(&mut crate::call::CallState)| {
+        if let Some(r) = record {
+            r.update(f);
+        }
+    };
+    note(&|s| {
         s.key_id = Some(key.id);
         s.key_version = Some(version.as_str());
     });
@@ -79,7 +85,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         // Answered from what is in memory: a leaked key used from elsewhere costs no database
         // read, and the audit layer bounds its rows per key and address.
         let info = rate_limit::RateInfo::untouched(scope, limit, now);
-        crate::context::update(|s| s.rate = Some(info));
+        note(&|s| s.rate = Some(info.clone()));
         return Err(ApiError::new(
             ErrorCode::IpNotAllowed,
             format!(
@@ -95,7 +101,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         // Outside the key's scopes: refused before any quota is used or any work done; the
         // audit layer writes its row, bounded per key and address like an allowlist refusal.
         let info = rate_limit::RateInfo::untouched(scope, limit, now);
-        crate::context::update(|s| s.rate = Some(info));
+        note(&|s| s.rate = Some(info.clone()));
         let held: Vec<&str> = key.policy.scopes.iter().map(|s| s.as_str()).collect();
         return Err(ApiError::new(
             ErrorCode::ForbiddenScope,
@@ -122,7 +128,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
             limit,
             at: now,
         };
-        crate::context::update(|s| s.pending_quota = Some(quota.clone()));
+        note(&|s| s.pending_quota = Some(quota.clone()));
         return Ok(Caller {
             key,
             runtime,
@@ -146,7 +152,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         }
         Err(e) => return Err(e),
     };
-    crate::context::update(|s| s.rate = Some(info.clone()));
+    note(&|s| s.rate = Some(info.clone()));
     if info.exceeded {
         return Err(rate_limit::refusal(&key.policy.name, &info));
     }

@@ -1,71 +1,22 @@
-//! Per-request context carried in a task-local: the request id, the client address,
-//! and what handlers learn (key, quota, outcome) for headers and the usage audit.
+//! Per-request context carried in a task-local, for logs and error bodies only: the request id
+//! (`x-request-id`, and a create's own request id once known) and the client address. What a
+//! call gathers for its audit is in [`crate::call`], passed explicitly.
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-
-use uuid::Uuid;
-
-use crate::domain::error_code::ErrorCode;
-use crate::domain::quota::RateInfo;
 
 tokio::task_local! {
     static CTX: Arc<RequestCtx>;
 }
 
-/// What the service knows about the call in flight.
+/// The request in flight, as logs and error bodies name it.
 #[derive(Debug)]
 pub struct RequestCtx {
     /// `x-request-id`: echoed from the client or generated.
     pub x_request_id: String,
     /// Client address after the trusted-proxy rule.
     pub client_ip: Option<IpAddr>,
-    state: Mutex<CallState>,
-}
-
-/// Facts gathered while the call runs.
-#[derive(Debug, Default, Clone)]
-pub struct CallState {
     /// The create's request id (body or Idempotency-Key), when given or assigned.
-    pub call_request_id: Option<String>,
-    /// Authenticated key.
-    pub key_id: Option<i64>,
-    /// Which of the key's secrets authenticated the call (`current` or `previous`).
-    pub key_version: Option<&'static str>,
-    /// Quota consulted for this call.
-    pub rate: Option<RateInfo>,
-    /// The quota of a call that creates a batch, counted late: by the create service (which
-    /// receives it with the caller) in the batch's commit, else by the audit layer with the
-    /// call's usage row.
-    pub pending_quota: Option<PendingQuota>,
-    /// The create service has consulted the pending quota (counted it, or failed trying): the
-    /// audit layer does not count the call again.
-    pub quota_consulted: bool,
-    /// Error code of the response.
-    pub error_code: Option<ErrorCode>,
-    /// Batch touched.
-    pub batch_id: Option<Uuid>,
-    /// Items in the batch created.
-    pub items: i32,
-    /// Credits held by the call.
-    pub credits: i64,
-    /// The usage row was already written inside the create transaction.
-    pub audited: bool,
-}
-
-/// The quota a call that creates a batch counts against, counted in the same commit as what the
-/// call writes: the batch (the create service, which receives it as an argument), or the
-/// call's usage row when the create was refused before it counted (the audit layer). Whatever ran
-/// before the count only read, so a call over the quota is answered 429 as if refused first.
-#[derive(Debug, Clone)]
-pub struct PendingQuota {
-    /// The key's name (for the rejection metric).
-    pub key_name: String,
-    /// The quota scope.
-    pub scope: &'static str,
-    /// Calls allowed per window.
-    pub limit: u32,
-    /// When the call was authenticated: its window.
-    pub at: chrono::DateTime<chrono::Utc>,
+    call_request_id: Mutex<Option<String>>,
 }
 
 impl RequestCtx {
@@ -74,20 +25,16 @@ impl RequestCtx {
         Self {
             x_request_id,
             client_ip,
-            state: Mutex::new(CallState::default()),
+            call_request_id: Mutex::new(None),
         }
     }
 
-    /// A copy of the gathered facts.
-    pub fn snapshot(&self) -> CallState {
-        self.state.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    /// Changes the gathered facts.
-    pub fn update(&self, f: impl FnOnce(&mut CallState)) {
-        if let Ok(mut s) = self.state.lock() {
-            f(&mut s);
-        }
+    /// The create's request id, if one is known.
+    pub fn create_request_id(&self) -> Option<String> {
+        self.call_request_id
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 }
 
@@ -101,28 +48,19 @@ pub fn current() -> Option<Arc<RequestCtx>> {
     CTX.try_with(Arc::clone).ok()
 }
 
-/// Updates the current context, if any.
-pub fn update(f: impl FnOnce(&mut CallState)) {
+/// Names the current call by a create's request id (`None`: by its `x-request-id` again).
+pub fn set_call_request_id(id: Option<String>) {
     if let Some(ctx) = current() {
-        ctx.update(f);
+        *ctx.call_request_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = id;
     }
 }
 
 /// The request id errors and audit rows carry: the create's id, else `x-request-id`.
 pub fn call_request_id() -> Option<String> {
     current().map(|ctx| {
-        ctx.snapshot()
-            .call_request_id
+        ctx.create_request_id()
             .unwrap_or_else(|| ctx.x_request_id.clone())
     })
 }
-
-/// Records the error code of the response being built.
-pub fn note_error(code: ErrorCode) {
-    update(|s| s.error_code = Some(code));
-}
-
-/// The usage-row template and start time the audit layer hands to the create handler, which
-/// writes the row in the create's own transaction.
-#[derive(Clone)]
-pub struct AuditTemplate(pub crate::domain::usage::UsageRow, pub std::time::Instant);

@@ -201,7 +201,6 @@ impl From<sea_orm::TransactionError<ApiError>> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        context::note_error(self.code);
         let body = serde_json::to_vec(&self.body()).unwrap_or_default();
         let mut resp = Response::builder()
             .status(self.status)
@@ -212,6 +211,8 @@ impl IntoResponse for ApiError {
                 resp.headers_mut().insert(name, v);
             }
         }
+        // The audit layer reads the code from here.
+        resp.set_data(self.code);
         resp
     }
 }

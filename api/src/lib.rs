@@ -1,5 +1,6 @@
 //! video-batch-api as a library: settings, database, services, routes and the application.
 pub mod auth;
+pub mod call;
 pub mod cli;
 pub mod clock;
 pub mod context;

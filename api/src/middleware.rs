@@ -9,7 +9,8 @@ use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use serde_json::json;
 use tracing::Instrument;
 
-use crate::context::{self, AuditTemplate, RequestCtx};
+use crate::call::{AuditTemplate, CallRecord, CallState};
+use crate::context::{self, RequestCtx};
 use crate::domain::ids::KeyId;
 use crate::error::{ApiError, ErrorCode, catch_all};
 use crate::service::rate_limit::{
@@ -307,7 +308,6 @@ fn throttle(
     let budget = refusals(state, key_id);
     let per_min = budget.per_min();
     budget.aggregate(key_id, ip, 429, Some(ErrorCode::RateLimitExceeded.as_str()));
-    context::note_error(ErrorCode::RateLimitExceeded);
     let (scope, what) = match key_id {
         None => {
             metrics::counter!("unauthenticated_throttled_total").increment(1);
@@ -379,6 +379,9 @@ pub async fn customer_audit<E: Endpoint>(
     let user_agent = user_agent(&req);
     let mut req = req;
     empty_options_read_as_json(&mut req, &path);
+    // What the call gathers for its row, handed on explicitly in the request's data.
+    let record = Arc::new(CallRecord::default());
+    req.set_data(Arc::clone(&record));
     let is_create = rate_limit::scope_of(req.method(), &path) == SCOPE_BATCH;
     if is_create {
         // The create transaction writes its own usage row; give it the template.
@@ -395,6 +398,7 @@ pub async fn customer_audit<E: Endpoint>(
             .insert(AuditTemplate(template, started));
         return finish(
             ep.call(req).await.map(IntoResponse::into_response),
+            &record,
             &state,
             started,
             method,
@@ -405,6 +409,7 @@ pub async fn customer_audit<E: Endpoint>(
     }
     finish(
         ep.call(req).await.map(IntoResponse::into_response),
+        &record,
         &state,
         started,
         method,
@@ -416,6 +421,7 @@ pub async fn customer_audit<E: Endpoint>(
 
 async fn finish(
     result: poem::Result<Response>,
+    record: &CallRecord,
     state: &AppState,
     started: Instant,
     method: String,
@@ -437,7 +443,9 @@ async fn finish(
     let Some(ctx) = context::current() else {
         return Ok(resp);
     };
-    let call = ctx.snapshot();
+    let call = record.snapshot();
+    // The error code of the answer, as the error that made it left it on the response.
+    let error_code = resp.data::<ErrorCode>().copied();
     if call.key_id.is_none()
         && !call.audited
         && let Verdict::Throttled { retry_after } = state.strangers.check(None, ctx.client_ip)
@@ -448,7 +456,7 @@ async fn finish(
     // key and address (the key's admitted calls never spend this budget).
     if let Some(key_id) = call.key_id
         && matches!(
-            call.error_code,
+            error_code,
             Some(ErrorCode::IpNotAllowed | ErrorCode::ForbiddenScope)
         )
         && let Verdict::Throttled { retry_after } =
@@ -477,12 +485,11 @@ async fn finish(
         count: 1,
         ..Default::default()
     };
-    let request_id = call
-        .call_request_id
-        .clone()
+    let request_id = ctx
+        .create_request_id()
         .unwrap_or_else(|| ctx.x_request_id.clone());
-    let row = row_of(resp.status(), call.error_code, request_id);
-    if call.error_code == Some(ErrorCode::StoreUnavailable) {
+    let row = row_of(resp.status(), error_code, request_id);
+    if error_code == Some(ErrorCode::StoreUnavailable) {
         // The store fails: the call is answered now, not after another wait for the store. Its
         // usage row is attempted once in the background; a failure is logged once.
         set_rate_headers(&mut resp, &call_rate(state, &call, &method, &path));
@@ -561,7 +568,7 @@ fn keep_operation(resp: &Response, mut next: Response) -> Response {
 
 /// The quota a call's headers report: what it consulted, else the untouched default quota of
 /// its scope.
-fn call_rate(state: &AppState, call: &context::CallState, method: &str, path: &str) -> RateInfo {
+fn call_rate(state: &AppState, call: &CallState, method: &str, path: &str) -> RateInfo {
     call.rate.clone().unwrap_or_else(|| {
         let scope = match method.parse::<Method>() {
             Ok(m) => rate_limit::scope_of(&m, path),

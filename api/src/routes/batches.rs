@@ -9,7 +9,7 @@ use poem_openapi::{ApiResponse, ResponseContent, Tags};
 use uuid::Uuid;
 
 use crate::auth::{Caller, CustomerKey};
-use crate::context::AuditTemplate;
+use crate::call::AuditTemplate;
 use crate::domain::ids::{BatchId, KeyId};
 use crate::error::ApiError;
 use crate::schemas::batches::{
@@ -105,7 +105,7 @@ async fn export(
     batch_id: Uuid,
     export: Export,
 ) -> Result<ExportBody, ApiError> {
-    crate::context::update(|s| s.batch_id = Some(batch_id));
+    crate::call::note_batch(req, batch_id);
     batches::check_owner(&state.db, KeyId(key_id), BatchId(batch_id)).await?;
     let body = Binary(Body::from_bytes_stream(batches::export_stream(
         state.db.clone(),
@@ -135,6 +135,7 @@ fn audit_info(state: &AppState, req: &Request, caller: &Caller) -> AuditInfo {
         started: template.1,
         now: state.clock.now(),
         quota: caller.quota.clone(),
+        record: crate::call::of(req).cloned(),
     }
 }
 
@@ -210,8 +211,9 @@ impl CustomerApi {
         state: Data<&Arc<AppState>>,
         auth: CustomerKey,
         batch_id: Path<Uuid>,
+        req: &Request,
     ) -> Result<Read<Batch>, ApiError> {
-        crate::context::update(|s| s.batch_id = Some(batch_id.0));
+        crate::call::note_batch(req, batch_id.0);
         Ok(Read::Ok(Json(
             batches::get(&state.db, KeyId(auth.0.key.id), BatchId(batch_id.0)).await?,
         )))
@@ -229,6 +231,7 @@ impl CustomerApi {
         operation_id = "list_batch_items",
         tag = "CustomerTags::Batches"
     )]
+    #[allow(clippy::too_many_arguments)]
     async fn list_batch_items(
         &self,
         state: Data<&Arc<AppState>>,
@@ -242,8 +245,9 @@ impl CustomerApi {
         /// `next_cursor` of the previous page.
         #[oai(validator(pattern = r"^[A-Za-z0-9_-]{6}$"))]
         cursor: Query<Option<String>>,
+        req: &Request,
     ) -> Result<Read<ItemPage>, ApiError> {
-        crate::context::update(|s| s.batch_id = Some(batch_id.0));
+        crate::call::note_batch(req, batch_id.0);
         let (data, next_cursor) = batches::items_page(
             &state.db,
             KeyId(auth.0.key.id),
@@ -346,7 +350,7 @@ impl CustomerApi {
         body: Json<Option<RetryFailedRequest>>,
         req: &Request,
     ) -> Result<CreateBatchResponse, ApiError> {
-        crate::context::update(|s| s.batch_id = Some(batch_id.0));
+        crate::call::note_batch(req, batch_id.0);
         let caller = auth.0;
         crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
         let body = body.0.unwrap_or_default();
@@ -426,8 +430,9 @@ impl CustomerApi {
         state: Data<&Arc<AppState>>,
         auth: CustomerKey,
         batch_id: Path<Uuid>,
+        req: &Request,
     ) -> Result<Read<Batch>, ApiError> {
-        crate::context::update(|s| s.batch_id = Some(batch_id.0));
+        crate::call::note_batch(req, batch_id.0);
         let caller = auth.0;
         Ok(Read::Ok(Json({
             let batch = batches::cancel(

@@ -48,7 +48,10 @@ pub struct AuditInfo {
     pub now: chrono::DateTime<Utc>,
     /// The call's quota, counted in the commit that writes the batch (over it, nothing is
     /// written and the call is answered 429). `None`: the call was counted already.
-    pub quota: Option<crate::context::PendingQuota>,
+    pub quota: Option<crate::call::PendingQuota>,
+    /// The call's record, where the create notes what it counted and wrote (none outside a
+    /// request: the benchmark's loops).
+    pub record: Option<Arc<crate::call::CallRecord>>,
 }
 
 /// Creates a batch, or replays / refuses a repeat of an earlier request id.
@@ -111,7 +114,13 @@ pub(crate) async fn create_batch(
         (None, Some(id)) => (RequestId::parse("Idempotency-Key", id)?, true),
         (None, None) => (RequestId::generate(), false),
     };
-    crate::context::update(|s| s.call_request_id = Some(rid.as_str().to_string()));
+    crate::context::set_call_request_id(Some(rid.as_str().to_string()));
+    let record = audit.record.clone();
+    let note = |f: &dyn Fn(&mut crate::call::CallState)| {
+        if let Some(r) = &record {
+            r.update(f);
+        }
+    };
     let fingerprint = match &retry {
         Some(r) => r.fingerprint.clone(),
         None => crate::service::validate::fingerprint(req),
@@ -122,6 +131,7 @@ pub(crate) async fn create_batch(
     if chosen_by_client
         && let Some(existing) = jobs::by_request_id(db, KeyId(key.id), rid.as_str()).await?
     {
+        note(&|s| s.batch_id = Some(existing.id));
         return replay(db, KeyId(key.id), existing, &fingerprint).await;
     }
 
@@ -200,10 +210,10 @@ pub(crate) async fn create_batch(
     // by this service, whatever happens, and never again by the audit layer.
     let written = match quota {
         Some(q) => {
-            crate::context::update(|s| s.quota_consulted = true);
+            note(&|s| s.quota_consulted = true);
             let (info, written) =
                 rate_limit::admit_and_run(writes, KeyId(key.id), &q, work).await?;
-            crate::context::update(|s| s.rate = Some(info.clone()));
+            note(&|s| s.rate = Some(info.clone()));
             written.ok_or_else(|| rate_limit::refusal(&q.key_name, &info))?
         }
         None => writes.run(Some(key.id), work).await?,
@@ -212,10 +222,11 @@ pub(crate) async fn create_batch(
         let existing = jobs::by_request_id(db, KeyId(key.id), rid.as_str())
             .await?
             .ok_or_else(|| ApiError::internal("idempotency conflict row vanished"))?;
+        note(&|s| s.batch_id = Some(existing.id));
         return replay(db, KeyId(key.id), existing, &fingerprint).await;
     };
 
-    crate::context::update(|s| {
+    note(&|s| {
         s.audited = true;
         s.batch_id = Some(batch_id);
         s.items = n as i32;
@@ -369,7 +380,6 @@ async fn replay(
     existing: batch_job::Model,
     fingerprint: &str,
 ) -> Result<CreateOutcome, ApiError> {
-    crate::context::update(|s| s.batch_id = Some(existing.id));
     if existing.fingerprint != fingerprint {
         return Err(ApiError::new(
             ErrorCode::IdempotencyConflict,
@@ -791,6 +801,7 @@ mod tests {
             expires_at: None,
             audit: AuditInfo {
                 quota: None,
+                record: None,
                 row: UsageRow::default(),
                 started: std::time::Instant::now(),
                 now,

@@ -3,7 +3,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr};
 use serde_json::json;
 
-use crate::context::PendingQuota;
+use crate::call::PendingQuota;
 use crate::domain::error_code::ErrorCode;
 use crate::domain::ids::KeyId;
 use crate::domain::usage::UsageRow;
@@ -112,7 +112,7 @@ where
 /// The 429 of a call over its key's quota (counted in the rejection metric). It carries the
 /// call's `x-request-id`, never a request id read from its body: the quota comes first.
 pub fn refusal(key: &str, info: &RateInfo) -> ApiError {
-    crate::context::update(|s| s.call_request_id = None);
+    crate::context::set_call_request_id(None);
     metrics::counter!("rate_limit_rejections_total", "key" => key.to_string(), "scope" => info.scope)
         .increment(1);
     tracing::info!(key, scope = info.scope, "rate limit exceeded");
