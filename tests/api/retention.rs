@@ -85,46 +85,16 @@ async fn retention_prunes_rows_older_than_the_configured_age(backend: Backend) {
     let day = chrono::Duration::days(1);
     let kid = api::domain::ids::KeyId(key_id);
     use api::store::webhooks::note_endpoint;
-    note_endpoint(
-        writer,
-        kid,
-        "https://idle.example/in",
-        true,
-        days_ago(40),
-        day,
-    )
-    .await
-    .unwrap();
-    note_endpoint(
-        writer,
-        kid,
-        "https://recent.example/in",
-        true,
-        days_ago(1),
-        day,
-    )
-    .await
-    .unwrap();
-    note_endpoint(
-        writer,
-        kid,
-        "https://hooks.example/x",
-        true,
-        days_ago(40),
-        day,
-    )
-    .await
-    .unwrap();
-    note_endpoint(
-        writer,
-        kid,
-        "https://down.example/in",
-        false,
-        days_ago(60),
-        day,
-    )
-    .await
-    .unwrap();
+    for (url, success, age) in [
+        ("https://idle.example/in", true, 40),
+        ("https://recent.example/in", true, 1),
+        ("https://hooks.example/x", true, 40),
+        ("https://down.example/in", false, 60),
+    ] {
+        note_endpoint(writer, kid, url, success, days_ago(age), day)
+            .await
+            .unwrap();
+    }
     assert!(
         note_endpoint(
             writer,
