@@ -63,13 +63,8 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         return Err(ApiError::unauthorized("invalid or disabled API key"));
     };
     let ctx = crate::context::current();
-    let record = crate::call::of(req);
-    let note = |f: &dyn Fn(&mut crate::call::CallState)| {
-        if let Some(r) = record {
-            r.update(f);
-        }
-    };
-    note(&|s| {
+    let record = crate::call::of(req).map(|r| &**r);
+    crate::call::note(record, |s| {
         s.key_id = Some(key.id);
         s.key_version = Some(version.as_str());
     });
@@ -85,7 +80,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         // Answered from what is in memory: a leaked key used from elsewhere costs no database
         // read, and the audit layer bounds its rows per key and address.
         let info = rate_limit::RateInfo::untouched(scope, limit, now);
-        note(&|s| s.rate = Some(info.clone()));
+        crate::call::note(record, |s| s.rate = Some(info.clone()));
         return Err(ApiError::new(
             ErrorCode::IpNotAllowed,
             format!(
@@ -101,7 +96,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         // Outside the key's scopes: refused before any quota is used or any work done; the
         // audit layer writes its row, bounded per key and address like an allowlist refusal.
         let info = rate_limit::RateInfo::untouched(scope, limit, now);
-        note(&|s| s.rate = Some(info.clone()));
+        crate::call::note(record, |s| s.rate = Some(info.clone()));
         let held: Vec<&str> = key.policy.scopes.iter().map(|s| s.as_str()).collect();
         return Err(ApiError::new(
             ErrorCode::ForbiddenScope,
@@ -128,7 +123,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
             limit,
             at: now,
         };
-        note(&|s| s.pending_quota = Some(quota.clone()));
+        crate::call::note(record, |s| s.pending_quota = Some(quota.clone()));
         return Ok(Caller {
             key,
             runtime,
@@ -152,7 +147,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         }
         Err(e) => return Err(e),
     };
-    note(&|s| s.rate = Some(info.clone()));
+    crate::call::note(record, |s| s.rate = Some(info.clone()));
     if info.exceeded {
         return Err(rate_limit::refusal(&key.policy.name, &info));
     }

@@ -63,11 +63,17 @@ pub fn of(req: &poem::Request) -> Option<&Arc<CallRecord>> {
     req.data::<Arc<CallRecord>>()
 }
 
+/// Changes the facts of `record`, when the call has one (a call outside the audit layer, or
+/// a service run without HTTP, has none).
+pub fn note(record: Option<&CallRecord>, f: impl FnOnce(&mut CallState)) {
+    if let Some(r) = record {
+        r.update(f);
+    }
+}
+
 /// Notes on the call's record the batch the call is about.
 pub fn note_batch(req: &poem::Request, batch_id: Uuid) {
-    if let Some(r) = of(req) {
-        r.update(|s| s.batch_id = Some(batch_id));
-    }
+    note(of(req).map(|r| &**r), |s| s.batch_id = Some(batch_id));
 }
 
 /// The quota a call that creates a batch counts against, counted in the same commit as what the

@@ -116,11 +116,7 @@ pub(crate) async fn create_batch(
     };
     crate::context::set_call_request_id(Some(rid.as_str().to_string()));
     let record = audit.record.clone();
-    let note = |f: &dyn Fn(&mut crate::call::CallState)| {
-        if let Some(r) = &record {
-            r.update(f);
-        }
-    };
+    let record = record.as_deref();
     let fingerprint = match &retry {
         Some(r) => r.fingerprint.clone(),
         None => crate::service::validate::fingerprint(req),
@@ -131,7 +127,7 @@ pub(crate) async fn create_batch(
     if chosen_by_client
         && let Some(existing) = jobs::by_request_id(db, KeyId(key.id), rid.as_str()).await?
     {
-        note(&|s| s.batch_id = Some(existing.id));
+        crate::call::note(record, |s| s.batch_id = Some(existing.id));
         return replay(db, KeyId(key.id), existing, &fingerprint).await;
     }
 
@@ -210,10 +206,10 @@ pub(crate) async fn create_batch(
     // by this service, whatever happens, and never again by the audit layer.
     let written = match quota {
         Some(q) => {
-            note(&|s| s.quota_consulted = true);
+            crate::call::note(record, |s| s.quota_consulted = true);
             let (info, written) =
                 rate_limit::admit_and_run(writes, KeyId(key.id), &q, work).await?;
-            note(&|s| s.rate = Some(info.clone()));
+            crate::call::note(record, |s| s.rate = Some(info.clone()));
             written.ok_or_else(|| rate_limit::refusal(&q.key_name, &info))?
         }
         None => writes.run(Some(key.id), work).await?,
@@ -222,11 +218,11 @@ pub(crate) async fn create_batch(
         let existing = jobs::by_request_id(db, KeyId(key.id), rid.as_str())
             .await?
             .ok_or_else(|| ApiError::internal("idempotency conflict row vanished"))?;
-        note(&|s| s.batch_id = Some(existing.id));
+        crate::call::note(record, |s| s.batch_id = Some(existing.id));
         return replay(db, KeyId(key.id), existing, &fingerprint).await;
     };
 
-    note(&|s| {
+    crate::call::note(record, |s| {
         s.audited = true;
         s.batch_id = Some(batch_id);
         s.items = n as i32;
