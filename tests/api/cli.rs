@@ -107,16 +107,7 @@ crate::both_backends!(credits_grant_and_show_use_the_ledger);
 async fn credits_grant_and_show_use_the_ledger(backend: crate::helpers::Backend) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("db.toml");
-    let (url, pg) = match &backend {
-        crate::helpers::Backend::Sqlite => (
-            format!("sqlite://{}/cli.db?mode=rwc", dir.path().display()),
-            None,
-        ),
-        crate::helpers::Backend::Postgres(base) => {
-            let pg = crate::helpers::PgDatabase::create(base, "vb_cli").await;
-            (pg.url.clone(), Some(pg))
-        }
-    };
+    let (url, pg) = crate::helpers::own_database(&backend, dir.path(), "cli").await;
     std::fs::write(&cfg, format!("[database]\nurl = \"{url}\"\n")).unwrap();
     let run = |args: &[&str]| {
         let out = bin()

@@ -34,19 +34,6 @@ fn start(dir: &std::path::Path) -> Server {
     }
 }
 
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "server did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
     let row = db
         .query_one_raw(Statement::from_string(
@@ -91,7 +78,7 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
         .build()
         .unwrap();
     let mut server = start(dir.path());
-    wait_ready(&client, &server.base).await;
+    crate::helpers::wait_ready(&client, &server.base).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(std::sync::Mutex::new(Vec::<(String, i64)>::new()));
@@ -234,7 +221,7 @@ async fn sigkill_mid_load_loses_nothing(backend: Backend) {
     );
 
     let mut server = start(dir.path());
-    wait_ready(&client, &server.base).await;
+    crate::helpers::wait_ready(&client, &server.base).await;
     let db = api::db::connect_url(&url, 2, None).await.unwrap();
     for (id, n) in &acked {
         // UUIDs are blobs on SQLite: bind them through the entity API.

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sea_orm::ConnectionTrait;
 
@@ -43,11 +43,7 @@ impl Server {
         let (child, port) = crate::helpers::spawn_server(cmd);
         let server = Server(child);
         let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while client.get(format!("{base}/readyz")).send().await.is_err() {
-            assert!(Instant::now() < deadline, "binary did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::helpers::wait_ready(client, &base).await;
         (server, base)
     }
 }
@@ -61,16 +57,7 @@ impl Drop for Server {
 
 async fn the_error_export_of_a_large_batch_streams_in_constant_memory(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (url, pg) = match &backend {
-        Backend::Sqlite => (
-            format!("sqlite://{}/export.db?mode=rwc", dir.path().display()),
-            None,
-        ),
-        Backend::Postgres(base) => {
-            let pg = crate::helpers::PgDatabase::create(base, "vb_export").await;
-            (pg.url.clone(), Some(pg))
-        }
-    };
+    let (url, pg) = crate::helpers::own_database(&backend, dir.path(), "export").await;
     let key = key_plaintext("big");
     std::fs::write(
         dir.path().join("base.toml"),

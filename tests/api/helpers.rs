@@ -1008,6 +1008,42 @@ impl PgDatabase {
     }
 }
 
+/// A database of its own for a test that runs the real binary: the SQLite file `{name}.db` in
+/// `dir`, or a fresh PostgreSQL database `vb_{name}_…` (dropped with the returned handle).
+pub async fn own_database(
+    backend: &Backend,
+    dir: &std::path::Path,
+    name: &str,
+) -> (String, Option<PgDatabase>) {
+    match backend {
+        Backend::Sqlite => (
+            format!("sqlite://{}/{name}.db?mode=rwc", dir.display()),
+            None,
+        ),
+        Backend::Postgres(base) => {
+            let pg = PgDatabase::create(base, &format!("vb_{name}")).await;
+            (pg.url.clone(), Some(pg))
+        }
+    }
+}
+
+/// Waits until the real binary at `base` answers `/readyz` with 200 (at most 30 s).
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not become ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Starts the real binary with `cmd` (stderr is taken over) and returns it with the port it
 /// bound: the config binds port 0 and the binary prints the port it got, so no port is ever
 /// picked, released and hoped to be free later.

@@ -134,16 +134,7 @@ async fn in_flight_request_completes_during_shutdown(backend: Backend) {
 /// and never contain a secret, SIGTERM stops it cleanly.
 async fn binary_reloads_on_sighup_and_logs_no_secrets(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (url, pg) = match &backend {
-        Backend::Sqlite => (
-            format!("sqlite://{}/bin.db?mode=rwc", dir.path().display()),
-            None,
-        ),
-        Backend::Postgres(base) => {
-            let pg = crate::helpers::PgDatabase::create(base, "vb_bin").await;
-            (pg.url.clone(), Some(pg))
-        }
-    };
+    let (url, pg) = crate::helpers::own_database(&backend, dir.path(), "bin").await;
     let key = key_plaintext("bin");
     let write = |cap: u32| {
         std::fs::write(
@@ -175,11 +166,7 @@ async fn binary_reloads_on_sighup_and_logs_no_secrets(backend: Backend) {
     });
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(format!("{base}/readyz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "binary did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::helpers::wait_ready(&client, &base).await;
     let create = |n: usize, rid: &str| {
         client
             .post(format!("{base}/api/enterprise/video-batch"))

@@ -79,16 +79,7 @@ async fn credentials_never_cross_apis(backend: Backend) {
 async fn the_plaintext_key_reaches_no_column_log_stdout_or_stderr(backend: Backend) {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
-    let (url, pg) = match &backend {
-        Backend::Sqlite => (
-            format!("sqlite://{}/sec.db?mode=rwc", dir.path().display()),
-            None,
-        ),
-        Backend::Postgres(base) => {
-            let pg = crate::helpers::PgDatabase::create(base, "vb_sec").await;
-            (pg.url.clone(), Some(pg))
-        }
-    };
+    let (url, pg) = crate::helpers::own_database(&backend, dir.path(), "sec").await;
     let key = crate::helpers::key_plaintext("sec");
     let wrong = format!("{key}_but_wrong");
     std::fs::write(
