@@ -704,19 +704,42 @@ impl TestApp {
         v["items"].as_array().cloned().unwrap_or_default()
     }
 
-    /// Completes `item` as a worker does: a report answered 503 (nothing was stored; on a busy
-    /// machine a report may wait longer than the lock timeout for its batch row) is sent again,
-    /// up to 20 times. Returns the last status.
-    pub async fn complete_retrying(&self, item: &Value) -> u16 {
-        let mut status = self.complete(item).await.status().as_u16();
+    /// Sends a worker call as a worker does: an answer of 503 (nothing was stored; on a busy
+    /// machine a claim or a report may wait longer than the lock timeout for its batch row) is
+    /// sent again, up to 20 times, 100 ms apart. Returns the last answer.
+    async fn worker_retrying(&self, path: &str, body: &Value) -> reqwest::Response {
+        let mut r = self.worker_post(path, body).await;
         for _ in 0..20 {
-            if status != 503 {
+            if r.status() != 503 {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            status = self.complete(item).await.status().as_u16();
+            r = self.worker_post(path, body).await;
         }
-        status
+        r
+    }
+
+    /// Claims items as a worker does (a 503 is retried, see [`Self::worker_retrying`]); the
+    /// claim must then succeed. Returns the items array.
+    pub async fn claim_retrying(&self, worker: &str, max: u32) -> Vec<Value> {
+        let r = self
+            .worker_retrying("/claim", &json!({ "worker_id": worker, "max_items": max }))
+            .await;
+        assert_eq!(r.status(), 200, "claim failed");
+        let v: Value = r.json().await.expect("json");
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Completes `item` as a worker does (a 503 is retried, see [`Self::worker_retrying`]).
+    /// Returns the last status.
+    pub async fn complete_retrying(&self, item: &Value) -> u16 {
+        self.worker_retrying(
+            &format!("/items/{}/complete", item["item_id"].as_str().unwrap()),
+            &json!({ "lease_token": item["lease_token"], "result_url": "https://cdn.example/v.mp4" }),
+        )
+        .await
+        .status()
+        .as_u16()
     }
 
     /// Completes a claimed item.

@@ -58,7 +58,7 @@ async fn concurrent_workers_claim_each_item_once(backend: Backend) {
         async move {
             let mut mine = Vec::new();
             loop {
-                let items = node.claim(&format!("worker-{w}"), 10).await;
+                let items = node.claim_retrying(&format!("worker-{w}"), 10).await;
                 if items.is_empty() {
                     break;
                 }

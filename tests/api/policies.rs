@@ -318,9 +318,10 @@ async fn a_capped_key_never_runs_more_than_its_cap_and_claims_fill_from_other_ke
     let nodes = [&app, &peer];
 
     // One concurrent round: 8 claims of 4.
-    let first: Vec<Vec<Value>> =
-        join_all((0..8).map(|w| async move { nodes[w % 2].claim(&format!("w{w}"), 4).await }))
-            .await;
+    let first: Vec<Vec<Value>> = join_all(
+        (0..8).map(|w| async move { nodes[w % 2].claim_retrying(&format!("w{w}"), 4).await }),
+    )
+    .await;
     assert!(running_of(&app, "big").await <= 3);
     assert_eq!(
         running_of(&app, "big").await,
@@ -360,7 +361,7 @@ async fn a_capped_key_never_runs_more_than_its_cap_and_claims_fill_from_other_ke
                 if done.load(Ordering::SeqCst) >= 40 {
                     return;
                 }
-                items = node.claim(&format!("w{w}"), 4).await;
+                items = node.claim_retrying(&format!("w{w}"), 4).await;
                 let big = running_of(node, "big").await as usize;
                 max_seen.fetch_max(big, Ordering::SeqCst);
                 assert!(big <= 3, "{big} items of the capped key running");
