@@ -14,7 +14,6 @@ Key `narrow`: 20 finished batches of 2 items. Ids are time-ordered like the serv
 older than anything the server makes later."""
 import json
 import os
-import random
 import sqlite3
 import sys
 import time
@@ -22,7 +21,6 @@ from datetime import datetime, timedelta, timezone
 
 NOW = datetime.now(timezone.utc)
 START = NOW - timedelta(days=365)
-random.seed(7)
 
 
 def ts(t: datetime) -> str:
