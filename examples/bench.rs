@@ -530,7 +530,7 @@ fn bench_runtime() -> Result<Arc<Runtime>> {
     }
     .load()
     .map_err(|e| anyhow!("loading config/: {e:?}"))?;
-    Ok(Arc::new(Runtime::new(settings, &HashMap::new())))
+    Ok(Arc::new(Runtime::new(settings, &Default::default())))
 }
 
 /// One create as the service runs it, with the service's own functions, but committed on its
@@ -541,14 +541,14 @@ async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
     let now = Utc::now();
     rate_limit::hit(
         w,
-        api::domain::ids::KeyId(key_id),
+        api::domain::ids::AccountId(key_id),
         rate_limit::SCOPE_BATCH,
         u32::MAX,
         now,
     )
     .await?;
     let rid = format!("req_{}", Uuid::now_v7().simple());
-    if api::store::jobs::by_request_id(w, api::domain::ids::KeyId(key_id), &rid)
+    if api::store::jobs::by_request_id(w, api::domain::ids::AccountId(key_id), &rid)
         .await?
         .is_some()
     {

@@ -347,8 +347,11 @@ stock_pg_db() {
     psql "$PG_URL" -qAtc "CREATE DATABASE $db" >/dev/null
     url="${PG_URL%/*}/$db"
     APP__DATABASE__URL="$url" "$BIN" migrate >/dev/null 2>&1
-    key="$(psql "$url" -qAtc "INSERT INTO api_key (name, key_sha256, disabled, created_at, updated_at) \
-        VALUES ('stock', repeat('0', 64), false, now(), now()) RETURNING id" | head -n1)"
+    # The account owns the wallet, batches and windows: its id is what the scripts bind.
+    key="$(psql "$url" -qAtc "INSERT INTO account (name, disabled, created_at, updated_at) \
+        VALUES ('stock', false, now(), now()) RETURNING id" | head -n1)"
+    psql "$url" -qAtc "INSERT INTO api_key (name, key_sha256, disabled, account_id, created_at, updated_at) \
+        VALUES ('stock', repeat('0', 64), false, $key, now(), now())" >/dev/null
     echo "$url $key"
 }
 

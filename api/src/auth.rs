@@ -49,8 +49,9 @@ async fn check_api_key(req: &Request, key: ApiKey) -> poem::Result<Caller> {
     Ok(authorize_customer(req, &key.key).await?)
 }
 
-/// Authenticates the key, checks the client address, then counts the call against the key's
-/// quota for its scope (401 and 403 use no quota, and read nothing from the database).
+/// Authenticates the key, checks the client address and the key's scopes, then counts the call
+/// against the key's own tighter quota if it has one and its account's quota (401 and 403 use
+/// no quota, and read nothing from the database).
 async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, ApiError> {
     let state = state(req)?;
     let runtime = state.runtime();
@@ -66,14 +67,26 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
     let record = crate::call::of(req).map(|r| &**r);
     crate::call::note(record, |s| {
         s.key_id = Some(key.id);
+        s.account_id = Some(key.account.0);
         s.key_version = Some(version.as_str());
     });
     let scope = rate_limit::scope_of(req.method(), req.original_uri().path());
-    let limit = if scope == SCOPE_BATCH {
-        key.policy.limits.rate_limit_per_min
+    let account_limits = &key.policy.account.limits;
+    let (account_limit, own_limit) = if scope == SCOPE_BATCH {
+        (
+            account_limits.rate_limit_per_min,
+            key.policy.rate_limit_per_min,
+        )
     } else {
-        key.policy.limits.read_rate_limit_per_min
+        (
+            account_limits.read_rate_limit_per_min,
+            key.policy.read_rate_limit_per_min,
+        )
     };
+    // The key's own limit counts only when it is tighter than its account's (a looser one
+    // can never be reached first).
+    let own_limit = own_limit.filter(|own| *own < account_limit);
+    let limit = own_limit.unwrap_or(account_limit);
     let now = state.clock.now();
     let ip = ctx.as_ref().and_then(|c| c.client_ip);
     if !key.policy.allows_client(ip) {
@@ -111,6 +124,28 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
             "key_scopes": held,
         })));
     }
+    // A key's own tighter limit is counted first, in a commit of its own: a call over it uses
+    // none of its account's quota.
+    let mut own_info = None;
+    if let Some(own) = own_limit {
+        match rate_limit::admit_key(&state.writes, KeyId(key.id), scope, own, now).await {
+            Ok(info) if info.exceeded => {
+                crate::call::note(record, |s| s.rate = Some(info.clone()));
+                return Err(rate_limit::refusal(&key.policy.name, &info, "key"));
+            }
+            Ok(info) => own_info = Some(info),
+            Err(e) if e.fault.is_some() && req.method() == poem::http::Method::GET => {
+                tracing::warn!(error = %e, "a read is served uncounted: the store fails");
+                return Ok(Caller {
+                    key,
+                    runtime,
+                    key_version: version.as_str(),
+                    quota: None,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let key_version = version.as_str();
     if scope == SCOPE_BATCH {
         // Counted later, in one commit with what the call writes: the batch, by the create
@@ -120,8 +155,9 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         let quota = PendingQuota {
             key_name: key.policy.name.clone(),
             scope,
-            limit,
+            limit: account_limit,
             at: now,
+            own: own_info,
         };
         crate::call::note(record, |s| s.pending_quota = Some(quota.clone()));
         return Ok(Caller {
@@ -132,7 +168,8 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         });
     }
     // Counted before the handler runs: a call over its quota does no work at all.
-    let info = match rate_limit::admit(&state.writes, KeyId(key.id), scope, limit, now).await {
+    let info = match rate_limit::admit(&state.writes, key.account, scope, account_limit, now).await
+    {
         Ok(info) => info,
         Err(e) if e.fault.is_some() && req.method() == poem::http::Method::GET => {
             // The store fails to count: a read is still served from what can be read (while
@@ -147,9 +184,10 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         }
         Err(e) => return Err(e),
     };
+    let info = rate_limit::tighter(info, own_info);
     crate::call::note(record, |s| s.rate = Some(info.clone()));
     if info.exceeded {
-        return Err(rate_limit::refusal(&key.policy.name, &info));
+        return Err(rate_limit::refusal(&key.policy.name, &info, "account"));
     }
     Ok(Caller {
         key,

@@ -15,6 +15,8 @@ use crate::domain::usage::UsageRow;
 pub struct CallState {
     /// Authenticated key.
     pub key_id: Option<i64>,
+    /// The authenticated key's account.
+    pub account_id: Option<i64>,
     /// Which of the key's secrets authenticated the call (`current` or `previous`).
     pub key_version: Option<&'static str>,
     /// Quota consulted for this call.
@@ -85,10 +87,12 @@ pub struct PendingQuota {
     pub key_name: String,
     /// The quota scope.
     pub scope: &'static str,
-    /// Calls allowed per window.
+    /// Calls allowed per window (the account's).
     pub limit: u32,
     /// When the call was authenticated: its window.
     pub at: chrono::DateTime<chrono::Utc>,
+    /// The key's own tighter quota, already counted (and within it) when the key has one.
+    pub own: Option<RateInfo>,
 }
 
 /// The usage-row template and start time the audit layer hands to the create handler, which

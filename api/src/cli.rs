@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::service::credits::{self, LedgerKind};
 use crate::settings::{ConfigSource, Settings};
 
@@ -80,9 +80,10 @@ pub enum KeysCommand {
 /// `credits` commands.
 #[derive(Subcommand, Debug)]
 pub enum CreditsCommand {
-    /// Grant credits to a key (a ledger grant).
+    /// Grant credits to an account, named directly or by one of its keys (a ledger grant).
     Grant {
-        /// Key name.
+        /// Key or account name.
+        #[arg(value_name = "KEY_OR_ACCOUNT")]
         key: String,
         /// Credits to add.
         amount: i64,
@@ -90,9 +91,10 @@ pub enum CreditsCommand {
         #[arg(long)]
         note: Option<String>,
     },
-    /// Show a key's wallet and latest ledger rows.
+    /// Show an account's wallet and latest ledger rows (named directly or by one of its keys).
     Show {
-        /// Key name.
+        /// Key or account name.
+        #[arg(value_name = "KEY_OR_ACCOUNT")]
         key: String,
     },
 }
@@ -100,7 +102,7 @@ pub enum CreditsCommand {
 /// `config` commands.
 #[derive(Subcommand, Debug)]
 pub enum ConfigCommand {
-    /// Validate every layer and print the effective policy per key (secrets redacted).
+    /// Validate every layer and print the effective policy per account and key (secrets redacted).
     Check,
 }
 
@@ -206,15 +208,13 @@ pub async fn run() -> anyhow::Result<()> {
                         (1..=1_000_000_000_000).contains(&amount),
                         "amount must be between 1 and 10^12"
                     );
-                    let id = crate::service::keys::id_by_name(&db, &key)
-                        .await?
-                        .with_context(|| format!("no key named {key:?}"))?;
+                    let AccountId(id) = account_named(&db, &key).await?;
                     let txn = crate::db::begin_write(&db).await?;
                     let grant =
                         credits::NewEntry::new(id, LedgerKind::Grant, amount).note(note.as_deref());
                     credits::apply(&txn, grant).await?;
                     txn.commit().await?;
-                    let w = credits::wallet(&db, KeyId(id)).await?;
+                    let w = credits::wallet(&db, AccountId(id)).await?;
                     println!(
                         "granted {amount} to {key}: balance {} held {} available {}",
                         w.balance,
@@ -223,17 +223,15 @@ pub async fn run() -> anyhow::Result<()> {
                     );
                 }
                 CreditsCommand::Show { key } => {
-                    let id = crate::service::keys::id_by_name(&db, &key)
-                        .await?
-                        .with_context(|| format!("no key named {key:?}"))?;
-                    let w = credits::wallet(&db, KeyId(id)).await?;
+                    let AccountId(id) = account_named(&db, &key).await?;
+                    let w = credits::wallet(&db, AccountId(id)).await?;
                     println!(
                         "{key}: balance {} held {} available {}",
                         w.balance,
                         w.held,
                         w.available()
                     );
-                    for row in credits::ledger(&db, KeyId(id), 20, None).await? {
+                    for row in credits::ledger(&db, AccountId(id), 20, None).await? {
                         println!(
                             "  #{:<6} {} {:<8} {:>10}  {}{}",
                             row.id,
@@ -262,4 +260,14 @@ pub async fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The account a command names: a key's (its account), else an account by name.
+async fn account_named(db: &sea_orm::DatabaseConnection, name: &str) -> anyhow::Result<AccountId> {
+    if let Some(id) = crate::service::keys::account_of_key(db, name).await? {
+        return Ok(id);
+    }
+    crate::service::keys::account_id_by_name(db, name)
+        .await?
+        .with_context(|| format!("no key or account named {name:?}"))
 }

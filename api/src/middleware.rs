@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::call::{AuditTemplate, CallRecord, CallState};
 use crate::context::{self, RequestCtx};
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::error::{ApiError, ErrorCode, catch_all};
 use crate::service::rate_limit::{
     self, RateInfo, SCOPE_BATCH, SCOPE_READ, SCOPE_REFUSED, SCOPE_UNAUTHENTICATED,
@@ -246,12 +246,13 @@ async fn audit_refusal(
         return refusal.into_response();
     };
     let runtime = state.runtime();
-    let key_id = req
+    let key = req
         .headers()
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .and_then(|k| runtime.authenticate(&crate::service::keys::sha256_hex(k), state.clock.now()))
-        .map(|(k, _)| k.id);
+        .map(|(k, _)| (k.id, k.account.0));
+    let key_id = key.map(|(k, _)| k);
     let path = req.original_uri().path().to_string();
     let scope = rate_limit::scope_of(req.method(), &path);
     let mut resp = if let Verdict::Throttled { retry_after } =
@@ -271,6 +272,7 @@ async fn audit_refusal(
     set_rate_headers(&mut resp, &RateInfo::untouched(scope, limit, now));
     let row = UsageRow {
         api_key_id: key_id,
+        account_id: key.map(|(_, a)| a),
         request_id: Some(ctx.x_request_id.clone()),
         method: req.method().to_string(),
         path,
@@ -472,6 +474,7 @@ async fn finish(
     // The call's usage row, as answered with `status` and `error_code`.
     let row_of = |status: StatusCode, error_code: Option<ErrorCode>, request_id: String| UsageRow {
         api_key_id: call.key_id,
+        account_id: call.account_id,
         key_version: call.key_version,
         request_id: Some(request_id),
         method: method.clone(),
@@ -501,18 +504,25 @@ async fn finish(
         });
         return Ok(resp);
     }
-    let audited = match (&call.pending_quota, call.key_id) {
-        (Some(q), Some(key_id)) if !call.quota_consulted => {
+    let audited = match (&call.pending_quota, call.account_id) {
+        (Some(q), Some(account_id)) if !call.quota_consulted => {
             // A read: its count and its row in one commit; over the quota it becomes a 429.
             let refused_id = ctx.x_request_id.clone();
-            match rate_limit::admit_and_audit(&state.writes, KeyId(key_id), q, row, refused_id)
-                .await
+            match rate_limit::admit_and_audit(
+                &state.writes,
+                AccountId(account_id),
+                q,
+                row,
+                refused_id,
+            )
+            .await
             {
                 Ok((info, audited)) => {
+                    let info = rate_limit::tighter(info, q.own.clone());
                     if info.exceeded {
                         resp = keep_operation(
                             &resp,
-                            rate_limit::refusal(&q.key_name, &info).into_response(),
+                            rate_limit::refusal(&q.key_name, &info, "account").into_response(),
                         );
                     }
                     set_rate_headers(&mut resp, &info);

@@ -95,6 +95,9 @@ pub async fn prepare_with_db(
     let revoked = crate::service::keys::disabled_ids(&db)
         .await
         .context("reading disabled keys")?;
+    let reloads_seen = crate::store::keys::reload_count(&db)
+        .await
+        .context("reading the reload count")?;
     let lanes = match writer.get_database_backend() {
         sea_orm::DbBackend::Sqlite => 1,
         _ => settings.database.write_lanes as usize,
@@ -109,6 +112,7 @@ pub async fn prepare_with_db(
         runtime: ArcSwap::from_pointee(runtime),
         source,
         reload_lock: tokio::sync::Mutex::new(()),
+        reloads_seen: std::sync::atomic::AtomicI64::new(reloads_seen),
         revoked: ArcSwap::from_pointee(revoked),
         clock,
         webhook_wakeup: tokio::sync::Notify::new(),
@@ -260,7 +264,8 @@ impl Application {
 }
 
 /// Every two seconds, learns which keys are disabled in the database, so that a key revoked by
-/// another node's reload is refused here within seconds.
+/// another node's reload is refused here within seconds, and whether another node reloaded its
+/// configuration, to read this node's files again (see [`AppState::follow_reload`]).
 fn spawn_revocation_watch(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(REVOCATION_REFRESH);
@@ -270,6 +275,13 @@ fn spawn_revocation_watch(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             match crate::service::keys::disabled_ids(&state.db).await {
                 Ok(ids) => state.revoked.store(Arc::new(ids)),
                 Err(e) => tracing::warn!(error = %e, "reading disabled keys failed"),
+            }
+            match crate::store::keys::reload_count(&state.db).await {
+                Ok(n) if n > state.reloads_seen.load(std::sync::atomic::Ordering::SeqCst) => {
+                    state.follow_reload(n).await;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the reload count failed"),
             }
         }
     })
@@ -349,7 +361,7 @@ fn spawn_background(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             }
             let thresholds: Vec<(i64, i64)> = state
                 .runtime()
-                .by_id
+                .accounts
                 .iter()
                 .filter_map(|(id, k)| k.policy.low_credit_threshold.map(|t| (*id, t)))
                 .collect();

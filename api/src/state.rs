@@ -5,16 +5,29 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use sea_orm::{DatabaseConnection, DbBackend};
 
+use crate::domain::ids::AccountId;
 use crate::schemas::admin::ReloadResult;
-use crate::settings::{ConfigSource, KeyPolicy, Settings};
+use crate::settings::{AccountPolicy, ConfigSource, KeyPolicy, Settings};
+pub use crate::store::keys::SyncedIds;
 
-/// A configured key and its database id.
+/// A configured key, its database id and its account's.
 #[derive(Clone, Debug)]
 pub struct KeyEntry {
     /// `api_key.id`.
     pub id: i64,
+    /// The account the key belongs to: what owns everything the key's calls create or spend.
+    pub account: AccountId,
     /// Effective policy.
     pub policy: Arc<KeyPolicy>,
+}
+
+/// A configured account and its database id.
+#[derive(Clone, Debug)]
+pub struct AccountEntry {
+    /// `account.id`.
+    pub id: AccountId,
+    /// Effective policy.
+    pub policy: Arc<AccountPolicy>,
 }
 
 /// One consistent view of the configuration: requests load it once and use it throughout.
@@ -24,28 +37,51 @@ pub struct Runtime {
     pub settings: Settings,
     /// Enabled keys by lower-case hex SHA-256.
     pub by_hash: HashMap<String, KeyEntry>,
-    /// Configured keys (enabled or not) by database id.
-    pub by_id: HashMap<i64, KeyEntry>,
+    /// Configured accounts (enabled or not) by database id.
+    pub accounts: HashMap<i64, AccountEntry>,
+    /// Configured accounts by name.
+    pub accounts_by_name: HashMap<String, AccountEntry>,
     /// Configured keys by name.
     pub by_name: HashMap<String, KeyEntry>,
-    /// `max_running_items` of the keys that have one, by key id.
+    /// `max_running_items` of the accounts that have one, by account id.
     pub running_caps: HashMap<i64, u32>,
     /// Enabled keys by the hash of the key they replaced, with the end of the overlap.
     pub by_previous_hash: HashMap<String, (KeyEntry, chrono::DateTime<chrono::Utc>)>,
 }
 
 impl Runtime {
-    /// Indexes `settings` with the ids the key sync returned.
-    pub fn new(settings: Settings, ids: &HashMap<String, i64>) -> Self {
+    /// Indexes `settings` with the ids the sync returned.
+    pub fn new(settings: Settings, ids: &SyncedIds) -> Self {
         let mut by_hash = HashMap::new();
-        let mut by_id = HashMap::new();
+        let mut accounts = HashMap::new();
+        let mut accounts_by_name = HashMap::new();
         let mut by_name = HashMap::new();
         let mut by_previous_hash = HashMap::new();
         let mut running_caps = HashMap::new();
+        for (name, policy) in &settings.accounts {
+            let Some(&id) = ids.accounts.get(name) else {
+                continue;
+            };
+            let entry = AccountEntry {
+                id: AccountId(id),
+                policy: Arc::clone(policy),
+            };
+            if let Some(cap) = policy.max_running_items {
+                running_caps.insert(id, cap);
+            }
+            accounts.insert(id, entry.clone());
+            accounts_by_name.insert(name.clone(), entry);
+        }
         for (name, policy) in &settings.keys {
-            let Some(&id) = ids.get(name) else { continue };
+            let Some(&id) = ids.keys.get(name) else {
+                continue;
+            };
+            let Some(account) = accounts_by_name.get(&policy.account.name) else {
+                continue;
+            };
             let entry = KeyEntry {
                 id,
+                account: account.id,
                 policy: Arc::clone(policy),
             };
             if !policy.disabled {
@@ -57,16 +93,13 @@ impl Runtime {
                     );
                 }
             }
-            if let Some(cap) = policy.max_running_items {
-                running_caps.insert(id, cap);
-            }
-            by_id.insert(id, entry.clone());
             by_name.insert(name.clone(), entry);
         }
         Self {
             settings,
             by_hash,
-            by_id,
+            accounts,
+            accounts_by_name,
             by_name,
             by_previous_hash,
             running_caps,
@@ -103,6 +136,9 @@ pub struct AppState {
     pub source: Option<ConfigSource>,
     /// Serialises reloads.
     pub reload_lock: tokio::sync::Mutex<()>,
+    /// The count of reloads (by any node, see `config_reload`) this node's configuration
+    /// follows: when the database's count moves past it, this node reads its files again.
+    pub reloads_seen: std::sync::atomic::AtomicI64,
     /// Keys disabled in the database, refreshed every few seconds: a key revoked by any node's
     /// reload is refused here too, even while this node's configuration still lists it.
     pub revoked: ArcSwap<std::collections::HashSet<i64>>,
@@ -130,7 +166,8 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Loads the configuration again; if it is valid, syncs keys and swaps the policy whole.
+    /// Loads the configuration again; if it is valid, syncs accounts and keys and swaps the
+    /// policy whole.
     pub async fn reload(&self) -> Result<ReloadResult, String> {
         let state = self;
         let _guard = state.reload_lock.lock().await;
@@ -158,19 +195,75 @@ impl AppState {
         }
         crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));
         let runtime = Runtime::new(settings, &ids);
+        match crate::store::keys::count_reload(&state.writer).await {
+            Ok(n) => state
+                .reloads_seen
+                .store(n, std::sync::atomic::Ordering::SeqCst),
+            Err(e) => {
+                tracing::warn!(error = %e, "counting the reload failed; other nodes follow it at their own reload")
+            }
+        }
         let result = ReloadResult {
             ok: true,
+            accounts: runtime.accounts.len() as u32,
             keys: runtime.by_name.len() as u32,
             enabled_keys: runtime.by_hash.len() as u32,
         };
         state.runtime.store(Arc::new(runtime));
         metrics::counter!("config_reloads_total", "outcome" => "applied").increment(1);
         tracing::info!(
+            accounts = result.accounts,
             keys = result.keys,
             enabled = result.enabled_keys,
             "configuration reloaded"
         );
         Ok(result)
+    }
+
+    /// Reads this node's configuration files again after another node's reload (the database's
+    /// reload count reached `count`), indexing them with the ids in the database: read only,
+    /// since the reloading node synced them. Every node given the same files follows a reload
+    /// on any of them within seconds. A file that no longer loads leaves the running policy.
+    pub async fn follow_reload(&self, count: i64) {
+        use std::sync::atomic::Ordering;
+        let _guard = self.reload_lock.lock().await;
+        if self.reloads_seen.load(Ordering::SeqCst) >= count {
+            return;
+        }
+        self.reloads_seen.store(count, Ordering::SeqCst);
+        let Some(source) = self.source.as_ref() else {
+            return;
+        };
+        let mut source = source.clone();
+        if source.refresh_env {
+            source.env = std::env::vars().collect();
+        }
+        let settings = match source.load() {
+            Ok(s) => s,
+            Err(e) => {
+                metrics::counter!("config_reloads_total", "outcome" => "rejected").increment(1);
+                tracing::error!(error = %e, "another node reloaded, but this node's configuration is rejected; the running configuration stays");
+                return;
+            }
+        };
+        let ids = match crate::store::keys::ids(&self.db, &settings).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading account and key ids failed; following the reload later");
+                self.reloads_seen.store(count - 1, Ordering::SeqCst);
+                return;
+            }
+        };
+        crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));
+        let runtime = Runtime::new(settings, &ids);
+        let (accounts, keys) = (runtime.accounts.len(), runtime.by_name.len());
+        self.runtime.store(Arc::new(runtime));
+        metrics::counter!("config_reloads_total", "outcome" => "followed").increment(1);
+        tracing::info!(
+            accounts,
+            keys,
+            "configuration reloaded after another node's reload"
+        );
     }
 
     /// The database backend.

@@ -1,7 +1,7 @@
 //! Logging (`RUST_LOG` filtering, text or JSON lines) and Prometheus metrics.
 use std::sync::OnceLock;
 
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
@@ -136,7 +136,7 @@ pub fn register_known_series<'a>(key_names: impl Iterator<Item = &'a str>) {
     for result in ["success", "http_error", "transport_error", "refused"] {
         metrics::counter!("webhook_attempts_total", "result" => result).increment(0);
     }
-    for outcome in ["applied", "rejected"] {
+    for outcome in ["applied", "followed", "rejected"] {
         metrics::counter!("config_reloads_total", "outcome" => outcome).increment(0);
     }
     for table in ["usage_event", "webhook_delivery", "usage_rollup"] {
@@ -197,7 +197,7 @@ pub async fn sample_low_credits(
 ) -> Result<(), sea_orm::DbErr> {
     let mut below = 0u32;
     for (key_id, threshold) in thresholds {
-        if crate::store::wallets::read(db, KeyId(*key_id))
+        if crate::store::wallets::read(db, AccountId(*key_id))
             .await?
             .available()
             < *threshold

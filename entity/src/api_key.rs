@@ -12,6 +12,8 @@ pub struct Model {
     #[sea_orm(unique)]
     pub key_sha256: String,
     pub disabled: bool,
+    /// The account the key belongs to.
+    pub account_id: Option<i64>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

@@ -8,6 +8,8 @@ pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: Uuid,
     pub batch_id: Uuid,
+    /// The owning account (`account.id`): the column keeps the name it had before accounts,
+    /// when each key was its own account with the key's id.
     pub api_key_id: i64,
     pub idx: i32,
     pub prompt: String,

@@ -8,6 +8,8 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: Uuid,
+    /// The owning account (`account.id`): the column keeps the name it had before accounts,
+    /// when each key was its own account with the key's id.
     pub api_key_id: i64,
     pub request_id: String,
     /// SHA-256 of the canonical request, for idempotency.

@@ -7,6 +7,8 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
+    /// The owning account (`account.id`): the column keeps the name it had before accounts,
+    /// when each key was its own account with the key's id.
     pub api_key_id: i64,
     /// grant, hold, charge, release or adjust.
     pub kind: crate::status::LedgerKind,

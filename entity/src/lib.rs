@@ -1,4 +1,5 @@
 //! sea-orm entities, one module per table. No logic lives here.
+pub mod account;
 pub mod api_key;
 pub mod batch_item;
 pub mod batch_job;

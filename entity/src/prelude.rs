@@ -1,4 +1,5 @@
 //! Entity re-exports.
+pub use super::account::Entity as Account;
 pub use super::api_key::Entity as ApiKey;
 pub use super::batch_item::Entity as BatchItem;
 pub use super::batch_job::Entity as BatchJob;

@@ -8,6 +8,9 @@ pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
     pub api_key_id: Option<i64>,
+    /// The key's account (rows written before accounts existed leave it empty: the key was
+    /// its own account, with the key's id).
+    pub account_id: Option<i64>,
     /// `current` or `previous`: which of the key's secrets the call used.
     pub key_version: Option<String>,
     pub request_id: Option<String>,

@@ -7,6 +7,8 @@ use sea_orm::entity::prelude::*;
 #[sea_orm(table_name = "usage_rollup")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
+    pub account_id: i64,
+    #[sea_orm(primary_key, auto_increment = false)]
     pub api_key_id: i64,
     /// UTC date, `YYYY-MM-DD`.
     #[sea_orm(primary_key, auto_increment = false)]

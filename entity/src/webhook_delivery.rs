@@ -8,6 +8,8 @@ pub struct Model {
     /// Also the `webhook-id` (as `msg_<simple uuid>`), stable across attempts.
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: Uuid,
+    /// The owning account (`account.id`): the column keeps the name it had before accounts,
+    /// when each key was its own account with the key's id.
     pub api_key_id: i64,
     pub batch_id: Option<Uuid>,
     pub event_type: String,

@@ -12,6 +12,7 @@ mod m20261202_100002_usage_rollup;
 mod m20261202_100003_batch_status_index;
 mod m20261202_200001_failed_items;
 mod m20261202_300001_webhook_operations;
+mod m20261205_000001_accounts;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_100003_batch_status_index::Migration),
             Box::new(m20261202_200001_failed_items::Migration),
             Box::new(m20261202_300001_webhook_operations::Migration),
+            Box::new(m20261205_000001_accounts::Migration),
         ]
     }
 }

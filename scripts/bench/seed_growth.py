@@ -42,7 +42,10 @@ def main() -> None:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=OFF")
-    keys = dict(db.execute("SELECT name, id FROM api_key").fetchall())
+    # The owner columns hold account ids (each bench key is its own account); audit rows name
+    # the key and its account.
+    accounts = dict(db.execute("SELECT name, account_id FROM api_key").fetchall())
+    key_ids = dict(db.execute("SELECT name, id FROM api_key").fetchall())
     started = time.perf_counter()
     db.execute("BEGIN")
     counts = {"batches": 0, "items": 0, "ledger": 0, "usage": 0}
@@ -102,7 +105,8 @@ def main() -> None:
         counts["batches"] += 1
         counts["items"] += n
 
-    bench, wide, narrow = keys["bench"], keys["wide"], keys["narrow"]
+    bench, wide, narrow = accounts["bench"], accounts["wide"], accounts["narrow"]
+    bench_key = key_ids["bench"]
     span = (NOW - START - timedelta(days=2)).total_seconds()
     nb = max(1, history // 100)
     for b in range(nb):
@@ -120,30 +124,31 @@ def main() -> None:
     for u in range(usage_rows):
         at = START + timedelta(seconds=span * u / max(1, usage_rows))
         minute = at.replace(second=0, microsecond=0)
-        rows.append((bench, f"seed-usage-{u}", "GET", "/api/enterprise/video-batch", 200,
+        rows.append((bench_key, bench, f"seed-usage-{u}", "GET", "/api/enterprise/video-batch", 200,
                      "127.0.0.1", "seed", ts(minute), 900, ts(at)))
         day = at.date().isoformat()
         per_day[day] = per_day.get(day, 0) + 1
         if len(rows) == 50_000:
             db.executemany(
-                "INSERT INTO usage_event (api_key_id, request_id, method, path, status, client_ip, "
-                "user_agent, minute_bucket, latency_us, created_at, count, key_version) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 'current')",
+                "INSERT INTO usage_event (api_key_id, account_id, request_id, method, path, status, "
+                "client_ip, user_agent, minute_bucket, latency_us, created_at, count, key_version) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 'current')",
                 rows,
             )
             rows.clear()
     if rows:
         db.executemany(
-            "INSERT INTO usage_event (api_key_id, request_id, method, path, status, client_ip, "
-            "user_agent, minute_bucket, latency_us, created_at, count, key_version) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 'current')",
+            "INSERT INTO usage_event (api_key_id, account_id, request_id, method, path, status, "
+            "client_ip, user_agent, minute_bucket, latency_us, created_at, count, key_version) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 'current')",
             rows,
         )
     db.executemany(
-        "INSERT INTO usage_rollup (api_key_id, day, status_class, error_code, calls) "
-        "VALUES (?, ?, 2, '', ?) ON CONFLICT (api_key_id, day, status_class, error_code) "
+        "INSERT INTO usage_rollup (account_id, api_key_id, day, status_class, error_code, calls) "
+        "VALUES (?, ?, ?, 2, '', ?) "
+        "ON CONFLICT (account_id, day, api_key_id, status_class, error_code) "
         "DO UPDATE SET calls = calls + excluded.calls",
-        [(bench, d, c) for d, c in per_day.items()],
+        [(bench, bench_key, d, c) for d, c in per_day.items()],
     )
     counts["usage"] = usage_rows
     # Every key can pay for what the benchmark sends; the queued items are held.

@@ -206,10 +206,10 @@ async fn the_upgrade_backfills_open_counts_the_usage_rollup_and_failure_codes(ba
     assert_eq!(one(&db, counts, vec![done.into()]).await, [0, 0]);
     let from = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
     let to = Utc.with_ymd_and_hms(2026, 11, 5, 0, 0, 0).unwrap();
-    let rolled = api::store::usage::daily(&db, api::domain::ids::KeyId(1), from, to)
+    let rolled = api::store::usage::daily(&db, api::domain::ids::AccountId(1), from, to)
         .await
         .unwrap();
-    let raw = api::store::usage::daily_from_raw_rows(&db, api::domain::ids::KeyId(1), from, to)
+    let raw = api::store::usage::daily_from_raw_rows(&db, api::domain::ids::AccountId(1), from, to)
         .await
         .unwrap();
     assert_eq!(rolled, raw);
@@ -242,7 +242,7 @@ async fn the_upgrade_backfills_open_counts_the_usage_rollup_and_failure_codes(ba
             Some("internal".to_string())
         ]
     );
-    let job = api::store::jobs::owned(&db, api::domain::ids::KeyId(1), failed)
+    let job = api::store::jobs::owned(&db, api::domain::ids::AccountId(1), failed)
         .await
         .unwrap()
         .unwrap();
@@ -251,7 +251,7 @@ async fn the_upgrade_backfills_open_counts_the_usage_rollup_and_failure_codes(ba
         counts.into_iter().collect::<Vec<_>>(),
         [("internal".to_string(), 2), ("worker_lost".to_string(), 1)]
     );
-    let untouched = api::store::jobs::owned(&db, api::domain::ids::KeyId(1), done)
+    let untouched = api::store::jobs::owned(&db, api::domain::ids::AccountId(1), done)
         .await
         .unwrap()
         .unwrap();

@@ -76,20 +76,26 @@ fn layers_apply_in_order_and_keys_merge_defaults() {
     let s = src.load().expect("valid");
     let acme = s.key("acme").unwrap();
     assert_eq!(
-        acme.limits.cost_per_video, 7,
+        acme.account.limits.cost_per_video, 7,
         "environment file overrides base"
     );
     assert_eq!(
-        acme.limits.max_batch_items, 3,
+        acme.account.limits.max_batch_items, 3,
         "--config file overrides environment file"
     );
     assert_eq!(
-        acme.limits.rate_limit_per_min, 9,
+        acme.account.limits.rate_limit_per_min, 9,
         "APP__ variables override files"
     );
-    assert_eq!(acme.limits.max_prompt_chars, 50, "defaults flow into keys");
-    assert_eq!(acme.limits.read_rate_limit_per_min, 600, "built-in default");
-    assert_eq!(acme.limits.ip_allowlist.len(), 1);
+    assert_eq!(
+        acme.account.limits.max_prompt_chars, 50,
+        "defaults flow into keys"
+    );
+    assert_eq!(
+        acme.account.limits.read_rate_limit_per_min, 600,
+        "built-in default"
+    );
+    assert_eq!(acme.ip_allowlist.len(), 1);
     assert_eq!(s.worker.secret.expose(), "w", "env: secrets are resolved");
     assert!(
         !format!("{s:?}").contains("admin-token"),
@@ -119,7 +125,7 @@ fn ip_allowlist_accepts_a_comma_separated_string() {
     )
     .load()
     .expect("valid");
-    assert_eq!(s.key("acme").unwrap().limits.ip_allowlist.len(), 2);
+    assert_eq!(s.key("acme").unwrap().ip_allowlist.len(), 2);
 }
 
 #[test]
@@ -567,4 +573,111 @@ fn production_refuses_the_demo_key_as_a_previous_key() {
         msg.contains("keys.acme.previous_key_sha256") && msg.contains("demo key"),
         "even after its overlap ended: {msg}"
     );
+}
+
+/// A hash other than `HASH`, for a second key.
+const HASH2: &str = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752";
+
+fn loads(extra: &str) -> api::settings::Settings {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.toml", &base());
+    write(dir.path(), "local.toml", extra);
+    source(dir.path(), "local", &[("WORKER_SECRET", "s3cret")])
+        .load()
+        .expect("valid")
+}
+
+#[test]
+fn accounts_hold_what_their_keys_share_and_keys_what_is_their_own() {
+    let s = loads(&format!(
+        "[defaults]\ncost_per_video = 7\n\
+         [accounts.acme]\nrate_limit_per_min = 25\ninitial_credits = 500\nmax_batch_items = 9\n\
+         [keys.prod]\nkey_sha256 = \"{HASH}\"\naccount = \"acme\"\nip_allowlist = [\"10.0.0.0/8\"]\n\
+         [keys.ci]\nkey_sha256 = \"{HASH2}\"\naccount = \"acme\"\nrate_limit_per_min = 5\n\
+         scopes = [\"batches:read\"]\n"
+    ));
+    let (prod, ci) = (s.key("prod").unwrap(), s.key("ci").unwrap());
+    assert_eq!(prod.account.name, "acme");
+    assert!(
+        std::sync::Arc::ptr_eq(&prod.account, &ci.account),
+        "one account"
+    );
+    assert_eq!(
+        prod.account.limits.cost_per_video, 7,
+        "defaults flow into accounts"
+    );
+    assert_eq!(prod.account.limits.max_batch_items, 9);
+    assert_eq!(prod.account.initial_credits, 500);
+    assert_eq!((prod.create_limit(), ci.create_limit()), (25, 5));
+    assert_eq!(prod.ip_allowlist.len(), 1);
+    assert!(ci.ip_allowlist.is_empty());
+    assert_eq!(s.accounts.len(), 1, "no key is its own account here");
+
+    // A key without `account` is its own account, named after it, as before accounts.
+    let s = loads(&format!(
+        "[keys.solo]\nkey_sha256 = \"{HASH}\"\ninitial_credits = 40\nrate_limit_per_min = 3\n"
+    ));
+    let solo = s.key("solo").unwrap();
+    assert!(solo.account.implicit);
+    assert_eq!(solo.account.name, "solo");
+    assert_eq!(solo.account.initial_credits, 40);
+    assert_eq!(solo.create_limit(), 3);
+    assert_eq!(
+        solo.rate_limit_per_min, None,
+        "the account's limit is the key's"
+    );
+}
+
+#[test]
+fn account_mistakes_are_refused_naming_the_field() {
+    let msg = refused(
+        &format!("[keys.prod]\nkey_sha256 = \"{HASH}\"\naccount = \"acme\"\n"),
+        &[],
+    );
+    assert!(
+        msg.contains("keys.prod.account") && msg.contains("[accounts.acme]"),
+        "{msg}"
+    );
+    let msg = refused(
+        &format!(
+            "[accounts.acme]\n[keys.prod]\nkey_sha256 = \"{HASH}\"\naccount = \"acme\"\n\
+             initial_credits = 5\n"
+        ),
+        &[],
+    );
+    assert!(
+        msg.contains("keys.prod.initial_credits") && msg.contains("belongs to the account"),
+        "{msg}"
+    );
+    let msg = refused(
+        &format!(
+            "[accounts.acme]\nwebhook_url = \"https://example.com/h\"\n\
+             [keys.prod]\nkey_sha256 = \"{HASH}\"\naccount = \"acme\"\n"
+        ),
+        &[],
+    );
+    assert!(msg.contains("accounts.acme.webhook_secret"), "{msg}");
+    let msg = refused(
+        &format!("[accounts.acme]\n[keys.acme]\nkey_sha256 = \"{HASH}\"\n"),
+        &[],
+    );
+    assert!(
+        msg.contains("accounts.acme") && msg.contains("account = \"acme\""),
+        "{msg}"
+    );
+    let msg = refused(
+        &format!(
+            "[keys.solo]\nkey_sha256 = \"{HASH}\"\n\
+             [keys.other]\nkey_sha256 = \"{HASH2}\"\naccount = \"solo\"\n"
+        ),
+        &[],
+    );
+    assert!(
+        msg.contains("keys.other.account") && msg.contains("own account"),
+        "{msg}"
+    );
+    let msg = refused("[accounts.acme]\nip_allowlist = [\"10.0.0.0/8\"]\n", &[]);
+    assert!(msg.contains("ip_allowlist"), "{msg}");
+    let msg = refused("[accounts.Acme]\n", &[]);
+    assert!(msg.contains("accounts.Acme"), "{msg}");
 }

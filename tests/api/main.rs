@@ -2,6 +2,7 @@
 mod helpers;
 
 mod account;
+mod accounts;
 mod admin;
 mod backfill;
 mod cli;
@@ -35,6 +36,7 @@ mod security;
 mod store_faults;
 mod targets;
 mod two_nodes;
+mod upgrade;
 mod webhook_ops;
 mod webhooks;
 mod wire;

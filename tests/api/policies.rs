@@ -288,7 +288,7 @@ async fn a_batch_whose_window_ends_expires_its_queued_items_and_lets_running_one
 async fn running_of(app: &TestApp, key: &str) -> i64 {
     app.scalar(&format!(
         "SELECT COUNT(*) AS v FROM batch_item WHERE status = 'running' \
-         AND api_key_id = (SELECT id FROM api_key WHERE name = '{key}')"
+         AND api_key_id = (SELECT account_id FROM api_key WHERE name = '{key}')"
     ))
     .await
 }
@@ -331,7 +331,7 @@ async fn a_capped_key_never_runs_more_than_its_cap_and_claims_fill_from_other_ke
     let small_queued = app
         .scalar(
             "SELECT COUNT(*) AS v FROM batch_item WHERE status = 'queued' \
-             AND api_key_id = (SELECT id FROM api_key WHERE name = 'small')",
+             AND api_key_id = (SELECT account_id FROM api_key WHERE name = 'small')",
         )
         .await;
     assert_eq!(
@@ -519,8 +519,8 @@ async fn an_overlap_added_by_reload_shares_limits_wallet_and_batches(backend: Ba
     );
 }
 
-/// A capped key whose row another claim holds is left out of a claim, never waited for: with
-/// the row locked for the whole call, the claim still answers, filled from the other key.
+/// A capped key whose account row another claim holds is left out of a claim, never waited for:
+/// with the row locked for the whole call, the claim still answers, filled from the other key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_postgres_a_capped_key_held_by_another_claim_is_skipped_never_waited_for() {
     use sea_orm::{ConnectionTrait, TransactionTrait};
@@ -541,7 +541,7 @@ async fn on_postgres_a_capped_key_held_by_another_claim_is_skipped_never_waited_
     let db = app.db();
     let holder = db.begin().await.unwrap();
     holder
-        .execute_unprepared("SELECT id FROM api_key WHERE name = 'capped' FOR NO KEY UPDATE")
+        .execute_unprepared("SELECT id FROM account WHERE name = 'capped' FOR NO KEY UPDATE")
         .await
         .unwrap();
     // Held until after the claim: a claim that waited for it would never answer.

@@ -104,7 +104,7 @@ async fn a_new_batch_never_goes_before_the_head_of_the_queue(backend: Backend) {
     let small_min = app
         .scalar(
             "SELECT MIN(fair_pos) AS v FROM batch_item WHERE api_key_id = \
-             (SELECT id FROM api_key WHERE name = 'small')",
+             (SELECT account_id FROM api_key WHERE name = 'small')",
         )
         .await;
     assert!(

@@ -83,7 +83,7 @@ async fn retention_prunes_rows_older_than_the_configured_age(backend: Backend) {
     let writer = &app.state().writer;
     let days_ago = |d: i64| Utc::now() - TimeDelta::days(d);
     let day = chrono::Duration::days(1);
-    let kid = api::domain::ids::KeyId(key_id);
+    let kid = api::domain::ids::AccountId(key_id);
     use api::store::webhooks::note_endpoint;
     for (url, success, age) in [
         ("https://idle.example/in", true, 40),

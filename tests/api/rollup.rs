@@ -71,10 +71,10 @@ async fn usage_from_the_rollup_equals_the_raw_rows_and_outlives_their_pruning(ba
     let to = now.date_naive().and_time(NaiveTime::MIN).and_utc() + TimeDelta::days(1);
     let db = app.fresh_db().await;
     let raw =
-        api::store::usage::daily_from_raw_rows(&db, api::domain::ids::KeyId(key_id), from, to)
+        api::store::usage::daily_from_raw_rows(&db, api::domain::ids::AccountId(key_id), from, to)
             .await
             .unwrap();
-    let rolled = api::store::usage::daily(&db, api::domain::ids::KeyId(key_id), from, to)
+    let rolled = api::store::usage::daily(&db, api::domain::ids::AccountId(key_id), from, to)
         .await
         .unwrap();
     assert_eq!(rolled, raw, "the rollup answers what the raw rows say");
@@ -107,7 +107,7 @@ async fn usage_from_the_rollup_equals_the_raw_rows_and_outlives_their_pruning(ba
     assert_eq!(pruned.usage, 6, "the old day's raw rows are pruned");
     assert_eq!(pruned.usage_rollup, 0);
     let raw_after =
-        api::store::usage::daily_from_raw_rows(&db, api::domain::ids::KeyId(key_id), from, to)
+        api::store::usage::daily_from_raw_rows(&db, api::domain::ids::AccountId(key_id), from, to)
             .await
             .unwrap();
     assert_eq!(
@@ -115,7 +115,7 @@ async fn usage_from_the_rollup_equals_the_raw_rows_and_outlives_their_pruning(ba
         2,
         "the raw rows no longer know the old day"
     );
-    let rolled_after = api::store::usage::daily(&db, api::domain::ids::KeyId(key_id), from, to)
+    let rolled_after = api::store::usage::daily(&db, api::domain::ids::AccountId(key_id), from, to)
         .await
         .unwrap();
     // (Today's row has grown by the usage call above.)
@@ -138,7 +138,7 @@ async fn usage_from_the_rollup_equals_the_raw_rows_and_outlives_their_pruning(ba
         .await
         .unwrap();
     assert_eq!(pruned.usage_rollup, old_rows as u64);
-    let kept = api::store::usage::daily(&db, api::domain::ids::KeyId(key_id), from, to)
+    let kept = api::store::usage::daily(&db, api::domain::ids::AccountId(key_id), from, to)
         .await
         .unwrap();
     assert_eq!(kept.len(), 2, "{kept:?}");

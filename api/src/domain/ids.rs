@@ -23,6 +23,12 @@ macro_rules! id_type {
 }
 
 id_type!(
+    /// A customer account (`account.id`): what owns wallets, ledgers, batches, rate-limit
+    /// windows, webhooks and usage. Its tables name it in their `api_key_id` columns, from
+    /// before accounts, when each key was its own account with the key's id.
+    AccountId(i64)
+);
+id_type!(
     /// A customer key (`api_key.id`).
     KeyId(i64)
 );
@@ -47,6 +53,7 @@ mod tests {
     fn ids_print_and_bind_as_their_value() {
         let id = Uuid::now_v7();
         assert_eq!(ItemId(id).to_string(), id.to_string());
+        assert_eq!(AccountId(7).to_string(), "7");
         assert_eq!(KeyId(7).to_string(), "7");
         assert_eq!(
             sea_orm::Value::from(LeaseToken(id)),

@@ -163,14 +163,16 @@ pub fn parse_completion_window(s: &str) -> Result<Option<std::time::Duration>, S
     Ok(Some(d))
 }
 
-/// The effective policy of one customer key.
+/// What an account holds and every key of it shares: the wallet, the limits, costs and caps,
+/// the completion window and the webhooks. A key without `account` is its own account, named
+/// after it, holding what the key's table sets.
 #[derive(Clone, Debug)]
-pub struct KeyPolicy {
-    /// Stable name, the key's identity.
+pub struct AccountPolicy {
+    /// Stable name, the account's identity (a key's own account: the key's name).
     pub name: String,
-    /// Lower-case hex SHA-256 of the key.
-    pub key_sha256: String,
-    /// Limits after merging `[defaults]`.
+    /// A key's own account (the key names no `account`), not an `[accounts.NAME]` table.
+    pub implicit: bool,
+    /// Limits after merging `[defaults]` (their `ip_allowlist` is unused: each key has its own).
     pub limits: PolicyLimits,
     /// Default webhook target.
     pub webhook_url: Option<String>,
@@ -182,21 +184,55 @@ pub struct KeyPolicy {
     pub webhook_previous_secret_expires_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Subscribed events.
     pub webhook_events: Vec<String>,
-    /// Granted once when the key is first created.
+    /// Granted once when the account is first created.
     pub initial_credits: i64,
-    /// Disabled keys are refused.
+    /// A `credits.low` event is sent when available credits cross below this.
+    pub low_credit_threshold: Option<i64>,
+    /// At most this many of the account's items run at once (None: unlimited).
+    pub max_running_items: Option<u32>,
+    /// Every key of a disabled account is refused.
+    pub disabled: bool,
+}
+
+/// The policy of one customer key: what is the key's own (its secret, allowlist, scopes and
+/// tighter limits), and its account's.
+#[derive(Clone, Debug)]
+pub struct KeyPolicy {
+    /// Stable name, the key's identity.
+    pub name: String,
+    /// Lower-case hex SHA-256 of the key.
+    pub key_sha256: String,
+    /// Allowed client networks (the key's, else `[defaults]`); empty means any.
+    pub ip_allowlist: Vec<IpNet>,
+    /// The key's own create limit per minute, inside its account's (None: the account's only).
+    pub rate_limit_per_min: Option<u32>,
+    /// The key's own limit of other calls per minute, inside its account's.
+    pub read_rate_limit_per_min: Option<u32>,
+    /// Disabled keys are refused (so is every key of a disabled account).
     pub disabled: bool,
     /// The key this one replaced, during a rotation overlap.
     pub previous_key: Option<PreviousKey>,
-    /// A `credits.low` event is sent when available credits cross below this.
-    pub low_credit_threshold: Option<i64>,
-    /// At most this many of the key's items run at once (None: unlimited).
-    pub max_running_items: Option<u32>,
     /// What the key may do (all scopes unless configured otherwise), sorted.
     pub scopes: Vec<KeyScope>,
+    /// The account the key belongs to.
+    pub account: std::sync::Arc<AccountPolicy>,
 }
 
 impl KeyPolicy {
+    /// The key's create limit: its own when tighter than its account's.
+    pub fn create_limit(&self) -> u32 {
+        let account = self.account.limits.rate_limit_per_min;
+        self.rate_limit_per_min
+            .map_or(account, |own| own.min(account))
+    }
+
+    /// The key's limit of other calls: its own when tighter than its account's.
+    pub fn read_limit(&self) -> u32 {
+        let account = self.account.limits.read_rate_limit_per_min;
+        self.read_rate_limit_per_min
+            .map_or(account, |own| own.min(account))
+    }
+
     /// True when the key holds `scope`.
     pub fn has_scope(&self, scope: KeyScope) -> bool {
         self.scopes.contains(&scope)
@@ -206,7 +242,7 @@ impl KeyPolicy {
     /// otherwise only calls whose client address is known and allowed (an address that could
     /// not be determined never passes an allowlist).
     pub fn allows_client(&self, ip: Option<IpAddr>) -> bool {
-        self.limits.ip_allowlist.is_empty() || ip.is_some_and(|ip| self.allows_ip(ip))
+        self.ip_allowlist.is_empty() || ip.is_some_and(|ip| self.allows_ip(ip))
     }
 
     /// True when the address is allowed by the key's allowlist.
@@ -215,8 +251,7 @@ impl KeyPolicy {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        self.limits.ip_allowlist.is_empty()
-            || self.limits.ip_allowlist.iter().any(|n| n.contains(&ip))
+        self.ip_allowlist.is_empty() || self.ip_allowlist.iter().any(|n| n.contains(&ip))
     }
 }
 

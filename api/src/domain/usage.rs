@@ -7,6 +7,8 @@ use uuid::Uuid;
 pub struct UsageRow {
     /// Authenticated key, if any.
     pub api_key_id: Option<i64>,
+    /// The key's account (None with a key: found from the key when the row is written).
+    pub account_id: Option<i64>,
     /// Which of the key's secrets was used: `current`, or `previous` during a rotation.
     pub key_version: Option<&'static str>,
     /// The call's request id.

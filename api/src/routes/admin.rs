@@ -8,10 +8,10 @@ use poem_openapi::{OpenApi, Tags};
 use sea_orm::SqlErr;
 
 use crate::auth::AdminAuth;
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::admin::{
-    AdjustRequest, AdminWallet, DeliveryStatus, GrantRequest, KeyInfo, ReloadResult,
+    AccountInfo, AdjustRequest, AdminWallet, DeliveryStatus, GrantRequest, KeyInfo, ReloadResult,
     WebhookDeliveryView,
 };
 use crate::schemas::credits::Usage;
@@ -35,22 +35,38 @@ pub enum AdminTags {
 pub struct AdminApi;
 
 impl AdminApi {
-    async fn key_id(state: &AppState, name: &str) -> Result<i64, ApiError> {
-        keys::id_by_name(&state.db, name)
-            .await?
-            .ok_or_else(|| ApiError::not_found("key", name))
+    /// The account addressed by a path: `/keys/{key}/...` addresses the key's account.
+    async fn account(state: &AppState, path: &Owner<'_>) -> Result<(AccountId, String), ApiError> {
+        match *path {
+            Owner::Key(name) => {
+                let id = keys::account_of_key(&state.db, name)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("key", name))?;
+                let account = crate::store::keys::account_name(&state.db, id)
+                    .await?
+                    .unwrap_or_else(|| name.to_string());
+                Ok((id, account))
+            }
+            Owner::Account(name) => Ok((
+                keys::account_id_by_name(&state.db, name)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("account", name))?,
+                name.to_string(),
+            )),
+        }
     }
 
     async fn wallet_view(
         state: &AppState,
-        name: &str,
-        key_id: i64,
+        path: &Owner<'_>,
         limit: u64,
         before: Option<i64>,
     ) -> Result<AdminWallet, ApiError> {
-        let view = credits::view(&state.db, KeyId(key_id), limit, before).await?;
+        let (id, account) = Self::account(state, path).await?;
+        let view = credits::view(&state.db, id, limit, before).await?;
         Ok(AdminWallet {
-            key: name.to_string(),
+            account,
+            key: path.key().map(str::to_string),
             balance: view.balance,
             held: view.held,
             available: view.available,
@@ -60,7 +76,7 @@ impl AdminApi {
 
     async fn movement(
         state: &AppState,
-        name: &str,
+        path: &Owner<'_>,
         kind: LedgerKind,
         amount: i64,
         note: Option<String>,
@@ -69,7 +85,7 @@ impl AdminApi {
         if let Some(k) = &idem {
             crate::domain::RequestId::parse("Idempotency-Key", k)?;
         }
-        let key_id = Self::key_id(state, name).await?;
+        let (AccountId(key_id), _) = Self::account(state, path).await?;
         let runtime = state.runtime();
         let applied = state
             .writes
@@ -81,7 +97,7 @@ impl AdminApi {
                     Box::pin(async move {
                         if let Some(k) = idem.as_deref()
                             && let Some(earlier) =
-                                credits::by_idempotency_key(txn, KeyId(key_id), k).await?
+                                credits::by_idempotency_key(txn, AccountId(key_id), k).await?
                         {
                             return same_movement(&earlier, kind, amount, note.as_deref(), k);
                         }
@@ -90,11 +106,11 @@ impl AdminApi {
                             .idempotency_key(idem.as_deref());
                         match credits::apply(txn, entry).await {
                             Ok(true) => {
-                                let w = credits::wallet(txn, KeyId(key_id)).await?;
+                                let w = credits::wallet(txn, AccountId(key_id)).await?;
                                 crate::service::webhooks::outbox::enqueue_low_credits(
                                     txn,
                                     &runtime,
-                                    KeyId(key_id),
+                                    AccountId(key_id),
                                     w.available() - amount,
                                     w.available(),
                                     chrono::Utc::now(),
@@ -103,7 +119,7 @@ impl AdminApi {
                                 Ok(())
                             }
                             Ok(false) => {
-                                let w = credits::wallet(txn, KeyId(key_id)).await?;
+                                let w = credits::wallet(txn, AccountId(key_id)).await?;
                                 Err(ApiError::new(
                                 ErrorCode::Conflict,
                                 format!(
@@ -138,14 +154,30 @@ impl AdminApi {
             Err(e) if e.code == ErrorCode::IdempotencyConflict && e.message == REPEATED => {
                 if let Some(k) = idem.as_deref()
                     && let Some(earlier) =
-                        credits::by_idempotency_key(&state.db, KeyId(key_id), k).await?
+                        credits::by_idempotency_key(&state.db, AccountId(key_id), k).await?
                 {
                     same_movement(&earlier, kind, amount, note.as_deref(), k)?;
                 }
             }
             Err(e) => return Err(e),
         }
-        Self::wallet_view(state, name, key_id, 20, None).await
+        Self::wallet_view(state, path, 20, None).await
+    }
+}
+
+/// What an admin path addresses: an account, or a key (meaning the key's account).
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    Key(&'a str),
+    Account(&'a str),
+}
+
+impl<'a> Owner<'a> {
+    fn key(&self) -> Option<&'a str> {
+        match *self {
+            Owner::Key(k) => Some(k),
+            Owner::Account(_) => None,
+        }
     }
 }
 
@@ -176,7 +208,8 @@ const REPEATED: &str = "idempotency key already applied";
 impl AdminApi {
     /// Grant credits
     ///
-    /// Adds credits to a key's balance. Retrying with the same `Idempotency-Key` grants once.
+    /// Adds credits to the balance of the key's account. Retrying with the same
+    /// `Idempotency-Key` grants once.
     #[oai(
         path = "/keys/:key/credits/grant",
         method = "post",
@@ -200,7 +233,7 @@ impl AdminApi {
         Ok(Json(
             Self::movement(
                 &state,
-                &key.0,
+                &Owner::Key(&key.0),
                 LedgerKind::Grant,
                 body.0.amount,
                 body.0.note.map(Text::into_string),
@@ -239,7 +272,7 @@ impl AdminApi {
         Ok(Json(
             Self::movement(
                 &state,
-                &key.0,
+                &Owner::Key(&key.0),
                 LedgerKind::Adjust,
                 body.0.amount,
                 body.0.note.map(Text::into_string),
@@ -251,7 +284,7 @@ impl AdminApi {
 
     /// Get a key's wallet and ledger
     ///
-    /// Ledger newest first; page with `before` (a ledger id).
+    /// The wallet of the key's account. Ledger newest first; page with `before` (a ledger id).
     #[oai(
         path = "/keys/:key/credits",
         method = "get",
@@ -269,12 +302,10 @@ impl AdminApi {
         /// Only ledger rows with a smaller id.
         before: Query<Option<i64>>,
     ) -> Result<Json<AdminWallet>, ApiError> {
-        let id = Self::key_id(&state, &key.0).await?;
         Ok(Json(
             Self::wallet_view(
                 &state,
-                &key.0,
-                id,
+                &Owner::Key(&key.0),
                 u64::from(limit.0.unwrap_or(50)),
                 before.0,
             )
@@ -284,7 +315,8 @@ impl AdminApi {
 
     /// Get a key's usage
     ///
-    /// Calls and credits charged per UTC day, `from` to `to` inclusive (default: the last 30
+    /// The usage of the key's account, with a per-key breakdown. Calls and credits charged per
+    /// UTC day, `from` to `to` inclusive (default: the last 30
     /// days). `from` must not be after `to`, and the period spans at most 366 days (422
     /// otherwise).
     #[oai(
@@ -305,11 +337,209 @@ impl AdminApi {
         #[oai(validator(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"))]
         to: Query<Option<String>>,
     ) -> Result<Json<Usage>, ApiError> {
-        let id = Self::key_id(&state, &key.0).await?;
+        let (id, _) = Self::account(&state, &Owner::Key(&key.0)).await?;
         Ok(Json(
             usage::report(
                 &state.db,
-                KeyId(id),
+                id,
+                state.clock.now().date_naive(),
+                from.0.as_deref(),
+                to.0.as_deref(),
+            )
+            .await?,
+        ))
+    }
+
+    /// List accounts
+    ///
+    /// Every configured account (each key without `account` is its own) with its keys,
+    /// effective policy and wallet; secrets are never shown.
+    #[oai(
+        path = "/accounts",
+        method = "get",
+        operation_id = "list_accounts",
+        tag = "AdminTags::Keys"
+    )]
+    async fn accounts(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AdminAuth,
+    ) -> Result<Json<Vec<AccountInfo>>, ApiError> {
+        let runtime = &auth.0;
+        let mut out = Vec::with_capacity(runtime.settings.accounts.len());
+        for (name, a) in &runtime.settings.accounts {
+            let Some(entry) = runtime.accounts_by_name.get(name) else {
+                continue;
+            };
+            let w = credits::wallet(&state.db, entry.id).await?;
+            out.push(AccountInfo {
+                name: name.clone(),
+                own_account_of_key: a.implicit,
+                disabled: a.disabled,
+                keys: runtime
+                    .settings
+                    .keys
+                    .values()
+                    .filter(|k| k.account.name == *name)
+                    .map(|k| k.name.clone())
+                    .collect(),
+                cost_per_video: a.limits.cost_per_video,
+                rate_limit_per_min: a.limits.rate_limit_per_min,
+                read_rate_limit_per_min: a.limits.read_rate_limit_per_min,
+                max_batch_items: a.limits.max_batch_items,
+                max_prompt_chars: a.limits.max_prompt_chars,
+                completion_window: a
+                    .limits
+                    .completion_window
+                    .map(|w| humantime::format_duration(w).to_string()),
+                webhook_url: a.webhook_url.clone(),
+                webhook_secret_set: a.webhook_secret.is_some(),
+                webhook_events: a.webhook_events.clone(),
+                low_credit_threshold: a.low_credit_threshold,
+                max_running_items: a.max_running_items,
+                balance: w.balance,
+                held: w.held,
+                available: w.available(),
+            });
+        }
+        Ok(Json(out))
+    }
+
+    /// Get an account's wallet and ledger
+    ///
+    /// Ledger newest first; page with `before` (a ledger id).
+    #[oai(
+        path = "/accounts/:account/credits",
+        method = "get",
+        operation_id = "get_account_credits",
+        tag = "AdminTags::Credits"
+    )]
+    async fn account_wallet(
+        &self,
+        state: Data<&Arc<AppState>>,
+        _auth: AdminAuth,
+        account: Path<String>,
+        /// Ledger rows, 1–500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<u32>>,
+        /// Only ledger rows with a smaller id.
+        before: Query<Option<i64>>,
+    ) -> Result<Json<AdminWallet>, ApiError> {
+        Ok(Json(
+            Self::wallet_view(
+                &state,
+                &Owner::Account(&account.0),
+                u64::from(limit.0.unwrap_or(50)),
+                before.0,
+            )
+            .await?,
+        ))
+    }
+
+    /// Grant credits to an account
+    ///
+    /// Adds credits to the account's balance, which all its keys share. Retrying with the same
+    /// `Idempotency-Key` grants once.
+    #[oai(
+        path = "/accounts/:account/credits/grant",
+        method = "post",
+        operation_id = "grant_account_credits",
+        tag = "AdminTags::Credits"
+    )]
+    async fn account_grant(
+        &self,
+        state: Data<&Arc<AppState>>,
+        _auth: AdminAuth,
+        account: Path<String>,
+        #[oai(
+            name = "Idempotency-Key",
+            validator(min_length = 1, max_length = 255, pattern = r"^[A-Za-z0-9._:\-]+$")
+        )]
+        idempotency_key: Header<Option<String>>,
+        body: Json<GrantRequest>,
+        req: &poem::Request,
+    ) -> Result<Json<AdminWallet>, ApiError> {
+        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
+        Ok(Json(
+            Self::movement(
+                &state,
+                &Owner::Account(&account.0),
+                LedgerKind::Grant,
+                body.0.amount,
+                body.0.note.map(Text::into_string),
+                idempotency_key.0,
+            )
+            .await?,
+        ))
+    }
+
+    /// Adjust an account's credits
+    ///
+    /// Adds or (negative amount) removes credits; the balance never drops below what is held.
+    #[oai(
+        path = "/accounts/:account/credits/adjust",
+        method = "post",
+        operation_id = "adjust_account_credits",
+        tag = "AdminTags::Credits"
+    )]
+    async fn account_adjust(
+        &self,
+        state: Data<&Arc<AppState>>,
+        _auth: AdminAuth,
+        account: Path<String>,
+        #[oai(
+            name = "Idempotency-Key",
+            validator(min_length = 1, max_length = 255, pattern = r"^[A-Za-z0-9._:\-]+$")
+        )]
+        idempotency_key: Header<Option<String>>,
+        body: Json<AdjustRequest>,
+        req: &poem::Request,
+    ) -> Result<Json<AdminWallet>, ApiError> {
+        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
+        if body.0.amount == 0 {
+            return Err(ApiError::validation("amount", "must not be 0"));
+        }
+        Ok(Json(
+            Self::movement(
+                &state,
+                &Owner::Account(&account.0),
+                LedgerKind::Adjust,
+                body.0.amount,
+                body.0.note.map(Text::into_string),
+                idempotency_key.0,
+            )
+            .await?,
+        ))
+    }
+
+    /// Get an account's usage
+    ///
+    /// Calls and credits charged per UTC day across the account's keys, with a per-key
+    /// breakdown, `from` to `to` inclusive (default: the last 30 days). `from` must not be after
+    /// `to`, and the period spans at most 366 days (422 otherwise).
+    #[oai(
+        path = "/accounts/:account/usage",
+        method = "get",
+        operation_id = "get_account_usage",
+        tag = "AdminTags::Keys"
+    )]
+    async fn account_usage(
+        &self,
+        state: Data<&Arc<AppState>>,
+        _auth: AdminAuth,
+        account: Path<String>,
+        /// First day (UTC).
+        #[oai(validator(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"))]
+        from: Query<Option<String>>,
+        /// Last day (UTC), inclusive.
+        #[oai(validator(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"))]
+        to: Query<Option<String>>,
+    ) -> Result<Json<Usage>, ApiError> {
+        let (id, _) = Self::account(&state, &Owner::Account(&account.0)).await?;
+        Ok(Json(
+            usage::report(
+                &state.db,
+                id,
                 state.clock.now().date_naive(),
                 from.0.as_deref(),
                 to.0.as_deref(),
@@ -333,28 +563,27 @@ impl AdminApi {
                 .settings
                 .keys
                 .values()
-                .map(|k| KeyInfo {
-                    name: k.name.clone(),
-                    key_sha256_prefix: k.key_sha256[..12].to_string(),
-                    disabled: k.disabled,
-                    cost_per_video: k.limits.cost_per_video,
-                    rate_limit_per_min: k.limits.rate_limit_per_min,
-                    read_rate_limit_per_min: k.limits.read_rate_limit_per_min,
-                    max_batch_items: k.limits.max_batch_items,
-                    max_prompt_chars: k.limits.max_prompt_chars,
-                    ip_allowlist: k
-                        .limits
-                        .ip_allowlist
-                        .iter()
-                        .map(|n| n.to_string())
-                        .collect(),
-                    scopes: k.scopes.iter().map(|s| s.as_str().to_string()).collect(),
-                    webhook_url: k.webhook_url.clone(),
-                    webhook_secret_set: k.webhook_secret.is_some(),
-                    webhook_events: k.webhook_events.clone(),
-                    previous_key_expires_at: k.previous_key.as_ref().map(|p| p.expires_at),
-                    low_credit_threshold: k.low_credit_threshold,
-                    max_running_items: k.max_running_items,
+                .map(|k| {
+                    let a = &k.account;
+                    KeyInfo {
+                        name: k.name.clone(),
+                        account: a.name.clone(),
+                        key_sha256_prefix: k.key_sha256[..12].to_string(),
+                        disabled: k.disabled,
+                        cost_per_video: a.limits.cost_per_video,
+                        rate_limit_per_min: k.create_limit(),
+                        read_rate_limit_per_min: k.read_limit(),
+                        max_batch_items: a.limits.max_batch_items,
+                        max_prompt_chars: a.limits.max_prompt_chars,
+                        ip_allowlist: k.ip_allowlist.iter().map(|n| n.to_string()).collect(),
+                        scopes: k.scopes.iter().map(|s| s.as_str().to_string()).collect(),
+                        webhook_url: a.webhook_url.clone(),
+                        webhook_secret_set: a.webhook_secret.is_some(),
+                        webhook_events: a.webhook_events.clone(),
+                        previous_key_expires_at: k.previous_key.as_ref().map(|p| p.expires_at),
+                        low_credit_threshold: a.low_credit_threshold,
+                        max_running_items: a.max_running_items,
+                    }
                 })
                 .collect(),
         ))
@@ -398,15 +627,18 @@ impl AdminApi {
         auth: AdminAuth,
         /// Only deliveries in this status.
         status: Query<Option<DeliveryStatus>>,
-        /// Only deliveries of this key (name).
+        /// Only deliveries of this key's account (key name).
         key: Query<Option<String>>,
+        /// Only deliveries of this account (name).
+        account: Query<Option<String>>,
         /// At most this many, 1–500 (default 100).
         #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<Vec<WebhookDeliveryView>>, ApiError> {
-        let key_id = match &key.0 {
-            Some(name) => Some(Self::key_id(&state, name).await?),
-            None => None,
+        let key_id = match (&key.0, &account.0) {
+            (Some(name), _) => Some(Self::account(&state, &Owner::Key(name)).await?.0.0),
+            (None, Some(name)) => Some(Self::account(&state, &Owner::Account(name)).await?.0.0),
+            (None, None) => None,
         };
         let rows = crate::service::webhooks::list(
             &state.db,
@@ -455,9 +687,14 @@ fn delivery_view(
         id: d.id,
         webhook_id: crate::service::webhooks::webhook_id(d.id),
         key: runtime
-            .by_id
+            .accounts
             .get(&d.api_key_id)
-            .map(|k| k.policy.name.clone()),
+            .filter(|a| a.policy.implicit)
+            .map(|a| a.policy.name.clone()),
+        account: runtime
+            .accounts
+            .get(&d.api_key_id)
+            .map(|a| a.policy.name.clone()),
         batch_id: d.batch_id,
         event_type: d.event_type,
         target_url: d.target_url,

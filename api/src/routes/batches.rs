@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::auth::{Caller, CustomerKey};
 use crate::call::AuditTemplate;
-use crate::domain::ids::{BatchId, KeyId};
+use crate::domain::ids::{AccountId, BatchId};
 use crate::error::ApiError;
 use crate::schemas::batches::{
     Batch, BatchCreated, BatchList, BatchStatusFilter, CreateBatchRequest, ItemPage, ItemStatus,
@@ -106,7 +106,7 @@ async fn export(
     export: Export,
 ) -> Result<ExportBody, ApiError> {
     crate::call::note_batch(req, batch_id);
-    batches::check_owner(&state.db, KeyId(key_id), BatchId(batch_id)).await?;
+    batches::check_owner(&state.db, AccountId(key_id), BatchId(batch_id)).await?;
     let body = Binary(Body::from_bytes_stream(batches::export_stream(
         state.db.clone(),
         batch_id,
@@ -119,8 +119,6 @@ async fn export(
     })
 }
 
-/// What a call that creates a batch writes into its audit row, from the template the audit
-/// layer left on the request.
 /// What a create needs to count and audit itself: the audit layer's usage-row template, the
 /// key's secret version and the caller's quota.
 fn audit_info(state: &AppState, req: &Request, caller: &Caller) -> AuditInfo {
@@ -130,6 +128,8 @@ fn audit_info(state: &AppState, req: &Request, caller: &Caller) -> AuditInfo {
         .cloned()
         .unwrap_or_else(|| AuditTemplate(Default::default(), std::time::Instant::now()));
     template.0.key_version = Some(caller.key_version);
+    template.0.api_key_id = Some(caller.key.id);
+    template.0.account_id = Some(caller.key.account.0);
     AuditInfo {
         row: template.0,
         started: template.1,
@@ -215,7 +215,7 @@ impl CustomerApi {
     ) -> Result<Read<Batch>, ApiError> {
         crate::call::note_batch(req, batch_id.0);
         Ok(Read::Ok(Json(
-            batches::get(&state.db, KeyId(auth.0.key.id), BatchId(batch_id.0)).await?,
+            batches::get(&state.db, auth.0.key.account, BatchId(batch_id.0)).await?,
         )))
     }
 
@@ -250,7 +250,7 @@ impl CustomerApi {
         crate::call::note_batch(req, batch_id.0);
         let (data, next_cursor) = batches::items_page(
             &state.db,
-            KeyId(auth.0.key.id),
+            auth.0.key.account,
             BatchId(batch_id.0),
             status.0,
             u64::from(limit.0.unwrap_or(100)),
@@ -286,7 +286,7 @@ impl CustomerApi {
         batch_id: Path<Uuid>,
     ) -> Result<Results, ApiError> {
         Ok(Results::Ok(
-            export(&state, req, auth.0.key.id, batch_id.0, Export::Results).await?,
+            export(&state, req, auth.0.key.account.0, batch_id.0, Export::Results).await?,
         ))
     }
 
@@ -313,7 +313,7 @@ impl CustomerApi {
         batch_id: Path<Uuid>,
     ) -> Result<Errors, ApiError> {
         Ok(Errors::Ok(
-            export(&state, req, auth.0.key.id, batch_id.0, Export::Errors).await?,
+            export(&state, req, auth.0.key.account.0, batch_id.0, Export::Errors).await?,
         ))
     }
 
@@ -400,7 +400,7 @@ impl CustomerApi {
     ) -> Result<Read<BatchList>, ApiError> {
         let (data, next_cursor) = batches::list(
             &state.db,
-            KeyId(auth.0.key.id),
+            auth.0.key.account,
             status.0.map(Into::into),
             u64::from(limit.0.unwrap_or(20)),
             cursor.0.as_deref(),
@@ -439,7 +439,7 @@ impl CustomerApi {
                 &state.db,
                 &state.writes,
                 caller.runtime,
-                KeyId(caller.key.id),
+                caller.key.account,
                 BatchId(batch_id.0),
             )
             .await?;
@@ -468,10 +468,10 @@ impl CustomerApi {
         #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
         limit: Query<Option<u32>>,
     ) -> Result<Read<Credits>, ApiError> {
-        let key_id = auth.0.key.id;
+        let key_id = auth.0.key.account.0;
         let limit = u64::from(limit.0.unwrap_or(50));
         Ok(Read::Ok(Json(
-            credits::view(&state.db, KeyId(key_id), limit, None).await?,
+            credits::view(&state.db, AccountId(key_id), limit, None).await?,
         )))
     }
 
@@ -502,7 +502,7 @@ impl CustomerApi {
         Ok(Read::Ok(Json(
             crate::service::usage::report(
                 &state.db,
-                KeyId(auth.0.key.id),
+                auth.0.key.account,
                 state.clock.now().date_naive(),
                 from.0.as_deref(),
                 to.0.as_deref(),

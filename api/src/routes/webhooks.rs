@@ -9,7 +9,6 @@ use poem_openapi::payload::Json;
 use uuid::Uuid;
 
 use crate::auth::CustomerKey;
-use crate::domain::ids::KeyId;
 use crate::error::ApiError;
 use crate::routes::batches::{CustomerTags, Read};
 use crate::schemas::webhooks::{
@@ -70,7 +69,7 @@ impl CustomerWebhooksApi {
     ) -> Result<Read<DeliveryList>, ApiError> {
         let (data, next_cursor) = customer::list(
             &state.db,
-            KeyId(auth.0.key.id),
+            auth.0.key.account,
             &ListQuery {
                 status: status.0,
                 event_type: event_type.0,
@@ -107,7 +106,7 @@ impl CustomerWebhooksApi {
         delivery_id: Path<Uuid>,
     ) -> Result<Read<DeliveryDetail>, ApiError> {
         Ok(Read::Ok(Json(
-            customer::detail(&state.db, KeyId(auth.0.key.id), delivery_id.0).await?,
+            customer::detail(&state.db, auth.0.key.account, delivery_id.0).await?,
         )))
     }
 
@@ -142,7 +141,7 @@ impl CustomerWebhooksApi {
         let d = customer::resend(
             &state.db,
             &state.writes,
-            KeyId(auth.0.key.id),
+            auth.0.key.account,
             delivery_id.0,
             idempotency_key.0,
         )
@@ -170,7 +169,7 @@ impl CustomerWebhooksApi {
         auth: CustomerKey,
         body: Json<RecoverRequest>,
     ) -> Result<Read<Recovered>, ApiError> {
-        let queued = customer::recover(&state.writes, KeyId(auth.0.key.id), body.0.since).await?;
+        let queued = customer::recover(&state.writes, auth.0.key.account, body.0.since).await?;
         let urls = customer::endpoints(&state.db, &auth.0.key).await?;
         endpoints_back(&state, urls.into_iter().map(|e| e.url));
         Ok(Read::Ok(Json(Recovered { queued })))
@@ -220,7 +219,7 @@ impl CustomerWebhooksApi {
         let out = customer::enable(
             &state.db,
             &state.writes,
-            KeyId(auth.0.key.id),
+            auth.0.key.account,
             body.0.url.into_string(),
         )
         .await?;

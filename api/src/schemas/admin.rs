@@ -27,11 +27,14 @@ pub struct AdjustRequest {
     pub note: Option<Text>,
 }
 
-/// A key's wallet.
+/// An account's wallet.
 #[derive(Object, Clone, Debug)]
 pub struct AdminWallet {
-    /// Key name.
-    pub key: String,
+    /// Account name (a key without `account` is its own account, named after it).
+    pub account: String,
+    /// The key named in the path, for `/keys/{key}/...` (its account's wallet).
+    #[oai(skip_serializing_if_is_none)]
+    pub key: Option<String>,
     /// Credits owned.
     pub balance: i64,
     /// Credits reserved.
@@ -47,15 +50,19 @@ pub struct AdminWallet {
 pub struct KeyInfo {
     /// Name.
     pub name: String,
+    /// The key's account (its own name when it names none).
+    pub account: String,
     /// First 12 hex characters of the key's SHA-256.
     pub key_sha256_prefix: String,
     /// Refused when true.
     pub disabled: bool,
-    /// Credits per item.
+    /// Credits per item (the account's).
     pub cost_per_video: i64,
-    /// Batch creations per minute.
+    /// Batch creations per minute through this key: the account's limit, or the key's own
+    /// when tighter.
     pub rate_limit_per_min: u32,
-    /// Other calls per minute.
+    /// Other calls per minute through this key: the account's limit, or the key's own when
+    /// tighter.
     pub read_rate_limit_per_min: u32,
     /// Items per batch.
     pub max_batch_items: u32,
@@ -79,9 +86,54 @@ pub struct KeyInfo {
     /// `credits.low` is sent when available credits cross below this.
     #[oai(nullable)]
     pub low_credit_threshold: Option<i64>,
-    /// At most this many of the key's items run at once (null: unlimited).
+    /// At most this many of the account's items run at once (null: unlimited).
     #[oai(nullable)]
     pub max_running_items: Option<u32>,
+}
+
+/// A configured account: its keys, effective policy (secrets redacted) and wallet.
+#[derive(Object, Clone, Debug)]
+pub struct AccountInfo {
+    /// Name.
+    pub name: String,
+    /// True for a key's own account (the key names no `account`; same name as the key).
+    pub own_account_of_key: bool,
+    /// Every key of it is refused when true.
+    pub disabled: bool,
+    /// Its keys' names.
+    pub keys: Vec<String>,
+    /// Credits per item.
+    pub cost_per_video: i64,
+    /// Batch creations per minute, across all its keys.
+    pub rate_limit_per_min: u32,
+    /// Other calls per minute, across all its keys.
+    pub read_rate_limit_per_min: u32,
+    /// Items per batch.
+    pub max_batch_items: u32,
+    /// Characters per prompt.
+    pub max_prompt_chars: u32,
+    /// Default completion window, e.g. `24h` (null: none).
+    #[oai(nullable)]
+    pub completion_window: Option<String>,
+    /// Webhook target.
+    #[oai(nullable)]
+    pub webhook_url: Option<String>,
+    /// A signing secret is configured.
+    pub webhook_secret_set: bool,
+    /// Subscribed events.
+    pub webhook_events: Vec<String>,
+    /// `credits.low` is sent when available credits cross below this.
+    #[oai(nullable)]
+    pub low_credit_threshold: Option<i64>,
+    /// At most this many of its items run at once (null: unlimited).
+    #[oai(nullable)]
+    pub max_running_items: Option<u32>,
+    /// Credits owned.
+    pub balance: i64,
+    /// Credits reserved by unfinished batches.
+    pub held: i64,
+    /// `balance - held`.
+    pub available: i64,
 }
 
 /// Outcome of a reload.
@@ -89,6 +141,8 @@ pub struct KeyInfo {
 pub struct ReloadResult {
     /// Always true (a failed reload is an error response).
     pub ok: bool,
+    /// Accounts now configured (each key without `account` is one).
+    pub accounts: u32,
     /// Keys now configured.
     pub keys: u32,
     /// Enabled keys.
@@ -102,9 +156,13 @@ pub struct WebhookDeliveryView {
     pub id: uuid::Uuid,
     /// The `webhook-id` header, stable across attempts.
     pub webhook_id: String,
-    /// Key name.
+    /// Key name, for a key that is its own account (null for an `[accounts]` account, whose
+    /// keys share its deliveries).
     #[oai(nullable)]
     pub key: Option<String>,
+    /// Account name.
+    #[oai(nullable)]
+    pub account: Option<String>,
     /// Batch concerned.
     #[oai(nullable)]
     pub batch_id: Option<uuid::Uuid>,

@@ -98,6 +98,29 @@ pub struct Usage {
     pub from: DateTime<Utc>,
     /// End (exclusive).
     pub to: DateTime<Utc>,
-    /// Days with activity, oldest first.
+    /// Days with activity, oldest first: the account's calls through all its keys.
     pub days: Vec<UsageDay>,
+    /// The period's calls per key of the account (keys with calls in it), by key name.
+    pub keys: Vec<KeyUsage>,
+}
+
+/// One key's calls over a usage report's period.
+#[derive(Object, Clone, Debug)]
+pub struct KeyUsage {
+    /// Key name.
+    pub key: String,
+    /// All calls.
+    pub calls: i64,
+    /// Calls answered 2xx.
+    pub calls_2xx: i64,
+    /// Calls answered 4xx.
+    pub calls_4xx: i64,
+    /// Calls answered 5xx.
+    pub calls_5xx: i64,
+    /// Calls refused by a rate limit.
+    pub rate_limited: i64,
+    /// Batches created.
+    pub batches: i64,
+    /// Items in created batches.
+    pub items: i64,
 }

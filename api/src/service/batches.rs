@@ -10,7 +10,7 @@ use uuid::Uuid;
 use std::sync::Arc;
 
 use crate::domain::failure::FailureCode;
-use crate::domain::ids::{BatchId, KeyId};
+use crate::domain::ids::{AccountId, BatchId};
 use crate::domain::{NewBatch, RequestId};
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::batches::{
@@ -125,13 +125,13 @@ pub(crate) async fn create_batch(
     // A repeat of a committed request is answered before anything else. An id the server just
     // made up cannot have been used; a repeat still in flight is caught by the batch insert.
     if chosen_by_client
-        && let Some(existing) = jobs::by_request_id(db, KeyId(key.id), rid.as_str()).await?
+        && let Some(existing) = jobs::by_request_id(db, key.account, rid.as_str()).await?
     {
         crate::call::note(record, |s| s.batch_id = Some(existing.id));
-        return replay(db, KeyId(key.id), existing, &fingerprint).await;
+        return replay(db, key.account, existing, &fingerprint).await;
     }
 
-    let limits = &key.policy.limits;
+    let limits = &key.policy.account.limits;
     let mut batch = crate::service::validate::new_batch(
         req,
         limits,
@@ -142,10 +142,11 @@ pub(crate) async fn create_batch(
             item.source_idx = Some(*idx);
         }
     }
-    if batch.webhook_url.is_some() && key.policy.webhook_secret.is_none() {
+    if batch.webhook_url.is_some() && key.policy.account.webhook_secret.is_none() {
         return Err(ApiError::validation(
             "webhook_url",
-            "this key has no webhook signing secret configured; ask your administrator to set one",
+            "this account has no webhook signing secret configured; ask your administrator to set \
+             one",
         ));
     }
     let n = batch.items.len() as i64;
@@ -168,7 +169,7 @@ pub(crate) async fn create_batch(
     let mut audit = audit;
     let quota = audit.quota.take();
     let unit = Arc::new(NewBatchUnit {
-        key_id: key.id,
+        key_id: key.account.0,
         rid: rid.as_str().to_string(),
         fingerprint: fingerprint.clone(),
         batch,
@@ -191,7 +192,7 @@ pub(crate) async fn create_batch(
                 crate::service::webhooks::outbox::enqueue_low_credits(
                     txn,
                     &runtime,
-                    KeyId(unit.key_id),
+                    AccountId(unit.key_id),
                     c.available_credits,
                     c.remaining_credits,
                     unit.now,
@@ -207,19 +208,19 @@ pub(crate) async fn create_batch(
     let written = match quota {
         Some(q) => {
             crate::call::note(record, |s| s.quota_consulted = true);
-            let (info, written) =
-                rate_limit::admit_and_run(writes, KeyId(key.id), &q, work).await?;
+            let (info, written) = rate_limit::admit_and_run(writes, key.account, &q, work).await?;
+            let info = rate_limit::tighter(info, q.own.clone());
             crate::call::note(record, |s| s.rate = Some(info.clone()));
-            written.ok_or_else(|| rate_limit::refusal(&q.key_name, &info))?
+            written.ok_or_else(|| rate_limit::refusal(&q.key_name, &info, "account"))?
         }
-        None => writes.run(Some(key.id), work).await?,
+        None => writes.run(Some(key.account.0), work).await?,
     };
     let Some(response) = written else {
-        let existing = jobs::by_request_id(db, KeyId(key.id), rid.as_str())
+        let existing = jobs::by_request_id(db, key.account, rid.as_str())
             .await?
             .ok_or_else(|| ApiError::internal("idempotency conflict row vanished"))?;
         crate::call::note(record, |s| s.batch_id = Some(existing.id));
-        return replay(db, KeyId(key.id), existing, &fingerprint).await;
+        return replay(db, key.account, existing, &fingerprint).await;
     };
 
     crate::call::note(record, |s| {
@@ -298,7 +299,7 @@ pub async fn write_new_batch(
     };
     let response_json = serde_json::to_string(&response).map_err(ApiError::internal)?;
     let start_pos = txn
-        .fair_start(key_id, n, || items::fair_start(txn, KeyId(key_id)))
+        .fair_start(key_id, n, || items::fair_start(txn, AccountId(key_id)))
         .await?;
     let job = jobs::NewJob {
         id: batch_id,
@@ -323,7 +324,7 @@ pub async fn write_new_batch(
             // An earlier request with the same id won (in this group or committed): the hold
             // is given back, so the wallet is as it was; the caller answers as a repeat once
             // that request is committed.
-            if !wallets::apply(txn, KeyId(key_id), LedgerKind::Release, need, now).await? {
+            if !wallets::apply(txn, AccountId(key_id), LedgerKind::Release, need, now).await? {
                 return Err(ApiError::internal("undoing a hold failed: held too small"));
             }
             return Ok(None);
@@ -331,13 +332,13 @@ pub async fn write_new_batch(
         jobs::Held::Refused => {
             // Nothing is written. A repeat of a request committed since the caller looked is
             // answered as one, not refused.
-            if jobs::by_request_id(txn, KeyId(key_id), rid)
+            if jobs::by_request_id(txn, AccountId(key_id), rid)
                 .await?
                 .is_some()
             {
                 return Ok(None);
             }
-            let w = wallets::read(txn, KeyId(key_id)).await?;
+            let w = wallets::read(txn, AccountId(key_id)).await?;
             return Err(ApiError::new(
                 ErrorCode::InsufficientCredits,
                 format!("batch needs {need} credits, {} available", w.available()),
@@ -358,7 +359,6 @@ pub async fn write_new_batch(
 
     let mut row = audit.row.clone();
     row.status = 201;
-    row.api_key_id = Some(key_id);
     row.request_id = Some(rid.as_str().to_string());
     row.batch_id = Some(batch_id);
     row.items = n as i32;
@@ -372,7 +372,7 @@ pub async fn write_new_batch(
 
 async fn replay(
     db: &DatabaseConnection,
-    key_id: KeyId,
+    key_id: AccountId,
     existing: batch_job::Model,
     fingerprint: &str,
 ) -> Result<CreateOutcome, ApiError> {
@@ -398,13 +398,14 @@ async fn replay(
 /// One batch of a key, with its first page of items; another key's batch is not found.
 pub async fn get<C: ConnectionTrait>(
     db: &C,
-    key: KeyId,
+    key: AccountId,
     batch: BatchId,
 ) -> Result<Batch, ApiError> {
     let (key_id, batch_id) = (key.0, batch.0);
-    let (job, open, mut rows) = jobs::owned_with_items(db, KeyId(key_id), batch_id, ITEMS_PAGE + 1)
-        .await?
-        .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
+    let (job, open, mut rows) =
+        jobs::owned_with_items(db, AccountId(key_id), batch_id, ITEMS_PAGE + 1)
+            .await?
+            .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
     let next = page_cursor(&mut rows, ITEMS_PAGE, |r| r.idx);
     let mut batch = view(&job, open, Some(rows.iter().map(item_view).collect()));
     batch.items_next_cursor = next;
@@ -428,7 +429,7 @@ pub const ITEMS_PAGE: u64 = 100;
 /// The batch, if it belongs to the key (another key's batch is "not found").
 async fn owned_batch<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     batch_id: Uuid,
 ) -> Result<batch_job::Model, ApiError> {
     jobs::owned(db, key_id, batch_id)
@@ -460,14 +461,14 @@ async fn items_after<C: ConnectionTrait>(
 /// A page of a batch's items in request order, optionally of one status.
 pub async fn items_page<C: ConnectionTrait>(
     db: &C,
-    key: KeyId,
+    key: AccountId,
     batch: BatchId,
     status: Option<ItemStatus>,
     limit: u64,
     cursor: Option<&str>,
 ) -> Result<(Vec<BatchItemView>, Option<String>), ApiError> {
     let (key_id, batch_id) = (key.0, batch.0);
-    owned_batch(db, KeyId(key_id), batch_id).await?;
+    owned_batch(db, AccountId(key_id), batch_id).await?;
     let after = cursor.map(decode_item_cursor).transpose()?;
     items_after(db, batch_id, status, after, limit).await
 }
@@ -549,17 +550,19 @@ pub fn export_stream(
 /// 404 unless the batch belongs to the key.
 pub async fn check_owner<C: ConnectionTrait>(
     db: &C,
-    key: KeyId,
+    key: AccountId,
     batch: BatchId,
 ) -> Result<(), ApiError> {
     let (key_id, batch_id) = (key.0, batch.0);
-    owned_batch(db, KeyId(key_id), batch_id).await.map(|_| ())
+    owned_batch(db, AccountId(key_id), batch_id)
+        .await
+        .map(|_| ())
 }
 
-/// A page of a key's batches, newest first. The cursor is opaque to clients.
+/// A page of an account's batches, newest first. The cursor is opaque to clients.
 pub async fn list<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     status: Option<BatchStatus>,
     limit: u64,
     cursor: Option<&str>,
@@ -647,14 +650,14 @@ pub async fn cancel(
     db: &DatabaseConnection,
     writes: &Writes,
     runtime: Arc<Runtime>,
-    key: KeyId,
+    key: AccountId,
     batch: BatchId,
 ) -> Result<Batch, ApiError> {
     let (key_id, batch_id) = (key.0, batch.0);
     writes
         .run(Some(key_id), move |txn| {
             let runtime = Arc::clone(&runtime);
-            Box::pin(async move { cancel_in(txn, &runtime, KeyId(key_id), batch_id).await })
+            Box::pin(async move { cancel_in(txn, &runtime, AccountId(key_id), batch_id).await })
         })
         .await?;
     get(db, key, batch).await
@@ -663,7 +666,7 @@ pub async fn cancel(
 async fn cancel_in(
     txn: &Txn<'_>,
     runtime: &Runtime,
-    key_id: KeyId,
+    key_id: AccountId,
     batch_id: Uuid,
 ) -> Result<(), ApiError> {
     let now = Utc::now();
@@ -759,8 +762,10 @@ mod tests {
         let db = crate::db::connect_url(&url, 1, None).await.unwrap();
         crate::db::migrate(&db).await.unwrap();
         db.execute_unprepared(&format!(
-            "INSERT INTO api_key (id, name, key_sha256, created_at, updated_at) \
-             VALUES (1, 'k', 'h', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z'); \
+            "INSERT INTO account (id, name, disabled, created_at, updated_at) \
+             VALUES (1, 'k', FALSE, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z'); \
+             INSERT INTO api_key (id, name, key_sha256, account_id, created_at, updated_at) \
+             VALUES (1, 'k', 'h', 1, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z'); \
              INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) \
              VALUES (1, {balance}, 0, '2026-01-01T00:00:00Z')"
         ))
@@ -823,7 +828,7 @@ mod tests {
     }
 
     async fn held(db: &DatabaseConnection) -> (i64, i64) {
-        let w = wallets::read(db, KeyId(1)).await.unwrap();
+        let w = wallets::read(db, AccountId(1)).await.unwrap();
         (w.balance, w.held)
     }
 

@@ -2,7 +2,7 @@
 //! append-only ledger row, inside the caller's transaction.
 use sea_orm::{ConnectionTrait, DbErr};
 
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 pub use crate::domain::money::{LedgerKind, MAX_BALANCE, Wallet};
 pub use crate::store::ledger::{NewEntry, apply, apply_in};
 use crate::store::{ledger, wallets};
@@ -10,21 +10,21 @@ use crate::store::{ledger, wallets};
 /// The ledger row an admin movement with this Idempotency-Key wrote, if any.
 pub async fn by_idempotency_key<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     idempotency_key: &str,
 ) -> Result<Option<entity::credit_ledger::Model>, DbErr> {
     ledger::by_idempotency_key(db, key_id, idempotency_key).await
 }
 
 /// Reads a wallet.
-pub async fn wallet<C: ConnectionTrait>(db: &C, key_id: KeyId) -> Result<Wallet, DbErr> {
+pub async fn wallet<C: ConnectionTrait>(db: &C, key_id: AccountId) -> Result<Wallet, DbErr> {
     wallets::read(db, key_id).await
 }
 
 /// The newest ledger rows of a key, newest first; `before` pages by id.
 pub async fn ledger<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     limit: u64,
     before: Option<i64>,
 ) -> Result<Vec<entity::credit_ledger::Model>, DbErr> {
@@ -35,7 +35,7 @@ pub async fn ledger<C: ConnectionTrait>(
 /// ledger rows (newest first; `before` pages by id). The one place the view is built.
 pub async fn view<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     limit: u64,
     before: Option<i64>,
 ) -> Result<crate::schemas::credits::Credits, DbErr> {

@@ -2,7 +2,7 @@
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-pub use crate::store::keys::{disabled_ids, id_by_name, sync};
+pub use crate::store::keys::{account_id_by_name, account_of_key, disabled_ids, id_by_name, sync};
 
 /// A new random key: `vb_` + 43 base64url characters (256 bits), and its SHA-256.
 pub fn generate() -> (String, String) {

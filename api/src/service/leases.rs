@@ -8,7 +8,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection};
 use uuid::Uuid;
 
 use crate::domain::failure::FailureCode;
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::domain::ids::{ItemId, LeaseToken};
 use crate::error::ApiError;
 use crate::schemas::batches::{BatchStatus, ItemStatus};
@@ -192,7 +192,7 @@ pub async fn reap_expired(
 /// order as cancel, so the two never deadlock).
 struct LockedBatch {
     id: Uuid,
-    key_id: KeyId,
+    key_id: AccountId,
     cost: i64,
     cancel_requested: bool,
     status: BatchStatus,
@@ -215,7 +215,7 @@ impl From<jobs::LockedJob> for LockedBatch {
     fn from(b: jobs::LockedJob) -> Self {
         LockedBatch {
             id: b.id,
-            key_id: KeyId(b.key_id),
+            key_id: AccountId(b.key_id),
             cost: b.cost_per_video,
             cancel_requested: b.cancel_requested,
             status: BatchStatus::from(b.status),

@@ -1,11 +1,12 @@
-//! Hard per-key rate limits: fixed UTC minute windows counted by an atomic upsert.
+//! Hard rate limits per account (across all its keys), and per key where a key has its own
+//! tighter limit: fixed UTC minute windows counted by an atomic upsert.
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr};
 use serde_json::json;
 
 use crate::call::PendingQuota;
 use crate::domain::error_code::ErrorCode;
-use crate::domain::ids::KeyId;
+use crate::domain::ids::{AccountId, KeyId};
 use crate::domain::usage::UsageRow;
 use crate::error::ApiError;
 use crate::store::commit::{UnitFuture, Writes};
@@ -41,13 +42,47 @@ fn window_start(now: DateTime<Utc>) -> i64 {
 /// any concurrency and on any number of nodes exactly `limit` calls are admitted.
 pub async fn admit(
     writes: &Writes,
-    key_id: KeyId,
+    key_id: AccountId,
     scope: &'static str,
     limit: u32,
     now: DateTime<Utc>,
 ) -> Result<RateInfo, ApiError> {
     let count = writes.hit(key_id.0, scope, window_start(now)).await?;
     Ok(RateInfo::after(scope, limit, count, now))
+}
+
+/// The window scope of a key's own limit for a call of `scope` (apart from its account's
+/// windows, which count the same scope names under the account's id).
+fn key_scope(scope: &'static str) -> &'static str {
+    if scope == SCOPE_BATCH {
+        "key_batch"
+    } else {
+        "key_read"
+    }
+}
+
+/// Counts one call against its key's own limit (a key tighter than its account), like
+/// [`admit`].
+pub async fn admit_key(
+    writes: &Writes,
+    key_id: KeyId,
+    scope: &'static str,
+    limit: u32,
+    now: DateTime<Utc>,
+) -> Result<RateInfo, ApiError> {
+    let count = writes
+        .hit(key_id.0, key_scope(scope), window_start(now))
+        .await?;
+    Ok(RateInfo::after(scope, limit, count, now))
+}
+
+/// What the quota headers report for a call counted against its account and its key's own
+/// limit: the quota with fewer calls left (the account's when it was exceeded).
+pub fn tighter(account: RateInfo, own: Option<RateInfo>) -> RateInfo {
+    match own {
+        Some(own) if !account.exceeded && own.remaining < account.remaining => own,
+        _ => account,
+    }
 }
 
 /// Counts a call that changed nothing (a read, or a create refused before writing) and writes
@@ -58,7 +93,7 @@ pub async fn admit(
 /// after the call and, apart, whether the row was written.
 pub async fn admit_and_audit(
     writes: &Writes,
-    key_id: KeyId,
+    key_id: AccountId,
     quota: &PendingQuota,
     admitted: UsageRow,
     refused_request_id: String,
@@ -92,7 +127,7 @@ pub async fn admit_and_audit(
 /// and the work's output (`None`: refused).
 pub async fn admit_and_run<T, F>(
     writes: &Writes,
-    key_id: KeyId,
+    key_id: AccountId,
     quota: &PendingQuota,
     work: F,
 ) -> Result<(RateInfo, Option<T>), ApiError>
@@ -109,22 +144,33 @@ where
     Ok((RateInfo::after(scope, limit, count, at), out))
 }
 
-/// The 429 of a call over its key's quota (counted in the rejection metric). It carries the
-/// call's `x-request-id`, never a request id read from its body: the quota comes first.
-pub fn refusal(key: &str, info: &RateInfo) -> ApiError {
+/// The 429 of a call over its account's quota or its key's own (`per`: `account` or `key`;
+/// counted in the rejection metric). It carries the call's `x-request-id`, never a request id
+/// read from its body: the quota comes first.
+pub fn refusal(key: &str, info: &RateInfo, per: &'static str) -> ApiError {
     crate::context::set_call_request_id(None);
     metrics::counter!("rate_limit_rejections_total", "key" => key.to_string(), "scope" => info.scope)
         .increment(1);
     tracing::info!(key, scope = info.scope, "rate limit exceeded");
     let (limit, scope) = (info.limit, info.scope);
+    let whose = if per == "key" {
+        "this key's own"
+    } else {
+        "the account's"
+    };
     ApiError::new(
         ErrorCode::RateLimitExceeded,
         format!(
-            "rate limit of {limit} {scope} calls per minute exceeded; retry in {}s",
+            "{whose} rate limit of {limit} {scope} calls per minute exceeded; retry in {}s",
             info.reset_secs
         ),
     )
-    .with_details(json!({ "limit": limit, "scope": scope, "reset_seconds": info.reset_secs }))
+    .with_details(json!({
+        "limit": limit,
+        "scope": scope,
+        "reset_seconds": info.reset_secs,
+        "applies_to": per,
+    }))
     .with_header("Retry-After", info.reset_secs.to_string())
 }
 
@@ -133,7 +179,7 @@ pub fn refusal(key: &str, info: &RateInfo) -> ApiError {
 /// concurrency and on any number of nodes exactly `limit` calls are admitted.
 pub async fn hit<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     scope: &'static str,
     limit: u32,
     now: DateTime<Utc>,

@@ -11,7 +11,6 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::domain::RequestId;
-use crate::domain::ids::KeyId;
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::batches::{BatchItemInput, BatchStatus, CreateBatchRequest};
 use crate::service::batches::{AuditInfo, CreateOutcome, RetryOf, create_batch};
@@ -63,7 +62,7 @@ pub async fn retry_failed(
     header_request_id: Option<&str>,
     audit: AuditInfo,
 ) -> Result<CreateOutcome, ApiError> {
-    let original = jobs::owned(db, KeyId(key.id), batch_id)
+    let original = jobs::owned(db, key.account, batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
     let rid = match (&req.request_id, header_request_id) {
@@ -97,7 +96,7 @@ pub async fn retry_failed(
         completion_window: None,
     };
     // A repeat is answered as a create's repeat is, whatever the batches look like now.
-    if jobs::by_request_id(db, KeyId(key.id), rid.as_str())
+    if jobs::by_request_id(db, key.account, rid.as_str())
         .await?
         .is_some()
     {

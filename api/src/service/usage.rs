@@ -2,14 +2,14 @@
 use chrono::{NaiveDate, TimeDelta};
 use sea_orm::ConnectionTrait;
 
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::store::usage::daily;
 pub use crate::store::usage::{DayUsage, UsageRow, minute_bucket, record_through};
 
-/// A key's usage for the UTC days `from..=to` (default: the 30 days up to `today`), as served.
+/// An account's usage for the UTC days `from..=to` (default: the 30 days up to `today`), as served.
 pub async fn report<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     today: NaiveDate,
     from: Option<&str>,
     to: Option<&str>,
@@ -39,9 +39,30 @@ pub async fn report<C: ConnectionTrait>(
     let start = from_day.and_time(chrono::NaiveTime::MIN).and_utc();
     let end = to_day.and_time(chrono::NaiveTime::MIN).and_utc() + TimeDelta::days(1);
     let days = daily(db, key_id, start, end).await?;
+    let per_key = crate::store::usage::per_key(db, key_id, start, end).await?;
+    let ids: Vec<i64> = per_key.iter().map(|k| k.key_id).collect();
+    let names = crate::store::keys::names(db, &ids).await?;
+    let mut keys: Vec<crate::schemas::credits::KeyUsage> = per_key
+        .into_iter()
+        .map(|k| crate::schemas::credits::KeyUsage {
+            key: names
+                .get(&k.key_id)
+                .cloned()
+                .unwrap_or_else(|| k.key_id.to_string()),
+            calls: k.calls,
+            calls_2xx: k.calls_2xx,
+            calls_4xx: k.calls_4xx,
+            calls_5xx: k.calls_5xx,
+            rate_limited: k.rate_limited,
+            batches: k.batches,
+            items: k.items,
+        })
+        .collect();
+    keys.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(crate::schemas::credits::Usage {
         from: start,
         to: end,
         days: days.into_iter().map(Into::into).collect(),
+        keys,
     })
 }

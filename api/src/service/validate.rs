@@ -94,7 +94,7 @@ pub fn new_batch(
                     return Err(ApiError::validation(
                         "completion_window",
                         format!(
-                            "this key's batches have a window of at most {}",
+                            "this account's batches have a window of at most {}",
                             humantime::format_duration(max)
                         ),
                     ));

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
 
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::error::ApiError;
 use crate::service::batches::{close_queued, finalize_if_done};
 use crate::state::Runtime;
@@ -33,7 +33,7 @@ pub async fn expire_due(
             .run(Some(key_id), move |txn| {
                 let runtime = Arc::clone(&runtime);
                 Box::pin(
-                    async move { expire_in(txn, &runtime, KeyId(key_id), batch_id, now).await },
+                    async move { expire_in(txn, &runtime, AccountId(key_id), batch_id, now).await },
                 )
             })
             .await;
@@ -47,7 +47,7 @@ pub async fn expire_due(
 async fn expire_in(
     txn: &Txn<'_>,
     runtime: &Runtime,
-    key_id: KeyId,
+    key_id: AccountId,
     batch_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {

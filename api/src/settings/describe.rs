@@ -35,11 +35,20 @@ impl Settings {
             self.retention.webhook_days,
             self.retention.usage_rollup_days
         );
-        for k in self.keys.values() {
-            let l = &k.limits;
-            let _ = writeln!(out, "\n[keys.{}]", k.name);
-            let _ = writeln!(out, "key_sha256 = \"{}…\"", &k.key_sha256[..12]);
-            let _ = writeln!(out, "disabled = {}", k.disabled);
+        for a in self.accounts.values() {
+            let l = &a.limits;
+            let _ = writeln!(out, "\n[accounts.{}]", a.name);
+            if a.implicit {
+                let _ = writeln!(out, "# the own account of [keys.{}]", a.name);
+            }
+            let keys: Vec<&str> = self
+                .keys
+                .values()
+                .filter(|k| k.account.name == a.name)
+                .map(|k| k.name.as_str())
+                .collect();
+            let _ = writeln!(out, "keys = {keys:?}");
+            let _ = writeln!(out, "disabled = {}", a.disabled);
             let _ = writeln!(out, "cost_per_video = {}", l.cost_per_video);
             let _ = writeln!(out, "rate_limit_per_min = {}", l.rate_limit_per_min);
             let _ = writeln!(
@@ -56,10 +65,42 @@ impl Settings {
                     .map_or("0".to_string(), |w| humantime::format_duration(w)
                         .to_string())
             );
+            let _ = writeln!(out, "webhook_url = {:?}", a.webhook_url);
+            let _ = writeln!(
+                out,
+                "webhook_secret = {}",
+                if a.webhook_secret.is_some() {
+                    "\"[redacted]\""
+                } else {
+                    "none"
+                }
+            );
+            let _ = writeln!(out, "webhook_events = {:?}", a.webhook_events);
+            let _ = writeln!(out, "initial_credits = {}", a.initial_credits);
+            let _ = writeln!(
+                out,
+                "low_credit_threshold = {}",
+                a.low_credit_threshold
+                    .map_or("none".to_string(), |t| t.to_string())
+            );
+            let _ = writeln!(
+                out,
+                "max_running_items = {}",
+                a.max_running_items
+                    .map_or("unlimited".to_string(), |m| m.to_string())
+            );
+        }
+        for k in self.keys.values() {
+            let _ = writeln!(out, "\n[keys.{}]", k.name);
+            let _ = writeln!(out, "account = {:?}", k.account.name);
+            let _ = writeln!(out, "key_sha256 = \"{}…\"", &k.key_sha256[..12]);
+            let _ = writeln!(out, "disabled = {}", k.disabled);
+            let _ = writeln!(out, "rate_limit_per_min = {}", k.create_limit());
+            let _ = writeln!(out, "read_rate_limit_per_min = {}", k.read_limit());
             let _ = writeln!(
                 out,
                 "ip_allowlist = {:?}",
-                l.ip_allowlist
+                k.ip_allowlist
                     .iter()
                     .map(|n| n.to_string())
                     .collect::<Vec<_>>()
@@ -69,18 +110,6 @@ impl Settings {
                 "scopes = {:?}",
                 k.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>()
             );
-            let _ = writeln!(out, "webhook_url = {:?}", k.webhook_url);
-            let _ = writeln!(
-                out,
-                "webhook_secret = {}",
-                if k.webhook_secret.is_some() {
-                    "\"[redacted]\""
-                } else {
-                    "none"
-                }
-            );
-            let _ = writeln!(out, "webhook_events = {:?}", k.webhook_events);
-            let _ = writeln!(out, "initial_credits = {}", k.initial_credits);
             if let Some(p) = &k.previous_key {
                 let _ = writeln!(
                     out,
@@ -89,18 +118,6 @@ impl Settings {
                         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 );
             }
-            let _ = writeln!(
-                out,
-                "low_credit_threshold = {}",
-                k.low_credit_threshold
-                    .map_or("none".to_string(), |t| t.to_string())
-            );
-            let _ = writeln!(
-                out,
-                "max_running_items = {}",
-                k.max_running_items
-                    .map_or("unlimited".to_string(), |m| m.to_string())
-            );
         }
         out
     }

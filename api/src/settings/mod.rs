@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+mod check;
+mod customers;
 mod describe;
 mod load;
 mod raw;
 mod validate;
 
 pub use crate::domain::policy::{
-    KeyPolicy, KeyScope, KeyVersion, PolicyLimits, PreviousKey, Secret,
+    AccountPolicy, KeyPolicy, KeyScope, KeyVersion, PolicyLimits, PreviousKey, Secret,
 };
 pub use load::{ConfigError, ConfigSource};
 
@@ -36,7 +38,10 @@ pub struct Settings {
     pub server: ServerSettings,
     /// Database connection.
     pub database: DatabaseSettings,
-    /// Customer keys, by name, with `[defaults]` merged in.
+    /// Customer accounts, by name, with `[defaults]` merged in: those of `[accounts]` and the
+    /// own account of every key that names none.
+    pub accounts: BTreeMap<String, Arc<AccountPolicy>>,
+    /// Customer keys, by name.
     pub keys: BTreeMap<String, Arc<KeyPolicy>>,
     /// The `[defaults]` table, used for calls whose key is unknown.
     pub defaults: PolicyLimits,

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::sql::{limit, part_of, run_together, skip_locked, stmt};
 use crate::domain::NewItem;
-use crate::domain::ids::{ItemId, KeyId, LeaseToken};
+use crate::domain::ids::{AccountId, ItemId, LeaseToken};
 
 /// The columns of an item that its view shows: a status poll reads these, no more.
 #[derive(Clone, Debug, FromQueryResult)]
@@ -65,7 +65,7 @@ impl From<&Model> for Visible {
 
 /// Where a key's new batch starts in the fair queue: right after the key's own queued items,
 /// but never before the queue's head, so a key's backlog cannot delay another key's batch.
-pub async fn fair_start<C: ConnectionTrait>(txn: &C, key_id: KeyId) -> Result<i64, DbErr> {
+pub async fn fair_start<C: ConnectionTrait>(txn: &C, key_id: AccountId) -> Result<i64, DbErr> {
     let row = txn
         .query_one_raw(stmt(
             txn.get_database_backend(),
@@ -91,7 +91,7 @@ const INSERT_CHUNK: usize = 500;
 pub async fn insert_queued<C: ConnectionTrait>(
     txn: &C,
     batch_id: Uuid,
-    key_id: KeyId,
+    key_id: AccountId,
     start_pos: i64,
     items: &[NewItem],
     now: DateTime<Utc>,
@@ -223,7 +223,8 @@ fn leased_from_queue(shifts: &mut BTreeMap<Uuid, (i32, i32)>, batch: Uuid) {
     s.1 += 1;
 }
 
-/// Running items of each of `keys` (through the partial index of running items per key).
+/// Running items of each of the accounts `keys` (through the partial index of running items per
+/// account).
 pub async fn running_counts<C: ConnectionTrait>(
     txn: &C,
     keys: &[i64],

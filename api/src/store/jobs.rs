@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::sql::{NO_ROW_NO_CHANGE, limit, part_of, run_together, skip_locked, stmt};
 use crate::domain::NewItem;
-use crate::domain::ids::{ItemId, KeyId, LeaseToken};
+use crate::domain::ids::{AccountId, ItemId, LeaseToken};
 use crate::domain::money::Wallet;
 
 /// A batch row as a create writes it.
@@ -48,7 +48,7 @@ pub enum Held {
 const ITEMS_IN_ONE_CALL: usize = 1000;
 
 impl NewJob<'_> {
-    /// The create's writes: the hold of `self.required_credits` on the key's wallet (only
+    /// The create's writes: the hold of `self.required_credits` on the account's wallet (only
     /// when available), then the batch row (the idempotency insert), then its `items` queued
     /// at fair positions `start_pos..`, each only when the one before it took place. One call
     /// whatever the batch size up to [`ITEMS_IN_ONE_CALL`] items: on PostgreSQL one statement
@@ -171,14 +171,14 @@ impl NewJob<'_> {
     ) -> Result<Held, DbErr> {
         let (key_id, id, now) = (self.key_id, self.id, self.now);
         let Some(wallet) =
-            super::wallets::hold(txn, KeyId(key_id), self.required_credits, now).await?
+            super::wallets::hold(txn, AccountId(key_id), self.required_credits, now).await?
         else {
             return Ok(Held::Refused);
         };
         if !self.insert_if_absent(txn).await? {
             return Ok(Held::Repeat(wallet));
         }
-        super::items::insert_queued(txn, id, KeyId(key_id), start_pos, items, now).await?;
+        super::items::insert_queued(txn, id, AccountId(key_id), start_pos, items, now).await?;
         Ok(Held::Created(wallet))
     }
 
@@ -223,7 +223,7 @@ impl NewJob<'_> {
 /// The key's batch with this request id.
 pub async fn by_request_id<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     request_id: &str,
 ) -> Result<Option<Model>, DbErr> {
     // The create's hottest lookup.
@@ -255,7 +255,7 @@ pub async fn by_id<C: ConnectionTrait>(db: &C, id: Uuid) -> Result<Option<Model>
 /// A batch by id, if it belongs to the key.
 pub async fn owned<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     id: Uuid,
 ) -> Result<Option<Model>, DbErr> {
     // Every status poll runs this.
@@ -357,7 +357,7 @@ impl From<&Model> for Visible {
 /// with the batch.
 pub async fn owned_with_items<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     id: Uuid,
     max: u64,
 ) -> Result<Option<(Visible, (i64, i64), Vec<super::items::Visible>)>, DbErr> {
@@ -415,12 +415,12 @@ fn poll_sql(max: u64) -> String {
     )
 }
 
-/// Up to `max` of a key's batches older than `before` (by id), newest first, optionally of
+/// Up to `max` of an account's batches older than `before` (by id), newest first, optionally of
 /// one status: read backwards through the (api_key_id, id) index, or the
 /// (api_key_id, status, id) one, never more rows than the page.
 pub async fn page<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     status: Option<&str>,
     before: Option<Uuid>,
     max: u64,
@@ -458,7 +458,7 @@ fn page_sql(status: bool, before: bool, max: u64) -> String {
 /// there is no such batch.
 pub async fn lock_owned<C: ConnectionTrait>(
     txn: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<bool, DbErr> {

@@ -1,5 +1,5 @@
 //! `credit_ledger`: the append-only record of every credit movement, and `charge_rollup`, the
-//! credits charged per key and UTC day, added to by the same calls that write charges.
+//! credits charged per account and UTC day, added to by the same calls that write charges.
 use chrono::{DateTime, Utc};
 use entity::credit_ledger::{ActiveModel, Entity, Model};
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, Set};
@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::sql::stmt;
 use super::unit::Txn;
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::domain::money::LedgerKind;
 
 /// One ledger row; what it refers to is named, everything else is `None` by default.
@@ -19,12 +19,12 @@ pub struct NewEntry<'a> {
     pub batch_id: Option<Uuid>,
     pub item_id: Option<Uuid>,
     pub note: Option<&'a str>,
-    /// The Idempotency-Key of an admin movement (unique per key).
+    /// The Idempotency-Key of an admin movement (unique per account).
     pub idempotency_key: Option<&'a str>,
 }
 
 impl<'a> NewEntry<'a> {
-    /// A movement of `amount` credits of `kind` on the key's wallet.
+    /// A movement of `amount` credits of `kind` on the account's wallet.
     pub fn new(key_id: i64, kind: LedgerKind, amount: i64) -> Self {
         Self {
             key_id,
@@ -152,7 +152,7 @@ async fn add_charges_to_rollup<C: ConnectionTrait>(
 /// The row an admin movement with this Idempotency-Key wrote, if any.
 pub async fn by_idempotency_key<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     idempotency_key: &str,
 ) -> Result<Option<Model>, DbErr> {
     // The pair is unique, so no LIMIT (see `sql::limit`).
@@ -171,7 +171,7 @@ pub async fn by_idempotency_key<C: ConnectionTrait>(
 /// history.
 pub async fn page<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     before: Option<i64>,
     max: u64,
 ) -> Result<Vec<Model>, DbErr> {
@@ -196,7 +196,7 @@ fn page_sql(max: u64) -> String {
 /// Credits charged to a key per UTC day (`YYYY-MM-DD`) in `[from, to)`.
 pub async fn charged_per_day<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<(String, i64)>, DbErr> {
@@ -222,7 +222,7 @@ pub async fn charged_per_day<C: ConnectionTrait>(
 /// nothing) when the wallet's rule would break: overdraft on hold, below held on adjust.
 pub async fn apply<C: ConnectionTrait>(txn: &C, entry: NewEntry<'_>) -> Result<bool, DbErr> {
     let now = chrono::Utc::now();
-    if !super::wallets::apply(txn, KeyId(entry.key_id), entry.kind, entry.amount, now).await? {
+    if !super::wallets::apply(txn, AccountId(entry.key_id), entry.kind, entry.amount, now).await? {
         return Ok(false);
     }
     metrics::counter!("credits_total", "kind" => entry.kind.as_str())
@@ -252,7 +252,7 @@ pub async fn apply_in(txn: &Txn<'_>, entry: NewEntry<'_>) -> Result<bool, DbErr>
             txn.append_wallet(entry.key_id, balance, held);
         }
         _ => {
-            if !super::wallets::apply(txn, KeyId(entry.key_id), entry.kind, entry.amount, now)
+            if !super::wallets::apply(txn, AccountId(entry.key_id), entry.kind, entry.amount, now)
                 .await?
             {
                 return Ok(false);

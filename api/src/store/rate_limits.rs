@@ -1,14 +1,15 @@
-//! `rate_limit_window`: calls counted per key, scope and fixed one-minute window.
+//! `rate_limit_window`: calls counted per account (or per key, for a key's own tighter limit),
+//! scope and fixed one-minute window.
 use sea_orm::{ConnectionTrait, DbErr};
 
 use super::sql::{stmt, value_rows};
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 
 /// Counts one call in a window in one atomic statement (an upsert): the count after it.
 /// Exact under any concurrency and on any number of nodes.
 pub async fn increment<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     scope: &str,
     window_start: i64,
 ) -> Result<i64, DbErr> {
@@ -66,7 +67,7 @@ pub async fn add_many<C: ConnectionTrait>(
 /// Calls counted so far in a window.
 pub async fn count<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     scope: &str,
     window_start: i64,
 ) -> Result<i64, DbErr> {

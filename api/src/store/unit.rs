@@ -17,7 +17,7 @@ use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, ExecResult, QueryResult, Statement,
 };
 
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::domain::money::LedgerRow;
 use crate::domain::usage::UsageRow;
 
@@ -28,7 +28,7 @@ pub struct Appended {
     pub ledger: Vec<LedgerRow>,
     /// Audit rows, each with the time it was written.
     pub usage: Vec<(UsageRow, DateTime<Utc>)>,
-    /// Wallet movements left to the group, summed per key: (balance, held) to add.
+    /// Wallet movements left to the group, summed per account: (balance, held) to add.
     pub wallets: BTreeMap<i64, (i64, i64)>,
 }
 
@@ -64,7 +64,7 @@ impl Appended {
 #[derive(Default)]
 pub struct GroupMemo {
     fair_next: Mutex<HashMap<i64, i64>>,
-    /// Wallet movements of the group's earlier units not applied yet (summed per key: balance,
+    /// Wallet movements of the group's earlier units not applied yet (summed per account: balance,
     /// held), written by the group before it commits, or by a later unit that needs the
     /// wallet exact ([`Txn::settle_wallet`]).
     wallets: Mutex<BTreeMap<i64, (i64, i64)>>,
@@ -169,7 +169,7 @@ impl<'a> Txn<'a> {
         let Some((balance, held)) = pending else {
             return Ok(());
         };
-        if super::wallets::add(self, KeyId(key_id), balance, held, chrono::Utc::now()).await? {
+        if super::wallets::add(self, AccountId(key_id), balance, held, chrono::Utc::now()).await? {
             Ok(())
         } else {
             Err(DbErr::Custom(format!(

@@ -1,5 +1,5 @@
 //! `usage_event`: the audit of customer calls, one row per call (or per minute of refused
-//! strangers' calls, with a count), and `usage_rollup`, its per key, UTC day and outcome
+//! strangers' calls, with a count), and `usage_rollup`, its per account, UTC day, key and outcome
 //! summary, kept by the same statements' transaction as the rows are written. Reports read the
 //! rollup (with `charge_rollup` for the credits charged): at most one row per day and outcome,
 //! whatever the key's history, and still there after retention pruned the raw rows.
@@ -9,7 +9,7 @@ use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DbErr};
 
 use super::sql::{day_expr, day_of, limit, stmt, value_rows};
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 pub use crate::domain::usage::{DayUsage, UsageRow};
 
 /// The UTC minute containing `t`.
@@ -28,10 +28,11 @@ pub async fn insert<C: ConnectionTrait>(
 
 /// Columns of an audit row, in the order [`row_values`] binds them.
 const COLUMNS: &str = "api_key_id, request_id, method, path, status, error_code, client_ip, \
-    user_agent, minute_bucket, latency_us, batch_id, items, credits, count, created_at, key_version";
-const N_COLUMNS: usize = 16;
+    user_agent, minute_bucket, latency_us, batch_id, items, credits, count, created_at, key_version, \
+    account_id";
+const N_COLUMNS: usize = 17;
 
-/// Rows per multi-row insert: 16 values each, far below both stores' limits on bound values.
+/// Rows per multi-row insert: 17 values each, far below both stores' limits on bound values.
 const INSERT_CHUNK: usize = 256;
 
 /// Writes audit rows, each with the time it was written: one statement per chunk of rows, and
@@ -40,13 +41,18 @@ pub async fn insert_many<C: ConnectionTrait>(
     db: &C,
     rows: &[(&UsageRow, DateTime<Utc>)],
 ) -> Result<(), DbErr> {
-    add_to_rollup(db, rows).await?;
+    let accounts = accounts_of_aggregated(db, rows).await?;
+    let account_of = |row: &UsageRow| {
+        row.account_id
+            .or_else(|| row.api_key_id.and_then(|k| accounts.get(&k).copied()))
+    };
+    add_to_rollup(db, rows, &account_of).await?;
     for chunk in rows.chunks(INSERT_CHUNK) {
         let tuples = value_rows(db.get_database_backend(), chunk.len(), N_COLUMNS);
         let sql = format!("INSERT INTO usage_event ({COLUMNS}) VALUES {tuples}");
         let values = chunk
             .iter()
-            .flat_map(|(row, now)| row_values(row, *now))
+            .flat_map(|(row, now)| row_values(row, account_of(row), *now))
             .collect::<Vec<_>>();
         db.execute_raw(stmt(db.get_database_backend(), &sql, values))
             .await?;
@@ -54,7 +60,44 @@ pub async fn insert_many<C: ConnectionTrait>(
     Ok(())
 }
 
-fn row_values(row: &UsageRow, now: DateTime<Utc>) -> [sea_orm::Value; N_COLUMNS] {
+/// The accounts of the keys of rows that name a key and no account (a key's refused calls
+/// aggregated per minute by the audit layer, which counts them per key): one read, only when
+/// there are such rows.
+async fn accounts_of_aggregated<C: ConnectionTrait>(
+    db: &C,
+    rows: &[(&UsageRow, DateTime<Utc>)],
+) -> Result<std::collections::HashMap<i64, i64>, DbErr> {
+    let mut keys: Vec<i64> = rows
+        .iter()
+        .filter(|(r, _)| r.account_id.is_none())
+        .filter_map(|(r, _)| r.api_key_id)
+        .collect();
+    if keys.is_empty() {
+        return Ok(Default::default());
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let sql = format!(
+        "SELECT id, account_id FROM api_key WHERE id IN ({})",
+        super::sql::id_list(&keys)
+    );
+    let mut out = std::collections::HashMap::new();
+    for r in db
+        .query_all_raw(stmt(db.get_database_backend(), &sql, []))
+        .await?
+    {
+        let id: i64 = r.try_get("", "id")?;
+        let account: Option<i64> = r.try_get("", "account_id")?;
+        out.insert(id, account.unwrap_or(id));
+    }
+    Ok(out)
+}
+
+fn row_values(
+    row: &UsageRow,
+    account: Option<i64>,
+    now: DateTime<Utc>,
+) -> [sea_orm::Value; N_COLUMNS] {
     let ua = row
         .user_agent
         .as_ref()
@@ -76,11 +119,13 @@ fn row_values(row: &UsageRow, now: DateTime<Utc>) -> [sea_orm::Value; N_COLUMNS]
         row.count.max(1).into(),
         now.into(),
         row.key_version.into(),
+        account.into(),
     ]
 }
 
-/// A rollup row's key: key id, UTC day (`YYYY-MM-DD`), status class, error code (empty: none).
-type Outcome = (i64, String, i32, String);
+/// A rollup row's key: account id, key id, UTC day (`YYYY-MM-DD`), status class, error code
+/// (empty: none).
+type Outcome = (i64, i64, String, i32, String);
 
 /// What audit rows add to their rollup rows: calls, calls answered 429, batches created, items.
 #[derive(Clone, Copy, Default)]
@@ -91,20 +136,26 @@ struct Sums {
     items: i64,
 }
 
-/// Rollup rows per upsert: 8 values each.
+/// Rollup rows per upsert: 9 values each.
 const ROLLUP_CHUNK: usize = 256;
 
-/// Adds audit rows to the rollup, summed per (key, day, outcome) first: one multi-row upsert
-/// that adds to existing rows, listed in key order (the order every group locks rows in).
-/// Rows without a key (strangers' calls) belong to no key's report and are not rolled up.
+/// Adds audit rows to the rollup, summed per (account, key, day, outcome) first: one multi-row
+/// upsert that adds to existing rows, listed in account order (the order every group locks rows
+/// in). Rows without a key (strangers' calls) belong to no account's report and are not rolled
+/// up.
 async fn add_to_rollup<C: ConnectionTrait>(
     db: &C,
     rows: &[(&UsageRow, DateTime<Utc>)],
+    account_of: &(dyn Fn(&UsageRow) -> Option<i64> + Sync),
 ) -> Result<(), DbErr> {
     let mut sums: BTreeMap<Outcome, Sums> = BTreeMap::new();
     for (row, at) in rows {
         let Some(key) = row.api_key_id else { continue };
+        let Some(account) = account_of(row) else {
+            continue;
+        };
         let outcome = (
+            account,
             key,
             day_of(minute_bucket(*at)),
             i32::from(row.status / 100),
@@ -121,19 +172,20 @@ async fn add_to_rollup<C: ConnectionTrait>(
     let backend = db.get_database_backend();
     let sums: Vec<(Outcome, Sums)> = sums.into_iter().collect();
     for chunk in sums.chunks(ROLLUP_CHUNK) {
-        let tuples = value_rows(backend, chunk.len(), 8);
+        let tuples = value_rows(backend, chunk.len(), 9);
         let sql = format!(
-            "INSERT INTO usage_rollup \
-             (api_key_id, day, status_class, error_code, calls, rate_limited, batches, items) \
-             VALUES {tuples} ON CONFLICT (api_key_id, day, status_class, error_code) DO UPDATE SET \
+            "INSERT INTO usage_rollup (account_id, api_key_id, day, status_class, error_code, \
+             calls, rate_limited, batches, items) VALUES {tuples} \
+             ON CONFLICT (account_id, api_key_id, day, status_class, error_code) DO UPDATE SET \
              calls = usage_rollup.calls + excluded.calls, \
              rate_limited = usage_rollup.rate_limited + excluded.rate_limited, \
              batches = usage_rollup.batches + excluded.batches, \
              items = usage_rollup.items + excluded.items"
         );
-        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 8);
-        for ((key, day, class, code), s) in chunk {
+        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 9);
+        for ((account, key, day, class, code), s) in chunk {
             values.extend([
+                (*account).into(),
                 (*key).into(),
                 day.clone().into(),
                 (*class).into(),
@@ -154,7 +206,7 @@ async fn add_to_rollup<C: ConnectionTrait>(
 /// the credits charged) through their primary keys.
 pub async fn daily<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<DayUsage>, DbErr> {
@@ -188,8 +240,70 @@ const ROLLUP_DAYS: &str = "SELECT day, CAST(SUM(calls) AS BIGINT) AS calls, \
      CAST(SUM(CASE WHEN status_class >= 5 THEN calls ELSE 0 END) AS BIGINT) AS c5, \
      CAST(SUM(rate_limited) AS BIGINT) AS rl, CAST(SUM(batches) AS BIGINT) AS batches, \
      CAST(SUM(items) AS BIGINT) AS items \
-     FROM usage_rollup WHERE api_key_id = $1 AND day >= $2 AND day < $3 \
+     FROM usage_rollup WHERE account_id = $1 AND day >= $2 AND day < $3 \
      GROUP BY day ORDER BY day";
+
+/// The calls of an account's days `[$2, $3)` per key: the same range of the rollup's primary
+/// key, summed per key.
+const ROLLUP_KEYS: &str = "SELECT api_key_id, CAST(SUM(calls) AS BIGINT) AS calls, \
+     CAST(SUM(CASE WHEN status_class = 2 THEN calls ELSE 0 END) AS BIGINT) AS c2, \
+     CAST(SUM(CASE WHEN status_class = 4 THEN calls ELSE 0 END) AS BIGINT) AS c4, \
+     CAST(SUM(CASE WHEN status_class >= 5 THEN calls ELSE 0 END) AS BIGINT) AS c5, \
+     CAST(SUM(rate_limited) AS BIGINT) AS rl, CAST(SUM(batches) AS BIGINT) AS batches, \
+     CAST(SUM(items) AS BIGINT) AS items \
+     FROM usage_rollup WHERE account_id = $1 AND day >= $2 AND day < $3 \
+     GROUP BY api_key_id ORDER BY api_key_id";
+
+/// One key's calls over a period of its account's usage.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyUsage {
+    /// `api_key.id`.
+    pub key_id: i64,
+    /// All calls.
+    pub calls: i64,
+    /// 2xx calls.
+    pub calls_2xx: i64,
+    /// 4xx calls.
+    pub calls_4xx: i64,
+    /// 5xx calls.
+    pub calls_5xx: i64,
+    /// Calls refused by a rate limit.
+    pub rate_limited: i64,
+    /// Batches created.
+    pub batches: i64,
+    /// Items in created batches.
+    pub items: i64,
+}
+
+/// Calls per key of an account in `[from, to)` (UTC day boundaries), by key id: at most one row
+/// per key, day and outcome read.
+pub async fn per_key<C: ConnectionTrait>(
+    db: &C,
+    account: AccountId,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<KeyUsage>, DbErr> {
+    let backend = db.get_database_backend();
+    let values = [account.into(), day_of(from).into(), day_of(to).into()];
+    let rows = db.query_all_raw(stmt(backend, ROLLUP_KEYS, values)).await?;
+    rows.into_iter()
+        .map(|r| {
+            let n = |c: &str| -> Result<i64, DbErr> {
+                Ok(r.try_get::<Option<i64>>("", c)?.unwrap_or(0))
+            };
+            Ok(KeyUsage {
+                key_id: r.try_get("", "api_key_id")?,
+                calls: n("calls")?,
+                calls_2xx: n("c2")?,
+                calls_4xx: n("c4")?,
+                calls_5xx: n("c5")?,
+                rate_limited: n("rl")?,
+                batches: n("batches")?,
+                items: n("items")?,
+            })
+        })
+        .collect()
+}
 
 /// The credits charged on a key's days `[$2, $3)`: a range of the primary key.
 const CHARGED_DAYS: &str = "SELECT day, credits FROM charge_rollup \
@@ -238,7 +352,7 @@ fn add_charged(days: &mut BTreeMap<String, DayUsage>, d: String, charged: i64) {
 /// history; reports never call it).
 pub async fn daily_from_raw_rows<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<DayUsage>, DbErr> {
@@ -252,7 +366,8 @@ pub async fn daily_from_raw_rows<C: ConnectionTrait>(
          CAST(SUM(CASE WHEN status = 429 THEN count ELSE 0 END) AS BIGINT) AS rl, \
          CAST(SUM(CASE WHEN status = 201 AND batch_id IS NOT NULL THEN 1 ELSE 0 END) AS BIGINT) AS batches, \
          CAST(SUM(CASE WHEN status = 201 THEN items ELSE 0 END) AS BIGINT) AS items \
-         FROM usage_event WHERE api_key_id = $1 AND minute_bucket >= $2 AND minute_bucket < $3 \
+         FROM usage_event WHERE COALESCE(account_id, api_key_id) = $1 \
+         AND minute_bucket >= $2 AND minute_bucket < $3 \
          GROUP BY {day} ORDER BY {day}"
     );
     let rows = db
@@ -292,7 +407,10 @@ pub async fn delete_rollup_older_than<C: ConnectionTrait>(
     let backend = db.get_database_backend();
     let mut n = 0;
     for (table, key) in [
-        ("usage_rollup", "api_key_id, day, status_class, error_code"),
+        (
+            "usage_rollup",
+            "account_id, api_key_id, day, status_class, error_code",
+        ),
         ("charge_rollup", "api_key_id, day"),
     ] {
         let sql = format!(
@@ -360,14 +478,13 @@ mod tests {
         let (_dir, db) = migrated().await;
         let values = || vec![1i64.into(), "2026-01-01".into(), "2026-02-01".into()];
         for (sql, index) in [
-            (ROLLUP_DAYS, "sqlite_autoindex_usage_rollup_1"),
-            (CHARGED_DAYS, "sqlite_autoindex_charge_rollup_1"),
+            (ROLLUP_DAYS, "sqlite_autoindex_usage_rollup_1 (account_id"),
+            (ROLLUP_KEYS, "sqlite_autoindex_usage_rollup_1 (account_id"),
+            (CHARGED_DAYS, "sqlite_autoindex_charge_rollup_1 (api_key_id"),
         ] {
             let p = plan(&db, sql, values()).await;
             assert!(
-                p.contains(&format!(
-                    "USING INDEX {index} (api_key_id=? AND day>? AND day<?)"
-                )),
+                p.contains(&format!("USING INDEX {index}=? AND day>? AND day<?)")),
                 "{p}"
             );
         }

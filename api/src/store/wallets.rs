@@ -1,18 +1,18 @@
-//! `credit_wallet`: one row per key, `balance` and `held`. Every change is one conditional
+//! `credit_wallet`: one row per account, `balance` and `held`. Every change is one conditional
 //! update that keeps the wallet's rule (`0 <= held <= balance <= MAX_BALANCE`); the caller
 //! appends the matching ledger row in the same transaction.
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr};
 
 use super::sql::stmt;
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::domain::money::{LedgerKind, MAX_BALANCE, Wallet};
 
 /// The statement of [`read`]: one row by its primary key.
 pub(super) const READ: &str = "SELECT balance, held FROM credit_wallet WHERE api_key_id = $1";
 
 /// Reads a wallet (a key without one has nothing).
-pub async fn read<C: ConnectionTrait>(db: &C, key_id: KeyId) -> Result<Wallet, DbErr> {
+pub async fn read<C: ConnectionTrait>(db: &C, key_id: AccountId) -> Result<Wallet, DbErr> {
     let row = db
         .query_one_raw(stmt(db.get_database_backend(), READ, [key_id.into()]))
         .await?;
@@ -32,7 +32,7 @@ pub async fn read<C: ConnectionTrait>(db: &C, key_id: KeyId) -> Result<Wallet, D
 /// would overdraw on a hold, or go below held or above the maximum on a grant or adjust.
 pub async fn apply<C: ConnectionTrait>(
     txn: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     kind: LedgerKind,
     amount: i64,
     now: DateTime<Utc>,
@@ -70,7 +70,7 @@ pub async fn apply<C: ConnectionTrait>(
 /// releases of one key that a group sums (see [`super::unit`]).
 pub async fn add<C: ConnectionTrait>(
     txn: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     balance: i64,
     held: i64,
     now: DateTime<Utc>,
@@ -97,7 +97,7 @@ pub async fn add<C: ConnectionTrait>(
 /// the credits are not there (nothing changed).
 pub async fn hold<C: ConnectionTrait>(
     txn: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     amount: i64,
     now: DateTime<Utc>,
 ) -> Result<Option<Wallet>, DbErr> {

@@ -10,7 +10,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::sql::{limit, placeholders, skip_locked, stmt};
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 
 /// An event to deliver, written in the transaction of the change that causes it.
 pub struct NewDelivery<'a> {
@@ -286,7 +286,7 @@ pub async fn delete_idle_endpoints_older_than<C: ConnectionTrait>(
 /// the endpoint and holds its pending deliveries: true when this attempt disabled it.
 pub async fn note_endpoint<C: ConnectionTrait>(
     txn: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     url: &str,
     success: bool,
     now: DateTime<Utc>,
@@ -346,7 +346,10 @@ pub struct Endpoint {
 }
 
 /// The endpoints a key has sent to, by URL.
-pub async fn endpoints<C: ConnectionTrait>(db: &C, key_id: KeyId) -> Result<Vec<Endpoint>, DbErr> {
+pub async fn endpoints<C: ConnectionTrait>(
+    db: &C,
+    key_id: AccountId,
+) -> Result<Vec<Endpoint>, DbErr> {
     Endpoint::find_by_statement(stmt(
         db.get_database_backend(),
         "SELECT url, failing_since, last_success_at, last_failure_at, disabled_at \
@@ -361,7 +364,7 @@ pub async fn endpoints<C: ConnectionTrait>(db: &C, key_id: KeyId) -> Result<Vec<
 /// released, or None when the key never sent to that URL.
 pub async fn enable_endpoint<C: ConnectionTrait>(
     txn: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     url: &str,
     now: DateTime<Utc>,
 ) -> Result<Option<u64>, DbErr> {
@@ -421,7 +424,7 @@ pub struct DeliveryFilter<'a> {
 /// Up to `max` of a key's deliveries, newest first, through the (api_key_id, id) index.
 pub async fn page_of_key<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     f: &DeliveryFilter<'_>,
     max: u64,
 ) -> Result<Vec<Model>, DbErr> {
@@ -473,7 +476,7 @@ pub async fn attempts_of<C: ConnectionTrait>(
 /// held (an attempt is due or in flight already) or is not the key's.
 pub async fn resend<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     id: Uuid,
     idempotency_key: Option<&str>,
     now: DateTime<Utc>,
@@ -495,7 +498,7 @@ pub async fn resend<C: ConnectionTrait>(
 /// disabled: how many. A delivery a recover sent once is not sent by another.
 pub async fn recover<C: ConnectionTrait>(
     db: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     since: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<u64, DbErr> {

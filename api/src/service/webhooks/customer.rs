@@ -6,7 +6,7 @@ use entity::webhook_delivery;
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
 
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::error::{ApiError, ErrorCode};
 use crate::schemas::webhooks::{
     Delivery, DeliveryAttempt, DeliveryDetail, DeliveryState, EndpointEnabled, EndpointState,
@@ -50,7 +50,7 @@ pub struct ListQuery {
 /// A page of the key's deliveries, newest first, and the cursor of the next page.
 pub async fn list(
     db: &DatabaseConnection,
-    key_id: KeyId,
+    key_id: AccountId,
     q: &ListQuery,
 ) -> Result<(Vec<Delivery>, Option<String>), ApiError> {
     let filter = DeliveryFilter {
@@ -73,7 +73,7 @@ pub async fn list(
 /// The key's delivery `id`, or 404.
 async fn owned(
     db: &DatabaseConnection,
-    key_id: KeyId,
+    key_id: AccountId,
     id: Uuid,
 ) -> Result<webhook_delivery::Model, ApiError> {
     webhooks::by_id(db, id)
@@ -85,7 +85,7 @@ async fn owned(
 /// A delivery with its attempts.
 pub async fn detail(
     db: &DatabaseConnection,
-    key_id: KeyId,
+    key_id: AccountId,
     id: Uuid,
 ) -> Result<DeliveryDetail, ApiError> {
     let d = owned(db, key_id, id).await?;
@@ -114,7 +114,7 @@ pub async fn detail(
 pub async fn resend(
     db: &DatabaseConnection,
     writes: &Writes,
-    key_id: KeyId,
+    key_id: AccountId,
     id: Uuid,
     idempotency_key: Option<String>,
 ) -> Result<Delivery, ApiError> {
@@ -147,7 +147,7 @@ pub async fn resend(
 /// delivery, oldest first): how many were queued.
 pub async fn recover(
     writes: &Writes,
-    key_id: KeyId,
+    key_id: AccountId,
     since: DateTime<Utc>,
 ) -> Result<u64, ApiError> {
     writes
@@ -174,17 +174,17 @@ fn endpoint_view(e: &webhooks::Endpoint) -> WebhookEndpoint {
     }
 }
 
-/// The endpoints the key sends to: every URL it has sent to, and its configured URL.
+/// The endpoints the key's account sends to: every URL it has sent to, and its configured URL.
 pub async fn endpoints(
     db: &DatabaseConnection,
     key: &KeyEntry,
 ) -> Result<Vec<WebhookEndpoint>, ApiError> {
-    let mut out: Vec<WebhookEndpoint> = webhooks::endpoints(db, KeyId(key.id))
+    let mut out: Vec<WebhookEndpoint> = webhooks::endpoints(db, key.account)
         .await?
         .iter()
         .map(endpoint_view)
         .collect();
-    if let Some(url) = &key.policy.webhook_url
+    if let Some(url) = &key.policy.account.webhook_url
         && !out.iter().any(|e| &e.url == url)
     {
         out.push(WebhookEndpoint {
@@ -205,7 +205,7 @@ pub async fn endpoints(
 pub async fn enable(
     db: &DatabaseConnection,
     writes: &Writes,
-    key_id: KeyId,
+    key_id: AccountId,
     url: String,
 ) -> Result<EndpointEnabled, ApiError> {
     let target = url.clone();

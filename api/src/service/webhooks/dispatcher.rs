@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use super::signing::{decode_whsec, sign, webhook_id};
 use super::target_guard::check_target;
 
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::state::{AppState, Runtime};
 use crate::store::webhooks;
 
@@ -106,10 +106,10 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
         duration_ms: started.elapsed().as_millis() as i64,
         timed_out: false,
     };
-    let Some(key) = runtime.by_id.get(&d.api_key_id) else {
+    let Some(key) = runtime.accounts.get(&d.api_key_id) else {
         return done(
             None,
-            Some("the key is no longer configured".into()),
+            Some("the account is no longer configured".into()),
             None,
             false,
         );
@@ -117,7 +117,7 @@ pub async fn send(runtime: &Runtime, d: &webhook_delivery::Model) -> Attempt {
     let Some(secret) = &key.policy.webhook_secret else {
         return done(
             None,
-            Some("the key has no webhook_secret".into()),
+            Some("the account has no webhook_secret".into()),
             None,
             false,
         );
@@ -353,7 +353,7 @@ pub async fn record_attempt<C: ConnectionTrait>(
         .unwrap_or(chrono::Duration::days(5));
     if webhooks::note_endpoint(
         txn,
-        KeyId(d.api_key_id),
+        AccountId(d.api_key_id),
         &d.target_url,
         success,
         now,

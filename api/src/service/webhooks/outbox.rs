@@ -6,14 +6,14 @@ use sea_orm::{ConnectionTrait, DbErr};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::domain::ids::KeyId;
+use crate::domain::ids::AccountId;
 use crate::state::Runtime;
 use crate::store::webhooks::NewDelivery;
 use crate::store::{items, jobs};
 
 async fn enqueue<C: ConnectionTrait>(
     txn: &C,
-    key_id: KeyId,
+    key_id: AccountId,
     batch_id: Option<Uuid>,
     target: &str,
     event: &str,
@@ -34,11 +34,11 @@ async fn enqueue<C: ConnectionTrait>(
 
 fn target(
     runtime: &Runtime,
-    key_id: KeyId,
+    key_id: AccountId,
     batch_url: Option<&str>,
     event: &str,
 ) -> Option<String> {
-    let key = runtime.by_id.get(&key_id.0)?;
+    let key = runtime.accounts.get(&key_id.0)?;
     if !key.policy.webhook_events.iter().any(|e| e == event) {
         return None;
     }
@@ -57,7 +57,7 @@ pub async fn enqueue_batch_event<C: ConnectionTrait>(
 ) -> Result<(), DbErr> {
     let Some(url) = target(
         runtime,
-        KeyId(job.api_key_id),
+        AccountId(job.api_key_id),
         job.webhook_url.as_deref(),
         event,
     ) else {
@@ -68,7 +68,7 @@ pub async fn enqueue_batch_event<C: ConnectionTrait>(
         serde_json::to_value(poem_openapi::types::ToJSON::to_json(&view)).unwrap_or_default();
     enqueue(
         txn,
-        KeyId(job.api_key_id),
+        AccountId(job.api_key_id),
         Some(job.id),
         &url,
         event,
@@ -83,7 +83,7 @@ pub async fn enqueue_batch_event<C: ConnectionTrait>(
 pub async fn enqueue_item_event<C: ConnectionTrait>(
     txn: &C,
     runtime: &Runtime,
-    key_id: KeyId,
+    key_id: AccountId,
     batch_id: Uuid,
     item_id: Uuid,
     event: &str,
@@ -91,7 +91,7 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
 ) -> Result<(), DbErr> {
     // Most keys do not subscribe to item events: decide before reading anything.
     let subscribed = runtime
-        .by_id
+        .accounts
         .get(&key_id.0)
         .is_some_and(|k| k.policy.webhook_events.iter().any(|e| e == event));
     if !subscribed {
@@ -102,7 +102,7 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
     };
     let Some(url) = target(
         runtime,
-        KeyId(job.api_key_id),
+        AccountId(job.api_key_id),
         job.webhook_url.as_deref(),
         event,
     ) else {
@@ -120,7 +120,7 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
             .unwrap_or_default();
     enqueue(
         txn,
-        KeyId(job.api_key_id),
+        AccountId(job.api_key_id),
         Some(job.id),
         &url,
         event,
@@ -137,12 +137,12 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
 pub async fn enqueue_low_credits<C: ConnectionTrait>(
     txn: &C,
     runtime: &Runtime,
-    key_id: KeyId,
+    key_id: AccountId,
     before: i64,
     after: i64,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    let Some(key) = runtime.by_id.get(&key_id.0) else {
+    let Some(key) = runtime.accounts.get(&key_id.0) else {
         return Ok(());
     };
     let Some(threshold) = key.policy.low_credit_threshold else {
@@ -152,14 +152,18 @@ pub async fn enqueue_low_credits<C: ConnectionTrait>(
         return Ok(());
     }
     metrics::counter!("credits_low_events_total").increment(1);
-    tracing::info!(key = %key.policy.name, available = after, threshold, "credits low");
+    tracing::info!(account = %key.policy.name, available = after, threshold, "credits low");
     let Some(url) = target(runtime, key_id, None, "credits.low") else {
         return Ok(());
     };
-    let data = json!({
-        "key": key.policy.name,
+    // `key` names the key of an account that is a key's own (as before accounts existed).
+    let mut data = json!({
+        "account": key.policy.name,
         "threshold": threshold,
         "available": after,
     });
+    if key.policy.implicit {
+        data["key"] = json!(key.policy.name);
+    }
     enqueue(txn, key_id, None, &url, "credits.low", data, now).await
 }

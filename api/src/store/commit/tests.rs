@@ -327,8 +327,10 @@ async fn migrated() -> (tempfile::TempDir, DatabaseConnection, Writes) {
     let (dir, db) = sqlite().await;
     crate::db::migrate(&db).await.unwrap();
     db.execute_unprepared(
-        "INSERT INTO api_key (id, name, key_sha256, created_at, updated_at) \
-         VALUES (1, 'k', 'h', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+        "INSERT INTO account (id, name, disabled, created_at, updated_at) \
+         VALUES (1, 'k', FALSE, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z'); \
+         INSERT INTO api_key (id, name, key_sha256, account_id, created_at, updated_at) \
+         VALUES (1, 'k', 'h', 1, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
     )
     .await
     .unwrap();
@@ -464,7 +466,7 @@ async fn charges_of_a_group_move_the_wallet_exactly_once_each() {
         ok += usize::from(t.await.unwrap().is_ok());
     }
     assert_eq!(ok, 10);
-    let w = crate::store::wallets::read(&db, crate::domain::ids::KeyId(1))
+    let w = crate::store::wallets::read(&db, crate::domain::ids::AccountId(1))
         .await
         .unwrap();
     assert_eq!((w.balance, w.held), (900, 0));
@@ -530,8 +532,14 @@ async fn an_audit_row_that_cannot_be_written_fails_alone() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_hit_that_cannot_be_counted_fails_alone() {
     let (_dir, db, writes) = migrated().await;
-    // Key 999 does not exist: its window breaks the foreign key, which fails the group's
-    // one statement; every other hit and the unit of the group still commit.
+    // The store refuses the window of key 999, which fails the group's one statement; every
+    // other hit and the unit of the group still commit.
+    db.execute_unprepared(
+        "CREATE TRIGGER refuse_999 BEFORE INSERT ON rate_limit_window \
+         WHEN NEW.api_key_id = 999 BEGIN SELECT RAISE(ABORT, 'refused'); END",
+    )
+    .await
+    .unwrap();
     let tasks = spawn_each(&writes, 30, |writes, i| async move {
         let key = if i == 10 { 999 } else { 1 };
         writes.hit(key, "read", 60).await
