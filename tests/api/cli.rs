@@ -108,7 +108,17 @@ async fn credits_grant_and_show_use_the_ledger(backend: crate::helpers::Backend)
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("db.toml");
     let (url, pg) = crate::helpers::own_database(&backend, dir.path(), "cli").await;
-    std::fs::write(&cfg, format!("[database]\nurl = \"{url}\"\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[database]\nurl = \"{url}\"\n[accounts.acme]\ninitial_credits = 100\n\
+             [keys.acme-a]\nkey_sha256 = \"{}\"\naccount = \"acme\"\n\
+             [keys.acme-b]\nkey_sha256 = \"{}\"\naccount = \"acme\"\n",
+            crate::helpers::sha256("a"),
+            crate::helpers::sha256("b")
+        ),
+    )
+    .unwrap();
     let run = |args: &[&str]| {
         let out = bin()
             .arg("--config")
@@ -130,6 +140,20 @@ async fn credits_grant_and_show_use_the_ledger(backend: crate::helpers::Backend)
     assert!(
         shown.contains("invoice 9") && shown.contains("grant"),
         "{shown}"
+    );
+    // An account is named directly or by any of its keys.
+    run(&["credits", "grant", "acme", "50"]);
+    assert!(run(&["credits", "show", "acme-b"]).contains("balance 150"));
+    run(&["credits", "grant", "acme-a", "5"]);
+    assert!(run(&["credits", "show", "acme"]).contains("balance 155"));
+    let check = run(&["config", "check"]);
+    assert!(
+        check.contains("[accounts.acme]") && check.contains("keys = [\"acme-a\", \"acme-b\"]"),
+        "{check}"
+    );
+    assert!(
+        check.contains("[keys.acme-b]\naccount = \"acme\""),
+        "{check}"
     );
     let help = bin().arg("--help").output().unwrap();
     let help = String::from_utf8(help.stdout).unwrap();

@@ -96,7 +96,7 @@ fn wants_download(req: &Request) -> bool {
     accept.contains("application/octet-stream") && !accept.contains("application/x-ndjson")
 }
 
-/// The body of an export of the key's batch (404 for another key's batch), streamed, in the
+/// The body of an export of the account's batch (404 for another account's batch), streamed, in the
 /// form the client asked for.
 async fn export(
     state: &AppState,
@@ -151,9 +151,10 @@ crate::routes::customer_api! {
 impl CustomerApi {
     /// Create a batch
     ///
-    /// Holds `total_count * cost_per_video` credits and queues the items. Idempotent by
-    /// `request_id` (or the `Idempotency-Key` header): a repeat with the same body returns the
-    /// stored answer with status 200; the same id with another body is 409.
+    /// Holds `total_count * cost_per_video` credits from the account's wallet and queues the
+    /// items. Idempotent by `request_id` (or the `Idempotency-Key` header), per account: a
+    /// repeat with the same body, through any key of the account, returns the stored answer
+    /// with status 200; the same id with another body is 409.
     ///
     /// Scope: `batches:write`.
     #[oai(
@@ -197,7 +198,7 @@ impl CustomerApi {
     ///
     /// The batch with its counts and its first 100 items; `items_next_cursor` is present when
     /// more follow (page them with `GET /video-batch/{batch_id}/items`, or export every outcome
-    /// with `GET /video-batch/{batch_id}/results`). Another key's batch is 404.
+    /// with `GET /video-batch/{batch_id}/results`). Another account's batch is 404.
     ///
     /// Scope: `batches:read`.
     #[oai(
@@ -222,7 +223,7 @@ impl CustomerApi {
     /// List a batch's items
     ///
     /// In request order, optionally of one status. Pass `next_cursor` as `cursor` for the next
-    /// page. Another key's batch is 404.
+    /// page. Another account's batch is 404.
     ///
     /// Scope: `batches:read`.
     #[oai(
@@ -269,7 +270,7 @@ impl CustomerApi {
     /// Every item's outcome as JSON Lines (`application/x-ndjson`), streamed in request order,
     /// like a Batch API output file: fetch it once when the batch is final instead of polling
     /// every item. With `Accept: application/octet-stream` the same lines come as a download.
-    /// Another key's batch is 404.
+    /// Another account's batch is 404.
     ///
     /// Scope: `batches:read`.
     #[oai(
@@ -296,7 +297,7 @@ impl CustomerApi {
     /// order: `item_id`, `index`, `status`, `attempts`, `error_code`, `message`, `prompt` and
     /// `params` (and `original_index` in a retry), enough to act on each failure or resubmit
     /// it. Empty while nothing failed. With `Accept: application/octet-stream` the same lines
-    /// come as a download. Another key's batch is 404.
+    /// come as a download. Another account's batch is 404.
     ///
     /// Scope: `batches:read`.
     #[oai(
@@ -376,7 +377,8 @@ impl CustomerApi {
 
     /// List batches
     ///
-    /// Newest first, without items. Pass `next_cursor` as `cursor` for the next page.
+    /// The account's batches (whichever of its keys created them), newest first, without items.
+    /// Pass `next_cursor` as `cursor` for the next page.
     ///
     /// Scope: `batches:read`.
     #[oai(
@@ -451,7 +453,8 @@ impl CustomerApi {
 
     /// Get credits
     ///
-    /// Balance, held and available credits, and the latest ledger rows.
+    /// The account's wallet (shared by all its keys): balance, held and available credits, and
+    /// the latest ledger rows.
     ///
     /// Scope: `credits:read`.
     #[oai(
@@ -468,17 +471,16 @@ impl CustomerApi {
         #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
         limit: Query<Option<u32>>,
     ) -> Result<Read<Credits>, ApiError> {
-        let key_id = auth.0.key.account.0;
         let limit = u64::from(limit.0.unwrap_or(50));
         Ok(Read::Ok(Json(
-            credits::view(&state.db, AccountId(key_id), limit, None).await?,
+            credits::view(&state.db, auth.0.key.account, limit, None).await?,
         )))
     }
 
     /// Get usage
     ///
-    /// The key's own calls and credits charged per UTC day, `from` to `to` inclusive
-    /// (default: the last 30 days). `from` must not be after `to`, and the period spans at
+    /// The account's calls (through all its keys) and credits charged per UTC day, `from` to
+    /// `to` inclusive (default: the last 30 days), and the period's calls per key (`keys`). `from` must not be after `to`, and the period spans at
     /// most 366 days (422 otherwise).
     ///
     /// Scope: `usage:read`.

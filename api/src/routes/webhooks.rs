@@ -34,7 +34,7 @@ crate::routes::customer_api! {
 impl CustomerWebhooksApi {
     /// List webhook deliveries
     ///
-    /// The key's deliveries, newest first: one per event and endpoint, with where it stands and
+    /// The account's deliveries, newest first: one per event and endpoint, with where it stands and
     /// its last attempt. Filter by status, event type, batch and creation time; pass
     /// `next_cursor` as `cursor` for the next page. Deliveries removed by retention
     /// (`retention.webhook_days`) are no longer listed.
@@ -90,7 +90,7 @@ impl CustomerWebhooksApi {
     /// Get a webhook delivery
     ///
     /// The delivery with every attempt: when, the HTTP status or the kind of failure, the
-    /// latency and the first 1 KB of the answer. Another key's delivery is 404.
+    /// latency and the first 1 KB of the answer. Another account's delivery is 404.
     ///
     /// Scope: `webhooks:read`.
     #[oai(
@@ -115,7 +115,7 @@ impl CustomerWebhooksApi {
     /// A new attempt now for a delivered or failed delivery, with the same `webhook-id`
     /// (receivers deduplicate by it). A delivery with an attempt due or in flight is answered
     /// as it is: never two attempts at once. A repeat with the same `Idempotency-Key` sends
-    /// nothing more. 409 while its endpoint is disabled; another key's delivery is 404.
+    /// nothing more. 409 while its endpoint is disabled; another account's delivery is 404.
     ///
     /// Scope: `webhooks:write`.
     #[oai(
@@ -152,7 +152,7 @@ impl CustomerWebhooksApi {
 
     /// Recover failed webhooks
     ///
-    /// Sends again, once each and oldest first, every delivery of the key that ended `failed`
+    /// Sends again, once each and oldest first, every delivery of the account that ended `failed`
     /// and was created at or after `since` (e.g. the start of an outage of your endpoint),
     /// under the usual per-endpoint limits. A repeat of the call queues nothing new.
     ///
@@ -177,7 +177,7 @@ impl CustomerWebhooksApi {
 
     /// List webhook endpoints
     ///
-    /// Each URL the key's webhooks go to, with its state: `enabled`, `failing` (every attempt
+    /// Each URL the account's webhooks go to, with its state: `enabled`, `failing` (every attempt
     /// since `failing_since` failed) or `disabled` (failing for `webhooks.disable_after`: new
     /// events are held until you enable it).
     ///
@@ -201,7 +201,7 @@ impl CustomerWebhooksApi {
     /// Enable a webhook endpoint
     ///
     /// Enables a disabled endpoint again and releases its held events, sent at once oldest
-    /// first. A URL the key never sent to is 404.
+    /// first. A URL the account never sent to is 404.
     ///
     /// Scope: `webhooks:write`.
     #[oai(

@@ -372,7 +372,7 @@ pub async fn write_new_batch(
 
 async fn replay(
     db: &DatabaseConnection,
-    key_id: AccountId,
+    account: AccountId,
     existing: batch_job::Model,
     fingerprint: &str,
 ) -> Result<CreateOutcome, ApiError> {
@@ -388,7 +388,7 @@ async fn replay(
     }
     let mut stored: BatchCreated =
         serde_json::from_str(&existing.response).map_err(ApiError::internal)?;
-    let available = credits::wallet(db, key_id).await?.available();
+    let available = credits::wallet(db, account).await?.available();
     stored.idempotent_replay = true;
     stored.available_credits = available;
     stored.remaining_credits = available;
@@ -429,10 +429,10 @@ pub const ITEMS_PAGE: u64 = 100;
 /// The batch, if it belongs to the key (another key's batch is "not found").
 async fn owned_batch<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     batch_id: Uuid,
 ) -> Result<batch_job::Model, ApiError> {
-    jobs::owned(db, key_id, batch_id)
+    jobs::owned(db, account, batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))
 }
@@ -562,7 +562,7 @@ pub async fn check_owner<C: ConnectionTrait>(
 /// A page of an account's batches, newest first. The cursor is opaque to clients.
 pub async fn list<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     status: Option<BatchStatus>,
     limit: u64,
     cursor: Option<&str>,
@@ -570,7 +570,7 @@ pub async fn list<C: ConnectionTrait>(
     let before = cursor.map(decode_cursor).transpose()?;
     let mut jobs = jobs::page(
         db,
-        key_id,
+        account,
         status.map(BatchStatus::as_str),
         before,
         limit + 1,
@@ -666,19 +666,19 @@ pub async fn cancel(
 async fn cancel_in(
     txn: &Txn<'_>,
     runtime: &Runtime,
-    key_id: AccountId,
+    account: AccountId,
     batch_id: Uuid,
 ) -> Result<(), ApiError> {
     let now = Utc::now();
     // A final batch is answered as it is, with nothing written.
-    let seen = jobs::owned(txn, key_id, batch_id)
+    let seen = jobs::owned(txn, account, batch_id)
         .await?
         .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
     if seen.status.is_final() {
         return Ok(());
     }
     // Lock the batch row first: every transition of this batch serialises on it.
-    if !jobs::lock_owned(txn, key_id, batch_id, now).await? {
+    if !jobs::lock_owned(txn, account, batch_id, now).await? {
         return Err(ApiError::not_found("batch", batch_id));
     }
     let job = jobs::by_id(txn, batch_id)

@@ -10,37 +10,37 @@ use crate::store::{ledger, wallets};
 /// The ledger row an admin movement with this Idempotency-Key wrote, if any.
 pub async fn by_idempotency_key<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     idempotency_key: &str,
 ) -> Result<Option<entity::credit_ledger::Model>, DbErr> {
-    ledger::by_idempotency_key(db, key_id, idempotency_key).await
+    ledger::by_idempotency_key(db, account, idempotency_key).await
 }
 
 /// Reads a wallet.
-pub async fn wallet<C: ConnectionTrait>(db: &C, key_id: AccountId) -> Result<Wallet, DbErr> {
-    wallets::read(db, key_id).await
+pub async fn wallet<C: ConnectionTrait>(db: &C, account: AccountId) -> Result<Wallet, DbErr> {
+    wallets::read(db, account).await
 }
 
 /// The newest ledger rows of a key, newest first; `before` pages by id.
 pub async fn ledger<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     limit: u64,
     before: Option<i64>,
 ) -> Result<Vec<entity::credit_ledger::Model>, DbErr> {
-    ledger::page(db, key_id, before, limit).await
+    ledger::page(db, account, before, limit).await
 }
 
 /// The wallet as customers and admins see it: balance, held, available and the newest
 /// ledger rows (newest first; `before` pages by id). The one place the view is built.
 pub async fn view<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     limit: u64,
     before: Option<i64>,
 ) -> Result<crate::schemas::credits::Credits, DbErr> {
-    let w = wallet(db, key_id).await?;
-    let rows = ledger(db, key_id, limit, before).await?;
+    let w = wallet(db, account).await?;
+    let rows = ledger(db, account, limit, before).await?;
     Ok(crate::schemas::credits::Credits {
         balance: w.balance,
         held: w.held,

@@ -192,7 +192,7 @@ pub async fn reap_expired(
 /// order as cancel, so the two never deadlock).
 struct LockedBatch {
     id: Uuid,
-    key_id: AccountId,
+    account: AccountId,
     cost: i64,
     cancel_requested: bool,
     status: BatchStatus,
@@ -215,7 +215,7 @@ impl From<jobs::LockedJob> for LockedBatch {
     fn from(b: jobs::LockedJob) -> Self {
         LockedBatch {
             id: b.id,
-            key_id: AccountId(b.key_id),
+            account: AccountId(b.key_id),
             cost: b.cost_per_video,
             cancel_requested: b.cancel_requested,
             status: BatchStatus::from(b.status),
@@ -345,7 +345,7 @@ pub async fn complete_in(
             jobs::Success::Raced => return Err(ApiError::lease_lost(item_id)),
         };
     let charge =
-        NewEntry::new(batch.key_id.0, LedgerKind::Charge, batch.cost).item(batch.id, item_id);
+        NewEntry::new(batch.account.0, LedgerKind::Charge, batch.cost).item(batch.id, item_id);
     if !credits::apply_in(txn, charge).await? {
         return Err(ApiError::internal(format!(
             "charge failed for item {item_id}: held too small"
@@ -354,7 +354,7 @@ pub async fn complete_in(
     crate::service::webhooks::enqueue_item_event(
         txn,
         runtime,
-        batch.key_id,
+        batch.account,
         batch.id,
         item_id,
         "item.succeeded",
@@ -483,7 +483,7 @@ async fn fail_in(
             jobs::count_failure_code(txn, batch.id, report.code.as_str()).await?;
         }
         let release =
-            NewEntry::new(batch.key_id.0, LedgerKind::Release, batch.cost).item(batch.id, item_id);
+            NewEntry::new(batch.account.0, LedgerKind::Release, batch.cost).item(batch.id, item_id);
         if !credits::apply_in(txn, release).await? {
             return Err(ApiError::internal(format!(
                 "release failed for item {item_id}: held too small"
@@ -493,7 +493,7 @@ async fn fail_in(
             crate::service::webhooks::enqueue_item_event(
                 txn,
                 runtime,
-                batch.key_id,
+                batch.account,
                 batch.id,
                 item_id,
                 "item.failed",

@@ -42,12 +42,12 @@ fn window_start(now: DateTime<Utc>) -> i64 {
 /// any concurrency and on any number of nodes exactly `limit` calls are admitted.
 pub async fn admit(
     writes: &Writes,
-    key_id: AccountId,
+    account: AccountId,
     scope: &'static str,
     limit: u32,
     now: DateTime<Utc>,
 ) -> Result<RateInfo, ApiError> {
-    let count = writes.hit(key_id.0, scope, window_start(now)).await?;
+    let count = writes.hit(account.0, scope, window_start(now)).await?;
     Ok(RateInfo::after(scope, limit, count, now))
 }
 
@@ -93,7 +93,7 @@ pub fn tighter(account: RateInfo, own: Option<RateInfo>) -> RateInfo {
 /// after the call and, apart, whether the row was written.
 pub async fn admit_and_audit(
     writes: &Writes,
-    key_id: AccountId,
+    account: AccountId,
     quota: &PendingQuota,
     admitted: UsageRow,
     refused_request_id: String,
@@ -117,7 +117,7 @@ pub async fn admit_and_audit(
         }
     };
     let (count, audited) = writes
-        .hit_and_audit(key_id.0, scope, window_start(at), row, at)
+        .hit_and_audit(account.0, scope, window_start(at), row, at)
         .await?;
     Ok((RateInfo::after(scope, limit, count, at), audited))
 }
@@ -127,7 +127,7 @@ pub async fn admit_and_audit(
 /// and the work's output (`None`: refused).
 pub async fn admit_and_run<T, F>(
     writes: &Writes,
-    key_id: AccountId,
+    account: AccountId,
     quota: &PendingQuota,
     work: F,
 ) -> Result<(RateInfo, Option<T>), ApiError>
@@ -139,7 +139,7 @@ where
         scope, limit, at, ..
     } = quota;
     let (count, out) = writes
-        .run_counted(key_id.0, scope, window_start(at), limit, work)
+        .run_counted(account.0, scope, window_start(at), limit, work)
         .await?;
     Ok((RateInfo::after(scope, limit, count, at), out))
 }
@@ -179,12 +179,12 @@ pub fn refusal(key: &str, info: &RateInfo, per: &'static str) -> ApiError {
 /// concurrency and on any number of nodes exactly `limit` calls are admitted.
 pub async fn hit<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     scope: &'static str,
     limit: u32,
     now: DateTime<Utc>,
 ) -> Result<RateInfo, DbErr> {
-    let count = rate_limits::increment(db, key_id, scope, window_start(now)).await?;
+    let count = rate_limits::increment(db, account, scope, window_start(now)).await?;
     Ok(RateInfo::after(scope, limit, count, now))
 }
 

@@ -9,7 +9,7 @@ pub use crate::store::usage::{DayUsage, UsageRow, minute_bucket, record_through}
 /// An account's usage for the UTC days `from..=to` (default: the 30 days up to `today`), as served.
 pub async fn report<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     today: NaiveDate,
     from: Option<&str>,
     to: Option<&str>,
@@ -38,8 +38,8 @@ pub async fn report<C: ConnectionTrait>(
     }
     let start = from_day.and_time(chrono::NaiveTime::MIN).and_utc();
     let end = to_day.and_time(chrono::NaiveTime::MIN).and_utc() + TimeDelta::days(1);
-    let days = daily(db, key_id, start, end).await?;
-    let per_key = crate::store::usage::per_key(db, key_id, start, end).await?;
+    let days = daily(db, account, start, end).await?;
+    let per_key = crate::store::usage::per_key(db, account, start, end).await?;
     let ids: Vec<i64> = per_key.iter().map(|k| k.key_id).collect();
     let names = crate::store::keys::names(db, &ids).await?;
     let mut keys: Vec<crate::schemas::credits::KeyUsage> = per_key

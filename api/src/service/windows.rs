@@ -47,11 +47,11 @@ pub async fn expire_due(
 async fn expire_in(
     txn: &Txn<'_>,
     runtime: &Runtime,
-    key_id: AccountId,
+    account: AccountId,
     batch_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    if !jobs::lock_owned(txn, key_id, batch_id, now).await? {
+    if !jobs::lock_owned(txn, account, batch_id, now).await? {
         return Ok(());
     }
     let Some(job) = jobs::by_id(txn, batch_id).await? else {

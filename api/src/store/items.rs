@@ -65,13 +65,13 @@ impl From<&Model> for Visible {
 
 /// Where a key's new batch starts in the fair queue: right after the key's own queued items,
 /// but never before the queue's head, so a key's backlog cannot delay another key's batch.
-pub async fn fair_start<C: ConnectionTrait>(txn: &C, key_id: AccountId) -> Result<i64, DbErr> {
+pub async fn fair_start<C: ConnectionTrait>(txn: &C, account: AccountId) -> Result<i64, DbErr> {
     let row = txn
         .query_one_raw(stmt(
             txn.get_database_backend(),
             "SELECT (SELECT MIN(fair_pos) FROM batch_item WHERE status = 'queued') AS head, \
              (SELECT MAX(fair_pos) FROM batch_item WHERE status = 'queued' AND api_key_id = $1) AS tail",
-            [key_id.into()],
+            [account.into()],
         ))
         .await?;
     let (head, tail) = match row {
@@ -91,7 +91,7 @@ const INSERT_CHUNK: usize = 500;
 pub async fn insert_queued<C: ConnectionTrait>(
     txn: &C,
     batch_id: Uuid,
-    key_id: AccountId,
+    account: AccountId,
     start_pos: i64,
     items: &[NewItem],
     now: DateTime<Utc>,
@@ -102,7 +102,7 @@ pub async fn insert_queued<C: ConnectionTrait>(
         .map(|(i, item)| ActiveModel {
             id: Set(Uuid::now_v7()),
             batch_id: Set(batch_id),
-            api_key_id: Set(key_id.0),
+            api_key_id: Set(account.0),
             idx: Set(i as i32),
             prompt: Set(item.prompt.clone()),
             params: Set(item.params.clone()),

@@ -223,14 +223,14 @@ impl NewJob<'_> {
 /// The key's batch with this request id.
 pub async fn by_request_id<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     request_id: &str,
 ) -> Result<Option<Model>, DbErr> {
     // The create's hottest lookup.
     unique(
         db,
         "SELECT * FROM batch_job WHERE api_key_id = $1 AND request_id = $2",
-        [key_id.into(), request_id.into()],
+        [account.into(), request_id.into()],
     )
     .await
 }
@@ -255,14 +255,14 @@ pub async fn by_id<C: ConnectionTrait>(db: &C, id: Uuid) -> Result<Option<Model>
 /// A batch by id, if it belongs to the key.
 pub async fn owned<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     id: Uuid,
 ) -> Result<Option<Model>, DbErr> {
     // Every status poll runs this.
     unique(
         db,
         "SELECT * FROM batch_job WHERE id = $1 AND api_key_id = $2",
-        [id.into(), key_id.into()],
+        [id.into(), account.into()],
     )
     .await
 }
@@ -357,7 +357,7 @@ impl From<&Model> for Visible {
 /// with the batch.
 pub async fn owned_with_items<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     id: Uuid,
     max: u64,
 ) -> Result<Option<(Visible, (i64, i64), Vec<super::items::Visible>)>, DbErr> {
@@ -375,7 +375,7 @@ pub async fn owned_with_items<C: ConnectionTrait>(
         .query_all_raw(stmt(
             db.get_database_backend(),
             sql,
-            [id.into(), key_id.into()],
+            [id.into(), account.into()],
         ))
         .await?;
     let mut rows = rows.into_iter();
@@ -420,12 +420,12 @@ fn poll_sql(max: u64) -> String {
 /// (api_key_id, status, id) one, never more rows than the page.
 pub async fn page<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     status: Option<&str>,
     before: Option<Uuid>,
     max: u64,
 ) -> Result<Vec<Model>, DbErr> {
-    let mut values = vec![key_id.into()];
+    let mut values = vec![account.into()];
     values.extend(status.map(Into::into));
     values.extend(before.map(Into::into));
     Entity::find()
@@ -458,7 +458,7 @@ fn page_sql(status: bool, before: bool, max: u64) -> String {
 /// there is no such batch.
 pub async fn lock_owned<C: ConnectionTrait>(
     txn: &C,
-    key_id: AccountId,
+    account: AccountId,
     id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<bool, DbErr> {
@@ -466,7 +466,7 @@ pub async fn lock_owned<C: ConnectionTrait>(
         .execute_raw(stmt(
             txn.get_database_backend(),
             "UPDATE batch_job SET updated_at = $3 WHERE id = $1 AND api_key_id = $2",
-            [id.into(), key_id.into(), now.into()],
+            [id.into(), account.into(), now.into()],
         ))
         .await?;
     Ok(r.rows_affected() == 1)

@@ -152,7 +152,7 @@ async fn add_charges_to_rollup<C: ConnectionTrait>(
 /// The row an admin movement with this Idempotency-Key wrote, if any.
 pub async fn by_idempotency_key<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     idempotency_key: &str,
 ) -> Result<Option<Model>, DbErr> {
     // The pair is unique, so no LIMIT (see `sql::limit`).
@@ -160,7 +160,7 @@ pub async fn by_idempotency_key<C: ConnectionTrait>(
         .from_raw_sql(stmt(
             db.get_database_backend(),
             "SELECT * FROM credit_ledger WHERE api_key_id = $1 AND idempotency_key = $2",
-            [key_id.into(), idempotency_key.into()],
+            [account.into(), idempotency_key.into()],
         ))
         .one(db)
         .await
@@ -171,7 +171,7 @@ pub async fn by_idempotency_key<C: ConnectionTrait>(
 /// history.
 pub async fn page<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     before: Option<i64>,
     max: u64,
 ) -> Result<Vec<Model>, DbErr> {
@@ -179,7 +179,7 @@ pub async fn page<C: ConnectionTrait>(
         .from_raw_sql(stmt(
             db.get_database_backend(),
             &page_sql(max),
-            [key_id.into(), before.unwrap_or(i64::MAX).into()],
+            [account.into(), before.unwrap_or(i64::MAX).into()],
         ))
         .all(db)
         .await
@@ -196,7 +196,7 @@ fn page_sql(max: u64) -> String {
 /// Credits charged to a key per UTC day (`YYYY-MM-DD`) in `[from, to)`.
 pub async fn charged_per_day<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<(String, i64)>, DbErr> {
@@ -206,16 +206,20 @@ pub async fn charged_per_day<C: ConnectionTrait>(
         "SELECT {day} AS day, CAST(SUM(amount) AS BIGINT) AS charged FROM credit_ledger \
          WHERE api_key_id = $1 AND kind = 'charge' AND created_at >= $2 AND created_at < $3 GROUP BY {day}"
     );
-    db.query_all_raw(stmt(backend, &sql, [key_id.into(), from.into(), to.into()]))
-        .await?
-        .into_iter()
-        .map(|r| {
-            Ok((
-                r.try_get("", "day")?,
-                r.try_get::<Option<i64>>("", "charged")?.unwrap_or(0),
-            ))
-        })
-        .collect()
+    db.query_all_raw(stmt(
+        backend,
+        &sql,
+        [account.into(), from.into(), to.into()],
+    ))
+    .await?
+    .into_iter()
+    .map(|r| {
+        Ok((
+            r.try_get("", "day")?,
+            r.try_get::<Option<i64>>("", "charged")?.unwrap_or(0),
+        ))
+    })
+    .collect()
 }
 
 /// Moves the entry's credits and appends it to the ledger. Returns false (and changes

@@ -9,11 +9,11 @@ use crate::domain::ids::AccountId;
 /// Exact under any concurrency and on any number of nodes.
 pub async fn increment<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     scope: &str,
     window_start: i64,
 ) -> Result<i64, DbErr> {
-    let counts = add_many(db, &[(key_id.0, scope, window_start, 1)]).await?;
+    let counts = add_many(db, &[(account.0, scope, window_start, 1)]).await?;
     counts
         .into_iter()
         .next()
@@ -67,7 +67,7 @@ pub async fn add_many<C: ConnectionTrait>(
 /// Calls counted so far in a window.
 pub async fn count<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     scope: &str,
     window_start: i64,
 ) -> Result<i64, DbErr> {
@@ -75,7 +75,7 @@ pub async fn count<C: ConnectionTrait>(
         .query_one_raw(stmt(
             db.get_database_backend(),
             "SELECT count FROM rate_limit_window WHERE api_key_id = $1 AND scope = $2 AND window_start = $3",
-            [key_id.into(), scope.into(), window_start.into()],
+            [account.into(), scope.into(), window_start.into()],
         ))
         .await?
     {

@@ -206,7 +206,7 @@ async fn add_to_rollup<C: ConnectionTrait>(
 /// the credits charged) through their primary keys.
 pub async fn daily<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<DayUsage>, DbErr> {
@@ -214,7 +214,7 @@ pub async fn daily<C: ConnectionTrait>(
     let (from_day, to_day) = (day_of(from), day_of(to));
     let values = || {
         [
-            key_id.into(),
+            account.into(),
             from_day.clone().into(),
             to_day.clone().into(),
         ]
@@ -352,7 +352,7 @@ fn add_charged(days: &mut BTreeMap<String, DayUsage>, d: String, charged: i64) {
 /// history; reports never call it).
 pub async fn daily_from_raw_rows<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Vec<DayUsage>, DbErr> {
@@ -371,10 +371,14 @@ pub async fn daily_from_raw_rows<C: ConnectionTrait>(
          GROUP BY {day} ORDER BY {day}"
     );
     let rows = db
-        .query_all_raw(stmt(backend, &sql, [key_id.into(), from.into(), to.into()]))
+        .query_all_raw(stmt(
+            backend,
+            &sql,
+            [account.into(), from.into(), to.into()],
+        ))
         .await?;
     let mut days = days_of(rows)?;
-    for (d, charged) in super::ledger::charged_per_day(db, key_id, from, to).await? {
+    for (d, charged) in super::ledger::charged_per_day(db, account, from, to).await? {
         add_charged(&mut days, d, charged);
     }
     Ok(days.into_values().collect())

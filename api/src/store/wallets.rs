@@ -12,9 +12,9 @@ use crate::domain::money::{LedgerKind, MAX_BALANCE, Wallet};
 pub(super) const READ: &str = "SELECT balance, held FROM credit_wallet WHERE api_key_id = $1";
 
 /// Reads a wallet (a key without one has nothing).
-pub async fn read<C: ConnectionTrait>(db: &C, key_id: AccountId) -> Result<Wallet, DbErr> {
+pub async fn read<C: ConnectionTrait>(db: &C, account: AccountId) -> Result<Wallet, DbErr> {
     let row = db
-        .query_one_raw(stmt(db.get_database_backend(), READ, [key_id.into()]))
+        .query_one_raw(stmt(db.get_database_backend(), READ, [account.into()]))
         .await?;
     Ok(match row {
         Some(r) => Wallet {
@@ -32,7 +32,7 @@ pub async fn read<C: ConnectionTrait>(db: &C, key_id: AccountId) -> Result<Walle
 /// would overdraw on a hold, or go below held or above the maximum on a grant or adjust.
 pub async fn apply<C: ConnectionTrait>(
     txn: &C,
-    key_id: AccountId,
+    account: AccountId,
     kind: LedgerKind,
     amount: i64,
     now: DateTime<Utc>,
@@ -41,22 +41,27 @@ pub async fn apply<C: ConnectionTrait>(
         LedgerKind::Grant | LedgerKind::Adjust => (
             "UPDATE credit_wallet SET balance = balance + $2, updated_at = $3 \
              WHERE api_key_id = $1 AND balance + $2 >= held AND balance <= $4 - $2",
-            vec![key_id.into(), amount.into(), now.into(), MAX_BALANCE.into()],
+            vec![
+                account.into(),
+                amount.into(),
+                now.into(),
+                MAX_BALANCE.into(),
+            ],
         ),
         LedgerKind::Hold => (
             "UPDATE credit_wallet SET held = held + $2, updated_at = $3 \
              WHERE api_key_id = $1 AND balance - held >= $2",
-            vec![key_id.into(), amount.into(), now.into()],
+            vec![account.into(), amount.into(), now.into()],
         ),
         LedgerKind::Charge => (
             "UPDATE credit_wallet SET balance = balance - $2, held = held - $2, updated_at = $3 \
              WHERE api_key_id = $1 AND held >= $2",
-            vec![key_id.into(), amount.into(), now.into()],
+            vec![account.into(), amount.into(), now.into()],
         ),
         LedgerKind::Release => (
             "UPDATE credit_wallet SET held = held - $2, updated_at = $3 \
              WHERE api_key_id = $1 AND held >= $2",
-            vec![key_id.into(), amount.into(), now.into()],
+            vec![account.into(), amount.into(), now.into()],
         ),
     };
     let r = txn
@@ -70,7 +75,7 @@ pub async fn apply<C: ConnectionTrait>(
 /// releases of one key that a group sums (see [`super::unit`]).
 pub async fn add<C: ConnectionTrait>(
     txn: &C,
-    key_id: AccountId,
+    account: AccountId,
     balance: i64,
     held: i64,
     now: DateTime<Utc>,
@@ -82,7 +87,7 @@ pub async fn add<C: ConnectionTrait>(
              WHERE api_key_id = $1 AND held + $3 >= 0 AND balance + $2 >= held + $3 \
              AND balance + $2 <= $5",
             [
-                key_id.into(),
+                account.into(),
                 balance.into(),
                 held.into(),
                 now.into(),
@@ -97,7 +102,7 @@ pub async fn add<C: ConnectionTrait>(
 /// the credits are not there (nothing changed).
 pub async fn hold<C: ConnectionTrait>(
     txn: &C,
-    key_id: AccountId,
+    account: AccountId,
     amount: i64,
     now: DateTime<Utc>,
 ) -> Result<Option<Wallet>, DbErr> {
@@ -106,7 +111,7 @@ pub async fn hold<C: ConnectionTrait>(
             txn.get_database_backend(),
             "UPDATE credit_wallet SET held = held + $2, updated_at = $3 \
              WHERE api_key_id = $1 AND balance - held >= $2 RETURNING balance, held",
-            [key_id.into(), amount.into(), now.into()],
+            [account.into(), amount.into(), now.into()],
         ))
         .await?
     {

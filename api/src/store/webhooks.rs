@@ -286,7 +286,7 @@ pub async fn delete_idle_endpoints_older_than<C: ConnectionTrait>(
 /// the endpoint and holds its pending deliveries: true when this attempt disabled it.
 pub async fn note_endpoint<C: ConnectionTrait>(
     txn: &C,
-    key_id: AccountId,
+    account: AccountId,
     url: &str,
     success: bool,
     now: DateTime<Utc>,
@@ -303,7 +303,7 @@ pub async fn note_endpoint<C: ConnectionTrait>(
          last_failure_at = $3, updated_at = $3, \
          failing_since = COALESCE(webhook_endpoint.failing_since, $3)"
     };
-    txn.execute_raw(stmt(backend, sql, [key_id.into(), url.into(), now.into()]))
+    txn.execute_raw(stmt(backend, sql, [account.into(), url.into(), now.into()]))
         .await?;
     if success {
         return Ok(false);
@@ -314,7 +314,7 @@ pub async fn note_endpoint<C: ConnectionTrait>(
             "UPDATE webhook_endpoint SET disabled_at = $3 WHERE api_key_id = $1 AND url = $2 \
              AND disabled_at IS NULL AND failing_since <= $4",
             [
-                key_id.into(),
+                account.into(),
                 url.into(),
                 now.into(),
                 (now - disable_after).into(),
@@ -328,7 +328,7 @@ pub async fn note_endpoint<C: ConnectionTrait>(
             backend,
             "UPDATE webhook_delivery SET held_at = $3 WHERE api_key_id = $1 AND target_url = $2 \
              AND status = 'pending' AND held_at IS NULL",
-            [key_id.into(), url.into(), now.into()],
+            [account.into(), url.into(), now.into()],
         ))
         .await?;
     }
@@ -348,13 +348,13 @@ pub struct Endpoint {
 /// The endpoints a key has sent to, by URL.
 pub async fn endpoints<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
 ) -> Result<Vec<Endpoint>, DbErr> {
     Endpoint::find_by_statement(stmt(
         db.get_database_backend(),
         "SELECT url, failing_since, last_success_at, last_failure_at, disabled_at \
          FROM webhook_endpoint WHERE api_key_id = $1 ORDER BY url",
-        [key_id.into()],
+        [account.into()],
     ))
     .all(db)
     .await
@@ -364,7 +364,7 @@ pub async fn endpoints<C: ConnectionTrait>(
 /// released, or None when the key never sent to that URL.
 pub async fn enable_endpoint<C: ConnectionTrait>(
     txn: &C,
-    key_id: AccountId,
+    account: AccountId,
     url: &str,
     now: DateTime<Utc>,
 ) -> Result<Option<u64>, DbErr> {
@@ -374,7 +374,7 @@ pub async fn enable_endpoint<C: ConnectionTrait>(
             backend,
             "UPDATE webhook_endpoint SET disabled_at = NULL, failing_since = NULL, updated_at = $3 \
              WHERE api_key_id = $1 AND url = $2",
-            [key_id.into(), url.into(), now.into()],
+            [account.into(), url.into(), now.into()],
         ))
         .await?
         .rows_affected();
@@ -386,7 +386,7 @@ pub async fn enable_endpoint<C: ConnectionTrait>(
             backend,
             "UPDATE webhook_delivery SET held_at = NULL, next_attempt_at = $3, updated_at = $3 \
              WHERE api_key_id = $1 AND target_url = $2 AND held_at IS NOT NULL",
-            [key_id.into(), url.into(), now.into()],
+            [account.into(), url.into(), now.into()],
         ))
         .await?
         .rows_affected();
@@ -424,11 +424,11 @@ pub struct DeliveryFilter<'a> {
 /// Up to `max` of a key's deliveries, newest first, through the (api_key_id, id) index.
 pub async fn page_of_key<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     f: &DeliveryFilter<'_>,
     max: u64,
 ) -> Result<Vec<Model>, DbErr> {
-    let mut q = Entity::find().filter(Column::ApiKeyId.eq(key_id));
+    let mut q = Entity::find().filter(Column::ApiKeyId.eq(account));
     match f.status {
         Some("held") => {
             q = q
@@ -476,7 +476,7 @@ pub async fn attempts_of<C: ConnectionTrait>(
 /// held (an attempt is due or in flight already) or is not the key's.
 pub async fn resend<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     id: Uuid,
     idempotency_key: Option<&str>,
     now: DateTime<Utc>,
@@ -487,7 +487,7 @@ pub async fn resend<C: ConnectionTrait>(
             "UPDATE webhook_delivery SET status = 'pending', attempt_count = 0, next_attempt_at = $3, \
              updated_at = $3, resend_key = $4 \
              WHERE id = $1 AND api_key_id = $2 AND status <> 'pending'",
-            [id.into(), key_id.into(), now.into(), idempotency_key.into()],
+            [id.into(), account.into(), now.into(), idempotency_key.into()],
         ))
         .await?;
     Ok(r.rows_affected() == 1)
@@ -498,7 +498,7 @@ pub async fn resend<C: ConnectionTrait>(
 /// disabled: how many. A delivery a recover sent once is not sent by another.
 pub async fn recover<C: ConnectionTrait>(
     db: &C,
-    key_id: AccountId,
+    account: AccountId,
     since: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<u64, DbErr> {
@@ -511,7 +511,7 @@ pub async fn recover<C: ConnectionTrait>(
                AND e.url = webhook_delivery.target_url AND e.disabled_at IS NOT NULL) \
              WHERE api_key_id = $1 AND status = 'failed' AND created_at >= $2 \
              AND recovered_at IS NULL",
-            [key_id.into(), since.into(), now.into()],
+            [account.into(), since.into(), now.into()],
         ))
         .await?;
     Ok(r.rows_affected())

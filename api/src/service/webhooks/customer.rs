@@ -50,7 +50,7 @@ pub struct ListQuery {
 /// A page of the key's deliveries, newest first, and the cursor of the next page.
 pub async fn list(
     db: &DatabaseConnection,
-    key_id: AccountId,
+    account: AccountId,
     q: &ListQuery,
 ) -> Result<(Vec<Delivery>, Option<String>), ApiError> {
     let filter = DeliveryFilter {
@@ -60,7 +60,7 @@ pub async fn list(
         since: q.since,
         before: q.cursor.as_deref().map(decode_cursor).transpose()?,
     };
-    let mut rows = webhooks::page_of_key(db, key_id, &filter, q.limit + 1).await?;
+    let mut rows = webhooks::page_of_key(db, account, &filter, q.limit + 1).await?;
     let next = if rows.len() as u64 > q.limit {
         rows.truncate(q.limit as usize);
         rows.last().map(|d| encode_cursor(d.id))
@@ -73,22 +73,22 @@ pub async fn list(
 /// The key's delivery `id`, or 404.
 async fn owned(
     db: &DatabaseConnection,
-    key_id: AccountId,
+    account: AccountId,
     id: Uuid,
 ) -> Result<webhook_delivery::Model, ApiError> {
     webhooks::by_id(db, id)
         .await?
-        .filter(|d| d.api_key_id == key_id.0)
+        .filter(|d| d.api_key_id == account.0)
         .ok_or_else(|| ApiError::not_found("webhook delivery", id))
 }
 
 /// A delivery with its attempts.
 pub async fn detail(
     db: &DatabaseConnection,
-    key_id: AccountId,
+    account: AccountId,
     id: Uuid,
 ) -> Result<DeliveryDetail, ApiError> {
-    let d = owned(db, key_id, id).await?;
+    let d = owned(db, account, id).await?;
     let attempt_log = webhooks::attempts_of(db, id)
         .await?
         .into_iter()
@@ -114,11 +114,11 @@ pub async fn detail(
 pub async fn resend(
     db: &DatabaseConnection,
     writes: &Writes,
-    key_id: AccountId,
+    account: AccountId,
     id: Uuid,
     idempotency_key: Option<String>,
 ) -> Result<Delivery, ApiError> {
-    let d = owned(db, key_id, id).await?;
+    let d = owned(db, account, id).await?;
     if d.held_at.is_some() {
         return Err(ApiError::new(
             ErrorCode::Conflict,
@@ -132,27 +132,27 @@ pub async fn resend(
     let replay = idempotency_key.is_some() && d.resend_key == idempotency_key;
     if d.status != "pending" && !replay {
         writes
-            .run(Some(key_id.0), move |txn| {
+            .run(Some(account.0), move |txn| {
                 let key = idempotency_key.clone();
                 Box::pin(async move {
-                    Ok(webhooks::resend(txn, key_id, id, key.as_deref(), Utc::now()).await?)
+                    Ok(webhooks::resend(txn, account, id, key.as_deref(), Utc::now()).await?)
                 })
             })
             .await?;
     }
-    Ok(view(&owned(db, key_id, id).await?))
+    Ok(view(&owned(db, account, id).await?))
 }
 
 /// Sends again each failed delivery of the key created at or after `since` (once per
 /// delivery, oldest first): how many were queued.
 pub async fn recover(
     writes: &Writes,
-    key_id: AccountId,
+    account: AccountId,
     since: DateTime<Utc>,
 ) -> Result<u64, ApiError> {
     writes
-        .run(Some(key_id.0), move |txn| {
-            Box::pin(async move { Ok(webhooks::recover(txn, key_id, since, Utc::now()).await?) })
+        .run(Some(account.0), move |txn| {
+            Box::pin(async move { Ok(webhooks::recover(txn, account, since, Utc::now()).await?) })
         })
         .await
 }
@@ -205,15 +205,15 @@ pub async fn endpoints(
 pub async fn enable(
     db: &DatabaseConnection,
     writes: &Writes,
-    key_id: AccountId,
+    account: AccountId,
     url: String,
 ) -> Result<EndpointEnabled, ApiError> {
     let target = url.clone();
     let released = writes
-        .run(Some(key_id.0), move |txn| {
+        .run(Some(account.0), move |txn| {
             let url = target.clone();
             Box::pin(
-                async move { Ok(webhooks::enable_endpoint(txn, key_id, &url, Utc::now()).await?) },
+                async move { Ok(webhooks::enable_endpoint(txn, account, &url, Utc::now()).await?) },
             )
         })
         .await?;
@@ -223,7 +223,7 @@ pub async fn enable(
             format!("no webhook was ever sent to {url} by this key"),
         ));
     };
-    let endpoint = webhooks::endpoints(db, key_id)
+    let endpoint = webhooks::endpoints(db, account)
         .await?
         .iter()
         .find(|e| e.url == url)

@@ -13,7 +13,7 @@ use crate::store::{items, jobs};
 
 async fn enqueue<C: ConnectionTrait>(
     txn: &C,
-    key_id: AccountId,
+    account: AccountId,
     batch_id: Option<Uuid>,
     target: &str,
     event: &str,
@@ -22,7 +22,7 @@ async fn enqueue<C: ConnectionTrait>(
 ) -> Result<(), DbErr> {
     let payload = json!({ "type": event, "timestamp": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "data": data });
     NewDelivery {
-        key_id: key_id.0,
+        key_id: account.0,
         batch_id,
         event_type: event,
         payload: payload.to_string(),
@@ -34,11 +34,11 @@ async fn enqueue<C: ConnectionTrait>(
 
 fn target(
     runtime: &Runtime,
-    key_id: AccountId,
+    account: AccountId,
     batch_url: Option<&str>,
     event: &str,
 ) -> Option<String> {
-    let key = runtime.accounts.get(&key_id.0)?;
+    let key = runtime.accounts.get(&account.0)?;
     if !key.policy.webhook_events.iter().any(|e| e == event) {
         return None;
     }
@@ -83,7 +83,7 @@ pub async fn enqueue_batch_event<C: ConnectionTrait>(
 pub async fn enqueue_item_event<C: ConnectionTrait>(
     txn: &C,
     runtime: &Runtime,
-    key_id: AccountId,
+    account: AccountId,
     batch_id: Uuid,
     item_id: Uuid,
     event: &str,
@@ -92,7 +92,7 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
     // Most keys do not subscribe to item events: decide before reading anything.
     let subscribed = runtime
         .accounts
-        .get(&key_id.0)
+        .get(&account.0)
         .is_some_and(|k| k.policy.webhook_events.iter().any(|e| e == event));
     if !subscribed {
         return Ok(());
@@ -137,12 +137,12 @@ pub async fn enqueue_item_event<C: ConnectionTrait>(
 pub async fn enqueue_low_credits<C: ConnectionTrait>(
     txn: &C,
     runtime: &Runtime,
-    key_id: AccountId,
+    account: AccountId,
     before: i64,
     after: i64,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    let Some(key) = runtime.accounts.get(&key_id.0) else {
+    let Some(key) = runtime.accounts.get(&account.0) else {
         return Ok(());
     };
     let Some(threshold) = key.policy.low_credit_threshold else {
@@ -153,7 +153,7 @@ pub async fn enqueue_low_credits<C: ConnectionTrait>(
     }
     metrics::counter!("credits_low_events_total").increment(1);
     tracing::info!(account = %key.policy.name, available = after, threshold, "credits low");
-    let Some(url) = target(runtime, key_id, None, "credits.low") else {
+    let Some(url) = target(runtime, account, None, "credits.low") else {
         return Ok(());
     };
     // `key` names the key of an account that is a key's own (as before accounts existed).
@@ -165,5 +165,5 @@ pub async fn enqueue_low_credits<C: ConnectionTrait>(
     if key.policy.implicit {
         data["key"] = json!(key.policy.name);
     }
-    enqueue(txn, key_id, None, &url, "credits.low", data, now).await
+    enqueue(txn, account, None, &url, "credits.low", data, now).await
 }
