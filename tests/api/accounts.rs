@@ -386,6 +386,8 @@ async fn the_admin_api_addresses_accounts_and_the_key_paths_their_keys_accounts(
     assert_eq!(solo["keys"], json!(["solo"]));
     assert_eq!(solo["balance"], 7);
 
+    let one = app.admin_get("/accounts/acme").await;
+    assert_eq!(&one, acme, "one account as the list shows it");
     let keys = app.admin_get("/keys").await;
     let ci = keys
         .as_array()
@@ -437,7 +439,11 @@ async fn the_admin_api_addresses_accounts_and_the_key_paths_their_keys_accounts(
         app.admin_get("/keys/acme-prod/usage").await["keys"],
         usage["keys"]
     );
-    for path in ["/accounts/nobody/credits", "/accounts/nobody/usage"] {
+    for path in [
+        "/accounts/nobody",
+        "/accounts/nobody/credits",
+        "/accounts/nobody/usage",
+    ] {
         let r = app
             .client
             .get(format!("{}/api/admin{path}", app.base))

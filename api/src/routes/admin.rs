@@ -367,42 +367,33 @@ impl AdminApi {
     ) -> Result<Json<Vec<AccountInfo>>, ApiError> {
         let runtime = &auth.0;
         let mut out = Vec::with_capacity(runtime.settings.accounts.len());
-        for (name, a) in &runtime.settings.accounts {
-            let Some(entry) = runtime.accounts_by_name.get(name) else {
-                continue;
-            };
-            let w = credits::wallet(&state.db, entry.id).await?;
-            out.push(AccountInfo {
-                name: name.clone(),
-                own_account_of_key: a.implicit,
-                disabled: a.disabled,
-                keys: runtime
-                    .settings
-                    .keys
-                    .values()
-                    .filter(|k| k.account.name == *name)
-                    .map(|k| k.name.clone())
-                    .collect(),
-                cost_per_video: a.limits.cost_per_video,
-                rate_limit_per_min: a.limits.rate_limit_per_min,
-                read_rate_limit_per_min: a.limits.read_rate_limit_per_min,
-                max_batch_items: a.limits.max_batch_items,
-                max_prompt_chars: a.limits.max_prompt_chars,
-                completion_window: a
-                    .limits
-                    .completion_window
-                    .map(|w| humantime::format_duration(w).to_string()),
-                webhook_url: a.webhook_url.clone(),
-                webhook_secret_set: a.webhook_secret.is_some(),
-                webhook_events: a.webhook_events.clone(),
-                low_credit_threshold: a.low_credit_threshold,
-                max_running_items: a.max_running_items,
-                balance: w.balance,
-                held: w.held,
-                available: w.available(),
-            });
+        for name in runtime.settings.accounts.keys() {
+            if let Some(info) = account_info(&state, runtime, name).await? {
+                out.push(info);
+            }
         }
         Ok(Json(out))
+    }
+
+    /// Get an account
+    ///
+    /// A configured account with its keys, effective policy and wallet.
+    #[oai(
+        path = "/accounts/:account",
+        method = "get",
+        operation_id = "get_account",
+        tag = "AdminTags::Keys"
+    )]
+    async fn get_account(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AdminAuth,
+        account: Path<String>,
+    ) -> Result<Json<AccountInfo>, ApiError> {
+        account_info(&state, &auth.0, &account.0)
+            .await?
+            .map(Json)
+            .ok_or_else(|| ApiError::not_found("account", &account.0))
     }
 
     /// Get an account's wallet and ledger
@@ -677,6 +668,50 @@ impl AdminApi {
             .ok_or_else(|| ApiError::not_found("webhook delivery", id.0))?;
         Ok(Json(delivery_view(&auth.0, d)))
     }
+}
+
+/// A configured account as the admin API shows it (None: not configured).
+async fn account_info(
+    state: &AppState,
+    runtime: &crate::state::Runtime,
+    name: &str,
+) -> Result<Option<AccountInfo>, ApiError> {
+    let (Some(a), Some(entry)) = (
+        runtime.settings.accounts.get(name),
+        runtime.accounts_by_name.get(name),
+    ) else {
+        return Ok(None);
+    };
+    let w = credits::wallet(&state.db, entry.id).await?;
+    Ok(Some(AccountInfo {
+        name: name.to_string(),
+        own_account_of_key: a.implicit,
+        disabled: a.disabled,
+        keys: runtime
+            .settings
+            .keys
+            .values()
+            .filter(|k| k.account.name == name)
+            .map(|k| k.name.clone())
+            .collect(),
+        cost_per_video: a.limits.cost_per_video,
+        rate_limit_per_min: a.limits.rate_limit_per_min,
+        read_rate_limit_per_min: a.limits.read_rate_limit_per_min,
+        max_batch_items: a.limits.max_batch_items,
+        max_prompt_chars: a.limits.max_prompt_chars,
+        completion_window: a
+            .limits
+            .completion_window
+            .map(|w| humantime::format_duration(w).to_string()),
+        webhook_url: a.webhook_url.clone(),
+        webhook_secret_set: a.webhook_secret.is_some(),
+        webhook_events: a.webhook_events.clone(),
+        low_credit_threshold: a.low_credit_threshold,
+        max_running_items: a.max_running_items,
+        balance: w.balance,
+        held: w.held,
+        available: w.available(),
+    }))
 }
 
 fn delivery_view(
