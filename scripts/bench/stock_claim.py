@@ -15,6 +15,8 @@ import sqlite3
 import sys
 import time
 import uuid
+
+from stock_account import stock_account
 from datetime import datetime, timedelta, timezone
 
 
@@ -30,17 +32,8 @@ def main() -> None:
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA foreign_keys=ON")
     now = ts(datetime.now(timezone.utc))
-    # The account owns the wallet, batches and windows (key_id below is the account's id).
-    db.execute(
-        "INSERT INTO account (name, disabled, created_at, updated_at) VALUES (?, 0, ?, ?)",
-        ("stock", now, now),
-    )
-    key_id = db.execute("SELECT id FROM account WHERE name = 'stock'").fetchone()[0]
-    db.execute(
-        "INSERT INTO api_key (name, key_sha256, disabled, account_id, created_at, updated_at) "
-        "VALUES (?, ?, 0, ?, ?, ?)",
-        ("stock", "0" * 64, key_id, now, now),
-    )
+    # The account owns the wallet, batches and windows (key_id is the account's id).
+    key_id = stock_account(db, now)
     db.execute(
         "INSERT INTO credit_wallet (api_key_id, balance, held, updated_at) VALUES (?, ?, ?, ?)",
         (key_id, 10**15, preload * 10, now),

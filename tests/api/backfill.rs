@@ -216,11 +216,19 @@ async fn the_upgrade_backfills_open_counts_the_usage_rollup_and_failure_codes(ba
     assert_eq!(rolled.len(), 2);
     let d2 = &rolled[0];
     assert_eq!(
-        (d2.calls, d2.calls_2xx, d2.calls_4xx, d2.rate_limited),
+        (
+            d2.counts.calls,
+            d2.counts.calls_2xx,
+            d2.counts.calls_4xx,
+            d2.counts.rate_limited
+        ),
         (5, 2, 3, 3)
     );
-    assert_eq!((d2.batches, d2.items, d2.credits_charged), (1, 5, 10));
-    assert_eq!((rolled[1].calls, rolled[1].credits_charged), (1, 20));
+    assert_eq!(
+        (d2.counts.batches, d2.counts.items, d2.credits_charged),
+        (1, 5, 10)
+    );
+    assert_eq!((rolled[1].counts.calls, rolled[1].credits_charged), (1, 20));
     // Failures of the previous release have codes: a lease that ran out is `worker_lost`,
     // anything else `internal`; the batch counts them per code.
     let codes = db

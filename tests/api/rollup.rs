@@ -85,10 +85,15 @@ async fn usage_from_the_rollup_equals_the_raw_rows_and_outlives_their_pruning(ba
     );
     let old = &rolled[0];
     assert_eq!(
-        (old.calls, old.calls_2xx, old.calls_4xx, old.rate_limited),
+        (
+            old.counts.calls,
+            old.counts.calls_2xx,
+            old.counts.calls_4xx,
+            old.counts.rate_limited
+        ),
         (6, 3, 3, 1)
     );
-    assert_eq!((old.batches, old.items), (1, 3));
+    assert_eq!((old.counts.batches, old.counts.items), (1, 3));
     assert_eq!(rolled[2].credits_charged, 10);
     let (first, last) = (noon(100).date_naive(), noon(1).date_naive());
     let served = usage(&app, &key, &first.to_string(), &last.to_string()).await;

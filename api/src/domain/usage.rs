@@ -1,4 +1,4 @@
-//! The audit of customer calls: one call as audited, and a day of a key's usage.
+//! The audit of customer calls: one call as audited, and a day of an account's usage.
 use chrono::NaiveDate;
 use uuid::Uuid;
 
@@ -37,11 +37,9 @@ pub struct UsageRow {
     pub count: i64,
 }
 
-/// One day of a key's usage.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DayUsage {
-    /// UTC date.
-    pub date: NaiveDate,
+/// Calls summed over a period (a day, or one key's share of a report).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallCounts {
     /// All calls.
     pub calls: i64,
     /// 2xx calls.
@@ -50,12 +48,21 @@ pub struct DayUsage {
     pub calls_4xx: i64,
     /// 5xx calls.
     pub calls_5xx: i64,
-    /// Calls refused by the rate limit.
+    /// Calls refused by a rate limit.
     pub rate_limited: i64,
     /// Batches created.
     pub batches: i64,
     /// Items in created batches.
     pub items: i64,
+}
+
+/// One day of an account's usage.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DayUsage {
+    /// UTC date.
+    pub date: NaiveDate,
+    /// The day's calls.
+    pub counts: CallCounts,
     /// Credits charged for succeeded items.
     pub credits_charged: i64,
 }

@@ -74,6 +74,53 @@ impl AdminApi {
         })
     }
 
+    /// A grant to the account a path addresses.
+    async fn grant_to(
+        state: &AppState,
+        owner: Owner<'_>,
+        idempotency_key: Option<String>,
+        body: GrantRequest,
+        req: &poem::Request,
+    ) -> Result<Json<AdminWallet>, ApiError> {
+        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key)?;
+        let note = body.note.map(Text::into_string);
+        let wallet = Self::movement(
+            state,
+            &owner,
+            LedgerKind::Grant,
+            body.amount,
+            note,
+            idempotency_key,
+        )
+        .await?;
+        Ok(Json(wallet))
+    }
+
+    /// An adjust of the account a path addresses.
+    async fn adjust_to(
+        state: &AppState,
+        owner: Owner<'_>,
+        idempotency_key: Option<String>,
+        body: AdjustRequest,
+        req: &poem::Request,
+    ) -> Result<Json<AdminWallet>, ApiError> {
+        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key)?;
+        if body.amount == 0 {
+            return Err(ApiError::validation("amount", "must not be 0"));
+        }
+        let note = body.note.map(Text::into_string);
+        let wallet = Self::movement(
+            state,
+            &owner,
+            LedgerKind::Adjust,
+            body.amount,
+            note,
+            idempotency_key,
+        )
+        .await?;
+        Ok(Json(wallet))
+    }
+
     async fn movement(
         state: &AppState,
         path: &Owner<'_>,
@@ -229,18 +276,7 @@ impl AdminApi {
         body: Json<GrantRequest>,
         req: &poem::Request,
     ) -> Result<Json<AdminWallet>, ApiError> {
-        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
-        Ok(Json(
-            Self::movement(
-                &state,
-                &Owner::Key(&key.0),
-                LedgerKind::Grant,
-                body.0.amount,
-                body.0.note.map(Text::into_string),
-                idempotency_key.0,
-            )
-            .await?,
-        ))
+        Self::grant_to(&state, Owner::Key(&key.0), idempotency_key.0, body.0, req).await
     }
 
     /// Adjust credits
@@ -265,21 +301,7 @@ impl AdminApi {
         body: Json<AdjustRequest>,
         req: &poem::Request,
     ) -> Result<Json<AdminWallet>, ApiError> {
-        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
-        if body.0.amount == 0 {
-            return Err(ApiError::validation("amount", "must not be 0"));
-        }
-        Ok(Json(
-            Self::movement(
-                &state,
-                &Owner::Key(&key.0),
-                LedgerKind::Adjust,
-                body.0.amount,
-                body.0.note.map(Text::into_string),
-                idempotency_key.0,
-            )
-            .await?,
-        ))
+        Self::adjust_to(&state, Owner::Key(&key.0), idempotency_key.0, body.0, req).await
     }
 
     /// Get a key's wallet and ledger
@@ -450,18 +472,14 @@ impl AdminApi {
         body: Json<GrantRequest>,
         req: &poem::Request,
     ) -> Result<Json<AdminWallet>, ApiError> {
-        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
-        Ok(Json(
-            Self::movement(
-                &state,
-                &Owner::Account(&account.0),
-                LedgerKind::Grant,
-                body.0.amount,
-                body.0.note.map(Text::into_string),
-                idempotency_key.0,
-            )
-            .await?,
-        ))
+        Self::grant_to(
+            &state,
+            Owner::Account(&account.0),
+            idempotency_key.0,
+            body.0,
+            req,
+        )
+        .await
     }
 
     /// Adjust an account's credits
@@ -486,21 +504,14 @@ impl AdminApi {
         body: Json<AdjustRequest>,
         req: &poem::Request,
     ) -> Result<Json<AdminWallet>, ApiError> {
-        crate::error::refuse_unreadable_header(req, "Idempotency-Key", &idempotency_key.0)?;
-        if body.0.amount == 0 {
-            return Err(ApiError::validation("amount", "must not be 0"));
-        }
-        Ok(Json(
-            Self::movement(
-                &state,
-                &Owner::Account(&account.0),
-                LedgerKind::Adjust,
-                body.0.amount,
-                body.0.note.map(Text::into_string),
-                idempotency_key.0,
-            )
-            .await?,
-        ))
+        Self::adjust_to(
+            &state,
+            Owner::Account(&account.0),
+            idempotency_key.0,
+            body.0,
+            req,
+        )
+        .await
     }
 
     /// Get an account's usage

@@ -77,15 +77,16 @@ pub struct UsageDay {
 
 impl From<crate::domain::usage::DayUsage> for UsageDay {
     fn from(d: crate::domain::usage::DayUsage) -> Self {
+        let c = d.counts;
         Self {
             date: d.date.format("%Y-%m-%d").to_string(),
-            calls: d.calls,
-            calls_2xx: d.calls_2xx,
-            calls_4xx: d.calls_4xx,
-            calls_5xx: d.calls_5xx,
-            rate_limited: d.rate_limited,
-            batches: d.batches,
-            items: d.items,
+            calls: c.calls,
+            calls_2xx: c.calls_2xx,
+            calls_4xx: c.calls_4xx,
+            calls_5xx: c.calls_5xx,
+            rate_limited: c.rate_limited,
+            batches: c.batches,
+            items: c.items,
             credits_charged: d.credits_charged,
         }
     }
@@ -123,4 +124,20 @@ pub struct KeyUsage {
     pub batches: i64,
     /// Items in created batches.
     pub items: i64,
+}
+
+impl KeyUsage {
+    /// The calls of the key named `key` over a report's period.
+    pub fn new(key: String, c: crate::domain::usage::CallCounts) -> Self {
+        Self {
+            key,
+            calls: c.calls,
+            calls_2xx: c.calls_2xx,
+            calls_4xx: c.calls_4xx,
+            calls_5xx: c.calls_5xx,
+            rate_limited: c.rate_limited,
+            batches: c.batches,
+            items: c.items,
+        }
+    }
 }

@@ -40,22 +40,13 @@ pub async fn report<C: ConnectionTrait>(
     let end = to_day.and_time(chrono::NaiveTime::MIN).and_utc() + TimeDelta::days(1);
     let days = daily(db, account, start, end).await?;
     let per_key = crate::store::usage::per_key(db, account, start, end).await?;
-    let ids: Vec<i64> = per_key.iter().map(|k| k.key_id).collect();
+    let ids: Vec<i64> = per_key.iter().map(|(id, _)| *id).collect();
     let names = crate::store::keys::names(db, &ids).await?;
     let mut keys: Vec<crate::schemas::credits::KeyUsage> = per_key
         .into_iter()
-        .map(|k| crate::schemas::credits::KeyUsage {
-            key: names
-                .get(&k.key_id)
-                .cloned()
-                .unwrap_or_else(|| k.key_id.to_string()),
-            calls: k.calls,
-            calls_2xx: k.calls_2xx,
-            calls_4xx: k.calls_4xx,
-            calls_5xx: k.calls_5xx,
-            rate_limited: k.rate_limited,
-            batches: k.batches,
-            items: k.items,
+        .map(|(id, counts)| {
+            let name = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
+            crate::schemas::credits::KeyUsage::new(name, counts)
         })
         .collect();
     keys.sort_by(|a, b| a.key.cmp(&b.key));

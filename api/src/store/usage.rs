@@ -10,7 +10,7 @@ use sea_orm::{ConnectionTrait, DbErr};
 
 use super::sql::{day_expr, day_of, limit, stmt, value_rows};
 use crate::domain::ids::AccountId;
-pub use crate::domain::usage::{DayUsage, UsageRow};
+pub use crate::domain::usage::{CallCounts, DayUsage, UsageRow};
 
 /// The UTC minute containing `t`.
 pub fn minute_bucket(t: DateTime<Utc>) -> DateTime<Utc> {
@@ -220,7 +220,7 @@ pub async fn daily<C: ConnectionTrait>(
         ]
     };
     let rows = db
-        .query_all_raw(stmt(backend, ROLLUP_DAYS, values()))
+        .query_all_raw(stmt(backend, &ROLLUP_DAYS, values()))
         .await?;
     let mut days = days_of(rows)?;
     let charged = db
@@ -232,47 +232,43 @@ pub async fn daily<C: ConnectionTrait>(
     Ok(days.into_values().collect())
 }
 
-/// The calls of a key's days `[$2, $3)`, summed per day over the day's outcomes: a range of
-/// the rollup's primary key.
-const ROLLUP_DAYS: &str = "SELECT day, CAST(SUM(calls) AS BIGINT) AS calls, \
+/// The sums of a usage query, over the rollup rows of its group (`calls`, `c2`, `c4`, `c5`,
+/// `rl`, `batches`, `items`; read by [`counts_of`]).
+const ROLLUP_SUMS: &str = "CAST(SUM(calls) AS BIGINT) AS calls, \
      CAST(SUM(CASE WHEN status_class = 2 THEN calls ELSE 0 END) AS BIGINT) AS c2, \
      CAST(SUM(CASE WHEN status_class = 4 THEN calls ELSE 0 END) AS BIGINT) AS c4, \
      CAST(SUM(CASE WHEN status_class >= 5 THEN calls ELSE 0 END) AS BIGINT) AS c5, \
      CAST(SUM(rate_limited) AS BIGINT) AS rl, CAST(SUM(batches) AS BIGINT) AS batches, \
-     CAST(SUM(items) AS BIGINT) AS items \
-     FROM usage_rollup WHERE account_id = $1 AND day >= $2 AND day < $3 \
-     GROUP BY day ORDER BY day";
+     CAST(SUM(items) AS BIGINT) AS items";
 
-/// The calls of an account's days `[$2, $3)` per key: the same range of the rollup's primary
-/// key, summed per key.
-const ROLLUP_KEYS: &str = "SELECT api_key_id, CAST(SUM(calls) AS BIGINT) AS calls, \
-     CAST(SUM(CASE WHEN status_class = 2 THEN calls ELSE 0 END) AS BIGINT) AS c2, \
-     CAST(SUM(CASE WHEN status_class = 4 THEN calls ELSE 0 END) AS BIGINT) AS c4, \
-     CAST(SUM(CASE WHEN status_class >= 5 THEN calls ELSE 0 END) AS BIGINT) AS c5, \
-     CAST(SUM(rate_limited) AS BIGINT) AS rl, CAST(SUM(batches) AS BIGINT) AS batches, \
-     CAST(SUM(items) AS BIGINT) AS items \
-     FROM usage_rollup WHERE account_id = $1 AND day >= $2 AND day < $3 \
-     GROUP BY api_key_id ORDER BY api_key_id";
+/// The rows of an account's days `[$2, $3)`, a range of the rollup's primary key, summed per
+/// `group` (`day`, or `api_key_id`).
+fn rollup_query(group: &str) -> String {
+    format!(
+        "SELECT {group}, {ROLLUP_SUMS} FROM usage_rollup \
+         WHERE account_id = $1 AND day >= $2 AND day < $3 GROUP BY {group} ORDER BY {group}"
+    )
+}
 
-/// One key's calls over a period of its account's usage.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KeyUsage {
-    /// `api_key.id`.
-    pub key_id: i64,
-    /// All calls.
-    pub calls: i64,
-    /// 2xx calls.
-    pub calls_2xx: i64,
-    /// 4xx calls.
-    pub calls_4xx: i64,
-    /// 5xx calls.
-    pub calls_5xx: i64,
-    /// Calls refused by a rate limit.
-    pub rate_limited: i64,
-    /// Batches created.
-    pub batches: i64,
-    /// Items in created batches.
-    pub items: i64,
+/// The calls of an account's days, summed per day over the day's outcomes.
+static ROLLUP_DAYS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| rollup_query("day"));
+
+/// The calls of an account's days per key.
+static ROLLUP_KEYS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| rollup_query("api_key_id"));
+
+/// The sums of one row of a usage query (see [`ROLLUP_SUMS`]).
+fn counts_of(r: &sea_orm::QueryResult) -> Result<CallCounts, DbErr> {
+    let n = |c: &str| -> Result<i64, DbErr> { Ok(r.try_get::<Option<i64>>("", c)?.unwrap_or(0)) };
+    Ok(CallCounts {
+        calls: n("calls")?,
+        calls_2xx: n("c2")?,
+        calls_4xx: n("c4")?,
+        calls_5xx: n("c5")?,
+        rate_limited: n("rl")?,
+        batches: n("batches")?,
+        items: n("items")?,
+    })
 }
 
 /// Calls per key of an account in `[from, to)` (UTC day boundaries), by key id: at most one row
@@ -282,26 +278,14 @@ pub async fn per_key<C: ConnectionTrait>(
     account: AccountId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> Result<Vec<KeyUsage>, DbErr> {
+) -> Result<Vec<(i64, CallCounts)>, DbErr> {
     let backend = db.get_database_backend();
     let values = [account.into(), day_of(from).into(), day_of(to).into()];
-    let rows = db.query_all_raw(stmt(backend, ROLLUP_KEYS, values)).await?;
-    rows.into_iter()
-        .map(|r| {
-            let n = |c: &str| -> Result<i64, DbErr> {
-                Ok(r.try_get::<Option<i64>>("", c)?.unwrap_or(0))
-            };
-            Ok(KeyUsage {
-                key_id: r.try_get("", "api_key_id")?,
-                calls: n("calls")?,
-                calls_2xx: n("c2")?,
-                calls_4xx: n("c4")?,
-                calls_5xx: n("c5")?,
-                rate_limited: n("rl")?,
-                batches: n("batches")?,
-                items: n("items")?,
-            })
-        })
+    let rows = db
+        .query_all_raw(stmt(backend, &ROLLUP_KEYS, values))
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("", "api_key_id")?, counts_of(r)?)))
         .collect()
 }
 
@@ -309,26 +293,18 @@ pub async fn per_key<C: ConnectionTrait>(
 const CHARGED_DAYS: &str = "SELECT day, credits FROM charge_rollup \
      WHERE api_key_id = $1 AND day >= $2 AND day < $3";
 
-/// The days of a usage query's rows (`day`, `calls`, `c2`, `c4`, `c5`, `rl`, `batches`,
-/// `items`), by day.
+/// The days of a usage query's rows (`day` and the sums of [`ROLLUP_SUMS`]), by day.
 fn days_of(rows: Vec<sea_orm::QueryResult>) -> Result<BTreeMap<String, DayUsage>, DbErr> {
     let mut days = BTreeMap::new();
     for r in rows {
         let d: String = r.try_get("", "day")?;
         let date = NaiveDate::parse_from_str(&d, "%Y-%m-%d").unwrap_or_default();
-        let n =
-            |c: &str| -> Result<i64, DbErr> { Ok(r.try_get::<Option<i64>>("", c)?.unwrap_or(0)) };
+        let counts = counts_of(&r)?;
         days.insert(
             d,
             DayUsage {
                 date,
-                calls: n("calls")?,
-                calls_2xx: n("c2")?,
-                calls_4xx: n("c4")?,
-                calls_5xx: n("c5")?,
-                rate_limited: n("rl")?,
-                batches: n("batches")?,
-                items: n("items")?,
+                counts,
                 credits_charged: 0,
             },
         );
@@ -482,8 +458,14 @@ mod tests {
         let (_dir, db) = migrated().await;
         let values = || vec![1i64.into(), "2026-01-01".into(), "2026-02-01".into()];
         for (sql, index) in [
-            (ROLLUP_DAYS, "sqlite_autoindex_usage_rollup_1 (account_id"),
-            (ROLLUP_KEYS, "sqlite_autoindex_usage_rollup_1 (account_id"),
+            (
+                ROLLUP_DAYS.as_str(),
+                "sqlite_autoindex_usage_rollup_1 (account_id",
+            ),
+            (
+                ROLLUP_KEYS.as_str(),
+                "sqlite_autoindex_usage_rollup_1 (account_id",
+            ),
             (CHARGED_DAYS, "sqlite_autoindex_charge_rollup_1 (api_key_id"),
         ] {
             let p = plan(&db, sql, values()).await;
