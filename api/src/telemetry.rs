@@ -106,7 +106,7 @@ pub fn describe() {
     describe_gauge!("credits_held", "Credits held across all wallets");
     describe_gauge!(
         "credit_keys_below_threshold",
-        "Keys whose available credits are below their low_credit_threshold"
+        "Accounts whose available credits are below their low_credit_threshold"
     );
     describe_counter!(
         "items_expired_total",
