@@ -139,6 +139,28 @@ async fn one_request_id_through_two_keys_at_once_makes_one_batch(backend: Backen
     assert_eq!(app.scalar("SELECT COUNT(*) AS v FROM batch_job").await, 10);
     let w = app.wallet(app.key("acme-ci")).await;
     assert_eq!(w.held, 10 * 2 * 10, "each batch held once");
+
+    // Any key of the account pages and cancels the account's batches.
+    let page: Value = peer
+        .list_batches(peer.key("acme-ci"), "limit=4")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["data"].as_array().unwrap().len(), 4, "{page}");
+    let cursor = page["next_cursor"].as_str().expect("more pages");
+    let rest: Value = app
+        .list_batches(app.key("acme-prod"), &format!("limit=10&cursor={cursor}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rest["data"].as_array().unwrap().len(), 6, "{rest}");
+    let id = page["data"][0]["batch_id"].as_str().unwrap();
+    let r = peer.cancel_batch(peer.key("acme-prod"), id).await;
+    assert_eq!(r.status(), 200);
+    let w = app.wallet(app.key("acme-ci")).await;
+    assert_eq!(w.held, 9 * 2 * 10, "the cancel released its hold");
     app.assert_ledger_invariant().await;
 }
 
