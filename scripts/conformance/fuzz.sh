@@ -106,6 +106,8 @@ print('"path.item_id" = { dictionary = "item_ids", probability = 0.8 }')
 print('"body.lease_token" = { dictionary = "lease_tokens", probability = 0.8 }')
 print('"path.batch_id" = { dictionary = "batch_ids", probability = 0.5 }')
 print('"path.key" = { dictionary = "keys", probability = 0.8 }')
+# Each of the fuzzed server's keys is its own account, named after it.
+print('"path.account" = { dictionary = "keys", probability = 0.8 }')
 # Rules between fields that no JSON Schema can state, each written in the operation's
 # description: a schema-valid request may break them and is then refused with 422 (and nothing
 # else). These operations, and only these, count 422 as an accepted answer to valid data.
@@ -117,6 +119,7 @@ cross_field = {
     "error), and never the service's own code expired",
     "get_usage": "from <= to, at most 366 days apart",
     "get_key_usage": "from <= to, at most 366 days apart",
+    "get_account_usage": "from <= to, at most 366 days apart",
 }
 for op, rule in cross_field.items():
     print(f"\n# {rule}")
