@@ -17,6 +17,7 @@ both_backends!(
     a_read_only_key_reads_the_account_and_writes_nothing,
     a_reload_on_one_node_moves_a_key_to_another_account_on_every_node,
     the_admin_api_addresses_accounts_and_the_key_paths_their_keys_accounts,
+    the_running_cap_is_the_accounts_across_its_keys_and_nodes,
 );
 
 /// Answers of `n` creates of one item each, sent at once, alternating keys and nodes.
@@ -476,4 +477,39 @@ async fn the_admin_api_addresses_accounts_and_the_key_paths_their_keys_accounts(
         assert_eq!(r.status(), 404, "{path}");
     }
     app.assert_ledger_invariant().await;
+}
+
+/// An account capped at 3 running items with a batch of 4 through each of its two keys:
+/// claims on two nodes at once lease exactly 3 of its 8 items and fill the rest from another
+/// account's queue; a finished item makes room for exactly one more.
+async fn the_running_cap_is_the_accounts_across_its_keys_and_nodes(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .config("[accounts.acme]\ninitial_credits = 10000\nmax_running_items = 3\n")
+        .key("acme-prod", "account = \"acme\"")
+        .key("acme-ci", "account = \"acme\"")
+        .key("other", "initial_credits = 10000")
+        .build()
+        .await;
+    let peer = app.peer().await;
+    let mut acme = Vec::new();
+    for (key, rid) in [("acme-prod", "p"), ("acme-ci", "c")] {
+        acme.push(app.created_batch_id(app.key(key), rid, 4).await);
+    }
+    app.created_batch_id(app.key("other"), "o", 4).await;
+    let is_acme = |item: &Value| acme.iter().any(|id| item["batch_id"] == id.as_str());
+
+    let (a, b) = futures::join!(app.claim_retrying("w1", 4), peer.claim_retrying("w2", 4));
+    let claimed: Vec<Value> = a.into_iter().chain(b).collect();
+    let of_acme: Vec<&Value> = claimed.iter().filter(|i| is_acme(i)).collect();
+    assert_eq!(
+        of_acme.len(),
+        3,
+        "the account's cap across both keys and nodes"
+    );
+    assert_eq!(claimed.len(), 7, "the rest filled from the other account");
+
+    assert_eq!(app.complete_retrying(of_acme[0]).await, 200);
+    let more = peer.claim_retrying("w3", 8).await;
+    assert_eq!(more.len(), 1, "room for exactly one more");
+    assert!(is_acme(&more[0]));
 }
