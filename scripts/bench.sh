@@ -181,6 +181,30 @@ print_report() { # JSON_FILE: prints the header line and the Markdown table
     printf '%s\n\n%s\n' "$header" "$table"
 }
 
+print_growth() { # JSON_FILE: the growth table, when the report has one
+    jq -e '.growth != null' "$1" >/dev/null 2>&1 || return 0
+    jq -r '
+  def r0: if . == null then "–" else (. | round | tostring) end;
+  def r2: if . == null then "–" else ((. * 100 | round) / 100 | tostring) end;
+  def ok(c): if c then "yes" else "**NO**" end;
+  .growth as $g
+  | def rate($st; $n): [$st.calls[] | select(.name == $n)][0];
+  ( "",
+    "Cost growth (SQLite): small store \($g.small.seed.items) items, \($g.small.seed.usage) usage rows, \($g.small.seed.file_mib) MiB; large store \($g.large.seed.items) items, \($g.large.seed.usage) usage rows, \($g.large.seed.file_mib) MiB.",
+    "",
+    "| call | small store, req/s (p99 ms) | large store, req/s (p99 ms) | large / small (target ≥ 0.8) |",
+    "| --- | ---: | ---: | ---: |",
+    ( $g.large.calls[] | .name as $n | rate($g.small; $n) as $s
+      | "| \($n) | \($s.rps | r0) (\($s.p99_ms | r2)) | \(.rps | r0) (\(.p99_ms | r2)) | \($g.ratios[$n] | r2) \(ok($g.ratios[$n] >= 0.8)) |" ),
+    "| **list of 20 × 1,000-item batches / list of 20 × 2-item batches** (large store, target ≥ 0.8) | | | \($g.list_1000_vs_2 | r2) \(ok($g.list_1000_vs_2 >= 0.8)) |",
+    "| **get of the 50,000-item batch / get of a 100-item batch** (both answer counts and a first page of 100 items; large store, target ≥ 0.8) | | | \($g.get_50000_vs_100 | r2) \(ok($g.get_50000_vs_100 >= 0.8)) |",
+    "| get of the 50,000-item batch / get of a 2-item batch (a page of 100 items against one of 2) | | | \($g.get_50000_vs_2 | r2) |",
+    "| restart to healthy, ms (target < 5000) | \($g.small.restart_ms) | \($g.large.restart_ms) \(ok($g.large.restart_ms < 5000)) | |",
+    "| idle CPU, % of a core (target < 5) | \($g.small.idle_cpu_pct | r2) | \($g.large.idle_cpu_pct | r2) \(ok($g.large.idle_cpu_pct < 5)) | |",
+    "| peak RSS, MB (target ≤ 150) | \($g.small.peak_rss_mb | r0) | \($g.large.peak_rss_mb | r0) \(ok($g.large.peak_rss_mb <= 150)) | |"
+  )' "$1"
+}
+
 if [[ -n $REPORT ]]; then
     print_report "$REPORT"
     print_growth "$REPORT"
@@ -660,29 +684,6 @@ growth_phase() {
                             / [$l.calls[] | select(.name == "get_100")][0].rps)}')"
 }
 
-print_growth() { # JSON_FILE: the growth table, when the report has one
-    jq -e '.growth != null' "$1" >/dev/null 2>&1 || return 0
-    jq -r '
-  def r0: if . == null then "–" else (. | round | tostring) end;
-  def r2: if . == null then "–" else ((. * 100 | round) / 100 | tostring) end;
-  def ok(c): if c then "yes" else "**NO**" end;
-  .growth as $g
-  | def rate($st; $n): [$st.calls[] | select(.name == $n)][0];
-  ( "",
-    "Cost growth (SQLite): small store \($g.small.seed.items) items, \($g.small.seed.usage) usage rows, \($g.small.seed.file_mib) MiB; large store \($g.large.seed.items) items, \($g.large.seed.usage) usage rows, \($g.large.seed.file_mib) MiB.",
-    "",
-    "| call | small store, req/s (p99 ms) | large store, req/s (p99 ms) | large / small (target ≥ 0.8) |",
-    "| --- | ---: | ---: | ---: |",
-    ( $g.large.calls[] | .name as $n | rate($g.small; $n) as $s
-      | "| \($n) | \($s.rps | r0) (\($s.p99_ms | r2)) | \(.rps | r0) (\(.p99_ms | r2)) | \($g.ratios[$n] | r2) \(ok($g.ratios[$n] >= 0.8)) |" ),
-    "| **list of 20 × 1,000-item batches / list of 20 × 2-item batches** (large store, target ≥ 0.8) | | | \($g.list_1000_vs_2 | r2) \(ok($g.list_1000_vs_2 >= 0.8)) |",
-    "| **get of the 50,000-item batch / get of a 100-item batch** (both answer counts and a first page of 100 items; large store, target ≥ 0.8) | | | \($g.get_50000_vs_100 | r2) \(ok($g.get_50000_vs_100 >= 0.8)) |",
-    "| get of the 50,000-item batch / get of a 2-item batch (a page of 100 items against one of 2) | | | \($g.get_50000_vs_2 | r2) |",
-    "| restart to healthy, ms (target < 5000) | \($g.small.restart_ms) | \($g.large.restart_ms) \(ok($g.large.restart_ms < 5000)) | |",
-    "| idle CPU, % of a core (target < 5) | \($g.small.idle_cpu_pct | r2) | \($g.large.idle_cpu_pct | r2) \(ok($g.large.idle_cpu_pct < 5)) | |",
-    "| peak RSS, MB (target ≤ 150) | \($g.small.peak_rss_mb | r0) | \($g.large.peak_rss_mb | r0) \(ok($g.large.peak_rss_mb <= 150)) | |"
-  )' "$1"
-}
 
 # ---- the run ---------------------------------------------------------------------------------
 START=$(date +%s)
