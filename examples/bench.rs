@@ -157,9 +157,10 @@ async fn webhooks_bench(opts: &Opts) -> Result<()> {
     tokio::spawn(Server::new(TcpListener::bind(receiver.clone())).run(app));
     let db = api::db::connect_url(&opts.str("url")?, 4, None).await?;
     let key_name = opts.str("key")?;
-    let key_id = api::service::keys::id_by_name(&db, &key_name)
+    let key_id = api::service::keys::account_of_key(&db, &key_name)
         .await?
-        .ok_or_else(|| anyhow!("no key named {key_name}"))?;
+        .ok_or_else(|| anyhow!("no key named {key_name}"))?
+        .0;
     let fast = format!("http://{receiver}/hook");
     let seed_to = |count: usize, target: String| {
         let db = db.clone();
@@ -461,8 +462,8 @@ async fn http_ceiling(bind: &str) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Raw statements on the server's driver (sea-orm over sqlx), the same SQL as api/src/service
 
-/// Migrates URL (a fresh database) and adds one key with a large wallet; returns the server's
-/// pool layout on it.
+/// Migrates URL (a fresh database) and adds one account (with one key) with a large wallet;
+/// returns the server's pool layout on it.
 async fn fresh_db(url: &str, max_connections: u32) -> Result<(Pools, i64)> {
     let db = api::db::connect_url(url, max_connections, None).await?;
     api::db::migrate(&db).await?;
@@ -472,10 +473,22 @@ async fn fresh_db(url: &str, max_connections: u32) -> Result<(Pools, i64)> {
         db.clone()
     };
     let now = Utc::now();
-    let key_id = entity::api_key::Entity::insert(entity::api_key::ActiveModel {
+    // The account owns the wallet and everything the loops write (`key_id` is its id).
+    let key_id = entity::account::Entity::insert(entity::account::ActiveModel {
+        name: Set("bench".into()),
+        disabled: Set(false),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    })
+    .exec(&db)
+    .await?
+    .last_insert_id;
+    let key = entity::api_key::Entity::insert(entity::api_key::ActiveModel {
         name: Set("bench".into()),
         key_sha256: Set("0".repeat(64)),
         disabled: Set(false),
+        account_id: Set(Some(key_id)),
         created_at: Set(now),
         updated_at: Set(now),
         ..Default::default()
@@ -496,6 +509,7 @@ async fn fresh_db(url: &str, max_connections: u32) -> Result<(Pools, i64)> {
             db,
             writer,
             runtime: bench_runtime()?,
+            key,
         },
         key_id,
     ))
@@ -519,6 +533,8 @@ struct Pools {
     db: DatabaseConnection,
     writer: DatabaseConnection,
     runtime: Arc<Runtime>,
+    /// The bench key (`api_key.id`), named on the audit rows as the service names the caller's.
+    key: i64,
 }
 
 /// The settings of `config/` (no keys are indexed: nothing here subscribes to webhooks).
@@ -583,6 +599,8 @@ async fn raw_create(p: &Pools, key_id: i64, n_items: usize) -> Result<()> {
         expires_at: Some(now + chrono::Duration::hours(24)),
         audit: AuditInfo {
             row: UsageRow {
+                api_key_id: Some(p.key),
+                account_id: Some(key_id),
                 method: "POST".into(),
                 path: "/api/enterprise/video-batch".into(),
                 client_ip: Some("127.0.0.1".into()),
