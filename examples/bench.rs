@@ -160,6 +160,7 @@ async fn webhooks_bench(opts: &Opts) -> Result<()> {
     let key_id = api::service::keys::account_of_key(&db, &key_name)
         .await?
         .ok_or_else(|| anyhow!("no key named {key_name}"))?
+        .0
         .0;
     let fast = format!("http://{receiver}/hook");
     let seed_to = |count: usize, target: String| {

@@ -71,21 +71,7 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         s.key_version = Some(version.as_str());
     });
     let scope = rate_limit::scope_of(req.method(), req.original_uri().path());
-    let account_limits = &key.policy.account.limits;
-    let (account_limit, own_limit) = if scope == SCOPE_BATCH {
-        (
-            account_limits.rate_limit_per_min,
-            key.policy.rate_limit_per_min,
-        )
-    } else {
-        (
-            account_limits.read_rate_limit_per_min,
-            key.policy.read_rate_limit_per_min,
-        )
-    };
-    // The key's own limit counts only when it is tighter than its account's (a looser one
-    // can never be reached first).
-    let own_limit = own_limit.filter(|own| *own < account_limit);
+    let (account_limit, own_limit) = key.policy.limits(scope == SCOPE_BATCH);
     let limit = own_limit.unwrap_or(account_limit);
     let now = state.clock.now();
     let ip = ctx.as_ref().and_then(|c| c.client_ip);
@@ -134,8 +120,8 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
                 return Err(rate_limit::refusal(&key.policy.name, &info, "key"));
             }
             Ok(info) => own_info = Some(info),
-            Err(e) if e.fault.is_some() && req.method() == poem::http::Method::GET => {
-                tracing::warn!(error = %e, "a read is served uncounted: the store fails");
+            Err(e) => {
+                served_uncounted(req, e)?;
                 return Ok(Caller {
                     key,
                     runtime,
@@ -143,7 +129,6 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
                     quota: None,
                 });
             }
-            Err(e) => return Err(e),
         }
     }
     let key_version = version.as_str();
@@ -171,10 +156,8 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
     let info = match rate_limit::admit(&state.writes, key.account, scope, account_limit, now).await
     {
         Ok(info) => info,
-        Err(e) if e.fault.is_some() && req.method() == poem::http::Method::GET => {
-            // The store fails to count: a read is still served from what can be read (while
-            // SQLite is full, reads keep working), uncounted.
-            tracing::warn!(error = %e, "a read is served uncounted: the store fails");
+        Err(e) => {
+            served_uncounted(req, e)?;
             return Ok(Caller {
                 key,
                 runtime,
@@ -182,7 +165,6 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
                 quota: None,
             });
         }
-        Err(e) => return Err(e),
     };
     let info = rate_limit::tighter(info, own_info);
     crate::call::note(record, |s| s.rate = Some(info.clone()));
@@ -195,6 +177,18 @@ async fn authorize_customer(req: &Request, presented: &str) -> Result<Caller, Ap
         key_version,
         quota: None,
     })
+}
+
+/// Whether a call whose quota the store failed to count is served: a read is, from what can
+/// be read (while SQLite is full, reads keep working), uncounted; anything else fails with
+/// the store's error.
+fn served_uncounted(req: &Request, e: ApiError) -> Result<(), ApiError> {
+    if e.fault.is_some() && req.method() == poem::http::Method::GET {
+        tracing::warn!(error = %e, "a read is served uncounted: the store fails");
+        Ok(())
+    } else {
+        Err(e)
+    }
 }
 
 /// Worker secret, sent as `Authorization: Bearer <secret>`.

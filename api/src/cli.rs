@@ -264,7 +264,7 @@ pub async fn run() -> anyhow::Result<()> {
 
 /// The account a command names: a key's (its account), else an account by name.
 async fn account_named(db: &sea_orm::DatabaseConnection, name: &str) -> anyhow::Result<AccountId> {
-    if let Some(id) = crate::service::keys::account_of_key(db, name).await? {
+    if let Some((id, _)) = crate::service::keys::account_of_key(db, name).await? {
         return Ok(id);
     }
     crate::service::keys::account_id_by_name(db, name)

@@ -174,12 +174,7 @@ impl AppState {
         let source = state.source.as_ref().ok_or_else(|| {
             "this server was started with fixed settings; nothing to reload".to_string()
         })?;
-        let mut source = source.clone();
-        if source.refresh_env {
-            // Secrets written as env: are read from the environment as it is now.
-            source.env = std::env::vars().collect();
-        }
-        let settings = source.load().map_err(|e| {
+        let settings = current_files(source).map_err(|e| {
             metrics::counter!("config_reloads_total", "outcome" => "rejected").increment(1);
             tracing::error!(error = %e, "configuration reload rejected; the running configuration stays");
             e.to_string()
@@ -193,8 +188,7 @@ impl AppState {
         if let Ok(revoked) = crate::store::keys::disabled_ids(&state.writer).await {
             state.revoked.store(Arc::new(revoked));
         }
-        crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));
-        let runtime = Runtime::new(settings, &ids);
+        let result = state.swap_in(settings, &ids);
         match crate::store::keys::count_reload(&state.writer).await {
             Ok(n) => state
                 .reloads_seen
@@ -203,13 +197,6 @@ impl AppState {
                 tracing::warn!(error = %e, "counting the reload failed; other nodes follow it at their own reload")
             }
         }
-        let result = ReloadResult {
-            ok: true,
-            accounts: runtime.accounts.len() as u32,
-            keys: runtime.by_name.len() as u32,
-            enabled_keys: runtime.by_hash.len() as u32,
-        };
-        state.runtime.store(Arc::new(runtime));
         metrics::counter!("config_reloads_total", "outcome" => "applied").increment(1);
         tracing::info!(
             accounts = result.accounts,
@@ -234,11 +221,7 @@ impl AppState {
         let Some(source) = self.source.as_ref() else {
             return;
         };
-        let mut source = source.clone();
-        if source.refresh_env {
-            source.env = std::env::vars().collect();
-        }
-        let settings = match source.load() {
+        let settings = match current_files(source) {
             Ok(s) => s,
             Err(e) => {
                 metrics::counter!("config_reloads_total", "outcome" => "rejected").increment(1);
@@ -254,16 +237,28 @@ impl AppState {
                 return;
             }
         };
-        crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));
-        let runtime = Runtime::new(settings, &ids);
-        let (accounts, keys) = (runtime.accounts.len(), runtime.by_name.len());
-        self.runtime.store(Arc::new(runtime));
+        let result = self.swap_in(settings, &ids);
         metrics::counter!("config_reloads_total", "outcome" => "followed").increment(1);
         tracing::info!(
-            accounts,
-            keys,
+            accounts = result.accounts,
+            keys = result.keys,
+            enabled = result.enabled_keys,
             "configuration reloaded after another node's reload"
         );
+    }
+
+    /// Puts `settings`, indexed with `ids`, in force for the next request; what it holds.
+    fn swap_in(&self, settings: Settings, ids: &SyncedIds) -> ReloadResult {
+        crate::telemetry::register_known_series(settings.keys.keys().map(String::as_str));
+        let runtime = Runtime::new(settings, ids);
+        let result = ReloadResult {
+            ok: true,
+            accounts: runtime.accounts.len() as u32,
+            keys: runtime.by_name.len() as u32,
+            enabled_keys: runtime.by_hash.len() as u32,
+        };
+        self.runtime.store(Arc::new(runtime));
+        result
     }
 
     /// The database backend.
@@ -275,4 +270,14 @@ impl AppState {
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()
     }
+}
+
+/// The configuration `source` names, as its files (and, for secrets written `env:`, the
+/// environment) are now.
+fn current_files(source: &ConfigSource) -> Result<Settings, crate::settings::ConfigError> {
+    let mut source = source.clone();
+    if source.refresh_env {
+        source.env = std::env::vars().collect();
+    }
+    source.load()
 }

@@ -219,18 +219,34 @@ pub struct KeyPolicy {
 }
 
 impl KeyPolicy {
+    /// The calls per minute of creates (`batch`) or of other calls allowed to the key's
+    /// account, and the key's own limit when it is tighter (a looser one can never be reached
+    /// first, so it is not counted).
+    pub fn limits(&self, batch: bool) -> (u32, Option<u32>) {
+        let (account, own) = if batch {
+            (
+                self.account.limits.rate_limit_per_min,
+                self.rate_limit_per_min,
+            )
+        } else {
+            (
+                self.account.limits.read_rate_limit_per_min,
+                self.read_rate_limit_per_min,
+            )
+        };
+        (account, own.filter(|own| *own < account))
+    }
+
     /// The key's create limit: its own when tighter than its account's.
     pub fn create_limit(&self) -> u32 {
-        let account = self.account.limits.rate_limit_per_min;
-        self.rate_limit_per_min
-            .map_or(account, |own| own.min(account))
+        let (account, own) = self.limits(true);
+        own.unwrap_or(account)
     }
 
     /// The key's limit of other calls: its own when tighter than its account's.
     pub fn read_limit(&self) -> u32 {
-        let account = self.account.limits.read_rate_limit_per_min;
-        self.read_rate_limit_per_min
-            .map_or(account, |own| own.min(account))
+        let (account, own) = self.limits(false);
+        own.unwrap_or(account)
     }
 
     /// True when the key holds `scope`.

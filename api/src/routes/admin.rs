@@ -38,15 +38,9 @@ impl AdminApi {
     /// The account addressed by a path: `/keys/{key}/...` addresses the key's account.
     async fn account(state: &AppState, path: &Owner<'_>) -> Result<(AccountId, String), ApiError> {
         match *path {
-            Owner::Key(name) => {
-                let id = keys::account_of_key(&state.db, name)
-                    .await?
-                    .ok_or_else(|| ApiError::not_found("key", name))?;
-                let account = crate::store::keys::account_name(&state.db, id)
-                    .await?
-                    .unwrap_or_else(|| name.to_string());
-                Ok((id, account))
-            }
+            Owner::Key(name) => keys::account_of_key(&state.db, name)
+                .await?
+                .ok_or_else(|| ApiError::not_found("key", name)),
             Owner::Account(name) => Ok((
                 keys::account_id_by_name(&state.db, name)
                     .await?
@@ -132,11 +126,11 @@ impl AdminApi {
         if let Some(k) = &idem {
             crate::domain::RequestId::parse("Idempotency-Key", k)?;
         }
-        let (AccountId(key_id), _) = Self::account(state, path).await?;
+        let (account, _) = Self::account(state, path).await?;
         let runtime = state.runtime();
         let applied = state
             .writes
-            .run(Some(key_id), {
+            .run(Some(account.0), {
                 let (note, idem) = (note.clone(), idem.clone());
                 move |txn| {
                     let (note, idem) = (note.clone(), idem.clone());
@@ -144,20 +138,20 @@ impl AdminApi {
                     Box::pin(async move {
                         if let Some(k) = idem.as_deref()
                             && let Some(earlier) =
-                                credits::by_idempotency_key(txn, AccountId(key_id), k).await?
+                                credits::by_idempotency_key(txn, account, k).await?
                         {
                             return same_movement(&earlier, kind, amount, note.as_deref(), k);
                         }
-                        let entry = credits::NewEntry::new(key_id, kind, amount)
+                        let entry = credits::NewEntry::new(account.0, kind, amount)
                             .note(note.as_deref())
                             .idempotency_key(idem.as_deref());
                         match credits::apply(txn, entry).await {
                             Ok(true) => {
-                                let w = credits::wallet(txn, AccountId(key_id)).await?;
+                                let w = credits::wallet(txn, account).await?;
                                 crate::service::webhooks::outbox::enqueue_low_credits(
                                     txn,
                                     &runtime,
-                                    AccountId(key_id),
+                                    account,
                                     w.available() - amount,
                                     w.available(),
                                     chrono::Utc::now(),
@@ -166,7 +160,7 @@ impl AdminApi {
                                 Ok(())
                             }
                             Ok(false) => {
-                                let w = credits::wallet(txn, AccountId(key_id)).await?;
+                                let w = credits::wallet(txn, account).await?;
                                 Err(ApiError::new(
                                 ErrorCode::Conflict,
                                 format!(
@@ -201,7 +195,7 @@ impl AdminApi {
             Err(e) if e.code == ErrorCode::IdempotencyConflict && e.message == REPEATED => {
                 if let Some(k) = idem.as_deref()
                     && let Some(earlier) =
-                        credits::by_idempotency_key(&state.db, AccountId(key_id), k).await?
+                        credits::by_idempotency_key(&state.db, account, k).await?
                 {
                     same_movement(&earlier, kind, amount, note.as_deref(), k)?;
                 }

@@ -96,17 +96,17 @@ fn wants_download(req: &Request) -> bool {
     accept.contains("application/octet-stream") && !accept.contains("application/x-ndjson")
 }
 
-/// The body of an export of the account's batch (404 for another account's batch), streamed, in the
-/// form the client asked for.
+/// The body of an export of the account's batch (404 for another account's batch), streamed,
+/// in the form the client asked for.
 async fn export(
     state: &AppState,
     req: &Request,
-    key_id: i64,
+    account: AccountId,
     batch_id: Uuid,
     export: Export,
 ) -> Result<ExportBody, ApiError> {
     crate::call::note_batch(req, batch_id);
-    batches::check_owner(&state.db, AccountId(key_id), BatchId(batch_id)).await?;
+    batches::check_owner(&state.db, account, BatchId(batch_id)).await?;
     let body = Binary(Body::from_bytes_stream(batches::export_stream(
         state.db.clone(),
         batch_id,
@@ -287,7 +287,7 @@ impl CustomerApi {
         batch_id: Path<Uuid>,
     ) -> Result<Results, ApiError> {
         Ok(Results::Ok(
-            export(&state, req, auth.0.key.account.0, batch_id.0, Export::Results).await?,
+            export(&state, req, auth.0.key.account, batch_id.0, Export::Results).await?,
         ))
     }
 
@@ -314,7 +314,7 @@ impl CustomerApi {
         batch_id: Path<Uuid>,
     ) -> Result<Errors, ApiError> {
         Ok(Errors::Ok(
-            export(&state, req, auth.0.key.account.0, batch_id.0, Export::Errors).await?,
+            export(&state, req, auth.0.key.account, batch_id.0, Export::Errors).await?,
         ))
     }
 

@@ -395,17 +395,17 @@ async fn replay(
     Ok(CreateOutcome::Replayed(stored))
 }
 
-/// One batch of a key, with its first page of items; another key's batch is not found.
+/// One batch of an account, with its first page of items; another account's batch is not
+/// found.
 pub async fn get<C: ConnectionTrait>(
     db: &C,
-    key: AccountId,
+    account: AccountId,
     batch: BatchId,
 ) -> Result<Batch, ApiError> {
-    let (key_id, batch_id) = (key.0, batch.0);
-    let (job, open, mut rows) =
-        jobs::owned_with_items(db, AccountId(key_id), batch_id, ITEMS_PAGE + 1)
-            .await?
-            .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
+    let batch_id = batch.0;
+    let (job, open, mut rows) = jobs::owned_with_items(db, account, batch_id, ITEMS_PAGE + 1)
+        .await?
+        .ok_or_else(|| ApiError::not_found("batch", batch_id))?;
     let next = page_cursor(&mut rows, ITEMS_PAGE, |r| r.idx);
     let mut batch = view(&job, open, Some(rows.iter().map(item_view).collect()));
     batch.items_next_cursor = next;
@@ -461,14 +461,14 @@ async fn items_after<C: ConnectionTrait>(
 /// A page of a batch's items in request order, optionally of one status.
 pub async fn items_page<C: ConnectionTrait>(
     db: &C,
-    key: AccountId,
+    account: AccountId,
     batch: BatchId,
     status: Option<ItemStatus>,
     limit: u64,
     cursor: Option<&str>,
 ) -> Result<(Vec<BatchItemView>, Option<String>), ApiError> {
-    let (key_id, batch_id) = (key.0, batch.0);
-    owned_batch(db, AccountId(key_id), batch_id).await?;
+    let batch_id = batch.0;
+    owned_batch(db, account, batch_id).await?;
     let after = cursor.map(decode_item_cursor).transpose()?;
     items_after(db, batch_id, status, after, limit).await
 }
@@ -547,16 +547,13 @@ pub fn export_stream(
     })
 }
 
-/// 404 unless the batch belongs to the key.
+/// 404 unless the batch belongs to the account.
 pub async fn check_owner<C: ConnectionTrait>(
     db: &C,
-    key: AccountId,
+    account: AccountId,
     batch: BatchId,
 ) -> Result<(), ApiError> {
-    let (key_id, batch_id) = (key.0, batch.0);
-    owned_batch(db, AccountId(key_id), batch_id)
-        .await
-        .map(|_| ())
+    owned_batch(db, account, batch.0).await.map(|_| ())
 }
 
 /// A page of an account's batches, newest first. The cursor is opaque to clients.
@@ -650,17 +647,17 @@ pub async fn cancel(
     db: &DatabaseConnection,
     writes: &Writes,
     runtime: Arc<Runtime>,
-    key: AccountId,
+    account: AccountId,
     batch: BatchId,
 ) -> Result<Batch, ApiError> {
-    let (key_id, batch_id) = (key.0, batch.0);
+    let batch_id = batch.0;
     writes
-        .run(Some(key_id), move |txn| {
+        .run(Some(account.0), move |txn| {
             let runtime = Arc::clone(&runtime);
-            Box::pin(async move { cancel_in(txn, &runtime, AccountId(key_id), batch_id).await })
+            Box::pin(async move { cancel_in(txn, &runtime, account, batch_id).await })
         })
         .await?;
-    get(db, key, batch).await
+    get(db, account, batch).await
 }
 
 async fn cancel_in(

@@ -245,27 +245,21 @@ pub async fn account_id_by_name<C: ConnectionTrait>(
         .map(|a| AccountId(a.id)))
 }
 
-/// An account's name by id.
-pub async fn account_name<C: ConnectionTrait>(
-    db: &C,
-    id: AccountId,
-) -> Result<Option<String>, DbErr> {
-    Ok(account::Entity::find_by_id(id.0)
-        .one(db)
-        .await?
-        .map(|a| a.name))
-}
-
-/// The account of a key found by name, configured or not.
+/// The account of a key found by name, configured or not: its id and name, in one read.
 pub async fn account_of_key<C: ConnectionTrait>(
     db: &C,
     name: &str,
-) -> Result<Option<AccountId>, DbErr> {
-    Ok(api_key::Entity::find()
-        .filter(api_key::Column::Name.eq(name))
-        .one(db)
-        .await?
-        .map(|k| AccountId(k.account_id.unwrap_or(k.id))))
+) -> Result<Option<(AccountId, String)>, DbErr> {
+    let row = db
+        .query_one_raw(super::sql::stmt(
+            db.get_database_backend(),
+            "SELECT a.id, a.name FROM api_key k JOIN account a ON a.id = k.account_id \
+             WHERE k.name = $1",
+            [name.into()],
+        ))
+        .await?;
+    row.map(|r| Ok((AccountId(r.try_get("", "id")?), r.try_get("", "name")?)))
+        .transpose()
 }
 
 /// Names of the keys by id (configured or not), for reports that break an account down by key.
